@@ -1,0 +1,362 @@
+"""The interface every pyvirtio device model implements, and its lifecycle.
+
+A device model is sans-IO: a transport (virtio-MMIO, vhost-user) owns it,
+feeds it register-level events (features, config accesses, queue
+notifications) and hands it guest memory, an interrupt sink and ready
+queues at activation.  The model never blocks and never starts threads; a
+host that must wait for a back end (a TAP fd, a console stream) calls the
+model's own entry points when data is there.
+
+Lifecycle (after crosvm's ``VirtioDevice``)::
+
+                         restore (was inactive)
+          +-------------------------------------------------+
+          |                                                 |
+          |                                                 v
+    +-------------+  restore (was active)  +----------+   +------------+
+    | asleep(new) | ---------------------> |  asleep  |   |   asleep   |   states in this row
+    +-------------+                        | (active) |   | (inactive) |   can be snapshotted
+       ^      |                            +----------+   +------------+
+       |      |                              ^     |         ^     |
+     sleep   wake                          sleep  wake     sleep  wake
+       |      |                              |     |         |     |
+       |      v                              |     v         |     v
+    +-------+         activate            +--------+  reset  +----------+
+    |  new  | --------------------------> | active | ------> | inactive |
+    +-------+                             +--------+ <------ +----------+
+                                                     activate
+
+* ``activate(mem, interrupt, queues)``: new/inactive -> active.
+* ``reset()``: active -> inactive (queues dropped, acked features cleared);
+  on new/inactive it only clears negotiated state.
+* ``sleep()``: any awake state -> asleep(that state); in-flight work is
+  finished first and the queues are handed back to the caller.
+* ``wake(resources)``: asleep(X) -> X; an asleep(active) device needs its
+  memory, interrupt and queues back.
+* ``snapshot()`` (asleep only) -> bytes; ``restore(bytes)`` (asleep only)
+  replaces the device's state, including which state ``wake`` returns to.
+
+Any call in the wrong state raises :class:`LifecycleError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.irq import DeviceInterrupt
+from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue.common import DeviceQueue, VirtqueueError
+
+__all__ = [
+    "ActivationError",
+    "DeviceState",
+    "LifecycleError",
+    "QueueResources",
+    "VirtioDevice",
+]
+
+log = logging.getLogger(__name__)
+
+#: Features every pyvirtio device offers unless it says otherwise: VERSION_1
+#: (we implement no legacy interface), and the ring features handled entirely
+#: by pyvirtio.virtqueue.
+COMMON_FEATURES = (
+    Feature.VERSION_1.mask
+    | Feature.RING_PACKED.mask
+    | Feature.EVENT_IDX.mask
+    | Feature.INDIRECT_DESC.mask
+)
+
+
+class DeviceState(enum.Enum):
+    NEW = "new"
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    ASLEEP = "asleep"
+
+
+class LifecycleError(Exception):
+    """A lifecycle call made in a state that does not allow it."""
+
+
+class ActivationError(Exception):
+    """The device cannot start with what the driver configured."""
+
+
+@dataclass
+class QueueResources:
+    """What an active device runs on; taken by ``sleep`` and given back to ``wake``."""
+
+    mem: GuestMemory
+    interrupt: DeviceInterrupt
+    queues: list[DeviceQueue]
+
+
+class VirtioDevice:
+    """Base class of every device model.
+
+    Subclasses set :attr:`device_id`, pass their offered features and queue
+    sizes to ``__init__``, and override the ``_on_*`` hooks and the config
+    accessors they need.  The base class enforces the lifecycle and keeps the
+    negotiated state; snapshots are canonical JSON, so two devices in the same
+    state produce byte-identical snapshots.
+    """
+
+    device_id: DeviceId = DeviceId.INVALID
+
+    def __init__(self, features: int, queue_max_sizes: Sequence[int]) -> None:
+        self._offered = features
+        self._queue_max_sizes = tuple(queue_max_sizes)
+        self._acked = 0
+        self._state = DeviceState.NEW
+        self._asleep_from: DeviceState | None = None
+        self._resources: QueueResources | None = None
+        self._config_generation = 0
+        self.needs_reset = False
+        #: Set by the owning transport: called with a reason when the device
+        #: can no longer operate (a broken queue), so it can set
+        #: DEVICE_NEEDS_RESET.
+        self.on_needs_reset: Any = None
+
+    # -- identity and negotiation --------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return f"virtio-{self.device_id.name.lower().replace('_', '-')}"
+
+    @property
+    def state(self) -> DeviceState:
+        return self._state
+
+    @property
+    def offered_features(self) -> int:
+        return self._offered
+
+    @property
+    def acked_features(self) -> int:
+        return self._acked
+
+    def has_feature(self, bit: int) -> bool:
+        """Whether feature bit number ``bit`` was negotiated."""
+        return bool(self._acked >> bit & 1)
+
+    @property
+    def queue_max_sizes(self) -> tuple[int, ...]:
+        return self._queue_max_sizes
+
+    @property
+    def num_queues(self) -> int:
+        return len(self._queue_max_sizes)
+
+    def ack_features(self, features: int) -> None:
+        """Record the driver's feature choice (bits never offered are dropped, with a log line)."""
+        self._check_awake("ack_features")
+        unknown = features & ~self._offered
+        if unknown:
+            log.warning("%s: driver acked features never offered: %#x", self.name, unknown)
+        self._acked = features & self._offered
+
+    def features_acceptable(self, features: int) -> bool:
+        """Whether FEATURES_OK may be set for this feature set.
+
+        The default demands VERSION_1 and no bit outside the offer; devices
+        with dependent features (content.tex "Feature Bits") add their rules.
+        """
+        return not features & ~self._offered and bool(features & Feature.VERSION_1.mask)
+
+    # -- configuration space ---------------------------------------------------
+
+    def config_bytes(self) -> bytes:
+        """The whole device-specific configuration space; override in models that have one."""
+        return b""
+
+    def read_config(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of config space from ``offset``; zeros past its end."""
+        config = self.config_bytes()
+        data = config[offset : offset + length] if 0 <= offset < len(config) else b""
+        return data + bytes(length - len(data))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Driver write to config space; read-only by default (logged and ignored)."""
+        log.info("%s: ignored write of %d bytes to config offset %#x", self.name, len(data), offset)
+
+    @property
+    def config_generation(self) -> int:
+        return self._config_generation
+
+    def config_changed(self) -> None:
+        """Called by a model when its config space changed: bump generation, notify."""
+        self._config_generation = (self._config_generation + 1) & 0xFFFF_FFFF
+        if self._resources is not None and self._state is DeviceState.ACTIVE:
+            self._resources.interrupt.signal_config_change()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def activate(
+        self, mem: GuestMemory, interrupt: DeviceInterrupt, queues: Sequence[DeviceQueue]
+    ) -> None:
+        """Start operating on ``queues`` (one per entry in ``queue_max_sizes``)."""
+        if self._state not in (DeviceState.NEW, DeviceState.INACTIVE):
+            raise LifecycleError(f"{self.name}: activate in state {self._state.value}")
+        if len(queues) != self.num_queues:
+            raise ActivationError(
+                f"{self.name}: activated with {len(queues)} queues, expects {self.num_queues}"
+            )
+        resources = QueueResources(mem, interrupt, list(queues))
+        self._on_activate(resources)
+        self._resources = resources
+        self.needs_reset = False
+        self._state = DeviceState.ACTIVE
+
+    def reset(self) -> None:
+        """Return to a fresh state: queues dropped, negotiation forgotten."""
+        if self._state is DeviceState.ASLEEP:
+            raise LifecycleError(f"{self.name}: reset while asleep")
+        if self._state is DeviceState.ACTIVE:
+            self._on_reset()
+            self._resources = None
+            self._state = DeviceState.INACTIVE
+        self._acked = 0
+        self.needs_reset = False
+
+    def sleep(self) -> QueueResources | None:
+        """Quiesce and hand back the queues (None when not active)."""
+        if self._state is DeviceState.ASLEEP:
+            raise LifecycleError(f"{self.name}: sleep while already asleep")
+        resources = self._resources
+        if self._state is DeviceState.ACTIVE:
+            self._on_sleep()
+        self._resources = None
+        self._asleep_from = self._state
+        self._state = DeviceState.ASLEEP
+        return resources
+
+    def wake(self, resources: QueueResources | None = None) -> None:
+        """Resume in the state ``sleep`` left (or ``restore`` set)."""
+        if self._state is not DeviceState.ASLEEP or self._asleep_from is None:
+            raise LifecycleError(f"{self.name}: wake while {self._state.value}")
+        target = self._asleep_from
+        if target is DeviceState.ACTIVE:
+            if resources is None:
+                raise LifecycleError(f"{self.name}: waking an active device needs its queues")
+            if len(resources.queues) != self.num_queues:
+                raise ActivationError(f"{self.name}: woken with {len(resources.queues)} queues")
+            self._resources = resources
+            self._state = DeviceState.ACTIVE
+            self._on_wake(resources)
+        else:
+            self._state = target
+        self._asleep_from = None
+
+    def snapshot(self) -> bytes:
+        """The device's state as canonical bytes; only while asleep."""
+        if self._state is not DeviceState.ASLEEP or self._asleep_from is None:
+            raise LifecycleError(f"{self.name}: snapshot while {self._state.value}")
+        doc = {
+            "device_id": int(self.device_id),
+            "state": self._asleep_from.value,
+            "acked_features": self._acked,
+            "config_generation": self._config_generation,
+            "needs_reset": self.needs_reset,
+            "model": self._snapshot_model(),
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    def restore(self, data: bytes) -> None:
+        """Replace the device's state with a snapshot; only while asleep."""
+        if self._state is not DeviceState.ASLEEP:
+            raise LifecycleError(f"{self.name}: restore while {self._state.value}")
+        try:
+            doc = json.loads(data)
+            if doc["device_id"] != int(self.device_id):
+                raise LifecycleError(f"{self.name}: snapshot is of device type {doc['device_id']}")
+            target = DeviceState(doc["state"])
+            if target is DeviceState.ASLEEP:
+                raise ValueError("asleep is not a restorable state")
+            acked = int(doc["acked_features"])
+            generation = int(doc["config_generation"])
+            needs_reset = bool(doc["needs_reset"])
+            model = doc["model"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LifecycleError(f"{self.name}: malformed snapshot: {exc}") from exc
+        self._restore_model(model)
+        self._acked = acked & self._offered
+        self._config_generation = generation
+        self.needs_reset = needs_reset
+        self._asleep_from = target
+
+    # -- queue events ------------------------------------------------------------
+
+    @property
+    def queues(self) -> list[DeviceQueue]:
+        return self._resources.queues if self._resources is not None else []
+
+    @property
+    def mem(self) -> GuestMemory | None:
+        return self._resources.mem if self._resources is not None else None
+
+    def queue_notify(self, index: int) -> None:
+        """The driver notified queue ``index``: process it.  Never raises for guest errors."""
+        if self._state is not DeviceState.ACTIVE or self._resources is None:
+            log.info(
+                "%s: notify of queue %d while %s, ignored", self.name, index, self._state.value
+            )
+            return
+        if not 0 <= index < self.num_queues:
+            log.warning("%s: notify of nonexistent queue %d", self.name, index)
+            return
+        if self.needs_reset:
+            return
+        try:
+            self._process_queue(index, self._resources.queues[index])
+        except VirtqueueError as exc:
+            self.report_broken(f"queue {index}: {exc}")
+
+    def signal_used(self, index: int) -> None:
+        """Interrupt the driver for queue ``index`` if its suppression rules allow."""
+        if self._resources is None:
+            return
+        if self._resources.queues[index].needs_notification():
+            self._resources.interrupt.signal_used_queue(index)
+
+    def report_broken(self, reason: str) -> None:
+        """The device cannot go on until reset (VIRTIO 2.1.2: DEVICE_NEEDS_RESET)."""
+        if not self.needs_reset:
+            log.error("%s: needs reset: %s", self.name, reason)
+        self.needs_reset = True
+        if self.on_needs_reset is not None:
+            self.on_needs_reset(reason)
+
+    def _check_awake(self, what: str) -> None:
+        if self._state is DeviceState.ASLEEP:
+            raise LifecycleError(f"{self.name}: {what} while asleep")
+
+    # -- hooks for models --------------------------------------------------------
+
+    def _on_activate(self, resources: QueueResources) -> None:
+        """Validate and take the queues; raise ActivationError to refuse."""
+
+    def _on_reset(self) -> None:
+        """Drop per-activation state."""
+
+    def _on_sleep(self) -> None:
+        """Finish or park in-flight work so the queues can be handed back."""
+
+    def _on_wake(self, resources: QueueResources) -> None:
+        """Resume after sleep; resources are the (possibly restored) queues."""
+
+    def _process_queue(self, index: int, queue: DeviceQueue) -> None:
+        """Handle available buffers on ``queue``; VirtqueueError marks the device broken."""
+
+    def _snapshot_model(self) -> Any:
+        """Model-specific state as JSON-compatible data."""
+        return None
+
+    def _restore_model(self, state: Any) -> None:
+        """Inverse of ``_snapshot_model``; raise ValueError on bad input."""
