@@ -4,12 +4,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Debian packages the real-peer and real-guest tests use: QEMU (microvm, qtest),
+# qemu-storage-daemon, busybox for guest initramfs images, iproute2 for netns.
+DEB_PACKAGES := qemu-system-x86 qemu-system-common qemu-utils busybox-static iproute2 kmod
+DEB_BINARIES := qemu-system-x86_64 qemu-storage-daemon busybox ip
 
-.PHONY: demo test lint typecheck unit fuzz bench clean
+.PHONY: demo test lint typecheck unit fuzz bench clean debs
+
+# Install the Debian packages only when a binary is missing (needs root, as on CI).
+debs:
+	@missing=""; for b in $(DEB_BINARIES); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages (missing:$$missing)"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || (apt-get update -qq && apt-get install -y -qq python3 python3-venv)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
+		(apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV))
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -24,7 +38,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict src
 
-unit: $(STAMP)
+unit: $(STAMP) debs
 	$(VENV)/bin/pytest -q
 
 fuzz: $(STAMP)

@@ -245,7 +245,7 @@ class GuestMemory:
         """Split a guest range into (region, offset in region, length) pieces."""
         if addr < 0 or length < 0:
             raise GuestMemoryError(f"negative address or length ({addr:#x}, {length})")
-        if addr + length > _U64_LIMIT:
+        if addr >= _U64_LIMIT or addr + length > _U64_LIMIT:
             raise GuestMemoryError(f"range {addr:#x}+{length:#x} overflows the address space")
         if length == 0:
             return
@@ -259,7 +259,7 @@ class GuestMemory:
 
     def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy writable view of ``[addr, addr + length)``, inside one region."""
-        if addr < 0 or length < 0 or addr + length > _U64_LIMIT:
+        if addr < 0 or length < 0 or addr >= _U64_LIMIT or addr + length > _U64_LIMIT:
             raise GuestMemoryError(f"invalid range {addr:#x}+{length:#x}")
         region = self.region_at(addr)
         offset = addr - region.guest_base

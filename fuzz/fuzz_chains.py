@@ -1,0 +1,191 @@
+"""Fuzz target: device-side descriptor-chain parsing, split and packed rings.
+
+The input bytes are a driver's worst behaviour: they choose the ring format,
+size and features, then fill the descriptor table, indirect tables and ring
+indices with whatever they hold.  The device side must return chains whose
+every range lies in guest memory, or raise ``VirtqueueError`` and stay
+broken; any other exception is a bug.
+
+Runs under atheris (coverage guided) when it is installed, and under
+hypothesis otherwise::
+
+    python fuzz/fuzz_chains.py --runs 3000                      # atheris if installed
+    python fuzz/fuzz_chains.py --engine hypothesis --runs 3000  # force hypothesis
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+
+from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue import VirtqueueError
+from pyvirtio.virtqueue.packed import PackedDeviceQueue
+from pyvirtio.virtqueue.split import SplitDeviceQueue
+
+MEM_SIZE = 1 << 20
+DESC_ADDR = 0x1000
+DRIVER_ADDR = 0x40000
+DEVICE_ADDR = 0x50000
+INDIRECT_ADDR = 0x60000
+SPLIT_SIZES = (1, 2, 4, 8, 16, 64, 256)
+PACKED_SIZES = (1, 2, 3, 4, 7, 16, 64, 255)
+
+_DESC = struct.Struct("<QIHH")
+
+
+class _Bytes:
+    """Consumes fuzz input; returns zeros once it runs dry."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> int:
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return int.from_bytes(chunk.ljust(n, b"\0"), "little")
+
+    @property
+    def exhausted(self) -> bool:
+        return self.pos >= len(self.data)
+
+
+def _descriptor(src: _Bytes, size: int, wrap_bits: int) -> bytes:
+    """A descriptor biased towards the interesting: mostly in memory, flags mixed."""
+    selector = src.take(1)
+    # Mostly addresses inside guest memory; sometimes anywhere, overflow included.
+    addr = src.take(8) if selector & 0x80 else src.take(2) * 16
+    length = src.take(4) if selector & 0x40 else src.take(2)
+    if selector & 0x20 and selector & 0x04:
+        addr = INDIRECT_ADDR + src.take(1) * 16
+    flags = (selector & 0x07) | wrap_bits
+    if selector & 0x18 == 0x18:
+        flags = src.take(2)
+    nxt = src.take(2) % (size + 2)
+    return _DESC.pack(addr & (1 << 64) - 1, length, flags, nxt)
+
+
+def run_one(data: bytes) -> None:
+    src = _Bytes(data)
+    packed = bool(src.take(1) & 1)
+    opts = src.take(1)
+    event_idx, indirect = bool(opts & 1), bool(opts & 2)
+    sizes = PACKED_SIZES if packed else SPLIT_SIZES
+    size = sizes[src.take(1) % len(sizes)]
+    mem = GuestMemory.anonymous(MEM_SIZE)
+
+    # Indirect tables and descriptor ring from the input.
+    for i in range(src.take(1) % 32):
+        mem.write(INDIRECT_ADDR + i * 16, _descriptor(src, size, 0))
+    for i in range(size):
+        wrap = 0x80 if packed and src.take(1) & 1 else 0  # AVAIL bit for wrap counter 1
+        mem.write(DESC_ADDR + i * 16, _descriptor(src, size, wrap << 0))
+    queue: SplitDeviceQueue | PackedDeviceQueue
+    try:
+        if packed:
+            queue = PackedDeviceQueue(
+                mem,
+                size,
+                DESC_ADDR,
+                DRIVER_ADDR,
+                DEVICE_ADDR,
+                event_idx=event_idx,
+                indirect=indirect,
+            )
+        else:
+            for i in range(size):
+                mem.write_u16(DRIVER_ADDR + 4 + 2 * i, src.take(2) % (size + 4))
+            mem.write_u16(DRIVER_ADDR + 2, src.take(2))
+            queue = SplitDeviceQueue(
+                mem,
+                size,
+                DESC_ADDR,
+                DRIVER_ADDR,
+                DEVICE_ADDR,
+                event_idx=event_idx,
+                indirect=indirect,
+            )
+    except VirtqueueError:
+        return
+
+    for _ in range(2 * size + 2):
+        try:
+            chain = queue.pop()
+        except VirtqueueError:
+            assert queue.broken, "a VirtqueueError must leave the queue broken"
+            try:
+                queue.pop()
+            except VirtqueueError:
+                return
+            raise AssertionError("a broken queue popped without raising") from None
+        if chain is None:
+            break
+        for addr, length in chain.readable + chain.writable:
+            assert mem.is_valid(addr, length), f"chain range {addr:#x}+{length} outside memory"
+        assert chain.readable_len == sum(n for _, n in chain.readable)
+        assert chain.writable_len == sum(n for _, n in chain.writable)
+        chain.read_all()
+        chain.write(b"\xa5" * min(chain.writable_len, 64))
+        queue.add_used(chain, min(chain.writable_len, 64))
+        queue.needs_notification()
+        if src.take(1) & 1 and packed:
+            # The driver may publish more descriptors between pops.
+            idx = src.take(1) % size
+            mem.write(DESC_ADDR + idx * 16, _descriptor(src, size, src.take(1) & 0x80))
+
+
+def _run_hypothesis(runs: int) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(
+        max_examples=runs,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.binary(min_size=4, max_size=8192))
+    def fuzz(data: bytes) -> None:
+        run_one(data)
+
+    fuzz()
+    print(f"fuzz_chains: {runs} hypothesis inputs, no crash")
+
+
+def _run_atheris(runs: int, extra: list[str]) -> None:
+    import atheris  # type: ignore[import-not-found]
+
+    atheris.instrument_all()
+    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=8192", *extra], run_one)
+    atheris.Fuzz()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fuzz device-side chain parsing.")
+    parser.add_argument("--runs", type=int, default=3000, help="number of inputs")
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "atheris", "hypothesis"),
+        default="auto",
+        help="atheris when installed (auto), or force one",
+    )
+    args, extra = parser.parse_known_args()
+    engine = args.engine
+    if engine == "auto":
+        try:
+            import atheris  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError:
+            engine = "hypothesis"
+        else:
+            engine = "atheris"
+    print(f"fuzz_chains: engine {engine}, {args.runs} runs", flush=True)
+    if engine == "atheris":
+        _run_atheris(args.runs, extra)  # exits the process when done
+    else:
+        _run_hypothesis(args.runs)
+
+
+if __name__ == "__main__":
+    main()
