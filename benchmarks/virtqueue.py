@@ -71,10 +71,7 @@ def run_case(factory: QueueFactory, buffers: int, size: int, batch: int, seconds
         for readable, writable, token in requests:
             add(readable, writable, token)
         kick_needed()
-        completions = []
-        while (chain := pop()) is not None:
-            completions.append((chain, chain.writable_len))
-        add_used_batch(completions)
+        add_used_batch([(chain, chain.writable_len) for chain in iter(pop, None)])
         needs_notification()
         for _token, _written in used():
             done += 1

@@ -276,9 +276,22 @@ class GuestMemory:
         The result feeds ``os.preadv``/``os.pwritev`` directly.
         """
         out: list[memoryview] = []
+        append = out.append
+        # Fast path: ranges nearly always fall in the region the previous one
+        # did, so test that region before a bisect over the table.
+        region: MemoryRegion | None = None
         for addr, length in ranges:
+            if (
+                region is not None
+                and length > 0
+                and region.guest_base <= addr
+                and addr + length <= region.guest_base + region.size
+            ):
+                offset = addr - region.guest_base
+                append(region.view[offset : offset + length])
+                continue
             for region, offset, n in self._pieces(addr, length):
-                out.append(region.view[offset : offset + n])
+                append(region.view[offset : offset + n])
         return out
 
     # -- byte access --------------------------------------------------------
