@@ -196,6 +196,16 @@ class VirtioDevice:
         if self._resources is not None and self._state is DeviceState.ACTIVE:
             self._resources.interrupt.signal_config_change()
 
+    # -- shared memory ---------------------------------------------------------
+
+    def shared_memory_regions(self) -> list[tuple[int, int]]:
+        """``(guest base, length)`` of each shared memory region, indexed by shmid.
+
+        Transports enumerate these (transport-mmio.tex SHMSel/SHMLen/SHMBase,
+        shared-mem.tex "Shared Memory Regions"); most devices have none.
+        """
+        return []
+
     # -- lifecycle -------------------------------------------------------------
 
     def activate(

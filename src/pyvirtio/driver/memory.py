@@ -1,0 +1,109 @@
+"""A guest-memory allocator for drivers.
+
+A driver has to place its rings and buffers in guest memory the device can
+reach (transport-mmio.tex "Virtqueue Configuration": "Allocate and zero the
+queue memory, making sure the memory is physically contiguous").  A real
+guest kernel has its own allocator; a driver running in a host process over
+a :class:`~pyvirtio.memory.GuestMemory` uses this one: a first-fit free list
+over one guest-physical range, with per-allocation alignment, coalescing on
+free so a long-running driver does not fragment the range.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+from pyvirtio.memory import GuestMemory
+
+__all__ = ["AllocationError", "GuestAllocator"]
+
+
+class AllocationError(Exception):
+    """No free block is large enough, or a free of an address never allocated."""
+
+
+class GuestAllocator:
+    """Allocates blocks of ``[base, base + length)`` in ``mem``.
+
+    ``alloc(size, align)`` returns the guest address of a block (zeroed by
+    default); ``free(addr)`` returns it.  Thread-safe.
+    """
+
+    def __init__(self, mem: GuestMemory, base: int, length: int) -> None:
+        if length <= 0 or base < 0:
+            raise ValueError(f"invalid allocator range base={base:#x} length={length:#x}")
+        if not mem.is_valid(base, length):
+            raise ValueError(f"range [{base:#x}, {base + length:#x}) is not all guest memory")
+        self.mem = mem
+        self.base = base
+        self.length = length
+        self._lock = threading.Lock()
+        #: Free blocks as parallel sorted lists of starts and lengths.
+        self._free_starts: list[int] = [base]
+        self._free_lengths: list[int] = [length]
+        #: addr -> (block start, block length), the block including alignment padding.
+        self._allocated: dict[int, tuple[int, int]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"GuestAllocator(base={self.base:#x}, length={self.length:#x}, "
+            f"free={self.free_bytes:#x})"
+        )
+
+    @property
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(self._free_lengths)
+
+    def alloc(self, size: int, align: int = 16, *, zero: bool = True) -> int:
+        """A block of ``size`` bytes aligned to ``align`` (a power of two)."""
+        if size <= 0:
+            raise ValueError(f"allocation size must be positive, got {size}")
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"alignment must be a power of two, got {align}")
+        with self._lock:
+            for i, (start, length) in enumerate(
+                zip(self._free_starts, self._free_lengths, strict=True)
+            ):
+                addr = (start + align - 1) & ~(align - 1)
+                end = addr + size
+                if end > start + length:
+                    continue
+                del self._free_starts[i], self._free_lengths[i]
+                tail = start + length - end
+                if tail:
+                    self._free_starts.insert(i, end)
+                    self._free_lengths.insert(i, tail)
+                # Padding before an aligned block stays with the block, so free
+                # gives it back whole.
+                self._allocated[addr] = (start, end - start)
+                break
+            else:
+                raise AllocationError(f"no free block of {size} bytes aligned to {align}")
+        if zero:
+            self.mem.fill(addr, size)
+        return addr
+
+    def free(self, addr: int) -> None:
+        """Return a block from :meth:`alloc`; neighbours are merged."""
+        with self._lock:
+            try:
+                start, length = self._allocated.pop(addr)
+            except KeyError:
+                raise AllocationError(f"{addr:#x} was not allocated here") from None
+            starts, lengths = self._free_starts, self._free_lengths
+            i = bisect.bisect_left(starts, start)
+            if i < len(starts) and start + length == starts[i]:
+                length += lengths[i]
+                del starts[i], lengths[i]
+            if i > 0 and starts[i - 1] + lengths[i - 1] == start:
+                lengths[i - 1] += length
+            else:
+                starts.insert(i, start)
+                lengths.insert(i, length)
+
+    def owns(self, addr: int) -> bool:
+        """Whether ``addr`` is a live allocation of this allocator."""
+        with self._lock:
+            return addr in self._allocated
