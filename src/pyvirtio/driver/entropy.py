@@ -1,0 +1,128 @@
+"""A minimal virtio-rng driver over virtio-MMIO (device-types/entropy).
+
+It does what Linux's ``virtio-rng`` does: one device-writable buffer on the
+requestq at a time, and the used length says how many random bytes arrived
+(device-types/entropy: Driver Requirements: Device Operation: the driver
+"MUST examine the length written").  A device may return fewer bytes than
+asked, or none (pyvirtio's device does when its source fails), so
+:meth:`EntropyDriver.read` keeps asking until it has ``n`` bytes, and gives
+up after ``max_empty`` empty completions in a row rather than spinning.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.driver.mmio import MmioDriverError, MmioDriverTransport
+
+__all__ = ["DEFAULT_BUFFER_SIZE", "EntropyDriver", "EntropyDriverError"]
+
+#: Bytes asked for per request (the device may cap a request lower).
+DEFAULT_BUFFER_SIZE = 64 * 1024
+
+#: What the driver can use: ring features are all handled by pyvirtio.virtqueue.
+SUPPORTED_FEATURES = (
+    Feature.VERSION_1.mask
+    | Feature.RING_PACKED.mask
+    | Feature.EVENT_IDX.mask
+    | Feature.INDIRECT_DESC.mask
+)
+
+REQUESTQ = 0
+
+
+class EntropyDriverError(MmioDriverError):
+    """The device stopped delivering (needs reset, timed out or keeps returning nothing)."""
+
+
+class EntropyDriver:
+    """Initializes the entropy device behind ``transport`` and reads random bytes from it.
+
+    ``features`` limits what is negotiated (default: everything the driver
+    supports).  ``timeout`` bounds the wait for one request's completion.
+    """
+
+    def __init__(
+        self,
+        transport: MmioDriverTransport,
+        *,
+        features: int | None = None,
+        queue_size: int | None = None,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        timeout: float = 5.0,
+        max_empty: int = 100,
+    ) -> None:
+        if transport.device_id != DeviceId.ENTROPY:
+            raise MmioDriverError(f"device ID {transport.device_id} is not an entropy device")
+        if buffer_size <= 0 or max_empty <= 0:
+            raise ValueError("buffer_size and max_empty must be positive")
+        self.transport = transport
+        self.timeout = timeout
+        self.max_empty = max_empty
+        wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
+        transport.initialize(wanted)
+        self.queue = transport.setup_queue(REQUESTQ, queue_size)
+        self.buffer_size = buffer_size
+        self._buffer = transport.allocator.alloc(buffer_size, zero=False)
+        #: Buffers of requests that timed out, still owned by the device.
+        self._abandoned: set[int] = set()
+        transport.driver_ok()
+
+    @property
+    def packed_ring(self) -> bool:
+        return self.transport.has_feature(Feature.RING_PACKED)
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` random bytes from the device."""
+        if n < 0:
+            raise ValueError(f"cannot read {n} bytes")
+        out = bytearray()
+        empty = 0
+        while len(out) < n:
+            got = self._request(min(n - len(out), self.buffer_size))
+            if not got:
+                empty += 1
+                if empty >= self.max_empty:
+                    raise EntropyDriverError(
+                        f"device returned no bytes for {empty} requests in a row"
+                    )
+                continue
+            empty = 0
+            out += got
+        return bytes(out)
+
+    def _request(self, length: int) -> bytes:
+        """One request of ``length`` bytes; returns what the device wrote."""
+        transport = self.transport
+        if transport.needs_reset:
+            raise EntropyDriverError("device needs reset")
+        buffer = self._buffer
+        self.queue.add([], [(buffer, length)], token=buffer)
+        if self.queue.kick_needed():
+            transport.notify(REQUESTQ)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            for token, written in self.queue.used():
+                if token == buffer:
+                    return transport.mem.read(buffer, written)
+                # A request abandoned after a timeout: its buffer is free now.
+                assert isinstance(token, int)
+                self._abandoned.discard(token)
+                transport.allocator.free(token)
+            if transport.needs_reset:
+                raise EntropyDriverError("device needs reset")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # The buffer stays with the device: do not reuse it.
+                self._abandoned.add(buffer)
+                self._buffer = transport.allocator.alloc(self.buffer_size, zero=False)
+                raise EntropyDriverError(f"no completion within {self.timeout} s")
+            transport.wait_interrupt(min(remaining, 0.05))
+
+    def close(self) -> None:
+        """Reset the device (freeing the rings) and free the request buffer."""
+        self.transport.reset()
+        for addr in (self._buffer, *self._abandoned):
+            self.transport.allocator.free(addr)
+        self._abandoned.clear()
