@@ -1,0 +1,1008 @@
+"""virtio-blk device model: requests on device queues driven directly, no transport.
+
+Each test plays the driver on a ring pair (``queue_harness.DirectRig``) and
+builds request chains by hand, so malformed requests a real driver would
+refuse to send can be made too.  Backing files are real files in tmp_path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.device import DeviceState
+from pyvirtio.devices import block
+from pyvirtio.devices.block import (
+    CONFIG_SIZE,
+    CONFIG_WRITEBACK_OFFSET,
+    MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEG,
+    MAX_WRITE_ZEROES_SECTORS,
+    BlkFeature,
+    Block,
+    RequestType,
+    Status,
+    unpack_config,
+)
+from queue_harness import RING_BASE, DirectRig
+
+SECTOR = 512
+DISK_SIZE = 1 << 20  # 2048 sectors
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def header(req_type: int, sector: int = 0, reserved: int = 0) -> bytes:
+    return struct.pack("<IIQ", req_type, reserved, sector)
+
+
+def segment(sector: int, num: int, flags: int = 0) -> bytes:
+    return struct.pack("<QII", sector, num, flags)
+
+
+def pattern(length: int, seed: int = 1) -> bytes:
+    """Deterministic non-zero-looking bytes: ``(i * 7 + seed) mod 256``."""
+    period = bytes((i * 7 + seed) & 0xFF for i in range(256))
+    return (period * (length // 256 + 1))[:length]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(pattern(DISK_SIZE))
+    return path
+
+
+class Rig:
+    """A Block device on DirectRig queues, with request helpers."""
+
+    def __init__(self, device: Block, *, features: int | None = None, **rig: object) -> None:
+        self.device = device
+        self.rig = DirectRig(device, features=features, **rig)  # type: ignore[arg-type]
+        self.rig.activate()
+
+    def request(
+        self,
+        readable: Sequence[bytes],
+        writable: Sequence[int],
+        *,
+        queue: int = 0,
+        notify: bool = True,
+    ) -> tuple[list[tuple[int, int]], object]:
+        token = object()
+        wr = self.rig.post(queue, readable, writable, token, notify=notify)
+        return wr, token
+
+    def run(
+        self, readable: Sequence[bytes], writable: Sequence[int], *, queue: int = 0
+    ) -> tuple[bytes, int]:
+        """Post one request, return (the writable bytes, used length)."""
+        wr, token = self.request(readable, writable, queue=queue)
+        used = self.rig.used(queue)
+        assert len(used) == 1, used
+        assert used[0][0] is token
+        written = used[0][1]
+        return self.rig.mem.readv(wr), written
+
+    def status(self, readable: Sequence[bytes], writable: Sequence[int] = (1,)) -> int:
+        data, written = self.run(readable, writable)
+        assert written == sum(writable)
+        return data[-1]
+
+    def read(self, sector: int, length: int) -> bytes:
+        data, written = self.run([header(RequestType.IN, sector)], [length, 1])
+        assert data[-1] == Status.OK
+        assert written == length + 1
+        return data[:-1]
+
+    def write(self, sector: int, data: bytes) -> int:
+        return self.status([header(RequestType.OUT, sector), data])
+
+
+def make_rig(path: Path | int, features: int | None = None, **options: object) -> Rig:
+    return Rig(Block(path, **options), features=features)  # type: ignore[arg-type]
+
+
+# -- identity, features, configuration -----------------------------------------------------
+
+
+def test_identity_and_offer(image: Path) -> None:
+    dev = Block(image)
+    assert dev.device_id is DeviceId.BLOCK
+    assert dev.num_queues == 1
+    offered = dev.offered_features
+    for bit in (
+        BlkFeature.SIZE_MAX,
+        BlkFeature.SEG_MAX,
+        BlkFeature.BLK_SIZE,
+        BlkFeature.FLUSH,
+        BlkFeature.CONFIG_WCE,
+        BlkFeature.DISCARD,
+        BlkFeature.WRITE_ZEROES,
+    ):
+        assert offered & bit.mask, bit
+    for bit in (BlkFeature.RO, BlkFeature.MQ, BlkFeature.GEOMETRY, BlkFeature.LIFETIME):
+        assert not offered & bit.mask, bit
+    assert offered & Feature.VERSION_1.mask
+    assert offered & Feature.RING_PACKED.mask
+    dev.close()
+
+
+def test_config_layout_is_the_spec_struct(image: Path) -> None:
+    dev = Block(image, logical_block_size=4096, num_queues=3, queue_size=128)
+    dev.ack_features(dev.offered_features)
+    raw = dev.read_config(0, CONFIG_SIZE)
+    assert len(raw) == CONFIG_SIZE == 96
+
+    def field(offset: int, fmt: str) -> int:
+        value: int = struct.unpack_from("<" + fmt, raw, offset)[0]
+        return value
+
+    assert field(0, "Q") == DISK_SIZE // SECTOR  # capacity, in 512-byte sectors
+    assert field(8, "I") == block.DEFAULT_SIZE_MAX  # size_max
+    assert field(12, "I") == 126  # seg_max: queue size minus header and status
+    assert field(16, "I") == 0  # geometry (not offered)
+    assert field(20, "I") == 4096  # blk_size
+    assert field(32, "B") == 1  # writeback (FLUSH negotiated, cache=writeback)
+    assert field(33, "B") == 0  # unused0
+    assert field(34, "H") == 3  # num_queues
+    assert field(36, "I") == MAX_DISCARD_SECTORS
+    assert field(40, "I") == MAX_DISCARD_SEG
+    assert field(48, "I") == MAX_WRITE_ZEROES_SECTORS
+    assert field(52, "I") == block.MAX_WRITE_ZEROES_SEG
+    assert field(56, "B") == 1  # write_zeroes_may_unmap
+    assert raw[57:60] == bytes(3)  # unused1
+    assert raw[60:] == bytes(36)  # secure erase and zoned: not offered
+    assert unpack_config(raw) == dev.config()
+    assert dev.offered_features & BlkFeature.MQ.mask
+    dev.close()
+
+
+def test_topology_from_file_system_block_size(image: Path) -> None:
+    dev = Block(image)
+    cfg = dev.config()
+    blksize = os.stat(image).st_blksize
+    if blksize > SECTOR:
+        assert dev.offered_features & BlkFeature.TOPOLOGY.mask
+        assert SECTOR << cfg.physical_block_exp == blksize
+        assert cfg.min_io_size == blksize // SECTOR
+        assert cfg.discard_sector_alignment == blksize // SECTOR
+    dev.close()
+    # A logical block as large as the physical one: nothing to report.
+    dev = Block(image, logical_block_size=max(blksize, SECTOR))
+    assert not dev.offered_features & BlkFeature.TOPOLOGY.mask
+    dev.close()
+
+
+def test_block_device_backing(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host block device: capacity and topology come from its ioctls, not st_size."""
+    u64 = {block._BLKGETSIZE64: 8 << 30}
+    u32 = {block._BLKSSZGET: 4096, block._BLKPBSZGET: 4096, block._BLKIOOPT: 1 << 20}
+    monkeypatch.setattr(block.stat, "S_ISBLK", lambda mode: True)
+    monkeypatch.setattr(block, "_ioctl_u64", lambda fd, request: u64[request])
+    monkeypatch.setattr(block, "_ioctl_u32", lambda fd, request: u32[request])
+    with Block(image) as dev:
+        cfg = dev.config()
+        assert cfg.capacity == (8 << 30) // SECTOR
+        assert dev.offered_features & BlkFeature.TOPOLOGY.mask
+        assert cfg.physical_block_exp == 3
+        assert cfg.opt_io_size == (1 << 20) // SECTOR
+    with pytest.raises(ValueError, match="logical_block_size >= 4096"):
+        Block(image, direct=True)
+    with Block(image, logical_block_size=4096) as dev:
+        assert dev.config().physical_block_exp == 0
+        assert dev.config().opt_io_size == 256
+
+
+def test_capacity_rounds_down_to_sectors(tmp_path: Path) -> None:
+    path = tmp_path / "odd.img"
+    path.write_bytes(bytes(3 * SECTOR + 100))
+    with Block(path) as dev:
+        assert dev.capacity == 3
+
+
+def test_read_only_offer(image: Path) -> None:
+    with Block(image, read_only=True) as dev:
+        offered = dev.offered_features
+        assert offered & BlkFeature.RO.mask
+        assert not offered & (BlkFeature.DISCARD.mask | BlkFeature.WRITE_ZEROES.mask)
+        dev.ack_features(offered)
+        assert not dev.writeback
+
+
+def test_constructor_validation(image: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="serial"):
+        Block(image, serial="x" * 21)
+    with pytest.raises(ValueError, match="ASCII"):
+        Block(image, serial="d\u00e9j\u00e0")
+    with pytest.raises(ValueError, match="logical_block_size"):
+        Block(image, logical_block_size=1000)
+    with pytest.raises(ValueError, match="cache"):
+        Block(image, cache="none")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_queues"):
+        Block(image, num_queues=0)
+    with pytest.raises(ValueError, match="regular file or a block device"):
+        Block("/dev/null")
+    with pytest.raises(FileNotFoundError):
+        Block(tmp_path / "missing.img")
+
+
+def test_cache_mode_follows_negotiation(image: Path) -> None:
+    dev = Block(image)
+    offered = dev.offered_features
+    flush, wce = BlkFeature.FLUSH.mask, BlkFeature.CONFIG_WCE.mask
+    dev.ack_features(offered)
+    assert dev.writeback
+    # CONFIG_WCE without FLUSH: writeback MUST start at 0.
+    dev.ack_features(offered & ~flush)
+    assert not dev.writeback
+    assert dev.read_config(CONFIG_WRITEBACK_OFFSET, 1) == b"\0"
+    # Neither: FLUSH was offered but not negotiated, so writes are stable
+    # on completion (stability case 1).
+    dev.ack_features(offered & ~flush & ~wce)
+    assert not dev.writeback
+    dev.close()
+    with Block(image, cache="writethrough") as dev:
+        dev.ack_features(dev.offered_features)
+        assert not dev.writeback
+
+
+def test_config_wce_toggle(image: Path) -> None:
+    dev = Block(image)
+    dev.ack_features(dev.offered_features)
+    dev.write_config(CONFIG_WRITEBACK_OFFSET, b"\0")
+    assert not dev.writeback
+    assert dev.read_config(CONFIG_WRITEBACK_OFFSET, 1) == b"\0"
+    dev.write_config(CONFIG_WRITEBACK_OFFSET, b"\x01")
+    assert dev.writeback
+    # Other fields are read-only.
+    dev.write_config(0, b"\xff" * 8)
+    assert dev.capacity == DISK_SIZE // SECTOR
+    # Without CONFIG_WCE the byte cannot be changed.
+    dev.ack_features(dev.offered_features & ~BlkFeature.CONFIG_WCE.mask)
+    assert dev.writeback
+    dev.write_config(CONFIG_WRITEBACK_OFFSET, b"\0")
+    assert dev.writeback
+    dev.reset()
+    dev.close()
+
+
+# -- the request types ---------------------------------------------------------------------
+
+
+def test_read_and_write_round_trip(image: Path) -> None:
+    rig = make_rig(image)
+    assert rig.read(0, 1024) == pattern(DISK_SIZE)[:1024]
+    data = pattern(4096, seed=9)
+    assert rig.write(10, data) == Status.OK
+    assert rig.read(10, 4096) == data
+    with open(image, "rb") as f:
+        f.seek(10 * SECTOR)
+        assert f.read(4096) == data
+    # Last sector of the disk.
+    last = DISK_SIZE // SECTOR - 1
+    assert rig.write(last, b"\xaa" * SECTOR) == Status.OK
+    assert rig.read(last, SECTOR) == b"\xaa" * SECTOR
+
+
+def test_scatter_gather_and_split_header(image: Path) -> None:
+    rig = make_rig(image)
+    data = pattern(3 * SECTOR, seed=3)
+    hdr = header(RequestType.OUT, 4)
+    # Header split over two descriptors, data over three of odd sizes.
+    status = rig.status([hdr[:5], hdr[5:], data[:100], data[100:1000], data[1000:]])
+    assert status == Status.OK
+    wr, _ = rig.request(
+        [header(RequestType.IN, 4)[:9], header(RequestType.IN, 4)[9:]], [7, 1529, 1]
+    )
+    (_, written) = rig.rig.used(0)[0]
+    assert written == 3 * SECTOR + 1
+    got = rig.rig.mem.readv(wr)
+    assert got[:-1] == data
+    assert got[-1] == Status.OK
+
+
+@pytest.mark.parametrize(
+    ("packed_ring", "event_idx", "indirect"),
+    [(False, True, True), (True, True, True), (True, False, False)],
+)
+def test_ring_variants(image: Path, packed_ring: bool, event_idx: bool, indirect: bool) -> None:
+    rig = Rig(Block(image), packed_ring=packed_ring, event_idx=event_idx, indirect=indirect)
+    for i in range(40):  # wraps the 16-entry rings
+        data = pattern(SECTOR * 2, seed=i)
+        assert rig.write(i * 2, data) == Status.OK
+        assert rig.read(i * 2, SECTOR * 2) == data
+
+
+def test_zero_length_read_and_write(image: Path) -> None:
+    rig = make_rig(image)
+    assert rig.status([header(RequestType.IN, 5)]) == Status.OK
+    assert rig.status([header(RequestType.OUT, 5)]) == Status.OK
+
+
+def test_flush_syncs(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = make_rig(image)
+    calls: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    assert rig.write(0, pattern(SECTOR)) == Status.OK
+    assert calls == []  # writeback: writes are not synced
+    assert rig.status([header(RequestType.FLUSH)]) == Status.OK
+    assert calls == [rig.device.fd]
+    # sector != 0 and data in a flush are tolerated (driver SHOULD/MUST, no harm).
+    assert rig.status([header(RequestType.FLUSH, 7), b"x" * 16]) == Status.OK
+
+
+def test_flush_failure_is_ioerr(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = make_rig(image)
+
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fdatasync", fail)
+    assert rig.status([header(RequestType.FLUSH)]) == Status.IOERR
+    monkeypatch.undo()
+    assert rig.status([header(RequestType.FLUSH)]) == Status.OK
+
+
+def test_writethrough_syncs_each_batch_before_completion(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = make_rig(image, cache="writethrough")
+    assert not rig.device.writeback
+    events: list[str] = []
+    real = os.fdatasync
+    used_idx_seen: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        events.append("sync")
+        # Nothing may have been completed yet.
+        used_idx_seen.append(len(list(rig.rig.driver_queues[0].used())))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    for i in range(5):
+        rig.request([header(RequestType.OUT, i), pattern(SECTOR, i)], [1], notify=False)
+    rig.device.queue_notify(0)
+    assert events == ["sync"]  # one group commit for the batch
+    assert used_idx_seen == [0]
+    used = rig.rig.used(0)
+    assert len(used) == 5
+    assert rig.rig.interrupt.used == [0]
+    # Reads do not sync.
+    rig.read(0, SECTOR)
+    assert events == ["sync"]
+
+
+def test_writethrough_sync_failure_fails_the_writes(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = make_rig(image, cache="writethrough")
+
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fdatasync", fail)
+    wr1, _ = rig.request([header(RequestType.OUT, 0), pattern(SECTOR)], [1], notify=False)
+    wr2, _ = rig.request([header(RequestType.IN, 0)], [SECTOR, 1], notify=False)
+    rig.device.queue_notify(0)
+    assert len(rig.rig.used(0)) == 2
+    assert rig.rig.mem.readv(wr1) == bytes([Status.IOERR])
+    assert rig.rig.mem.readv(wr2)[-1] == Status.OK  # the read did not depend on the sync
+
+
+def test_config_wce_switch_changes_sync_behaviour(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = make_rig(image)
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", calls.append)
+    rig.write(0, pattern(SECTOR))
+    assert calls == []
+    rig.device.write_config(CONFIG_WRITEBACK_OFFSET, b"\0")
+    rig.write(0, pattern(SECTOR))
+    assert len(calls) == 1
+
+
+def test_without_flush_negotiated_writes_are_synced(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = Block(image)
+    features = dev.offered_features & ~BlkFeature.FLUSH.mask & ~BlkFeature.CONFIG_WCE.mask
+    ring_bits = Feature.RING_PACKED.mask | Feature.EVENT_IDX.mask | Feature.INDIRECT_DESC.mask
+    rig = Rig(dev, features=features & ~ring_bits)
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", calls.append)
+    rig.write(0, pattern(SECTOR))
+    assert calls == [dev.fd]
+
+
+def test_get_id(image: Path) -> None:
+    rig = make_rig(image, serial="SN-1234")
+    data, written = rig.run([header(RequestType.GET_ID)], [20, 1])
+    assert written == 21
+    assert data == b"SN-1234" + bytes(13) + bytes([Status.OK])
+    # A 20-byte serial has no NUL terminator.
+    rig = make_rig(image, serial="A" * 20)
+    data, _ = rig.run([header(RequestType.GET_ID)], [20, 1])
+    assert data == b"A" * 20 + b"\0"
+    # Shorter and longer buffers: a prefix, or NUL padding.
+    data, _ = rig.run([header(RequestType.GET_ID)], [4, 1])
+    assert data == b"AAAA\0"
+    data, _ = rig.run([header(RequestType.GET_ID)], [30, 1])
+    assert data == b"A" * 20 + bytes(10) + b"\0"
+    # Status in the same descriptor as the data.
+    data, _ = rig.run([header(RequestType.GET_ID)], [21])
+    assert data == b"A" * 20 + b"\0"
+
+
+@pytest.mark.parametrize(
+    "req_type",
+    [
+        RequestType.GET_LIFETIME,
+        RequestType.SECURE_ERASE,
+        15,
+        16,
+        18,
+        20,
+        22,
+        24,
+        26,
+        2,
+        3,
+        5,
+        99,
+        0xFFFF_FFFF,
+    ],
+)
+def test_unsupported_types(image: Path, req_type: int) -> None:
+    rig = make_rig(image)
+    data, written = rig.run([header(req_type)], [8, 1])
+    assert written == 9
+    assert data == bytes(8) + bytes([Status.UNSUPP])
+    assert image.read_bytes() == pattern(DISK_SIZE)
+
+
+def test_discard_reads_back_zeros(image: Path) -> None:
+    rig = make_rig(image)
+    status = rig.status([header(RequestType.DISCARD), segment(8, 16) + segment(64, 8)])
+    assert status == Status.OK
+    expected = bytearray(pattern(DISK_SIZE))
+    # On file systems that punch holes the range reads as zeros; otherwise it
+    # is untouched (discard is only a hint).
+    got = rig.read(0, 128 * SECTOR)
+    if got[8 * SECTOR : 24 * SECTOR] == bytes(16 * SECTOR):
+        expected[8 * SECTOR : 24 * SECTOR] = bytes(16 * SECTOR)
+        expected[64 * SECTOR : 72 * SECTOR] = bytes(8 * SECTOR)
+    assert got == bytes(expected[: 128 * SECTOR])
+    assert os.path.getsize(image) == DISK_SIZE
+
+
+@pytest.mark.parametrize("unmap", [False, True])
+def test_write_zeroes_reads_back_zeros(image: Path, unmap: bool) -> None:
+    rig = make_rig(image)
+    status = rig.status(
+        [header(RequestType.WRITE_ZEROES), segment(3, 5, int(unmap)) + segment(100, 1, int(unmap))]
+    )
+    assert status == Status.OK
+    expected = bytearray(pattern(DISK_SIZE))
+    expected[3 * SECTOR : 8 * SECTOR] = bytes(5 * SECTOR)
+    expected[100 * SECTOR : 101 * SECTOR] = bytes(SECTOR)
+    assert image.read_bytes() == bytes(expected)
+    assert os.path.getsize(image) == DISK_SIZE
+
+
+@pytest.mark.parametrize("unmap", [False, True])
+def test_write_zeroes_falls_back_to_writing(
+    image: Path, unmap: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    modes: list[int] = []
+
+    def refuse(fd: int, mode: int, offset: int, length: int) -> None:
+        modes.append(mode)
+        raise OSError(errno.EOPNOTSUPP, "not here")
+
+    monkeypatch.setattr(block, "fallocate", refuse)
+    monkeypatch.setattr(block, "_ZERO_CHUNK", 1024)  # several pwrite calls
+    rig = make_rig(image)
+    status = rig.status([header(RequestType.WRITE_ZEROES), segment(2, 7, int(unmap))])
+    assert status == Status.OK
+    assert len(modes) == (2 if unmap else 1)
+    expected = bytearray(pattern(DISK_SIZE))
+    expected[2 * SECTOR : 9 * SECTOR] = bytes(7 * SECTOR)
+    assert image.read_bytes() == bytes(expected)
+    # Discard with no hole punching is a successful no-op.
+    assert rig.status([header(RequestType.DISCARD), segment(2, 7)]) == Status.OK
+
+
+def test_write_zeroes_host_error_is_ioerr(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno.EIO, "disk on fire")
+
+    monkeypatch.setattr(block, "fallocate", broken)
+    rig = make_rig(image)
+    assert rig.status([header(RequestType.WRITE_ZEROES), segment(2, 7)]) == Status.IOERR
+    assert rig.status([header(RequestType.DISCARD), segment(2, 7)]) == Status.IOERR
+    assert rig.read(0, SECTOR) == pattern(SECTOR)  # still serving
+
+
+def test_discard_and_write_zeroes_not_offered(image: Path) -> None:
+    rig = make_rig(image, discard=False, write_zeroes=False)
+    assert rig.status([header(RequestType.DISCARD), segment(0, 1)]) == Status.UNSUPP
+    assert rig.status([header(RequestType.WRITE_ZEROES), segment(0, 1)]) == Status.UNSUPP
+    assert image.read_bytes() == pattern(DISK_SIZE)
+
+
+# -- malformed requests --------------------------------------------------------------------
+
+CAPACITY = DISK_SIZE // SECTOR
+
+
+@pytest.mark.parametrize(
+    ("name", "readable", "writable", "status"),
+    [
+        ("no header", [], [1], Status.IOERR),
+        ("short header", [header(RequestType.IN)[:15]], [SECTOR, 1], Status.IOERR),
+        ("read past end", [header(RequestType.IN, CAPACITY)], [SECTOR, 1], Status.IOERR),
+        (
+            "read straddles end",
+            [header(RequestType.IN, CAPACITY - 1)],
+            [2 * SECTOR, 1],
+            Status.IOERR,
+        ),
+        ("read sector overflow", [header(RequestType.IN, 2**64 - 1)], [SECTOR, 1], Status.IOERR),
+        (
+            "write sector overflow",
+            [header(RequestType.OUT, 2**55), bytes(SECTOR)],
+            [1],
+            Status.IOERR,
+        ),
+        ("write past end", [header(RequestType.OUT, CAPACITY), bytes(SECTOR)], [1], Status.IOERR),
+        ("read not sectors", [header(RequestType.IN)], [100, 1], Status.IOERR),
+        ("write not sectors", [header(RequestType.OUT), bytes(513)], [1], Status.IOERR),
+        (
+            "read with readable data",
+            [header(RequestType.IN), bytes(SECTOR)],
+            [SECTOR, 1],
+            Status.IOERR,
+        ),
+        (
+            "write with writable data",
+            [header(RequestType.OUT), bytes(SECTOR)],
+            [SECTOR, 1],
+            Status.IOERR,
+        ),
+        (
+            "get_id with readable data",
+            [header(RequestType.GET_ID), bytes(4)],
+            [20, 1],
+            Status.IOERR,
+        ),
+        ("discard empty", [header(RequestType.DISCARD)], [1], Status.IOERR),
+        ("discard not segments", [header(RequestType.DISCARD), bytes(15)], [1], Status.IOERR),
+        (
+            "discard writable data",
+            [header(RequestType.DISCARD), segment(0, 1)],
+            [4, 1],
+            Status.IOERR,
+        ),
+        (
+            "discard too many segments",
+            [header(RequestType.DISCARD), segment(0, 1) * (MAX_DISCARD_SEG + 1)],
+            [1],
+            Status.IOERR,
+        ),
+        (
+            "discard past end",
+            [header(RequestType.DISCARD), segment(CAPACITY - 1, 2)],
+            [1],
+            Status.IOERR,
+        ),
+        (
+            "discard sector overflow",
+            [header(RequestType.DISCARD), segment(2**64 - 1, 1)],
+            [1],
+            Status.IOERR,
+        ),
+        (
+            "discard too long",
+            [header(RequestType.DISCARD), segment(0, MAX_DISCARD_SECTORS + 1)],
+            [1],
+            Status.IOERR,
+        ),
+        ("discard unmap", [header(RequestType.DISCARD), segment(0, 1, 1)], [1], Status.UNSUPP),
+        (
+            "discard reserved flag",
+            [header(RequestType.DISCARD), segment(0, 1, 2)],
+            [1],
+            Status.UNSUPP,
+        ),
+        (
+            "write zeroes reserved flag",
+            [header(RequestType.WRITE_ZEROES), segment(0, 1) + segment(1, 1, 0x8000_0001)],
+            [1],
+            Status.UNSUPP,
+        ),
+        (
+            "write zeroes too long",
+            [header(RequestType.WRITE_ZEROES), segment(0, MAX_WRITE_ZEROES_SECTORS + 1)],
+            [1],
+            Status.IOERR,
+        ),
+        (
+            "write zeroes past end",
+            [header(RequestType.WRITE_ZEROES), segment(0, 1) + segment(CAPACITY, 1)],
+            [1],
+            Status.IOERR,
+        ),
+    ],
+)
+def test_malformed_requests(
+    image: Path, name: str, readable: list[bytes], writable: list[int], status: int
+) -> None:
+    rig = make_rig(image)
+    data, written = rig.run(readable, writable)
+    assert written == sum(writable), name
+    assert data[-1] == status, name
+    # A failed request's data area is zeroed, never left half-filled.
+    assert data[:-1] == bytes(len(data) - 1), name
+    assert image.read_bytes() == pattern(DISK_SIZE), name
+    assert rig.device.state is DeviceState.ACTIVE
+    assert not rig.device.needs_reset
+    assert rig.read(0, SECTOR) == pattern(SECTOR)  # still serving
+
+
+def test_request_without_status_byte(image: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rig = make_rig(image)
+    with caplog.at_level(logging.WARNING):
+        # No device-writable byte at all: the status cannot be written.
+        _, token = rig.request([header(RequestType.OUT), bytes(SECTOR)], [])
+        assert rig.rig.used(0) == [(token, 0)]
+    assert "cannot answer" in caplog.text
+    assert image.read_bytes() == pattern(DISK_SIZE)  # and nothing was done
+    assert rig.read(0, SECTOR) == pattern(SECTOR)
+
+
+def test_status_byte_readable_breaks_only_the_ring(image: Path) -> None:
+    """A chain ending in a device-readable descriptor after a writable one breaks
+    the ring rules (readable before writable): the queue reports it, the device
+    needs a reset, nothing raises out of queue_notify and nothing is written."""
+    rig = make_rig(image)
+    rig.request([header(RequestType.OUT)], [SECTOR, 1], notify=False)
+    # Descriptors 0 (header), 1 (data), 2 (status) of a fresh split ring at
+    # queue_harness.RING_BASE: clear WRITE on the status descriptor.
+    flags_addr = RING_BASE + 2 * 16 + 12
+    assert rig.rig.mem.read_u16(flags_addr) == 2  # VIRTQ_DESC_F_WRITE
+    rig.rig.mem.write_u16(flags_addr, 0)
+    rig.device.queue_notify(0)
+    assert rig.device.needs_reset
+    assert rig.rig.used(0) == []
+    assert image.read_bytes() == pattern(DISK_SIZE)
+
+
+def test_read_only_refuses_every_write(image: Path) -> None:
+    rig = make_rig(image, read_only=True)
+    assert rig.write(0, pattern(SECTOR, 5)) == Status.IOERR
+    assert rig.status([header(RequestType.DISCARD), segment(0, 1)]) == Status.IOERR
+    assert rig.status([header(RequestType.WRITE_ZEROES), segment(0, 1)]) == Status.IOERR
+    assert rig.status([header(RequestType.FLUSH)]) == Status.OK
+    assert rig.read(0, SECTOR) == pattern(SECTOR)
+    assert image.read_bytes() == pattern(DISK_SIZE)
+
+
+# -- host I/O failures ---------------------------------------------------------------------
+
+
+def test_failing_preadv_is_ioerr(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = make_rig(image)
+
+    def fail(*args: object) -> int:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "preadv", fail)
+    data, written = rig.run([header(RequestType.IN, 0)], [SECTOR, 1])
+    assert written == SECTOR + 1
+    assert data == bytes(SECTOR) + bytes([Status.IOERR])
+    monkeypatch.undo()
+    assert rig.read(0, SECTOR) == pattern(SECTOR)
+    assert rig.device.io_errors == 1
+
+
+def test_fd_that_cannot_write(image: Path) -> None:
+    """A descriptor opened read-only under a writable device: reads work, writes fail."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        rig = make_rig(fd)
+        assert rig.read(1, SECTOR) == pattern(DISK_SIZE)[SECTOR : 2 * SECTOR]
+        assert rig.write(0, bytes(SECTOR)) == Status.IOERR
+        assert rig.status([header(RequestType.WRITE_ZEROES), segment(0, 1)]) == Status.IOERR
+        assert rig.read(0, SECTOR) == pattern(SECTOR)
+    finally:
+        os.close(fd)
+    assert image.read_bytes() == pattern(DISK_SIZE)
+
+
+def test_fd_replaced_underneath(image: Path) -> None:
+    """Every host call failing (an O_PATH descriptor dup'ed over the device's):
+    every request is IOERR, nothing raises, and service resumes when it is back."""
+    dev = Block(image)
+    rig = Rig(dev)
+    saved = os.dup(dev.fd)
+    opath = os.open(image, os.O_PATH)
+    try:
+        os.dup2(opath, dev.fd)
+        assert rig.status([header(RequestType.IN)], [SECTOR, 1]) == Status.IOERR
+        assert rig.write(0, bytes(SECTOR)) == Status.IOERR
+        assert rig.status([header(RequestType.FLUSH)]) == Status.IOERR
+        assert rig.status([header(RequestType.WRITE_ZEROES), segment(0, 1)]) == Status.IOERR
+        assert rig.status([header(RequestType.GET_ID)], [20, 1]) == Status.OK
+        os.dup2(saved, dev.fd)
+        assert rig.read(0, SECTOR) == pattern(SECTOR)
+    finally:
+        os.close(opath)
+        os.close(saved)
+    assert dev.io_errors == 4
+    dev.close()
+
+
+def test_read_past_end_of_file_zero_fills(image: Path) -> None:
+    rig = make_rig(image)
+    os.truncate(image, 10 * SECTOR + 100)  # shrinks under the device
+    data = rig.read(9, 4 * SECTOR)
+    assert data == pattern(DISK_SIZE)[9 * SECTOR : 10 * SECTOR + 100] + bytes(3 * SECTOR - 100)
+
+
+def test_short_transfers_are_continued(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_preadv, real_pwritev = os.preadv, os.pwritev
+
+    def short_preadv(fd: int, views: list[memoryview], offset: int) -> int:
+        return real_preadv(fd, [views[0][:100]], offset)
+
+    def short_pwritev(fd: int, views: list[memoryview], offset: int) -> int:
+        return real_pwritev(fd, [views[0][:77]], offset)
+
+    rig = make_rig(image)
+    data = pattern(4 * SECTOR, 42)
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    assert rig.status([header(RequestType.OUT, 8), data[:1000], data[1000:]]) == Status.OK
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    assert rig.read(8, 4 * SECTOR) == data
+    monkeypatch.undo()
+    assert image.read_bytes()[8 * SECTOR : 12 * SECTOR] == data
+
+
+def test_pwritev_writing_nothing_is_ioerr(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "pwritev", lambda fd, views, offset: 0)
+    rig = make_rig(image)
+    assert rig.write(0, bytes(SECTOR)) == Status.IOERR
+
+
+def test_more_views_than_iov_max(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(block, "_IOV_MAX", 3)
+    with Block(image) as dev:
+        buf = bytearray(10 * SECTOR)
+        views = [memoryview(buf)[i * SECTOR : (i + 1) * SECTOR] for i in range(10)]
+        dev._read_into(views, SECTOR, 10 * SECTOR)
+        assert bytes(buf) == pattern(DISK_SIZE)[SECTOR : 11 * SECTOR]
+        new = pattern(10 * SECTOR, 77)
+        buf[:] = new
+        dev._write_from(views, 0, 10 * SECTOR)
+    assert image.read_bytes()[: 10 * SECTOR] == new
+
+
+def test_direct_io(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """O_DIRECT, with guest buffers at odd addresses; where the kernel refuses a
+    buffer (EINVAL: alignment) the data goes through an aligned bounce buffer."""
+    try:
+        dev = Block(image, direct=True)
+    except OSError as exc:  # a file system without O_DIRECT (tmpfs before 6.6)
+        pytest.skip(f"O_DIRECT not supported here: {exc}")
+    bounced: list[int] = []
+    real_bounce = block._bounce_buffer
+
+    def counting(size: int) -> object:
+        bounced.append(size)
+        return real_bounce(size)
+
+    monkeypatch.setattr(block, "_bounce_buffer", counting)
+    rig = Rig(dev)
+    mem, alloc, queue = rig.rig.mem, rig.rig.alloc, rig.rig.driver_queues[0]
+    hdr = alloc.alloc(16)
+    status = alloc.alloc(1)
+    data = alloc.alloc(4 * 4096, 4096)
+
+    def round_trip(shift: int, seed: int) -> None:
+        payload = pattern(2 * SECTOR, seed)
+        mem.write(data + shift, payload)
+        mem.write(hdr, header(RequestType.OUT, 2))
+        queue.add([(hdr, 16), (data + shift, 2 * SECTOR)], [(status, 1)], "w")
+        dev.queue_notify(0)
+        assert rig.rig.used(0) == [("w", 1)]
+        assert mem.read_u8(status) == Status.OK
+        mem.fill(data, 4 * 4096)
+        mem.write(hdr, header(RequestType.IN, 2))
+        queue.add([(hdr, 16)], [(data + 4096 + shift, 2 * SECTOR), (status, 1)], "r")
+        dev.queue_notify(0)
+        assert rig.rig.used(0) == [("r", 2 * SECTOR + 1)]
+        assert mem.read_u8(status) == Status.OK
+        assert mem.read(data + 4096 + shift, 2 * SECTOR) == payload
+
+    round_trip(0, 1)
+    round_trip(1, 2)  # the kernel may or may not accept this one as is
+    # Force the refusal: the first call on guest views fails with EINVAL.
+    for name in ("preadv", "pwritev"):
+        real = getattr(os, name)
+        refused: list[int] = []
+
+        def refuse_once(
+            fd: int,
+            views: list[memoryview],
+            offset: int,
+            real: Callable[[int, list[memoryview], int], int] = real,
+            refused: list[int] = refused,
+        ) -> int:
+            if not refused:
+                refused.append(offset)
+                raise OSError(errno.EINVAL, "misaligned")
+            return real(fd, views, offset)
+
+        monkeypatch.setattr(os, name, refuse_once)
+    bounced.clear()
+    round_trip(8, 3)
+    assert bounced == [2 * SECTOR, 2 * SECTOR]
+    dev.close()
+    assert image.read_bytes()[2 * SECTOR : 4 * SECTOR] == pattern(2 * SECTOR, 3)
+
+
+# -- queues, batching, notifications -------------------------------------------------------
+
+
+def test_one_interrupt_per_batch(image: Path) -> None:
+    rig = make_rig(image)
+    results = []
+    for i in range(5):  # 3 descriptors each, in a 16-entry ring
+        results.append(rig.request([header(RequestType.IN, i)], [SECTOR, 1], notify=False))
+    rig.device.queue_notify(0)
+    assert len(rig.rig.used(0)) == 5
+    assert rig.rig.interrupt.used == [0]
+    for i, (wr, _) in enumerate(results):
+        assert rig.rig.mem.readv(wr)[:-1] == pattern(DISK_SIZE)[i * SECTOR : (i + 1) * SECTOR]
+
+
+def test_multiqueue(image: Path) -> None:
+    rig = Rig(Block(image, num_queues=3))
+    assert rig.device.offered_features & BlkFeature.MQ.mask
+    assert rig.device.config().num_queues == 3
+    for q in range(3):
+        data = pattern(SECTOR, q + 20)
+        wr, _ = rig.request([header(RequestType.OUT, q), data], [1], queue=q)
+        assert rig.rig.used(q)[0][1] == 1
+        assert rig.rig.mem.readv(wr) == b"\0"
+    assert rig.rig.interrupt.used == [0, 1, 2]
+    for q in range(3):
+        data, _ = rig.run([header(RequestType.IN, 0)], [3 * SECTOR, 1], queue=(q + 1) % 3)
+        assert data[:-1] == b"".join(pattern(SECTOR, i + 20) for i in range(3))
+
+
+def test_requests_posted_before_activation_are_served(image: Path) -> None:
+    dev = Block(image)
+    rig = DirectRig(dev)
+    token = object()
+    wr = rig.post(0, [header(RequestType.IN, 1)], [SECTOR, 1], token)  # notify ignored
+    assert rig.used(0) == []
+    rig.activate()
+    assert rig.used(0) == [(token, SECTOR + 1)]
+    assert rig.mem.readv(wr)[:-1] == pattern(DISK_SIZE)[SECTOR : 2 * SECTOR]
+
+
+def test_refresh_capacity_notifies(image: Path) -> None:
+    rig = make_rig(image)
+    assert not rig.device.refresh_capacity()
+    os.truncate(image, 2 * DISK_SIZE)
+    assert rig.device.refresh_capacity()
+    assert rig.device.capacity == 2 * DISK_SIZE // SECTOR
+    assert rig.rig.interrupt.config_changes == 1
+    assert rig.write(DISK_SIZE // SECTOR, bytes(SECTOR)) == Status.OK
+
+
+# -- snapshots -----------------------------------------------------------------------------
+
+
+def test_snapshot_restore(image: Path) -> None:
+    rig = make_rig(image, serial="snap")
+    rig.device.write_config(CONFIG_WRITEBACK_OFFSET, b"\0")
+    resources = rig.device.sleep()
+    snap = rig.device.snapshot()
+    fresh = Block(image, serial="snap")
+    fresh.sleep()
+    fresh.restore(snap)
+    assert not fresh.writeback
+    assert fresh.snapshot() == snap
+    fresh.wake(resources)
+    assert fresh.state is DeviceState.ACTIVE
+    fresh.close()
+    # A differently configured disk refuses the snapshot.
+    other = Block(image, serial="other")
+    other.sleep()
+    with pytest.raises(ValueError, match="serial"):
+        other.restore(snap)
+    other.close()
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        None,
+        [],
+        {"options": {}},
+        {"options": {}, "writeback": 1},
+        {"path": 3, "options": {}, "writeback": True},
+    ],
+)
+def test_restore_rejects_bad_models(image: Path, model: object) -> None:
+    with Block(image) as dev:
+        dev.sleep()
+        with pytest.raises(ValueError):
+            dev._restore_model(model)
+
+
+# -- robustness: arbitrary requests --------------------------------------------------------
+
+_TYPES = st.sampled_from([0, 1, 4, 8, 10, 11, 13, 14, 7, 0xFFFF_FFFF]) | st.integers(0, 2**32 - 1)
+_SECTORS = st.sampled_from([0, 1, CAPACITY - 1, CAPACITY, 2**63, 2**64 - 1]) | st.integers(
+    0, 2**64 - 1
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    req_type=_TYPES,
+    sector=_SECTORS,
+    header_len=st.sampled_from([0, 8, 15, 16, 16, 16]),
+    readable=st.lists(st.sampled_from([1, 16, 100, 512, 1024]), max_size=3),
+    writable=st.lists(st.sampled_from([0, 1, 20, 511, 512]), max_size=3),
+    read_only=st.booleans(),
+    seg=st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), st.integers(0, 3)),
+)
+def test_arbitrary_requests_never_escape(
+    tmp_path: Path,
+    req_type: int,
+    sector: int,
+    header_len: int,
+    readable: list[int],
+    writable: list[int],
+    read_only: bool,
+    seg: tuple[int, int, int],
+) -> None:
+    assume(header_len or readable or writable)
+    path = tmp_path / "fuzz.img"
+    original = pattern(64 * SECTOR)
+    path.write_bytes(original)
+    with Block(path, read_only=read_only) as dev:
+        rig = Rig(dev)
+        body = [segment(*seg) * (n // 16) + bytes(n % 16) for n in readable]
+        parts = ([header(req_type, sector)[:header_len]] if header_len else []) + body
+        wr, token = rig.request(parts, writable)
+        used = rig.rig.used(0)
+        assert used and used[0][0] is token
+        written = used[0][1]
+        total = sum(writable)
+        assert written in (0, total)
+        if written:
+            assert rig.rig.mem.readv(wr)[-1] in (Status.OK, Status.IOERR, Status.UNSUPP)
+        assert not dev.needs_reset
+        assert os.path.getsize(path) == len(original)
+    if read_only:
+        assert path.read_bytes() == original

@@ -1,0 +1,19 @@
+"""The device conformance kit (pyvirtio.testing) applied to virtio-blk."""
+
+from __future__ import annotations
+
+import tempfile
+
+from pyvirtio.devices.block import CONFIG_WRITEBACK_OFFSET, Block
+from pyvirtio.testing import device_conformance
+
+# One image for every device the kit makes: a restored snapshot must describe
+# the same disk (same path and capacity) as the device it is restored into.
+# It lives as long as the module: the kit's factory takes no fixtures.
+_IMAGE = tempfile.NamedTemporaryFile(prefix="pyvirtio-blk-conformance-", suffix=".img")  # noqa: SIM115
+_IMAGE.truncate(1 << 20)
+
+TestBlockConformance = device_conformance(
+    lambda: Block(_IMAGE.name, serial="conformance"),
+    modify=lambda device: device.write_config(CONFIG_WRITEBACK_OFFSET, b"\0"),
+)
