@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) debs
 	$(VENV)/bin/pyvirtio demo
 
 lint: $(STAMP)
@@ -42,7 +42,7 @@ unit: $(STAMP) debs
 	$(VENV)/bin/pytest -q
 
 fuzz: $(STAMP)
-	$(PY) fuzz/fuzz_chains.py --runs 3000
+	$(PY) fuzz/fuzz_chains.py --runs 10000
 
 test: lint typecheck unit fuzz
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from typing import TYPE_CHECKING
 
 from pyvirtio import __version__
+
+if TYPE_CHECKING:
+    from pyvirtio.device import VirtioDevice
 
 __all__ = ["main"]
 
@@ -14,7 +19,7 @@ __all__ = ["main"]
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pyvirtio import demo
 
-    return demo.run(requests=args.requests)
+    return demo.run(requests=args.requests, guest=not args.no_guest)
 
 
 def _cmd_guest_build(args: argparse.Namespace) -> int:
@@ -38,6 +43,55 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_device(args: argparse.Namespace) -> VirtioDevice:
+    if args.device == "blk":
+        from pyvirtio.devices.block import Block
+
+        return Block(
+            args.file,
+            read_only=args.read_only,
+            serial=args.serial,
+            num_queues=args.queues,
+            cache=args.cache,
+            direct=args.direct,
+            logical_block_size=args.block_size,
+        )
+    if args.device == "rng":
+        from pyvirtio.devices.entropy import Entropy
+
+        return Entropy(max_request=args.max_request)
+    raise SystemExit(f"pyvirtio serve: unknown device {args.device}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pyvirtio.transport.vhost_user.backend import VhostUserBackend
+
+    log = logging.getLogger("pyvirtio.serve")
+    try:
+        device = _make_device(args)
+    except (OSError, ValueError) as exc:
+        print(f"pyvirtio serve {args.device}: {exc}", file=sys.stderr)
+        return 1
+    backend = VhostUserBackend(device, args.socket)
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        backend.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    print(f"pyvirtio serve: {device.name} on {args.socket}", file=sys.stderr, flush=True)
+    try:
+        backend.serve_forever()
+    finally:
+        backend.close()
+        close = getattr(device, "close", None)
+        if callable(close):
+            close()
+    print("pyvirtio serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyvirtio", description="virtio devices, transports and drivers in Python"
@@ -51,8 +105,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the self-check demo")
-    demo.add_argument("--requests", type=int, default=20000, help="requests per ring format")
+    demo.add_argument("--requests", type=int, default=2000, help="requests per ring case")
+    demo.add_argument(
+        "--no-guest", action="store_true", help="only the ring self-check, no QEMU guest"
+    )
     demo.set_defaults(func=_cmd_demo)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a device to a vhost-user front end (e.g. QEMU)",
+        description="Serve a pyvirtio device over vhost-user on a unix socket until "
+        "SIGINT or SIGTERM. Front ends may disconnect and reconnect.",
+    )
+    serve_sub = serve.add_subparsers(dest="device", required=True)
+    blk = serve_sub.add_parser("blk", help="virtio-blk over a file or block device")
+    blk.add_argument("--socket", required=True, help="unix socket path to listen on")
+    blk.add_argument("--file", required=True, help="disk image or block device")
+    blk.add_argument("--read-only", action="store_true", help="refuse writes (VIRTIO_BLK_F_RO)")
+    blk.add_argument("--serial", default="", help="serial number for GET_ID (20 bytes max)")
+    blk.add_argument("--queues", type=int, default=1, help="number of request queues")
+    blk.add_argument(
+        "--cache",
+        choices=("writeback", "writethrough"),
+        default="writeback",
+        help="writeback: FLUSH syncs; writethrough: every write is durable on completion",
+    )
+    blk.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
+    blk.add_argument("--block-size", type=int, default=512, help="logical block size")
+    rng = serve_sub.add_parser("rng", help="virtio-rng from the host's os.urandom")
+    rng.add_argument("--socket", required=True, help="unix socket path to listen on")
+    rng.add_argument(
+        "--max-request", type=int, default=65536, help="cap on bytes served per request"
+    )
+    for parser_ in (blk, rng):
+        parser_.set_defaults(func=_cmd_serve)
 
     guest = sub.add_parser("guest", help="guest kernel and initramfs for testing devices")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True)
