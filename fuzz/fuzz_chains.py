@@ -171,7 +171,9 @@ def _run_atheris(runs: int, extra: list[str]) -> None:
     # costs half a minute at start-up for nothing.
     with atheris.instrument_imports(include=["pyvirtio"]):
         _load()
-    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=8192", *extra], run_one)
+    atheris.Setup(
+        [sys.argv[0], f"-runs={runs}", "-max_len=8192", "-len_control=0", *extra], run_one
+    )
     atheris.Fuzz()
 
 
