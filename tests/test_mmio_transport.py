@@ -920,3 +920,26 @@ def test_random_register_traffic_never_escapes(
             assert len(data) == size
         assert h.r(Reg.MAGIC_VALUE) == MAGIC_VALUE
         assert h.r(Reg.VERSION) == MMIO_VERSION
+
+
+def test_public_lock_serialises_host_calls_with_register_accesses() -> None:
+    """A host thread holding ``transport.lock`` keeps vCPU accesses out until it lets go."""
+    import time
+
+    transport = MmioTransport(
+        CounterDevice(), GuestMemory.anonymous(1 << 16), IrqLine(RecordingInterruptController(), 5)
+    )
+    order: list[str] = []
+
+    def vcpu() -> None:
+        data = bytearray(4)
+        transport.read(0x70, data)
+        order.append("vcpu-read")
+
+    with transport.lock:
+        thread = threading.Thread(target=vcpu)
+        thread.start()
+        time.sleep(0.05)
+        order.append("host-done")
+    thread.join(timeout=5)
+    assert order == ["host-done", "vcpu-read"]

@@ -289,6 +289,18 @@ class MmioTransport:
     def __repr__(self) -> str:
         return f"MmioTransport({self.device.name}, status={self._status:#x})"
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock every register access holds.
+
+        Device models are not thread-safe (sans-IO: the host serialises
+        calls).  A host that calls a model's own entry points from a thread
+        other than the vCPU's (``Console.feed_input``, a back end becoming
+        readable) holds this lock around the call, so it cannot interleave
+        with a guest's register access or a queue notification.
+        """
+        return self._lock
+
     # -- bus interface ---------------------------------------------------------
 
     def read(self, offset: int, data: bytearray) -> None:
