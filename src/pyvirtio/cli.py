@@ -60,6 +60,15 @@ def _make_device(args: argparse.Namespace) -> VirtioDevice:
         from pyvirtio.devices.entropy import Entropy
 
         return Entropy(max_request=args.max_request)
+    if args.device == "net":
+        from pyvirtio.devices.net import Net, TapBackend
+
+        tap = TapBackend(args.tap)
+        try:
+            return Net(tap, mac=args.mac, mtu=args.mtu)
+        except BaseException:
+            tap.close()
+            raise
     raise SystemExit(f"pyvirtio serve: unknown device {args.device}")
 
 
@@ -137,7 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     rng.add_argument(
         "--max-request", type=int, default=65536, help="cap on bytes served per request"
     )
-    for parser_ in (blk, rng):
+    net = serve_sub.add_parser(
+        "net",
+        help="virtio-net over a TAP interface",
+        description="virtio-net whose wire is a TAP interface (created if missing, with "
+        "IFF_VNET_HDR). Bring it up, address it or move it to a network namespace with ip(8); "
+        "it stays usable while this process holds it.",
+    )
+    net.add_argument("--socket", required=True, help="unix socket path to listen on")
+    net.add_argument("--tap", required=True, help="TAP interface name")
+    net.add_argument("--mac", default=None, help="device MAC address (default: random, local)")
+    net.add_argument("--mtu", type=int, default=1500, help="MTU advertised (VIRTIO_NET_F_MTU)")
+    for parser_ in (blk, rng, net):
         parser_.set_defaults(func=_cmd_serve)
 
     guest = sub.add_parser("guest", help="guest kernel and initramfs for testing devices")

@@ -206,6 +206,24 @@ class VirtioDevice:
         """
         return []
 
+    # -- host file descriptors ---------------------------------------------------
+
+    def host_fds(self) -> list[tuple[int, int]]:
+        """``(fd, events)`` a host's event loop should poll for this device now.
+
+        ``events`` are ``select.POLLIN``/``POLLOUT`` bits (equal to the
+        EPOLL ones).  A model with a back end behind a file descriptor (a TAP,
+        a socket) lists it here and the host calls :meth:`host_fd_ready`.
+        The interest changes as the model works (a receive path out of guest
+        buffers stops asking for POLLIN, so a level-triggered loop does not
+        spin), so hosts ask again after every call into the device.  Most
+        devices have none.
+        """
+        return []
+
+    def host_fd_ready(self, fd: int, events: int) -> None:
+        """``fd`` from :meth:`host_fds` polled ready with ``events`` (POLLHUP/POLLERR too)."""
+
     # -- lifecycle -------------------------------------------------------------
 
     def activate(
