@@ -324,6 +324,37 @@ def test_ring_variants(image: Path, packed_ring: bool, event_idx: bool, indirect
         assert rig.read(i * 2, SECTOR * 2) == data
 
 
+@pytest.mark.parametrize("read_only", [False, True], ids=["rw", "ro"])
+def test_fast_path_answers_as_the_general_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_only: bool
+) -> None:
+    """Block._fast_read_write takes usual-shape IN/OUT requests: same answers as without it."""
+    last = DISK_SIZE // SECTOR
+    requests: list[tuple[list[bytes], list[int]]] = [
+        ([header(RequestType.IN, 3)], [4096, 1]),  # usual read
+        ([header(RequestType.IN, 3)], [100, 412, 1]),  # scattered read
+        ([header(RequestType.OUT, 7), pattern(1024, seed=5)], [1]),  # usual write
+        ([header(RequestType.OUT, 9), pattern(512), pattern(512, seed=2)], [1]),
+        ([header(RequestType.IN, last - 1)], [1024, 1]),  # beyond capacity
+        ([header(RequestType.OUT, last)], [1]),  # zero-length write at the end
+        ([header(RequestType.IN, 0)], [100, 1]),  # not whole sectors
+        ([header(RequestType.OUT, 0), b"x" * 512], [2]),  # OUT with writable data
+        ([header(RequestType.IN, 0), b"x" * 512], [512, 1]),  # IN with readable data
+        ([header(RequestType.IN, 0)], [512, 2]),  # status not alone
+    ]
+    outcomes = []
+    for fast in (True, False):
+        path = tmp_path / f"disk-{fast}.img"
+        path.write_bytes(pattern(DISK_SIZE))
+        if not fast:
+            monkeypatch.setattr(Block, "_fast_read_write", lambda self, chain: None)
+        rig = make_rig(path, read_only=read_only)
+        outcomes.append(
+            ([rig.run(readable, writable) for readable, writable in requests], path.read_bytes())
+        )
+    assert outcomes[0] == outcomes[1]
+
+
 def test_zero_length_read_and_write(image: Path) -> None:
     rig = make_rig(image)
     assert rig.status([header(RequestType.IN, 5)]) == Status.OK

@@ -90,7 +90,7 @@ def sock_path() -> Iterator[Path]:
 
 
 @contextmanager
-def served(device: VirtioDevice, path: Path, **kwargs: int) -> Iterator[VhostUserBackend]:
+def served(device: VirtioDevice, path: Path, **kwargs: float) -> Iterator[VhostUserBackend]:
     backend = VhostUserBackend(device, path, **kwargs)
     thread = threading.Thread(target=backend.serve_forever, name="vhost-user-backend")
     thread.start()
@@ -258,6 +258,37 @@ def test_blk_driver_over_the_backend(sock_path: Path, tmp_path: Path) -> None:
         assert blk.read(4096, 2048) == data
         blk.flush()
     assert image.read_bytes()[4096 : 4096 + 11] == b"vhost-user!"
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "flags"])
+def test_busy_polling_back_end_saves_kicks(
+    sock_path: Path, tmp_path: Path, event_idx: bool
+) -> None:
+    """poll_us: requests inside the window need no kick; after it, kicks work again."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    with (
+        Block(image) as device,
+        served(device, sock_path, poll_us=20_000),
+        VhostUserFrontend(sock_path, device_id=DeviceId.BLOCK) as frontend,
+    ):
+        blk = BlkDriver(frontend, packed=False, event_idx=event_idx, timeout=TIMEOUT)
+        kicks = 0
+        notify = frontend.notify
+
+        def counting_notify(index: int) -> None:
+            nonlocal kicks
+            kicks += 1
+            notify(index)
+
+        frontend.notify = counting_notify  # type: ignore[method-assign]
+        for i in range(20):
+            blk.write(i * 4096, bytes([i + 1]) * 4096)
+        assert kicks < 10  # the back end was polling for most of them
+        time.sleep(0.1)  # the window closes: notifications are on again
+        assert blk.read(0, 4096) == b"\x01" * 4096
+        assert blk.read(19 * 4096, 4096) == bytes([20]) * 4096
+    assert image.read_bytes()[5 * 4096 : 6 * 4096] == b"\x06" * 4096
 
 
 def test_activation_waits_for_a_device_that_needs_all_queues(sock_path: Path) -> None:

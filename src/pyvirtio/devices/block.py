@@ -174,6 +174,9 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _ZERO_CHUNK = 1 << 20
 
 _WRITE_TYPES = frozenset({RequestType.OUT, RequestType.DISCARD, RequestType.WRITE_ZEROES})
+#: Plain ints for the hot path's comparisons (an IntEnum member lookup costs more).
+_IN = int(RequestType.IN)
+_OUT = int(RequestType.OUT)
 
 CacheMode = Literal["writeback", "writethrough"]
 
@@ -676,9 +679,14 @@ class Block(VirtioDevice):
         """
         # (chain, status or None when unanswerable, whether it modified the file)
         served: list[tuple[DescriptorChain, int | None, bool]] = []
+        fast = self._fast_read_write
         try:
             while (chain := queue.pop()) is not None:
                 self.requests += 1
+                result = fast(chain)
+                if result is not None:
+                    served.append((chain, *result))
+                    continue
                 if chain.writable_len == 0:
                     self._bad(chain, "no device-writable status byte; cannot answer")
                     served.append((chain, None, False))
@@ -802,6 +810,60 @@ class Block(VirtioDevice):
         # anything unknown.
         log.debug("%s: request %d: unsupported type %d", self.name, chain.head, req_type)
         return Status.UNSUPP, False
+
+    def _fast_read_write(self, chain: DescriptorChain) -> tuple[int, bool] | None:
+        """IN and OUT requests of the usual shape, in fewer steps; None for anything else.
+
+        The usual shape is what Linux and BlkDriver send: the header alone
+        in the first descriptor, the status byte alone in the last, data
+        in between, each range inside one memory region.  Such a request
+        passes the same checks as in :meth:`_execute` and gets the same
+        result; any request that would fail a check, or has another shape,
+        is left to :meth:`_execute` (None), so errors are reported in one
+        place.
+        """
+        readable = chain.readable
+        writable = chain.writable
+        if not readable or not writable or readable[0][1] != HEADER_SIZE or writable[-1][1] != 1:
+            return None
+        mem = chain.mem
+        locate = self._locate
+        try:
+            view, offset = locate(mem, readable[0][0], HEADER_SIZE)
+            req_type, _reserved, sector = _HEADER.unpack_from(view, offset)
+            if req_type == _IN:
+                if len(readable) != 1:
+                    return None
+                data = writable[:-1]
+                length = chain.writable_len - 1
+            elif req_type == _OUT:
+                if len(writable) != 1 or self._read_only:
+                    return None
+                data = readable[1:]
+                length = chain.readable_len - HEADER_SIZE
+            else:
+                return None
+            if (
+                not length
+                or length % SECTOR_SIZE
+                or sector * SECTOR_SIZE + length > self._capacity * SECTOR_SIZE
+            ):
+                return None
+            views = []
+            for addr, n in data:
+                view, offset = locate(mem, addr, n)
+                views.append(view[offset : offset + n])
+        except GuestMemoryError:
+            return None  # a range across regions (or gone): the general path sorts it out
+        try:
+            if req_type == _IN:
+                self._read_into(views, sector * SECTOR_SIZE, length)
+                return Status.OK, False
+            self._write_from(views, sector * SECTOR_SIZE, length)
+            return Status.OK, True
+        except OSError as exc:
+            log.warning("%s: request %d (type %d) failed: %s", self.name, chain.head, req_type, exc)
+            return Status.IOERR, False
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int, int]:
         """(type, reserved, sector), from however many descriptors hold the header."""

@@ -37,7 +37,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple, Protocol
 
@@ -85,8 +85,13 @@ _BLK_FEATURES = (
     | BlkFeature.WRITE_ZEROES.mask
 )
 _U32_MAX = 0xFFFF_FFFF
+_RO_MASK = BlkFeature.RO.mask
 
 _HEADER = struct.Struct("<IIQ")
+#: A slot's header and its status byte (at _STATUS_OFFSET), written at once.
+_HEADER_AND_STATUS = struct.Struct("<IIQB")
+_IN = int(RequestType.IN)
+_OUT = int(RequestType.OUT)
 _SEGMENT = struct.Struct("<QII")
 
 
@@ -150,13 +155,8 @@ class _Queue:
     free_slots: list[int]
 
 
-@dataclass
-class _Request:
-    queue: int
-    slot: int
-    op: str
-    offset: int
-    allocations: list[int] = field(default_factory=list)
+#: A request in flight: (its header slot, guest blocks to free when it completes).
+_Request = tuple[int, tuple[int, ...]]
 
 
 def _status_result(status: int, written: int) -> int:
@@ -249,6 +249,9 @@ class BlkDriver:
             limit = min(limit, self.size_max * self.seg_max)
         #: Largest transfer one blocking request makes (bigger ones are split).
         self.max_transfer = max(self.block_size, limit - limit % self.block_size)
+        # For the one-buffer fast path of submit_read/submit_write: a buffer
+        # up to this long is one segment (no size_max split).
+        self._one_segment = self.size_max or _U32_MAX
 
     # -- configuration -----------------------------------------------------------------
 
@@ -444,7 +447,7 @@ class BlkDriver:
         except BaseException:
             q.free_slots.append(slot)
             raise
-        self._in_flight[token] = _Request(queue, slot, op, offset, list(allocations))
+        self._in_flight[token] = (slot, tuple(allocations))
         if kick:
             self.kick(queue)
         return token
@@ -464,6 +467,58 @@ class BlkDriver:
         self, offset: int, addr: int, length: int, *, queue: int = 0, kick: bool = True
     ) -> int:
         """Read ``length`` bytes at ``offset`` into guest memory at ``addr``."""
+        return self._submit_one(_IN, offset, addr, length, queue, kick)
+
+    def _submit_one(
+        self, req_type: int, offset: int, addr: int, length: int, queue: int, kick: bool
+    ) -> int:
+        """submit_read/submit_write of one buffer: the hot path, checks inlined.
+
+        Anything unusual (an empty or oversized buffer, a bad argument) goes
+        the general way, which raises the precise error.
+        """
+        write = req_type == _OUT
+        regions, lo, hi = self._fast_range
+        config = self.config
+        if (
+            0 < length <= self._one_segment
+            and offset >= 0
+            and not (offset | length) % config.blk_size
+            and offset + length <= config.capacity * SECTOR_SIZE
+            and 0 <= queue < self.num_queues
+            and regions is self.mem.regions
+            and lo <= addr
+            and addr + length <= hi
+            and not (write and self.features & _RO_MASK)
+        ):
+            q = self._queues[queue]
+            free = q.free_slots
+            if not free:
+                raise QueueFullError(f"queue {queue}: {q.queue.size} requests in flight")
+            slot = free.pop()
+            pos = slot * _SLOT
+            slots = q.slots
+            _HEADER_AND_STATUS.pack_into(slots, pos, req_type, 0, offset >> 9, _STATUS_UNSET)
+            base = q.slots_addr + pos
+            token = next(self._tokens)
+            try:
+                if write:
+                    q.queue.add(
+                        ((base, HEADER_SIZE), (addr, length)), ((base + _STATUS_OFFSET, 1),), token
+                    )
+                else:
+                    q.queue.add(
+                        ((base, HEADER_SIZE),), ((addr, length), (base + _STATUS_OFFSET, 1)), token
+                    )
+            except BaseException:
+                free.append(slot)
+                raise
+            self._in_flight[token] = (slot, ())
+            if kick and q.queue.kick_needed():
+                self.transport.notify(queue)
+            return token
+        if write:
+            return self.submit_writev(offset, [(addr, length)], queue=queue, kick=kick)
         return self.submit_readv(offset, [(addr, length)], queue=queue, kick=kick)
 
     def submit_readv(
@@ -485,7 +540,7 @@ class BlkDriver:
         self, offset: int, addr: int, length: int, *, queue: int = 0, kick: bool = True
     ) -> int:
         """Write ``length`` bytes from guest memory at ``addr`` to ``offset``."""
-        return self.submit_writev(offset, [(addr, length)], queue=queue, kick=kick)
+        return self._submit_one(_OUT, offset, addr, length, queue, kick)
 
     def submit_writev(
         self,
@@ -599,17 +654,20 @@ class BlkDriver:
         return len(self._in_flight)
 
     def _reap(self) -> None:
+        in_flight = self._in_flight
+        done = self._done
         for q in self._queues:
             slots = q.slots
+            free_slots = q.free_slots
             for token, written in q.queue.used():
                 assert isinstance(token, int)
-                req = self._in_flight.pop(token)
-                status = slots[req.slot * _SLOT + _STATUS_OFFSET]
-                result = _status_result(status, written)
-                for addr in req.allocations:
+                slot, allocations = in_flight.pop(token)
+                status = slots[slot * _SLOT + _STATUS_OFFSET]
+                result = 0 if status == Status.OK and written else _status_result(status, written)
+                for addr in allocations:
                     self.transport.allocator.free(addr)
-                q.free_slots.append(req.slot)
-                self._done.append((token, result))
+                free_slots.append(slot)
+                done.append((token, result))
 
     def poll(self) -> list[tuple[int, int]]:
         """Completions available now, as ``(token, result)``; never blocks."""

@@ -177,6 +177,8 @@ class VhostUserFrontend:
         self._memory_shared = False
         self._needs_reset = False
         self._queues: dict[int, _Queue] = {}
+        #: wait_interrupt's poll set and the call fds it was built for.
+        self._poller: tuple[select.poll, frozenset[int], int] | None = None
         #: Ring positions GET_VRING_BASE reported when queues were last stopped.
         self.last_bases: dict[int, int] = {}
         self._offered = 0
@@ -538,6 +540,7 @@ class VhostUserFrontend:
                     self.allocator.free(addr)
                 raise
             self._queues[index] = setup
+            self._poller = None
             return queue
 
     def _build_queue(
@@ -632,12 +635,7 @@ class VhostUserFrontend:
         bounded = timeout is None
         limit = self.timeout if timeout is None else max(0.0, timeout)
         deadline = time.monotonic() + limit
-        poller = select.poll()
-        calls = {q.call_fd for q in self._queues.values()}
-        for fd in calls:
-            poller.register(fd, select.POLLIN)
-        sock_fd = self._sock.fileno()
-        poller.register(sock_fd, select.POLLIN | select.POLLHUP | select.POLLRDHUP)
+        poller, calls, sock_fd = self._interrupt_poller()
         while True:
             remaining = deadline - time.monotonic()
             events = poller.poll(max(0, int(remaining * 1000 + 0.999)))
@@ -653,6 +651,25 @@ class VhostUserFrontend:
                 if bounded:
                     raise VhostUserError(f"{self}: no interrupt from the back end in {limit} s")
                 return 0
+
+    def _interrupt_poller(self) -> tuple[select.poll, frozenset[int], int]:
+        """The poll set of :meth:`wait_interrupt` (call eventfds and the socket).
+
+        Built once per set of queues (forgotten whenever a queue is set up or
+        dropped) rather than per wait: a driver at queue depth 1 waits once
+        per request.
+        """
+        cached = self._poller
+        if cached is not None:
+            return cached
+        calls = frozenset(q.call_fd for q in self._queues.values())
+        poller = select.poll()
+        for fd in calls:
+            poller.register(fd, select.POLLIN)
+        sock_fd = self._sock.fileno()
+        poller.register(sock_fd, select.POLLIN | select.POLLHUP | select.POLLRDHUP)
+        self._poller = (poller, calls, sock_fd)
+        return self._poller
 
     def _check_socket(self) -> None:
         """The socket is readable outside a request: the back end hung up or misbehaves."""
@@ -762,6 +779,7 @@ class VhostUserFrontend:
                     for addr in q.allocations:
                         self.allocator.free(addr)
                 self._queues.clear()
+                self._poller = None
                 self._status = 0
                 self._features = 0
                 self._initialized = False
@@ -783,6 +801,7 @@ class VhostUserFrontend:
             for q in self._queues.values():
                 _close_fds([q.kick_fd, q.call_fd, q.err_fd])
             self._queues.clear()
+            self._poller = None
             self.mem.close()
 
     def __enter__(self) -> VhostUserFrontend:
