@@ -15,8 +15,10 @@ import bisect
 import threading
 
 from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue import packed, split
+from pyvirtio.virtqueue.common import DriverQueue
 
-__all__ = ["AllocationError", "GuestAllocator"]
+__all__ = ["AllocationError", "GuestAllocator", "allocate_driver_queue"]
 
 
 class AllocationError(Exception):
@@ -107,3 +109,56 @@ class GuestAllocator:
         """Whether ``addr`` is a live allocation of this allocator."""
         with self._lock:
             return addr in self._allocated
+
+
+def allocate_driver_queue(
+    mem: GuestMemory,
+    allocator: GuestAllocator,
+    size: int,
+    *,
+    packed_ring: bool,
+    event_idx: bool,
+    indirect: bool,
+    max_indirect: int,
+) -> tuple[DriverQueue, list[int]]:
+    """Ring areas (and an indirect-table area) from ``allocator``, and the driver queue over them.
+
+    Returns the queue and its allocations, descriptor area, driver area and
+    device area first, so a driver transport can program their addresses and
+    free them all at reset.  Nothing stays allocated if construction fails.
+    Indirect tables are used only when negotiated *and* ``max_indirect > 0``.
+    """
+    module = packed if packed_ring else split
+    if packed_ring:
+        aligns = (packed.DESC_ALIGN, packed.EVENT_ALIGN, packed.EVENT_ALIGN)
+    else:
+        aligns = (split.DESC_ALIGN, split.AVAIL_ALIGN, split.USED_ALIGN)
+    allocations: list[int] = []
+    try:
+        for area_size, align in zip(module.area_sizes(size), aligns, strict=True):
+            allocations.append(allocator.alloc(area_size, align))
+        desc, driver, device = allocations
+        indirect = indirect and max_indirect > 0
+        indirect_addr: int | None = None
+        if indirect:
+            indirect_addr = allocator.alloc(
+                module.indirect_area_size(size, max_indirect), module.DESC_ALIGN
+            )
+            allocations.append(indirect_addr)
+        cls = packed.PackedDriverQueue if packed_ring else split.SplitDriverQueue
+        queue: DriverQueue = cls(
+            mem,
+            size,
+            desc,
+            driver,
+            device,
+            event_idx=event_idx,
+            indirect=indirect,
+            indirect_addr=indirect_addr,
+            max_indirect=max_indirect if indirect else 0,
+        )
+    except BaseException:
+        for addr in allocations:
+            allocator.free(addr)
+        raise
+    return queue, allocations

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
 from pyvirtio.constants import DeviceStatus, Feature
-from pyvirtio.driver.memory import GuestAllocator
+from pyvirtio.driver.memory import GuestAllocator, allocate_driver_queue
 from pyvirtio.irq import RecordingInterruptController
 from pyvirtio.memory import GuestMemory
 from pyvirtio.transport.mmio import (
@@ -34,7 +34,6 @@ from pyvirtio.transport.mmio import (
     MmioTransport,
     Reg,
 )
-from pyvirtio.virtqueue import packed, split
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = [
@@ -374,45 +373,15 @@ class MmioDriverTransport:
     def _build_queue(
         self, size: int, use_packed: bool, indirect: bool, max_indirect: int
     ) -> _QueueSetup:
-        event_idx = self.has_feature(Feature.EVENT_IDX)
-        allocations: list[int] = []
-        try:
-            if use_packed:
-                aligns = (packed.DESC_ALIGN, packed.EVENT_ALIGN, packed.EVENT_ALIGN)
-                sizes = packed.area_sizes(size)
-            else:
-                aligns = (split.DESC_ALIGN, split.AVAIL_ALIGN, split.USED_ALIGN)
-                sizes = split.area_sizes(size)
-            for area_size, align in zip(sizes, aligns, strict=True):
-                allocations.append(self.allocator.alloc(area_size, align))
-            desc, driver, device = allocations
-            indirect_addr: int | None = None
-            # Negotiated INDIRECT_DESC allows the driver to use tables; with
-            # max_indirect 0 it simply does not.
-            indirect = indirect and max_indirect > 0
-            if indirect:
-                module = packed if use_packed else split
-                area = module.indirect_area_size(size, max_indirect)
-                indirect_addr = self.allocator.alloc(area, module.DESC_ALIGN)
-                allocations.append(indirect_addr)
-            else:
-                max_indirect = 0
-            cls = packed.PackedDriverQueue if use_packed else split.SplitDriverQueue
-            queue: DriverQueue = cls(
-                self.mem,
-                size,
-                desc,
-                driver,
-                device,
-                event_idx=event_idx,
-                indirect=indirect,
-                indirect_addr=indirect_addr,
-                max_indirect=max_indirect,
-            )
-        except BaseException:
-            for addr in allocations:
-                self.allocator.free(addr)
-            raise
+        queue, allocations = allocate_driver_queue(
+            self.mem,
+            self.allocator,
+            size,
+            packed_ring=use_packed,
+            event_idx=self.has_feature(Feature.EVENT_IDX),
+            indirect=indirect,
+            max_indirect=max_indirect,
+        )
         return _QueueSetup(queue, allocations)
 
     def queue(self, index: int) -> DriverQueue:

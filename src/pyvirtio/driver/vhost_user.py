@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pyvirtio.constants import DeviceStatus, Feature
-from pyvirtio.driver.memory import GuestAllocator
+from pyvirtio.driver.memory import GuestAllocator, allocate_driver_queue
 from pyvirtio.driver.mmio import (
     DEFAULT_MAX_INDIRECT,
     FeatureNegotiationError,
@@ -74,7 +74,6 @@ from pyvirtio.transport.vhost_user.protocol import (
     has_explicit_reply,
     vring_fd_payload,
 )
-from pyvirtio.virtqueue import packed, split
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = [
@@ -547,42 +546,15 @@ class VhostUserFrontend:
         self, size: int, use_packed: bool, indirect: bool, max_indirect: int
     ) -> tuple[DriverQueue, list[int]]:
         """Ring areas from the allocator and the driver side over them (as virtio-MMIO)."""
-        allocations: list[int] = []
-        try:
-            if use_packed:
-                aligns = (packed.DESC_ALIGN, packed.EVENT_ALIGN, packed.EVENT_ALIGN)
-                sizes = packed.area_sizes(size)
-            else:
-                aligns = (split.DESC_ALIGN, split.AVAIL_ALIGN, split.USED_ALIGN)
-                sizes = split.area_sizes(size)
-            for area_size, align in zip(sizes, aligns, strict=True):
-                allocations.append(self.allocator.alloc(area_size, align))
-            desc, driver, device = allocations
-            indirect_addr: int | None = None
-            if indirect and max_indirect > 0:
-                module = packed if use_packed else split
-                area = module.indirect_area_size(size, max_indirect)
-                indirect_addr = self.allocator.alloc(area, module.DESC_ALIGN)
-                allocations.append(indirect_addr)
-            else:
-                max_indirect = 0
-            cls = packed.PackedDriverQueue if use_packed else split.SplitDriverQueue
-            queue: DriverQueue = cls(
-                self.mem,
-                size,
-                desc,
-                driver,
-                device,
-                event_idx=self.has_feature(Feature.EVENT_IDX),
-                indirect=indirect,
-                indirect_addr=indirect_addr,
-                max_indirect=max_indirect,
-            )
-        except BaseException:
-            for addr in allocations:
-                self.allocator.free(addr)
-            raise
-        return queue, allocations
+        return allocate_driver_queue(
+            self.mem,
+            self.allocator,
+            size,
+            packed_ring=use_packed,
+            event_idx=self.has_feature(Feature.EVENT_IDX),
+            indirect=indirect,
+            max_indirect=max_indirect,
+        )
 
     def queue(self, index: int) -> DriverQueue:
         """The driver side of a queue set up earlier."""
