@@ -256,6 +256,20 @@ def test_writable_buffer_data_reaches_driver(mem: GuestMemory) -> None:
     assert mem.read(DATA, 11) == b"device data"
 
 
+def test_used_length_without_write_flag_is_taken_and_capped(mem: GuestMemory) -> None:
+    """QEMU 7.2 leaves WRITE clear in used descriptors; the length still counts."""
+    drv, dev = pair(mem)
+    drv.add([], [(DATA, 16)], "short")
+    drv.add([(DATA + 64, 4)], [(DATA + 32, 8)], "capped")
+    for chain in iter(dev.pop, None):
+        dev.add_used(chain, 0)
+    # Rewrite the two used descriptors as such a device does: len set, flags
+    # AVAIL|USED only (len and id sit at offsets 8 and 12, flags at 14).
+    mem.write(DESC + 8, struct.pack("<IHH", 11, 0, DESC_F_AVAIL | DESC_F_USED))
+    mem.write(DESC + 16 + 8, struct.pack("<IHH", 999, 1, DESC_F_AVAIL | DESC_F_USED))
+    assert list(drv.used()) == [("short", 11), ("capped", 8)]
+
+
 def test_chain_layout_and_parse(mem: GuestMemory) -> None:
     drv, dev = pair(mem)
     drv.add([(DATA, 4), (DATA + 16, 4)], [(DATA + 32, 8), (DATA + 48, 8)], "c")

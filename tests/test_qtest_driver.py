@@ -184,12 +184,6 @@ def test_entropy_driver_against_qemu() -> None:
         driver.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QEMU 7.2 does not set VIRTQ_DESC_F_WRITE in used packed descriptors, and "
-    "PackedDriverQueue.used() takes the length only with it (packed-ring.tex 'Element "
-    "Address and Length'); Linux ignores the flag and reads len",
-)
 def test_packed_ring_against_qemu(image: Path) -> None:
     with QtestMachine(
         [f"virtio-blk-device,drive=d0,serial={SERIAL},packed=on", "virtio-rng-device,packed=on"],

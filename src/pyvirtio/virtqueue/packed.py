@@ -40,6 +40,7 @@ Neither side is thread-safe on its own: one thread drives one side.
 
 from __future__ import annotations
 
+import array
 import struct
 import sys
 import threading
@@ -106,6 +107,11 @@ _OFF_MASK = 0x7FFF
 
 #: One ``struct pvirtq_desc`` (packed-ring.tex, "The Virtqueue Descriptor Format").
 _DESC = struct.Struct("<QIHH")
+_unpack_desc = _DESC.unpack_from
+#: A descriptor's ``addr``, ``len`` and ``id``: everything but the flags that publish it.
+_pack_desc_head = struct.Struct("<QIH").pack_into
+#: A used descriptor's ``len`` and ``id``, read after its flags.
+_unpack_used = struct.Struct("<IH").unpack_from
 
 #: Native casts of little-endian ring words are only right on little-endian
 #: hosts; elsewhere :class:`_LEWords` stands in.  A module variable so tests
@@ -126,6 +132,10 @@ _INLINE_CHAIN = set(DescriptorChain.__slots__) == {
 _new_object = object.__new__
 
 _barrier_lock = threading.Lock()
+
+#: Batches of at least this many used descriptors are stored with strided
+#: slice assignments; below it, their fixed cost outweighs a store per field.
+_BULK_MIN = 16
 
 
 def _full_barrier() -> None:
@@ -289,6 +299,34 @@ def _make_chain(
     return chain
 
 
+def _store_used_run(
+    d16: memoryview,
+    d32: memoryview,
+    start: int,
+    step: int,
+    heads: list[int],
+    lens: list[int],
+    used_flags: int,
+    skip_first_flags: bool,
+) -> None:
+    """Used descriptors at positions ``start``, ``start + step``, ...: id and len, then flags.
+
+    ``used_flags`` are the lap's AVAIL/USED bits (WRITE is added where bytes
+    were written).  With ``skip_first_flags`` the first descriptor's flags
+    are left to the caller, which publishes the batch with them.  Raises
+    OverflowError for an ID or length that does not fit its field.
+    """
+    stop = start + len(heads) * step
+    d32[start * 4 + 2 : stop * 4 : step * 4] = array.array("I", lens)
+    d16[start * 8 + 6 : stop * 8 : step * 8] = array.array("H", heads)
+    write_flags = used_flags + DESC_F_WRITE
+    flags = array.array("H", [write_flags if written else used_flags for written in lens])
+    if skip_first_flags:
+        d16[(start + step) * 8 + 7 : stop * 8 : step * 8] = flags[1:]
+    else:
+        d16[start * 8 + 7 : stop * 8 : step * 8] = flags
+
+
 # -- device side -----------------------------------------------------------------
 
 
@@ -309,7 +347,6 @@ class PackedDeviceQueue:
         "_d64",
         "_dev16",
         "_drv16",
-        "_fast_flags",
         "_hi",
         "_lo",
         "_mem",
@@ -317,6 +354,8 @@ class PackedDeviceQueue:
         "_next_used",
         "_notify_flags",
         "_regions_seen",
+        "_ring",
+        "_track_avail_event",
         "_used_since_signal",
         "_used_wrap",
         "_view",
@@ -349,6 +388,7 @@ class PackedDeviceQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.broken = False
+        self._ring = ring  # bytes, for whole-descriptor unpacks
         self._d16 = _words(ring, "H")
         self._d32 = _words(ring, "I")
         self._d64 = _words(ring, "Q")
@@ -358,7 +398,7 @@ class PackedDeviceQueue:
         self._used_wrap = 1
         self._set_avail(0, 1)
         self._used_since_signal = 0  # ring slots used since needs_notification()
-        self._notify_flags = RING_EVENT_FLAGS_ENABLE  # what we last wrote to our area
+        self._set_notify_flags(RING_EVENT_FLAGS_ENABLE)
         # Cached guest range for the inline buffer bounds check: the region
         # table is replaced as a whole on any change, so an identity check of
         # it keeps the cached bounds honest (see _check_range).
@@ -376,7 +416,14 @@ class PackedDeviceQueue:
         self._next_avail = pos
         self._avail_wrap = wrap
         self._avail_expect = DESC_F_AVAIL if wrap else DESC_F_USED
-        self._fast_flags = (self._avail_expect, self._avail_expect | DESC_F_WRITE)
+
+    def _set_notify_flags(self, flags: int) -> None:
+        """Record what the device last wrote to its event suppression area.
+
+        With DESC, :meth:`pop` keeps the event offset just past what it consumed.
+        """
+        self._notify_flags = flags
+        self._track_avail_event = flags == RING_EVENT_FLAGS_DESC
 
     def __repr__(self) -> str:
         return (
@@ -404,13 +451,12 @@ class PackedDeviceQueue:
         if self.broken:
             raise VirtqueueError("packed virtqueue is broken; the device needs a reset")
         pos = self._next_avail
-        d16 = self._d16
         # Flags first: they publish the rest of the descriptor.
-        flags = d16[pos * 8 + 7]
-        if flags in self._fast_flags:
-            # Fast path: one plain descriptor.
-            addr = self._d64[pos * 2]
-            length = self._d32[pos * 4 + 2]
+        flags = self._d16[pos * 8 + 7]
+        expect = self._avail_expect
+        if flags == expect or flags == expect + 2:  # + DESC_F_WRITE
+            # Fast path: one plain descriptor, read whole after its flags.
+            addr, length, bid, _ = _unpack_desc(self._ring, pos * 16)
             mem = self._mem
             # mem._regions backs mem.regions; read directly, it saves a call.
             if not (
@@ -422,37 +468,123 @@ class PackedDeviceQueue:
             if _INLINE_CHAIN:
                 chain = _new_object(DescriptorChain)
                 chain.mem = mem
-                chain.head = d16[pos * 8 + 6]
+                chain.head = bid
                 chain.ring_slots = 1
-                if flags & DESC_F_WRITE:
-                    chain.readable = []
-                    chain.writable = [(addr, length)]
-                    chain.readable_len = 0
-                    chain.writable_len = length
-                else:
+                if flags == expect:
                     chain.readable = [(addr, length)]
                     chain.writable = []
                     chain.readable_len = length
                     chain.writable_len = 0
-            elif flags & DESC_F_WRITE:
-                chain = DescriptorChain(mem, d16[pos * 8 + 6], [], [(addr, length)], 0, length)
+                else:
+                    chain.readable = []
+                    chain.writable = [(addr, length)]
+                    chain.readable_len = 0
+                    chain.writable_len = length
+            elif flags == expect:
+                chain = DescriptorChain(mem, bid, [(addr, length)], [], length, 0)
             else:
-                chain = DescriptorChain(mem, d16[pos * 8 + 6], [(addr, length)], [], length, 0)
+                chain = DescriptorChain(mem, bid, [], [(addr, length)], 0, length)
             pos += 1
-        elif (flags & _AVAIL_USED) != self._avail_expect:
+        elif (flags & _AVAIL_USED) != expect:
             return None
         else:
-            chain = self._pop_chain(pos, flags)
+            chain = self._pop_chain(pos, flags, expect)
             pos += chain.ring_slots
         if pos >= self.size:
             self._set_avail(pos - self.size, self._avail_wrap ^ 1)
         else:
             self._next_avail = pos
-        if self._notify_flags == RING_EVENT_FLAGS_DESC:
+        if self._track_avail_event:
             # Keep asking for the descriptor after the ones consumed, or the
             # driver's next additions would pass the old offset unnoticed.
             self._dev16[0] = self._next_avail + self._avail_wrap * 0x8000
         return chain
+
+    def pop_batch(self, limit: int | None = None) -> list[DescriptorChain]:
+        """Every available chain (at most ``limit``), in ring order.
+
+        What calling :meth:`pop` until it returns None gives, for less work
+        per chain: a device that serves all available buffers on each
+        notification (the block device does) can take them in one call.
+        Each chain is parsed and checked exactly as by :meth:`pop`.  With
+        DESC event suppression, the event offset is stored once, past the
+        chains taken, and the next descriptor is looked at again afterwards,
+        so a buffer made available meanwhile is either taken or notified.  A
+        malformed chain raises VirtqueueError and breaks the queue, as
+        :meth:`pop` does; the chains taken before it in the same call are
+        consumed with the queue.
+        """
+        if self.broken:
+            raise VirtqueueError("packed virtqueue is broken; the device needs a reset")
+        chains: list[DescriptorChain] = []
+        room = sys.maxsize if limit is None else limit
+        size = self.size
+        d16 = self._d16
+        ring = self._ring
+        mem = self._mem
+        pos = self._next_avail
+        wrap = self._avail_wrap
+        expect = self._avail_expect
+        published = pos  # where the event offset points, as far as this call knows
+        lo = self._lo
+        hi = self._hi
+        seen = self._regions_seen
+        try:
+            while room > 0:
+                # Flags first: they publish the rest of the descriptor.
+                flags = d16[pos * 8 + 7]
+                if flags == expect or flags == expect + 2:  # + DESC_F_WRITE
+                    # The fast path of pop, inline: see there.
+                    addr, length, bid, _ = _unpack_desc(ring, pos * 16)
+                    if not (lo <= addr and addr + length <= hi and mem._regions is seen):
+                        self._check_range(addr, length, pos)
+                        lo = self._lo
+                        hi = self._hi
+                        seen = self._regions_seen
+                    if _INLINE_CHAIN:
+                        chain = _new_object(DescriptorChain)
+                        chain.mem = mem
+                        chain.head = bid
+                        chain.ring_slots = 1
+                        if flags == expect:
+                            chain.readable = [(addr, length)]
+                            chain.writable = []
+                            chain.readable_len = length
+                            chain.writable_len = 0
+                        else:
+                            chain.readable = []
+                            chain.writable = [(addr, length)]
+                            chain.readable_len = 0
+                            chain.writable_len = length
+                    elif flags == expect:
+                        chain = DescriptorChain(mem, bid, [(addr, length)], [], length, 0)
+                    else:
+                        chain = DescriptorChain(mem, bid, [], [(addr, length)], 0, length)
+                    pos += 1
+                elif (flags & _AVAIL_USED) != expect:
+                    if pos == published or not self._track_avail_event:
+                        break
+                    # As pop does: ask for a notification past what was taken,
+                    # then look at the next descriptor once more.
+                    self._dev16[0] = published = pos + wrap * 0x8000
+                    published = pos
+                    continue
+                else:
+                    chain = self._pop_chain(pos, flags, expect)
+                    pos += chain.ring_slots
+                chains.append(chain)
+                room -= 1
+                if pos >= size:
+                    pos -= size
+                    wrap ^= 1
+                    expect = DESC_F_AVAIL if wrap else DESC_F_USED
+        except VirtqueueError:
+            self._set_avail(pos, wrap)  # past the chains taken, as pop would be
+            raise
+        self._set_avail(pos, wrap)
+        if pos != published and self._track_avail_event:
+            self._dev16[0] = pos + wrap * 0x8000  # stopped by ``limit``
+        return chains
 
     def _fail(self, message: str) -> VirtqueueError:
         self.broken = True
@@ -483,10 +615,12 @@ class PackedDeviceQueue:
                 f"descriptor {pos}: buffer [{addr:#x}, {end:#x}) is outside guest memory"
             )
 
-    def _pop_chain(self, head: int, flags: int) -> DescriptorChain:
+    def _pop_chain(self, head: int, flags: int, expect: int) -> DescriptorChain:
         """Walk a chain of several descriptors, or one indirect descriptor.
 
-        Any fault becomes a :class:`VirtqueueError` and breaks the queue.
+        ``expect`` is the AVAIL/USED pattern of an available descriptor at
+        ``head`` (see :meth:`_set_avail`).  Any fault becomes a
+        :class:`VirtqueueError` and breaks the queue.
         """
         try:
             size = self.size
@@ -500,7 +634,6 @@ class PackedDeviceQueue:
             readable_len = 0
             writable_len = 0
             pos = head
-            expect = self._avail_expect
             slots = 1
             while True:
                 addr = d64[pos * 2]
@@ -669,9 +802,15 @@ class PackedDeviceQueue:
         is found before the first flags are stored, so the driver sees nothing
         of a refused batch, and no descriptor beyond those popped is touched.
         """
-        if not completions:
+        count = len(completions)
+        if not count:
             return
         limit = self._slots_in_flight()
+        if count >= _BULK_MIN and isinstance(self._d16, memoryview):
+            step = self._add_used_uniform(completions, limit)
+            if step:
+                return
+            # Chains of different lengths: the loop below (which validates again).
         size = self.size
         d16 = self._d16
         d32 = self._d32
@@ -714,6 +853,72 @@ class PackedDeviceQueue:
         self._used_wrap = wrap
         self._used_since_signal += total
 
+    def _add_used_uniform(
+        self, completions: Sequence[tuple[DescriptorChain, int]], limit: int
+    ) -> int:
+        """add_used_batch for a large batch of chains of one length: strided slice stores.
+
+        Chains that each took ``step`` ring slots have their used descriptors
+        ``step`` apart, so each lap's part of the batch is a few strided
+        slice stores instead of three stores per chain.  Returns ``step``, or
+        0 without storing anything when the chains' lengths differ.
+        Everything is validated before the first store, as in
+        :meth:`add_used_batch`.
+        """
+        d16 = self._d16
+        d32 = self._d32
+        assert isinstance(d16, memoryview) and isinstance(d32, memoryview)
+        heads: list[int] = []
+        lens: list[int] = []
+        step = completions[0][0].ring_slots
+        total = 0
+        for chain, written in completions:
+            slots = chain.ring_slots
+            total += slots
+            if total > limit or slots < 1:
+                raise ValueError(
+                    f"used descriptors for {total} ring slots, {limit} in flight "
+                    f"({chain!r} occupies {slots})"
+                )
+            if slots != step:
+                return 0
+            if not 0 <= written <= chain.writable_len:
+                raise ValueError(
+                    f"written={written} for a chain with {chain.writable_len} writable bytes"
+                )
+            heads.append(chain.head)
+            lens.append(written)
+        size = self.size
+        pos = self._next_used
+        wrap = self._used_wrap
+        used_flags = _AVAIL_USED if wrap else 0  # AVAIL == USED == the used wrap counter
+        first = pos * 8 + 7  # the first element's flags word, stored last
+        count = min(len(heads), (size - pos + step - 1) // step)  # on this lap
+        try:
+            _store_used_run(d16, d32, pos, step, heads[:count], lens[:count], used_flags, True)
+            pos += total
+            if pos >= size:
+                pos -= size
+                wrap ^= 1
+                if count < len(heads):  # the rest, on the next lap
+                    _store_used_run(
+                        d16,
+                        d32,
+                        pos - (len(heads) - count) * step,
+                        step,
+                        heads[count:],
+                        lens[count:],
+                        used_flags ^ _AVAIL_USED,
+                        False,
+                    )
+        except OverflowError as exc:
+            raise ValueError(f"add_used: written count or buffer ID out of range ({exc})") from exc
+        d16[first] = used_flags + DESC_F_WRITE if lens[0] else used_flags  # publishes the batch
+        self._next_used = pos
+        self._used_wrap = wrap
+        self._used_since_signal += total
+        return step
+
     # -- notifications ----------------------------------------------------------
 
     def needs_notification(self) -> bool:
@@ -745,17 +950,17 @@ class PackedDeviceQueue:
         if self.event_idx:
             dev16[0] = self._next_avail + self._avail_wrap * 0x8000
             dev16[1] = RING_EVENT_FLAGS_DESC
-            self._notify_flags = RING_EVENT_FLAGS_DESC
+            self._set_notify_flags(RING_EVENT_FLAGS_DESC)
         else:
             dev16[1] = RING_EVENT_FLAGS_ENABLE
-            self._notify_flags = RING_EVENT_FLAGS_ENABLE
+            self._set_notify_flags(RING_EVENT_FLAGS_ENABLE)
         _full_barrier()
         return self.has_available()
 
     def disable_notifications(self) -> None:
         """Tell the driver not to send available buffer notifications (a hint)."""
         self._dev16[1] = RING_EVENT_FLAGS_DISABLE
-        self._notify_flags = RING_EVENT_FLAGS_DISABLE
+        self._set_notify_flags(RING_EVENT_FLAGS_DISABLE)
 
     # -- state ----------------------------------------------------------------
 
@@ -826,7 +1031,7 @@ class PackedDeviceQueue:
                 "invalid packed queue state: the used position is ahead of the available one"
             )
         queue._used_since_signal = used_since_signal
-        queue._notify_flags = notify_flags
+        queue._set_notify_flags(notify_flags)
         queue.broken = broken
         return queue
 
@@ -874,11 +1079,13 @@ class PackedDriverQueue:
         "_next_avail",
         "_next_used",
         "_num_free",
+        "_ring",
         "_slots",
         "_t16",
         "_t32",
         "_t64",
         "_tokens",
+        "_track_used_event",
         "_used_expect",
         "_used_wrap",
         "_wlen",
@@ -938,6 +1145,7 @@ class PackedDriverQueue:
         ring[:] = bytes(len(ring))
         drv[:] = bytes(EVENT_SIZE)
         dev[:] = bytes(EVENT_SIZE)
+        self._ring = ring  # bytes, for packing a descriptor's fields at once
         self._d16 = _words(ring, "H")
         self._d32 = _words(ring, "I")
         self._d64 = _words(ring, "Q")
@@ -954,12 +1162,20 @@ class PackedDriverQueue:
         self._used_expect = _AVAIL_USED  # used: AVAIL == USED == used wrap counter
         self._num_free = size
         self._added_since_kick = 0
-        self._irq_flags = RING_EVENT_FLAGS_ENABLE
+        self._set_irq_flags(RING_EVENT_FLAGS_ENABLE)
         self._free_ids = list(range(size - 1, -1, -1))
         # Per buffer ID: token, ring slots (0 = not in flight), writable bytes.
         self._tokens: list[object] = [None] * size
         self._slots = [0] * size
         self._wlen = [0] * size
+
+    def _set_irq_flags(self, flags: int) -> None:
+        """Record what the driver last wrote to its event suppression area.
+
+        With DESC, :meth:`used` keeps the event offset at the next used position.
+        """
+        self._irq_flags = flags
+        self._track_used_event = flags == RING_EVENT_FLAGS_DESC
 
     def __repr__(self) -> str:
         return (
@@ -1005,18 +1221,17 @@ class PackedDriverQueue:
                 flags = self._avail_flags + DESC_F_WRITE
                 wlen = length
             pos = self._next_avail
+            bid = self._free_ids[-1]
             try:
-                self._d64[pos * 2] = addr
-                self._d32[pos * 4 + 2] = length
-            except (ValueError, OverflowError, TypeError) as exc:
+                # addr, len and id in one call; the flags go after them.
+                _pack_desc_head(self._ring, pos * 16, addr, length, bid)
+            except struct.error as exc:
                 raise ValueError(f"invalid buffer ({addr!r}, {length!r}): {exc}") from exc
-            bid = self._free_ids.pop()
+            self._free_ids.pop()
             self._tokens[bid] = token
             self._slots[bid] = 1
             self._wlen[bid] = wlen
-            d16 = self._d16
-            d16[pos * 8 + 6] = bid
-            d16[pos * 8 + 7] = flags  # publishes the descriptor
+            self._d16[pos * 8 + 7] = flags  # publishes the descriptor
             pos += 1
             if pos == self.size:
                 pos = 0
@@ -1179,12 +1394,13 @@ class PackedDriverQueue:
         descriptor has AVAIL == USED == the driver's used wrap counter; its
         flags are read before its ID and length, and the position then skips
         the ring slots the buffer took.  ``written`` is the descriptor's
-        length when WRITE is set, else 0 ("Element Address and Length").
+        length ("Element Address and Length"); with WRITE set it must fit
+        the buffer, without it (as QEMU 7.2 sends) it is capped to fit.
         """
         if self.broken:
             raise VirtqueueError("packed virtqueue is broken; the device needs a reset")
         d16 = self._d16
-        d32 = self._d32
+        ring = self._ring
         size = self.size
         slots = self._slots
         tokens = self._tokens
@@ -1193,21 +1409,29 @@ class PackedDriverQueue:
         while self._num_free != size:
             pos = self._next_used
             flags = d16[pos * 8 + 7]
-            if (flags & _AVAIL_USED) != self._used_expect:
+            expect = self._used_expect
+            # Compares first (CPython 3.11 specialises them, not ``&``): a used
+            # descriptor nearly always has exactly AVAIL|USED, plus WRITE.
+            if flags != expect and flags != expect + 2 and (flags & _AVAIL_USED) != expect:
                 return
-            bid = d16[pos * 8 + 6]
-            length = d32[pos * 4 + 2]
+            length, bid = _unpack_used(ring, pos * 16 + 8)  # after the flags
             n = slots[bid] if bid < size else 0
             if not n:
                 raise self._fail(
                     f"device returned buffer ID {bid} at {pos}, which is not in flight"
                 )
-            written = length if flags & DESC_F_WRITE else 0
-            if written > wlens[bid]:
-                raise self._fail(
-                    f"device wrote {written} bytes into buffer ID {bid} of "
-                    f"{wlens[bid]} writable bytes"
-                )
+            if flags & DESC_F_WRITE:
+                written = length
+                if written > wlens[bid]:
+                    raise self._fail(
+                        f"device wrote {written} bytes into buffer ID {bid} of "
+                        f"{wlens[bid]} writable bytes"
+                    )
+            else:
+                # Devices such as QEMU 7.2's leave WRITE clear in used
+                # descriptors; like Linux, take the length anyway, capped at
+                # what the buffer offered.
+                written = min(length, wlens[bid])
             token = tokens[bid]
             tokens[bid] = None
             slots[bid] = 0
@@ -1219,7 +1443,7 @@ class PackedDriverQueue:
                 self._used_expect ^= _AVAIL_USED
             self._next_used = pos
             self._num_free += n
-            if self._irq_flags == RING_EVENT_FLAGS_DESC:
+            if self._track_used_event:
                 # Move the event to the next used descriptor we expect, or the
                 # device would never pass it again (Linux does the same).
                 self._drv16[0] = pos + self._used_wrap * 0x8000
@@ -1237,17 +1461,17 @@ class PackedDriverQueue:
         if self.event_idx:
             drv16[0] = self._next_used + self._used_wrap * 0x8000
             drv16[1] = RING_EVENT_FLAGS_DESC
-            self._irq_flags = RING_EVENT_FLAGS_DESC
+            self._set_irq_flags(RING_EVENT_FLAGS_DESC)
         else:
             drv16[1] = RING_EVENT_FLAGS_ENABLE
-            self._irq_flags = RING_EVENT_FLAGS_ENABLE
+            self._set_irq_flags(RING_EVENT_FLAGS_ENABLE)
         _full_barrier()
         return self._used_ready()
 
     def disable_interrupts(self) -> None:
         """Tell the device not to send used buffer notifications (a hint)."""
         self._drv16[1] = RING_EVENT_FLAGS_DISABLE
-        self._irq_flags = RING_EVENT_FLAGS_DISABLE
+        self._set_irq_flags(RING_EVENT_FLAGS_DISABLE)
 
     def state(self) -> QueueState:
         """Snapshot of the queue's positions and counters, as a plain dict."""

@@ -35,6 +35,7 @@ there :func:`_full_barrier` is used.
 
 from __future__ import annotations
 
+import array
 import struct
 import sys
 import threading
@@ -99,6 +100,11 @@ _INLINE_CHAIN = set(DescriptorChain.__slots__) == {
     "writable_len",
 }
 _new_object = object.__new__
+
+#: Batches of at least this many used elements are read or written with one
+#: slice per lap of the ring; below it, the slice's fixed cost outweighs a
+#: store or load per element.
+_BULK_MIN = 8
 
 #: Ring areas are read through native-order memoryview casts on little-endian
 #: hosts; elsewhere through a slower struct-based stand-in with the same
@@ -172,6 +178,30 @@ def _int_array(view: memoryview, code: Literal["H", "I"]) -> _IntArray:
     if _NATIVE_LITTLE:
         return view.cast(code)
     return _LittleEndianArray(view, code)
+
+
+def _read_span(words: _IntArray, start: int, stop: int) -> list[int]:
+    """Slots ``[start, stop)`` of ``words`` as a list, in one call where possible."""
+    if isinstance(words, memoryview):
+        return words[start:stop].tolist()
+    return [words[index] for index in range(start, stop)]
+
+
+def _write_u32_span(words: _IntArray, start: int, values: list[int]) -> None:
+    """Store ``values`` in the u32 slots from ``start``; ValueError if one is out of range.
+
+    One slice assignment on native views: a fraction of the cost of a store
+    per slot.
+    """
+    if isinstance(words, memoryview):
+        try:
+            packed = array.array("I", values)
+        except OverflowError as exc:
+            raise ValueError(f"value out of range for a 32-bit field: {exc}") from exc
+        words[start : start + len(values)] = packed
+    else:
+        for offset, value in enumerate(values):
+            words[start + offset] = value
 
 
 def _full_barrier(lock: threading.Lock) -> None:
@@ -274,12 +304,14 @@ class SplitDeviceQueue:
 
     __slots__ = (
         "_avail",
-        "_avail_event_slot",
+        "_avail_event",
+        "_avail_ring",
         "_desc",
         "_fast_base",
         "_fast_end",
         "_fast_view",
         "_fence",
+        "_heads",
         "_mask",
         "_next_avail",
         "_next_used",
@@ -321,19 +353,23 @@ class SplitDeviceQueue:
         self.broken = False
         self._mask = size - 1
         self._desc = desc
-        # Available ring as u16 slots: flags 0, idx 1, ring 2.., used_event 2+size.
+        # Available ring as u16 slots: flags 0, idx 1, ring 2.., used_event 2+size;
+        # the ring entries alone, indexed by ``idx & mask``.
         self._avail = _int_array(avail, "H")
-        # Used ring as u16 slots (flags 0, idx 1, avail_event 2+4*size) and its
-        # elements as u32 pairs (id, len) from byte 4.
+        self._avail_ring = _int_array(avail[4 : 4 + 2 * size], "H")
+        # Used ring as u16 slots (flags 0, idx 1, avail_event 2+4*size), its
+        # elements as u32 pairs (id, len) from byte 4, and avail_event alone.
         self._used = _int_array(used, "H")
         self._used_ring = _int_array(used[4 : 4 + 8 * size], "I")
+        self._avail_event = _int_array(used[4 + 8 * size : 6 + 8 * size], "H")
         self._next_avail = 0
+        # Available ring entries read ahead by pop, the next one last.
+        self._heads: list[int] = []
         self._next_used = 0
         self._signalled_used = 0
         self._notify_enabled = True
         # pop keeps avail_event current while this is set.
         self._track_avail_event = self.event_idx
-        self._avail_event_slot = 2 + 4 * size
         self._fence = threading.Lock()
         self._regions: tuple[MemoryRegion, ...] = ()
         self._fast_base, self._fast_end, self._fast_view = _fast_region(())
@@ -412,41 +448,45 @@ class SplitDeviceQueue:
         if self.broken:
             raise VirtqueueError("queue is broken: an earlier malformed chain was reported")
         try:
-            avail = self._avail
             next_avail = self._next_avail
-            # The index is read before the ring entries it covers; x86 does not
-            # reorder loads with loads (split-ring.tex, "The Virtqueue
-            # Available Ring").
-            avail_idx = avail[1]
-            if avail_idx == next_avail:
-                return None
-            size = self.size
-            # Index arithmetic below avoids ``&`` where it can: CPython 3.11
-            # specialises int add/sub/compare but not bitwise operators.
-            pending = avail_idx - next_avail
-            if pending < 0:
-                pending += 0x10000
-            if pending > size:
-                raise VirtqueueError(
-                    f"available idx {avail_idx} is more than the queue size {size} "
-                    f"ahead of the last seen idx {next_avail}"
-                )
-            head = avail[2 + (next_avail & self._mask)]
-            if head >= size:
-                raise VirtqueueError(f"available ring head {head} >= queue size {size}")
-            mem = self.mem
-            # The region table is replaced as a whole on any change, so an
-            # identity check keeps the cached bounds honest.
-            if mem._regions is not self._regions:
-                self._regions = mem._regions
-                self._fast_base, self._fast_end, self._fast_view = _fast_region(self._regions)
+            heads = self._heads
+            if heads:
+                head = heads.pop()
+            else:
+                # The index is read before the ring entries it covers; x86 does
+                # not reorder loads with loads (split-ring.tex, "The Virtqueue
+                # Available Ring").
+                avail_idx = self._avail[1]
+                if avail_idx == next_avail:
+                    return None
+                pending = (avail_idx - next_avail) & 0xFFFF
+                if pending > self.size:
+                    raise VirtqueueError(
+                        f"available idx {avail_idx} is more than the queue size {self.size} "
+                        f"ahead of the last seen idx {next_avail}"
+                    )
+                if pending < _BULK_MIN:
+                    head = self._avail_ring[next_avail & self._mask]
+                else:
+                    head = self._read_ahead(next_avail, pending)
+            if head >= self.size:
+                raise VirtqueueError(f"available ring head {head} >= queue size {self.size}")
             addr, length, flags, nxt = _unpack_desc(self._desc, head * 16)
-            # Flags 0 or 2 (WRITE): literals, as this is the hot path.
-            if flags in {0, 2} and self._fast_base <= addr and addr + length <= self._fast_end:
-                # Fast path: one direct descriptor in the cached region.  The
-                # chain's slots are filled directly: a third cheaper than the
-                # constructor call, and this runs once per request.
+            mem = self.mem
+            # Fast path: one direct descriptor (flags 0, or 2 = WRITE; literals
+            # as CPython 3.11 specialises int compares, not ``in`` or ``&``)
+            # inside the cached region, while the region table is the one
+            # cached (it is replaced as a whole on any change).  Everything
+            # else, including a stale cache, goes to _walk.
+            if (
+                (flags in {0, 2})
+                and self._fast_base <= addr
+                and addr + length <= self._fast_end
+                and mem._regions is self._regions
+            ):
                 if _INLINE_CHAIN:
+                    # The chain's slots are filled directly: a third cheaper
+                    # than the constructor call, and this runs once per request.
                     chain = _new_object(DescriptorChain)
                     chain.mem = mem
                     chain.head = head
@@ -475,7 +515,7 @@ class SplitDeviceQueue:
                 # Keep avail_event just past what we consumed, so the driver
                 # notifies for its next buffer (split-ring.tex, "Available
                 # Buffer Notification Suppression").
-                self._used[self._avail_event_slot] = next_avail
+                self._avail_event[0] = next_avail
         except VirtqueueError:
             self.broken = True
             raise
@@ -483,6 +523,122 @@ class SplitDeviceQueue:
             self.broken = True
             raise VirtqueueError(f"malformed virtqueue: {exc}") from exc
         return chain
+
+    def _read_ahead(self, next_avail: int, pending: int) -> int:
+        """Read the ``pending`` ring entries from ``next_avail``; return the first.
+
+        The others wait in ``_heads`` (next one last) for the following
+        pops, so a batch costs one avail idx load and one slice per lap of
+        the ring rather than two loads per chain; the idx is read again once
+        they are used up.  Each head is still checked when it is popped.
+        """
+        heads = self._avail_entries(next_avail, pending)
+        heads.reverse()
+        head = heads.pop()
+        self._heads = heads
+        return head
+
+    def _avail_entries(self, next_avail: int, count: int) -> list[int]:
+        """The ``count`` available ring entries from index ``next_avail``, in order."""
+        start = next_avail & self._mask
+        stop = start + count
+        ring = self._avail_ring
+        if count == 1:
+            return [ring[start]]
+        if stop <= self.size:
+            return _read_span(ring, start, stop)
+        # Wraps around the end of the ring.
+        return _read_span(ring, start, self.size) + _read_span(ring, 0, stop - self.size)
+
+    def pop_batch(self, limit: int | None = None) -> list[DescriptorChain]:
+        """Every available chain (at most ``limit``), in ring order.
+
+        What calling :meth:`pop` until it returns None gives, for less work
+        per chain: a device that serves all available buffers on each
+        notification (the block device does) can take them in one call.
+        Each chain is parsed and checked exactly as by :meth:`pop`.  With
+        EVENT_IDX, avail_event is stored once per avail idx read, just past
+        the chains it covered, before the idx is read again: a buffer added
+        meanwhile is either taken or notified (split-ring.tex, "Available
+        Buffer Notification Suppression").  A malformed chain raises
+        VirtqueueError and breaks the queue, as :meth:`pop` does; the chains
+        taken before it in the same call are consumed with the queue.
+        """
+        if self.broken:
+            raise VirtqueueError("queue is broken: an earlier malformed chain was reported")
+        chains: list[DescriptorChain] = []
+        size = self.size
+        room = sys.maxsize if limit is None else limit
+        start = next_avail = self._next_avail
+        self._heads = []  # pop's read-ahead: the same entries are read again below
+        avail = self._avail
+        desc = self._desc
+        mem = self.mem
+        lo = self._fast_base
+        hi = self._fast_end
+        regions = self._regions
+        try:
+            while room > 0:
+                # The index is read before the ring entries it covers.
+                avail_idx = avail[1]
+                pending = (avail_idx - next_avail) & 0xFFFF
+                if not pending:
+                    break
+                if pending > size:
+                    raise VirtqueueError(
+                        f"available idx {avail_idx} is more than the queue size {size} "
+                        f"ahead of the last seen idx {next_avail}"
+                    )
+                pending = min(pending, room)
+                for head in self._avail_entries(next_avail, pending):
+                    if head >= size:
+                        raise VirtqueueError(f"available ring head {head} >= queue size {size}")
+                    addr, length, flags, nxt = _unpack_desc(desc, head * 16)
+                    # The fast path of pop, inline: see there.
+                    if (
+                        (flags in {0, 2})
+                        and lo <= addr
+                        and addr + length <= hi
+                        and mem._regions is regions
+                        and _INLINE_CHAIN
+                    ):
+                        chain = _new_object(DescriptorChain)
+                        chain.mem = mem
+                        chain.head = head
+                        chain.ring_slots = 1
+                        if flags:
+                            chain.readable = []
+                            chain.writable = [(addr, length)]
+                            chain.readable_len = 0
+                            chain.writable_len = length
+                        else:
+                            chain.readable = [(addr, length)]
+                            chain.writable = []
+                            chain.readable_len = length
+                            chain.writable_len = 0
+                    else:
+                        chain = self._walk(head, addr, length, flags, nxt)
+                        # _walk refreshes the cached region if the table changed.
+                        lo = self._fast_base
+                        hi = self._fast_end
+                        regions = self._regions
+                    chains.append(chain)
+                next_avail = (next_avail + pending) & 0xFFFF
+                room -= pending
+                if self._track_avail_event:
+                    # As pop does: ask for a notification past what was taken,
+                    # before looking at the idx again.
+                    self._avail_event[0] = next_avail
+        except VirtqueueError:
+            self._next_avail = (start + len(chains)) & 0xFFFF
+            self.broken = True
+            raise
+        except (GuestMemoryError, struct.error, IndexError, ValueError, OverflowError) as exc:
+            self._next_avail = (start + len(chains)) & 0xFFFF
+            self.broken = True
+            raise VirtqueueError(f"malformed virtqueue: {exc}") from exc
+        self._next_avail = next_avail
+        return chains
 
     def _walk(self, head: int, addr: int, length: int, flags: int, nxt: int) -> DescriptorChain:
         """Parse the chain at ``head`` whose first descriptor is already unpacked.
@@ -493,6 +649,11 @@ class SplitDeviceQueue:
         1 readable+NEXT, 2 writable, 3 writable+NEXT.  Reserved flag bits are
         ignored.
         """
+        mem = self.mem
+        if mem._regions is not self._regions:
+            # The region table changed: refresh the cached fast region.
+            self._regions = mem._regions
+            self._fast_base, self._fast_end, self._fast_view = _fast_region(self._regions)
         size = self.size
         lo = self._fast_base
         hi = self._fast_end
@@ -543,7 +704,7 @@ class SplitDeviceQueue:
             )
         if _INLINE_CHAIN:
             chain = _new_object(DescriptorChain)
-            chain.mem = self.mem
+            chain.mem = mem
             chain.head = head
             chain.readable = readable
             chain.writable = writable
@@ -551,7 +712,7 @@ class SplitDeviceQueue:
             chain.writable_len = wlen
             chain.ring_slots = 1
             return chain
-        return DescriptorChain(self.mem, head, readable, writable, rlen, wlen)
+        return DescriptorChain(mem, head, readable, writable, rlen, wlen)
 
     def _check_buffer(self, addr: int, length: int, where: int | str) -> None:
         """The slow bounds check, for buffers outside the cached region."""
@@ -667,31 +828,56 @@ class SplitDeviceQueue:
         All elements are validated and written first; if one is invalid
         (ValueError) nothing is published.
         """
-        used_idx = self._next_used
+        count = len(completions)
+        if not count:
+            return
         size = self.size
+        if count > size:
+            raise ValueError(f"{count} chains returned at once to a queue of {size}")
+        used_idx = self._next_used
         ring = self._used_ring
-        end = 2 * size
         pos = (used_idx & self._mask) * 2
-        count = 0
-        for chain, written in completions:
-            head = chain.head
-            if not 0 <= written <= chain.writable_len:
-                raise ValueError(
-                    f"written {written} outside 0..{chain.writable_len} "
-                    "(the chain's writable bytes)"
-                )
-            if not 0 <= head < size:
-                raise ValueError(f"chain head {head} is not a descriptor of this queue")
-            ring[pos] = head
-            ring[pos + 1] = written
-            pos += 2
-            if pos == end:
-                pos = 0
-            count += 1
-        if count:
-            used_idx = (used_idx + count) & 0xFFFF
-            self._next_used = used_idx
-            self._used[1] = used_idx
+        if count < _BULK_MIN:
+            # A few elements: store each in place.
+            end = 2 * size
+            for chain, written in completions:
+                head = chain.head
+                if not 0 <= written <= chain.writable_len:
+                    raise ValueError(
+                        f"written {written} outside 0..{chain.writable_len} "
+                        "(the chain's writable bytes)"
+                    )
+                if not 0 <= head < size:
+                    raise ValueError(f"chain head {head} is not a descriptor of this queue")
+                ring[pos] = head
+                ring[pos + 1] = written
+                pos += 2
+                if pos == end:
+                    pos = 0
+        else:
+            # Many: gather the (id, len) u32 pairs, then store them with one
+            # slice assignment per lap of the ring.
+            values: list[int] = []
+            for chain, written in completions:
+                head = chain.head
+                if not 0 <= written <= chain.writable_len:
+                    raise ValueError(
+                        f"written {written} outside 0..{chain.writable_len} "
+                        "(the chain's writable bytes)"
+                    )
+                if not 0 <= head < size:
+                    raise ValueError(f"chain head {head} is not a descriptor of this queue")
+                values.append(head)
+                values.append(written)
+            room = 2 * size - pos
+            if len(values) <= room:
+                _write_u32_span(ring, pos, values)
+            else:
+                _write_u32_span(ring, pos, values[:room])
+                _write_u32_span(ring, 0, values[room:])
+        used_idx = (used_idx + count) & 0xFFFF
+        self._next_used = used_idx
+        self._used[1] = used_idx
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification now.
@@ -722,7 +908,7 @@ class SplitDeviceQueue:
         self._notify_enabled = True
         self._track_avail_event = self.event_idx
         if self.event_idx:
-            self._used[self._avail_event_slot] = self._next_avail
+            self._avail_event[0] = self._next_avail
         else:
             self._used[0] = 0
         _full_barrier(self._fence)
@@ -760,6 +946,7 @@ class SplitDriverQueue:
     __slots__ = (
         "_avail",
         "_avail_idx",
+        "_avail_ring",
         "_desc",
         "_fence",
         "_free_head",
@@ -772,7 +959,9 @@ class SplitDriverQueue:
         "_mask",
         "_next",
         "_num_free",
+        "_track_used_event",
         "_used",
+        "_used_event",
         "_used_ring",
         "broken",
         "desc_addr",
@@ -842,6 +1031,8 @@ class SplitDriverQueue:
         self._mask = size - 1
         self._desc = desc
         self._avail = _int_array(avail, "H")
+        self._avail_ring = _int_array(avail[4 : 4 + 2 * size], "H")
+        self._used_event = _int_array(avail[4 + 2 * size : 6 + 2 * size], "H")
         self._used = _int_array(used, "H")
         self._used_ring = _int_array(used[4 : 4 + 8 * size], "I")
         self._ind_view: memoryview | None = None
@@ -878,6 +1069,8 @@ class SplitDriverQueue:
         self._last_used = 0
         self._kick_marker = 0
         self._interrupts_enabled = True
+        # used() keeps used_event current while this is set.
+        self._track_used_event = self.event_idx
         self._fence = threading.Lock()
 
     def __repr__(self) -> str:
@@ -950,6 +1143,7 @@ class SplitDriverQueue:
         queue._last_used = _require_u16(state, "last_used")
         queue._kick_marker = _require_u16(state, "kick_marker")
         queue._interrupts_enabled = bool(_require(state, "interrupts_enabled", bool))
+        queue._track_used_event = queue.event_idx and queue._interrupts_enabled
         queue.broken = bool(_require(state, "broken", bool))
         if queue.in_flight:
             raise ValueError("queue state has avail_idx != last_used but nothing in flight")
@@ -975,10 +1169,9 @@ class SplitDriverQueue:
         nread = len(readable)
         total = nread + len(writable)
         head = self._free_head
-        try:
-            if total == 1:
-                if not self._num_free:
-                    raise QueueFullError(f"no free descriptor (queue size {self.size})")
+        if total == 1 and self._num_free:
+            # Fast path: one direct descriptor, published at once.
+            try:
                 if nread:
                     addr, length = readable[0]
                     _pack_desc(self._desc, head * 16, addr, length, 0, 0)
@@ -987,8 +1180,24 @@ class SplitDriverQueue:
                     addr, length = writable[0]
                     _pack_desc(self._desc, head * 16, addr, length, DESC_F_WRITE, 0)
                     wlen = length
-                last = head
-                ndescs = 1
+            except struct.error as exc:
+                raise ValueError(f"buffer address or length out of range: {exc}") from exc
+            self._free_head = self._next[head]
+            self._num_free -= 1
+            self._info[head] = (token, head, 1, wlen)
+            avail_idx = self._avail_idx
+            self._avail_ring[avail_idx & self._mask] = head
+            avail_idx += 1
+            if avail_idx == 0x10000:
+                avail_idx = 0
+            self._avail_idx = avail_idx
+            # Publish only after the descriptor and ring entry are written
+            # (split-ring.tex, "Updating idx": barrier before the idx update).
+            self._avail[1] = avail_idx
+            return
+        try:
+            if total == 1:
+                raise QueueFullError(f"no free descriptor (queue size {self.size})")
             elif total == 0:
                 raise ValueError("a request needs at least one buffer")
             elif total <= self.max_indirect:
@@ -1044,16 +1253,15 @@ class SplitDriverQueue:
         self._free_head = self._next[last]
         self._num_free -= ndescs
         self._info[head] = (token, last, ndescs, wlen)
-        avail = self._avail
         avail_idx = self._avail_idx
-        avail[2 + (avail_idx & self._mask)] = head
+        self._avail_ring[avail_idx & self._mask] = head
         avail_idx += 1
         if avail_idx == 0x10000:
             avail_idx = 0
         self._avail_idx = avail_idx
         # Publish only after the descriptors and ring entry are written
         # (split-ring.tex, "Updating idx": barrier before the idx update).
-        avail[1] = avail_idx
+        self._avail[1] = avail_idx
 
     def _fill_indirect(
         self,
@@ -1144,9 +1352,8 @@ class SplitDriverQueue:
         links = self._next
         mask = self._mask
         size = self.size
-        event_idx = self.event_idx
-        used_event_slot = 2 + size
-        avail = self._avail
+        slots = 2 * size
+        used_event = self._used_event
         while True:
             last = self._last_used
             # The used idx is read before the elements it covers; x86 does not
@@ -1154,16 +1361,31 @@ class SplitDriverQueue:
             used_idx = used[1]
             if used_idx == last:
                 return
-            if (used_idx - last) & 0xFFFF > (self._avail_idx - last) & 0xFFFF:
+            count = (used_idx - last) & 0xFFFF
+            if count > (self._avail_idx - last) & 0xFFFF:
                 self.broken = True
                 raise VirtqueueError(
-                    f"used idx {used_idx} is {(used_idx - last) & 0xFFFF} ahead of "
+                    f"used idx {used_idx} is {count} ahead of "
                     f"{last} but only {self.in_flight} requests are in flight"
                 )
+            # The (id, len) u32 pairs are read from ``source`` at ``k``: the
+            # ring itself for a few elements, else a copy of all of them made
+            # with one slice per lap (cheaper per element, dearer per call).
+            k = (last & mask) * 2
+            source: _IntArray | list[int] = ring
+            if count >= _BULK_MIN:
+                stop = k + 2 * count
+                if stop <= slots:
+                    source = _read_span(ring, k, stop)
+                else:  # wraps around the end of the ring
+                    source = _read_span(ring, k, slots) + _read_span(ring, 0, stop - slots)
+                k = 0
             while last != used_idx:
-                pos = (last & mask) * 2
-                head = ring[pos]
-                written = ring[pos + 1]
+                head = source[k]
+                written = source[k + 1]
+                k += 2
+                if k == slots:
+                    k = 0  # wrapped (a copy ends here at the latest: harmless)
                 info = infos[head] if head < size else None
                 if info is None:
                     self.broken = True
@@ -1183,11 +1405,11 @@ class SplitDriverQueue:
                 if last == 0x10000:
                     last = 0
                 self._last_used = last
-                if event_idx and self._interrupts_enabled:
+                if self._track_used_event:
                     # Ask to be interrupted for the next element (the driver-side
                     # mirror of avail_event; split-ring.tex, "Used Buffer
                     # Notification Suppression").
-                    avail[used_event_slot] = last
+                    used_event[0] = last
                 yield token, written
                 if self._last_used != last:
                     break  # another used() consumed entries meanwhile: start over
@@ -1204,8 +1426,9 @@ class SplitDriverQueue:
         Buffers From The Device", the note's re-check loop).
         """
         self._interrupts_enabled = True
+        self._track_used_event = self.event_idx
         if self.event_idx:
-            self._avail[2 + self.size] = self._last_used
+            self._used_event[0] = self._last_used
         else:
             self._avail[0] = 0
         _full_barrier(self._fence)
@@ -1220,7 +1443,8 @@ class SplitDriverQueue:
         ``size`` requests are in flight.
         """
         self._interrupts_enabled = False
+        self._track_used_event = False
         if self.event_idx:
-            self._avail[2 + self.size] = (self._last_used + 0x8000) & 0xFFFF
+            self._used_event[0] = (self._last_used + 0x8000) & 0xFFFF
         else:
             self._avail[0] = VIRTQ_AVAIL_F_NO_INTERRUPT
