@@ -44,6 +44,7 @@ from pyvirtio.devices.net.wire import (
     ETH_HLEN,
     GUEST_OFFLOADS,
     HDR_SIZE,
+    IMPLEMENTED_NET_FEATURES,
     MAX_FRAME,
     S_LINK_UP,
     VLAN_HLEN,
@@ -73,25 +74,7 @@ SUPPORTED_FEATURES = (
     | Feature.RING_PACKED.mask
     | Feature.EVENT_IDX.mask
     | Feature.INDIRECT_DESC.mask
-    | F.CSUM.mask
-    | F.GUEST_CSUM.mask
-    | F.CTRL_GUEST_OFFLOADS.mask
-    | F.MTU.mask
-    | F.MAC.mask
-    | F.GUEST_TSO4.mask
-    | F.GUEST_TSO6.mask
-    | F.GUEST_ECN.mask
-    | F.GUEST_UFO.mask
-    | F.HOST_TSO4.mask
-    | F.HOST_TSO6.mask
-    | F.HOST_ECN.mask
-    | F.HOST_UFO.mask
-    | F.MRG_RXBUF.mask
-    | F.STATUS.mask
-    | F.CTRL_VQ.mask
-    | F.CTRL_RX.mask
-    | F.CTRL_RX_EXTRA.mask
-    | F.CTRL_MAC_ADDR.mask
+    | IMPLEMENTED_NET_FEATURES
     | F.MQ.mask
 )
 #: Receive buffer size with MRG_RXBUF: Linux's GOOD_PACKET_LEN plus the header.

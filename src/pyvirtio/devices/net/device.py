@@ -63,6 +63,7 @@ from pyvirtio.devices.net.wire import (
     ETH_HLEN,
     GUEST_OFFLOADS,
     HDR_SIZE,
+    IMPLEMENTED_NET_FEATURES,
     MAX_FRAME,
     MAX_MTU,
     MIN_MTU,
@@ -102,27 +103,7 @@ log = logging.getLogger(__name__)
 F = NetFeature
 
 #: The device-specific features offered (MQ is added for more than one pair).
-OFFERED_NET_FEATURES = (
-    F.CSUM.mask
-    | F.GUEST_CSUM.mask
-    | F.CTRL_GUEST_OFFLOADS.mask
-    | F.MTU.mask
-    | F.MAC.mask
-    | F.GUEST_TSO4.mask
-    | F.GUEST_TSO6.mask
-    | F.GUEST_ECN.mask
-    | F.GUEST_UFO.mask
-    | F.HOST_TSO4.mask
-    | F.HOST_TSO6.mask
-    | F.HOST_ECN.mask
-    | F.HOST_UFO.mask
-    | F.MRG_RXBUF.mask
-    | F.STATUS.mask
-    | F.CTRL_VQ.mask
-    | F.CTRL_RX.mask
-    | F.CTRL_RX_EXTRA.mask
-    | F.CTRL_MAC_ADDR.mask
-)
+OFFERED_NET_FEATURES = IMPLEMENTED_NET_FEATURES
 
 DEFAULT_QUEUE_SIZE = 256
 #: Addresses per MAC filter table; beyond that the device accepts every

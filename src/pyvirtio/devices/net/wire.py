@@ -21,6 +21,7 @@ __all__ = [
     "FEATURE_REQUIREMENTS",
     "GUEST_OFFLOADS",
     "HDR_SIZE",
+    "IMPLEMENTED_NET_FEATURES",
     "MAX_FRAME",
     "MAX_MTU",
     "MIN_MTU",
@@ -72,6 +73,31 @@ class NetFeature(enum.IntEnum):
     @property
     def mask(self) -> int:
         return 1 << self.value
+
+
+#: The device-specific features pyvirtio implements on both sides (the device
+#: offers these, adding MQ for more than one queue pair; the driver accepts them).
+IMPLEMENTED_NET_FEATURES = (
+    NetFeature.CSUM.mask
+    | NetFeature.GUEST_CSUM.mask
+    | NetFeature.CTRL_GUEST_OFFLOADS.mask
+    | NetFeature.MTU.mask
+    | NetFeature.MAC.mask
+    | NetFeature.GUEST_TSO4.mask
+    | NetFeature.GUEST_TSO6.mask
+    | NetFeature.GUEST_ECN.mask
+    | NetFeature.GUEST_UFO.mask
+    | NetFeature.HOST_TSO4.mask
+    | NetFeature.HOST_TSO6.mask
+    | NetFeature.HOST_ECN.mask
+    | NetFeature.HOST_UFO.mask
+    | NetFeature.MRG_RXBUF.mask
+    | NetFeature.STATUS.mask
+    | NetFeature.CTRL_VQ.mask
+    | NetFeature.CTRL_RX.mask
+    | NetFeature.CTRL_RX_EXTRA.mask
+    | NetFeature.CTRL_MAC_ADDR.mask
+)
 
 
 F = NetFeature
