@@ -44,7 +44,7 @@ import array
 import struct
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
@@ -525,7 +525,9 @@ class PackedDeviceQueue:
         pos = self._next_avail
         wrap = self._avail_wrap
         expect = self._avail_expect
-        published = pos  # where the event offset points, as far as this call knows
+        # The event offset (position and wrap counter) as this call last
+        # stored it; the starting one stands for "nothing taken yet".
+        published = pos + wrap * 0x8000
         lo = self._lo
         hi = self._hi
         seen = self._regions_seen
@@ -562,12 +564,12 @@ class PackedDeviceQueue:
                         chain = DescriptorChain(mem, bid, [], [(addr, length)], 0, length)
                     pos += 1
                 elif (flags & _AVAIL_USED) != expect:
-                    if pos == published or not self._track_avail_event:
+                    if not self._track_avail_event or pos + wrap * 0x8000 == published:
                         break
                     # As pop does: ask for a notification past what was taken,
                     # then look at the next descriptor once more.
-                    self._dev16[0] = published = pos + wrap * 0x8000
-                    published = pos
+                    published = pos + wrap * 0x8000
+                    self._dev16[0] = published
                     continue
                 else:
                     chain = self._pop_chain(pos, flags, expect)
@@ -582,7 +584,7 @@ class PackedDeviceQueue:
             self._set_avail(pos, wrap)  # past the chains taken, as pop would be
             raise
         self._set_avail(pos, wrap)
-        if pos != published and self._track_avail_event:
+        if self._track_avail_event and pos + wrap * 0x8000 != published:
             self._dev16[0] = pos + wrap * 0x8000  # stopped by ``limit``
         return chains
 
@@ -1242,6 +1244,84 @@ class PackedDriverQueue:
             self._added_since_kick += 1
             return
         self._add_slow(readable, writable, token)
+
+    def add_batch(
+        self,
+        requests: Iterable[tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]], object]],
+    ) -> int:
+        """Make several ``(readable, writable, token)`` requests available, in order.
+
+        What calling :meth:`add` for each gives (each request's head flags
+        are stored last, publishing it), for less work per request: a driver
+        with several requests queued adds them at once, then asks
+        :meth:`kick_needed`.  Returns how many were added: all of them, or
+        fewer when the next did not fit (it and the rest were not touched).
+        A malformed request raises ValueError, the ones before it added.
+        """
+        ring = self._ring
+        d16 = self._d16
+        free_ids = self._free_ids
+        tokens = self._tokens
+        slots = self._slots
+        wlens = self._wlen
+        size = self.size
+        pos = self._next_avail
+        avail_flags = self._avail_flags
+        num_free = self._num_free
+        added = 0  # single-descriptor requests not yet counted in _added_since_kick
+        count = 0
+        try:
+            for readable, writable, token in requests:
+                if len(readable) + len(writable) == 1 and num_free:
+                    # The fast path of add, inline: see there.
+                    if readable:
+                        addr, length = readable[0]
+                        flags = avail_flags
+                        wlen = 0
+                    else:
+                        addr, length = writable[0]
+                        flags = avail_flags + DESC_F_WRITE
+                        wlen = length
+                    bid = free_ids[-1]
+                    try:
+                        _pack_desc_head(ring, pos * 16, addr, length, bid)
+                    except struct.error as exc:
+                        raise ValueError(f"invalid buffer ({addr!r}, {length!r}): {exc}") from exc
+                    free_ids.pop()
+                    tokens[bid] = token
+                    slots[bid] = 1
+                    wlens[bid] = wlen
+                    d16[pos * 8 + 7] = flags  # publishes the descriptor
+                    pos += 1
+                    if pos == size:
+                        pos = 0
+                        avail_flags ^= _AVAIL_USED
+                    num_free -= 1
+                    added += 1
+                else:
+                    # Chains, indirect tables and errors: as add does.
+                    self._sync_avail(pos, avail_flags, num_free, added)
+                    added = 0
+                    try:
+                        self._add_slow(readable, writable, token)
+                    except QueueFullError:
+                        break
+                    pos = self._next_avail
+                    avail_flags = self._avail_flags
+                    num_free = self._num_free
+                count += 1
+        finally:
+            self._sync_avail(pos, avail_flags, num_free, added)
+        return count
+
+    def _sync_avail(self, pos: int, avail_flags: int, num_free: int, added: int) -> None:
+        """Store add_batch's running position, flags and counts."""
+        self._next_avail = pos
+        if avail_flags != self._avail_flags:
+            self._avail_flags = avail_flags
+            self._avail_wrap ^= 1
+        self._num_free = num_free
+        self._added_since_kick += added
 
     def _add_slow(
         self,
