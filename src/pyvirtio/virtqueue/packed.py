@@ -108,6 +108,7 @@ _OFF_MASK = 0x7FFF
 #: One ``struct pvirtq_desc`` (packed-ring.tex, "The Virtqueue Descriptor Format").
 _DESC = struct.Struct("<QIHH")
 _unpack_desc = _DESC.unpack_from
+_pack_desc = _DESC.pack_into
 #: A descriptor's ``addr``, ``len`` and ``id``: everything but the flags that publish it.
 _pack_desc_head = struct.Struct("<QIH").pack_into
 #: A used descriptor's ``len`` and ``id``, read after its flags.
@@ -320,7 +321,13 @@ def _store_used_run(
     d32[start * 4 + 2 : stop * 4 : step * 4] = array.array("I", lens)
     d16[start * 8 + 6 : stop * 8 : step * 8] = array.array("H", heads)
     write_flags = used_flags + DESC_F_WRITE
-    flags = array.array("H", [write_flags if written else used_flags for written in lens])
+    unwritten = lens.count(0)  # a batch is mostly all one or the other
+    if not unwritten:
+        flags = array.array("H", (write_flags,)) * len(lens)
+    elif unwritten == len(lens):
+        flags = array.array("H", (used_flags,)) * len(lens)
+    else:
+        flags = array.array("H", [write_flags if written else used_flags for written in lens])
     if skip_first_flags:
         d16[(start + step) * 8 + 7 : stop * 8 : step * 8] = flags[1:]
     else:
@@ -517,6 +524,10 @@ class PackedDeviceQueue:
         if self.broken:
             raise VirtqueueError("packed virtqueue is broken; the device needs a reset")
         chains: list[DescriptorChain] = []
+        if not _INLINE_CHAIN:  # DescriptorChain changed: let pop build each chain
+            while (limit is None or len(chains) < limit) and (chain := self.pop()) is not None:
+                chains.append(chain)
+            return chains
         room = sys.maxsize if limit is None else limit
         size = self.size
         d16 = self._d16
@@ -528,9 +539,14 @@ class PackedDeviceQueue:
         # The event offset (position and wrap counter) as this call last
         # stored it; the starting one stands for "nothing taken yet".
         published = pos + wrap * 0x8000
+        # The cached region is made current once per call (pop checks it per
+        # chain): a table replaced later in the call is like one replaced
+        # just after it.
+        if mem._regions is not self._regions_seen:
+            self._regions_seen = mem._regions
+            self._lo, self._hi, self._view = _largest_region(self._regions_seen)
         lo = self._lo
         hi = self._hi
-        seen = self._regions_seen
         try:
             while room > 0:
                 # Flags first: they publish the rest of the descriptor.
@@ -538,30 +554,24 @@ class PackedDeviceQueue:
                 if flags == expect or flags == expect + 2:  # + DESC_F_WRITE
                     # The fast path of pop, inline: see there.
                     addr, length, bid, _ = _unpack_desc(ring, pos * 16)
-                    if not (lo <= addr and addr + length <= hi and mem._regions is seen):
+                    if not (lo <= addr and addr + length <= hi):
                         self._check_range(addr, length, pos)
                         lo = self._lo
                         hi = self._hi
-                        seen = self._regions_seen
-                    if _INLINE_CHAIN:
-                        chain = _new_object(DescriptorChain)
-                        chain.mem = mem
-                        chain.head = bid
-                        chain.ring_slots = 1
-                        if flags == expect:
-                            chain.readable = [(addr, length)]
-                            chain.writable = []
-                            chain.readable_len = length
-                            chain.writable_len = 0
-                        else:
-                            chain.readable = []
-                            chain.writable = [(addr, length)]
-                            chain.readable_len = 0
-                            chain.writable_len = length
-                    elif flags == expect:
-                        chain = DescriptorChain(mem, bid, [(addr, length)], [], length, 0)
+                    chain = _new_object(DescriptorChain)
+                    chain.mem = mem
+                    chain.head = bid
+                    chain.ring_slots = 1
+                    if flags == expect:
+                        chain.readable = [(addr, length)]
+                        chain.writable = []
+                        chain.readable_len = length
+                        chain.writable_len = 0
                     else:
-                        chain = DescriptorChain(mem, bid, [], [(addr, length)], 0, length)
+                        chain.readable = []
+                        chain.writable = [(addr, length)]
+                        chain.readable_len = 0
+                        chain.writable_len = length
                     pos += 1
                 elif (flags & _AVAIL_USED) != expect:
                     if not self._track_avail_event or pos + wrap * 0x8000 == published:
@@ -626,7 +636,8 @@ class PackedDeviceQueue:
         """
         try:
             size = self.size
-            d16, d32, d64 = self._d16, self._d32, self._d64
+            d16 = self._d16
+            ring = self._ring
             mem = self._mem
             fresh = mem._regions is self._regions_seen
             lo = self._lo
@@ -638,15 +649,18 @@ class PackedDeviceQueue:
             pos = head
             slots = 1
             while True:
-                addr = d64[pos * 2]
-                length = d32[pos * 4 + 2]
-                if flags & DESC_F_INDIRECT:
+                # The flags were read (and found available) first.
+                addr, length, bid, _ = _unpack_desc(ring, pos * 16)
+                # NEXT 1, WRITE 2, INDIRECT 4, compared as literals below
+                # (CPython 3.11 specialises int compares, not ``&``).
+                kind = flags & 7
+                if kind >= 4:  # DESC_F_INDIRECT
                     if not self.indirect:
                         raise self._fail(
                             f"descriptor {pos}: INDIRECT flag but VIRTIO_F_INDIRECT_DESC "
                             "was not negotiated"
                         )
-                    if slots > 1 or flags & DESC_F_NEXT:
+                    if slots > 1 or kind in {5, 7}:  # ... or DESC_F_NEXT
                         raise self._fail(
                             f"descriptor {pos}: INDIRECT descriptor in a NEXT-linked chain"
                         )
@@ -659,9 +673,11 @@ class PackedDeviceQueue:
                     fresh = True
                     lo = self._lo
                     hi = self._hi
-                if flags & DESC_F_WRITE:
+                if kind >= 2:  # DESC_F_WRITE
                     writable.append((addr, length))
                     writable_len += length
+                    if kind == 2:  # no DESC_F_NEXT: the end
+                        break
                 elif writable:
                     raise self._fail(
                         f"descriptor chain at {head}: readable descriptor {pos} after a "
@@ -670,8 +686,8 @@ class PackedDeviceQueue:
                 else:
                     readable.append((addr, length))
                     readable_len += length
-                if not flags & DESC_F_NEXT:
-                    break
+                    if kind == 0:
+                        break
                 if slots >= size:
                     raise self._fail(
                         f"descriptor chain at {head} is longer than the queue size {size}"
@@ -691,15 +707,7 @@ class PackedDeviceQueue:
                     )
                 slots += 1
             # The buffer ID is in the last descriptor of the list.
-            return _make_chain(
-                mem,
-                d16[pos * 8 + 6],
-                readable,
-                writable,
-                readable_len,
-                writable_len,
-                slots,
-            )
+            return _make_chain(mem, bid, readable, writable, readable_len, writable_len, slots)
         except VirtqueueError:
             self.broken = True
             raise
@@ -1223,13 +1231,13 @@ class PackedDriverQueue:
                 flags = self._avail_flags + DESC_F_WRITE
                 wlen = length
             pos = self._next_avail
-            bid = self._free_ids[-1]
+            bid = self._free_ids.pop()
             try:
                 # addr, len and id in one call; the flags go after them.
                 _pack_desc_head(self._ring, pos * 16, addr, length, bid)
             except struct.error as exc:
+                self._free_ids.append(bid)
                 raise ValueError(f"invalid buffer ({addr!r}, {length!r}): {exc}") from exc
-            self._free_ids.pop()
             self._tokens[bid] = token
             self._slots[bid] = 1
             self._wlen[bid] = wlen
@@ -1267,8 +1275,7 @@ class PackedDriverQueue:
         size = self.size
         pos = self._next_avail
         avail_flags = self._avail_flags
-        num_free = self._num_free
-        added = 0  # single-descriptor requests not yet counted in _added_since_kick
+        num_free = start_free = self._num_free  # slots added = start_free - num_free
         count = 0
         try:
             for readable, writable, token in requests:
@@ -1282,12 +1289,12 @@ class PackedDriverQueue:
                         addr, length = writable[0]
                         flags = avail_flags + DESC_F_WRITE
                         wlen = length
-                    bid = free_ids[-1]
+                    bid = free_ids.pop()
                     try:
                         _pack_desc_head(ring, pos * 16, addr, length, bid)
                     except struct.error as exc:
+                        free_ids.append(bid)
                         raise ValueError(f"invalid buffer ({addr!r}, {length!r}): {exc}") from exc
-                    free_ids.pop()
                     tokens[bid] = token
                     slots[bid] = 1
                     wlens[bid] = wlen
@@ -1297,31 +1304,31 @@ class PackedDriverQueue:
                         pos = 0
                         avail_flags ^= _AVAIL_USED
                     num_free -= 1
-                    added += 1
                 else:
                     # Chains, indirect tables and errors: as add does.
-                    self._sync_avail(pos, avail_flags, num_free, added)
-                    added = 0
+                    self._next_avail = pos
+                    if avail_flags != self._avail_flags:
+                        self._avail_flags = avail_flags
+                        self._avail_wrap ^= 1
+                    self._num_free = num_free
+                    self._added_since_kick += start_free - num_free
+                    start_free = num_free
                     try:
                         self._add_slow(readable, writable, token)
                     except QueueFullError:
                         break
                     pos = self._next_avail
                     avail_flags = self._avail_flags
-                    num_free = self._num_free
+                    num_free = start_free = self._num_free
                 count += 1
         finally:
-            self._sync_avail(pos, avail_flags, num_free, added)
+            self._next_avail = pos
+            if avail_flags != self._avail_flags:
+                self._avail_flags = avail_flags
+                self._avail_wrap ^= 1
+            self._num_free = num_free
+            self._added_since_kick += start_free - num_free
         return count
-
-    def _sync_avail(self, pos: int, avail_flags: int, num_free: int, added: int) -> None:
-        """Store add_batch's running position, flags and counts."""
-        self._next_avail = pos
-        if avail_flags != self._avail_flags:
-            self._avail_flags = avail_flags
-            self._avail_wrap ^= 1
-        self._num_free = num_free
-        self._added_since_kick += added
 
     def _add_slow(
         self,
@@ -1362,38 +1369,39 @@ class PackedDriverQueue:
                     avail_flags ^= _AVAIL_USED
             else:
                 # packed-ring.tex, "Placing Available Buffers Into The
-                # Descriptor Ring": all but the head get NEXT and their flags
-                # now; the last one loses NEXT once the loop has found it.
+                # Descriptor Ring": all but the head are written whole, each
+                # with NEXT but the last; the head's flags wait for the end.
+                # Flags as literals: 1 NEXT, 2 WRITE, 3 WRITE|NEXT.
+                ring = self._ring
                 wlen = 0
                 pos = head
                 avail_flags = head_flags
-                last = head
+                remaining = n
                 for addr, length in readable:
-                    d64[pos * 2] = addr
-                    d32[pos * 4 + 2] = length
-                    d16[pos * 8 + 6] = bid
-                    if pos != head:
-                        d16[pos * 8 + 7] = avail_flags + DESC_F_NEXT
-                    last = pos
+                    remaining -= 1
+                    if pos == head:
+                        _pack_desc_head(ring, pos * 16, addr, length, bid)
+                    else:
+                        flags = avail_flags + 1 if remaining else avail_flags
+                        _pack_desc(ring, pos * 16, addr, length, bid, flags)
                     pos += 1
                     if pos == size:
                         pos = 0
                         avail_flags ^= _AVAIL_USED
                 for addr, length in writable:
-                    d64[pos * 2] = addr
-                    d32[pos * 4 + 2] = length
-                    d16[pos * 8 + 6] = bid
-                    if pos != head:
-                        d16[pos * 8 + 7] = avail_flags + (DESC_F_NEXT + DESC_F_WRITE)
-                    last = pos
+                    remaining -= 1
+                    if pos == head:
+                        _pack_desc_head(ring, pos * 16, addr, length, bid)
+                    else:
+                        flags = avail_flags + 3 if remaining else avail_flags + 2
+                        _pack_desc(ring, pos * 16, addr, length, bid, flags)
                     wlen += length
                     pos += 1
                     if pos == size:
                         pos = 0
                         avail_flags ^= _AVAIL_USED
-                d16[last * 8 + 7] &= ~DESC_F_NEXT  # never the head: n >= 2 here
                 head_flags += DESC_F_NEXT if readable else DESC_F_NEXT + DESC_F_WRITE
-        except (ValueError, OverflowError, TypeError) as exc:
+        except (ValueError, OverflowError, TypeError, struct.error) as exc:
             raise ValueError(f"invalid buffer element: {exc}") from exc
         self._free_ids.pop()
         self._tokens[bid] = token
@@ -1491,8 +1499,14 @@ class PackedDriverQueue:
             flags = d16[pos * 8 + 7]
             expect = self._used_expect
             # Compares first (CPython 3.11 specialises them, not ``&``): a used
-            # descriptor nearly always has exactly AVAIL|USED, plus WRITE.
-            if flags != expect and flags != expect + 2 and (flags & _AVAIL_USED) != expect:
+            # descriptor nearly always has exactly AVAIL|USED, maybe WRITE.
+            if flags == expect:
+                write = False
+            elif flags == expect + 2:  # + DESC_F_WRITE
+                write = True
+            elif (flags & _AVAIL_USED) == expect:
+                write = bool(flags & DESC_F_WRITE)
+            else:
                 return
             length, bid = _unpack_used(ring, pos * 16 + 8)  # after the flags
             n = slots[bid] if bid < size else 0
@@ -1500,18 +1514,18 @@ class PackedDriverQueue:
                 raise self._fail(
                     f"device returned buffer ID {bid} at {pos}, which is not in flight"
                 )
-            if flags & DESC_F_WRITE:
-                written = length
-                if written > wlens[bid]:
+            wlen = wlens[bid]
+            if write:
+                if length > wlen:
                     raise self._fail(
-                        f"device wrote {written} bytes into buffer ID {bid} of "
-                        f"{wlens[bid]} writable bytes"
+                        f"device wrote {length} bytes into buffer ID {bid} of {wlen} writable bytes"
                     )
+                written = length
             else:
                 # Devices such as QEMU 7.2's leave WRITE clear in used
                 # descriptors; like Linux, take the length anyway, capped at
                 # what the buffer offered.
-                written = min(length, wlens[bid])
+                written = length if length < wlen else wlen
             token = tokens[bid]
             tokens[bid] = None
             slots[bid] = 0

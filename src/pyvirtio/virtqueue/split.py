@@ -566,6 +566,10 @@ class SplitDeviceQueue:
         if self.broken:
             raise VirtqueueError("queue is broken: an earlier malformed chain was reported")
         chains: list[DescriptorChain] = []
+        if not _INLINE_CHAIN:  # DescriptorChain changed: let pop build each chain
+            while (limit is None or len(chains) < limit) and (chain := self.pop()) is not None:
+                chains.append(chain)
+            return chains
         size = self.size
         room = sys.maxsize if limit is None else limit
         start = next_avail = self._next_avail
@@ -573,9 +577,13 @@ class SplitDeviceQueue:
         avail = self._avail
         desc = self._desc
         mem = self.mem
+        # The cached region is made current once per call (pop checks it per
+        # chain): a table replaced later in the call is like one replaced
+        # just after it.
+        if mem._regions is not self._regions:
+            self._refresh_region()
         lo = self._fast_base
         hi = self._fast_end
-        regions = self._regions
         try:
             while room > 0:
                 # The index is read before the ring entries it covers.
@@ -594,13 +602,7 @@ class SplitDeviceQueue:
                         raise VirtqueueError(f"available ring head {head} >= queue size {size}")
                     addr, length, flags, nxt = _unpack_desc(desc, head * 16)
                     # The fast path of pop, inline: see there.
-                    if (
-                        flags in {0, 2}
-                        and lo <= addr
-                        and addr + length <= hi
-                        and mem._regions is regions
-                        and _INLINE_CHAIN
-                    ):
+                    if flags in {0, 2} and lo <= addr and addr + length <= hi:
                         chain = _new_object(DescriptorChain)
                         chain.mem = mem
                         chain.head = head
@@ -620,7 +622,6 @@ class SplitDeviceQueue:
                         # _walk refreshes the cached region if the table changed.
                         lo = self._fast_base
                         hi = self._fast_end
-                        regions = self._regions
                     chains.append(chain)
                 next_avail = (next_avail + pending) & 0xFFFF
                 room -= pending
@@ -648,11 +649,9 @@ class SplitDeviceQueue:
         1 readable+NEXT, 2 writable, 3 writable+NEXT.  Reserved flag bits are
         ignored.
         """
+        if self.mem._regions is not self._regions:
+            self._refresh_region()
         mem = self.mem
-        if mem._regions is not self._regions:
-            # The region table changed: refresh the cached fast region.
-            self._regions = mem._regions
-            self._fast_base, self._fast_end, self._fast_view = _fast_region(self._regions)
         size = self.size
         lo = self._fast_base
         hi = self._fast_end
@@ -712,6 +711,11 @@ class SplitDeviceQueue:
             chain.ring_slots = 1
             return chain
         return DescriptorChain(mem, head, readable, writable, rlen, wlen)
+
+    def _refresh_region(self) -> None:
+        """The region table changed: cache the new one and its largest region."""
+        self._regions = self.mem._regions
+        self._fast_base, self._fast_end, self._fast_view = _fast_region(self._regions)
 
     def _check_buffer(self, addr: int, length: int, where: int | str) -> None:
         """The slow bounds check, for buffers outside the cached region."""
