@@ -20,8 +20,7 @@ pyvirtio / qsd-file.
         [--backends qsd-file,pyvirtio,qsd-null] [--cases 4k-qd1,...]
         [--backend-poll-us N] [--profile-driver CASE] [--profile-backend]
 
-``--backend-poll-us N`` serves pyvirtio with VhostUserBackend(poll_us=N)
-(this script's ``--serve`` mode: ``pyvirtio serve`` has no such option).
+``--backend-poll-us N`` serves pyvirtio with ``pyvirtio serve --poll-us N``.
 
 ``--profile-driver CASE`` (e.g. ``4k-qd32``) prints cProfile's top entries of
 the driver side for that case against each back end; ``--profile-backend``
@@ -51,10 +50,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pyvirtio.constants import DeviceId
-from pyvirtio.devices.block import Block
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.vhost_user import VhostUserFrontend
-from pyvirtio.transport.vhost_user import VhostUserBackend
 
 BLOCK = 4096
 BIG = 1 << 20
@@ -77,8 +74,6 @@ def backend_command(
         python = [sys.executable]
         if profile is not None:
             python += ["-m", "cProfile", "-o", str(profile)]
-        if poll_us:  # pyvirtio serve has no polling option: this script serves
-            return [*python, __file__, "--serve", str(sock), str(image), str(poll_us)]
         return [
             *python,
             "-m",
@@ -89,6 +84,8 @@ def backend_command(
             str(sock),
             "--file",
             str(image),
+            "--poll-us",
+            str(poll_us),
         ]
     qsd = shutil.which("qemu-storage-daemon")
     if qsd is None:
@@ -232,13 +229,9 @@ def main() -> None:
         "--backend-poll-us",
         type=float,
         default=0.0,
-        help="busy-poll after serving, in the pyvirtio back end (VhostUserBackend poll_us)",
+        help="busy-poll after serving, in the pyvirtio back end (serve --poll-us)",
     )
-    parser.add_argument("--serve", nargs=3, metavar=("SOCKET", "IMAGE", "POLL_US"))
     args = parser.parse_args()
-    if args.serve:
-        serve(Path(args.serve[0]), Path(args.serve[1]), float(args.serve[2]))
-        return
     kinds = args.backends.split(",")
     cases = args.cases.split(",")
 
@@ -318,17 +311,6 @@ def main() -> None:
         if profile_path is not None and profile_path.exists():
             print(f"\n--- pyvirtio serve cProfile (top {args.top} by own time) ---")
             pstats.Stats(str(profile_path)).sort_stats("tottime").print_stats(args.top)
-
-
-def serve(sock: Path, image: Path, poll_us: float) -> None:
-    """The pyvirtio back end with busy polling (``--serve``), until SIGTERM."""
-    with Block(image) as device:
-        backend = VhostUserBackend(device, sock, poll_us=poll_us)
-        signal.signal(signal.SIGTERM, lambda *_: backend.stop())
-        try:
-            backend.serve_forever()
-        finally:
-            backend.close()
 
 
 def print_targets(table: dict[str, dict[str, float]]) -> None:

@@ -129,8 +129,8 @@ _F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 _ANCILLARY_SPACE = socket.CMSG_SPACE(4 * 64)
 _EVENT_ONE = 1
 _PACKED_WRAP = 0x8000
-#: Longest busy poll of one ring before the loop looks at its other fds.
-_POLL_LIMIT = 0.002
+#: Longest stretch of ring polling before the loop looks at its fds again.
+_POLL_SLICE = 0.001
 _PACKED_INDEX = 0x7FFF
 
 
@@ -223,7 +223,9 @@ class VhostUserBackend:
     :data:`DEFAULT_PROTOCOL_FEATURES`), e.g. to make a front end use
     SET_MEM_TABLE instead of ADD_MEM_REG.  ``poll_us`` > 0 keeps polling a
     ring that long after serving it, with notifications off (see
-    :meth:`_poll_ring`): fewer kicks and wake-ups, more CPU time.
+    :meth:`_start_polling`): fewer kicks and wake-ups, more CPU time.  Poll
+    only in a process of its own (``pyvirtio serve --poll-us``): in a thread
+    next to other Python threads the spinning holds the GIL they need.
     """
 
     def __init__(
@@ -244,7 +246,7 @@ class VhostUserBackend:
         self.max_mem_slots = max_mem_slots
         self.send_timeout = send_timeout
         #: Microseconds to keep polling a ring for new buffers after serving it
-        #: (0: sleep in epoll at once).  See _poll_ring.
+        #: (0: sleep in epoll at once).  See _start_polling.
         self.poll_us = poll_us
         #: Requests received, oldest first (bounded): the message order a front end used.
         self.received: collections.deque[str] = collections.deque(maxlen=4096)
@@ -266,6 +268,8 @@ class VhostUserBackend:
         self._kick_fds: dict[int, int] = {}
         #: fd -> events of the device's own fds (VirtioDevice.host_fds) in the epoll
         self._host_fds: dict[int, int] = {}
+        #: ring index -> (queue, end of its poll window): rings being busy-polled
+        self._polling: dict[int, tuple[DeviceQueue, float]] = {}
         device.on_needs_reset = self._on_needs_reset
 
     def __repr__(self) -> str:
@@ -325,9 +329,15 @@ class VhostUserBackend:
             os.eventfd_write(self._wake_fd, 1)
 
     def run_once(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds for events and handle them; True if any came."""
+        """Wait up to ``timeout`` seconds for events and handle them; True if any came.
+
+        While a ring is being polled (``poll_us``) the wait is a zero-timeout
+        look at the fds, then up to _POLL_SLICE seconds of polling the rings.
+        """
         if self._closed:
             raise RuntimeError("back end is closed")
+        if self._polling:
+            timeout = 0
         events = self._epoll.poll(-1 if timeout is None else timeout)
         for fd, mask in events:
             try:
@@ -338,7 +348,8 @@ class VhostUserBackend:
                 log.exception("%s: internal error handling fd %d", self, fd)
                 self._disconnect("internal error", level=logging.ERROR)
         self._sync_host_fds()
-        return bool(events)
+        served = self._poll_rings() if self._polling else False
+        return bool(events) or served
 
     def _sync_host_fds(self) -> None:
         """Poll the fds the device asks for (VirtioDevice.host_fds), as it asks now.
@@ -473,6 +484,7 @@ class VhostUserBackend:
         session.closing = True  # a failure inside the teardown must not start it again
         log.log(level, "%s: %s; closing the connection", self, reason)
         self._stop_device(session, "front end gone")
+        self._polling.clear()
         try:
             self.device.reset()
         except Exception:
@@ -951,44 +963,65 @@ class VhostUserBackend:
         vring = session.vrings[index]
         if vring.queue is not None and vring.enabled:
             self._notify_device(index)
-            if self.poll_us > 0:
-                self._poll_ring(vring)
+            if self.poll_us > 0 and vring.queue is not None:
+                self._start_polling(vring, vring.queue)
 
-    def _poll_ring(self, vring: _Vring) -> None:
-        """Busy-poll a ring for ``poll_us`` after serving it, notifications off.
+    def _start_polling(self, vring: _Vring, queue: DeviceQueue) -> None:
+        """Poll ``queue`` for ``poll_us`` from now, its notifications off.
 
         A driver that submits its next request within the window saves its
         kick (a syscall that also wakes this thread) and this loop an epoll
         round; the price is CPU time spent spinning, so it pays only when
-        each side has a CPU of its own.  The window restarts after each
-        request served, and the poll ends after _POLL_LIMIT seconds at most
-        so the connection and other rings are served meanwhile.
+        each side has a CPU of its own.  Each request served restarts the
+        window; run_once keeps looking at the other fds meanwhile.
         """
-        queue = vring.queue
-        if queue is None:
-            return
-        index = vring.index
-        window = self.poll_us / 1e6
+        if vring.index not in self._polling:
+            queue.disable_notifications()
+        self._polling[vring.index] = (queue, time.perf_counter() + self.poll_us / 1e6)
+
+    def _poll_rings(self) -> bool:
+        """Poll the rings in their window for up to _POLL_SLICE seconds; True if any work."""
         clock = time.perf_counter
         now = clock()
-        deadline = now + window
-        limit = now + _POLL_LIMIT
+        slice_end = now + _POLL_SLICE
         device = self.device
-        queue.disable_notifications()
-        try:
-            while vring.queue is queue and vring.enabled and not device.needs_reset:
-                if queue.has_available():
+        session = self._session
+        window = self.poll_us / 1e6
+        served = False
+        while self._polling:
+            for index, (queue, deadline) in list(self._polling.items()):
+                vring = session.vrings[index] if session is not None else None
+                if (
+                    vring is None
+                    or vring.queue is not queue
+                    or not vring.enabled
+                    or device.needs_reset
+                ):
+                    # Torn down or replaced: a new queue starts with
+                    # notifications on, an old one is not ours to touch.
+                    del self._polling[index]
+                elif self._has_available(queue, index):
                     self._notify_device(index)
-                    now = clock()
-                    if now >= limit:
-                        break
-                    deadline = now + window
-                elif clock() >= deadline:
-                    break
-        finally:
-            # Buffers that came after the last look get no kick: serve them.
-            if vring.queue is queue and queue.enable_notifications():
-                self._notify_device(index)
+                    served = True
+                    self._polling[index] = (queue, clock() + window)
+                elif now >= deadline:
+                    del self._polling[index]
+                    # Buffers that came after the last look get no kick: serve them.
+                    if queue.enable_notifications():
+                        self._notify_device(index)
+                        served = True
+            now = clock()
+            if now >= slice_end:
+                break
+        return served
+
+    def _has_available(self, queue: DeviceQueue, index: int) -> bool:
+        """Whether ``queue`` has buffers; a queue that cannot tell goes to the device."""
+        try:
+            return queue.has_available()
+        except Exception as exc:  # a malformed ring: the device reports it
+            log.debug("%s: ring %d: %s", self, index, exc)
+            return True
 
     def _notify_device(self, index: int) -> None:
         try:
