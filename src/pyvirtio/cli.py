@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -43,10 +44,18 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_device(args: argparse.Namespace) -> VirtioDevice:
+def _make_device(args: argparse.Namespace, stack: contextlib.ExitStack) -> VirtioDevice:
+    """The device ``args`` describe; worker threads it needs are shut down by ``stack``."""
     if args.device == "blk":
         from pyvirtio.devices.block import Block
 
+        if args.io_threads < 0:
+            raise ValueError("--io-threads must be >= 0")
+        workers = None
+        if args.io_threads:
+            from pyvirtio.workers import IoWorkers
+
+            workers = stack.enter_context(IoWorkers(args.io_threads, name="blk-io"))
         return Block(
             args.file,
             read_only=args.read_only,
@@ -55,6 +64,7 @@ def _make_device(args: argparse.Namespace) -> VirtioDevice:
             cache=args.cache,
             direct=args.direct,
             logical_block_size=args.block_size,
+            io_workers=workers,
         )
     if args.device == "rng":
         from pyvirtio.devices.entropy import Entropy
@@ -73,17 +83,22 @@ def _make_device(args: argparse.Namespace) -> VirtioDevice:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        return _serve(args, stack)
+
+
+def _serve(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from pyvirtio.transport.vhost_user.backend import VhostUserBackend
 
     log = logging.getLogger("pyvirtio.serve")
-    try:
-        device = _make_device(args)
-    except (OSError, ValueError) as exc:
-        print(f"pyvirtio serve {args.device}: {exc}", file=sys.stderr)
-        return 1
     if args.poll_us < 0:
         print(f"pyvirtio serve {args.device}: --poll-us must be >= 0", file=sys.stderr)
         return 2
+    try:
+        device = _make_device(args, stack)
+    except (OSError, ValueError) as exc:
+        print(f"pyvirtio serve {args.device}: {exc}", file=sys.stderr)
+        return 1
     backend = VhostUserBackend(device, args.socket, poll_us=args.poll_us)
 
     def stop(signum: int, _frame: object) -> None:
@@ -92,7 +107,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    print(f"pyvirtio serve: {device.name} on {args.socket}", file=sys.stderr, flush=True)
+    extras = []
+    if getattr(args, "io_threads", 0):
+        extras.append(f"{args.io_threads} I/O threads")
+    if args.poll_us:
+        extras.append(f"polling {args.poll_us:g} us")
+    detail = f" ({', '.join(extras)})" if extras else ""
+    print(f"pyvirtio serve: {device.name} on {args.socket}{detail}", file=sys.stderr, flush=True)
     try:
         backend.serve_forever()
     finally:
@@ -144,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     blk.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
     blk.add_argument("--block-size", type=int, default=512, help="logical block size")
+    blk.add_argument(
+        "--io-threads",
+        type=int,
+        default=0,
+        help="worker threads for large reads and writes, pipelined within a ring "
+        "(default 0: all I/O on the serving thread)",
+    )
     rng = serve_sub.add_parser("rng", help="virtio-rng from the host's os.urandom")
     rng.add_argument("--socket", required=True, help="unix socket path to listen on")
     rng.add_argument(

@@ -975,8 +975,7 @@ class VhostUserBackend:
         each side has a CPU of its own.  Each request served restarts the
         window; run_once keeps looking at the other fds meanwhile.
         """
-        if vring.index not in self._polling:
-            queue.disable_notifications()
+        queue.disable_notifications()  # (again: a device may have turned them on)
         self._polling[vring.index] = (queue, time.perf_counter() + self.poll_us / 1e6)
 
     def _poll_rings(self) -> bool:
@@ -1003,6 +1002,8 @@ class VhostUserBackend:
                 elif self._has_available(queue, index):
                     self._notify_device(index)
                     served = True
+                    # A device may turn notifications back on when it is done.
+                    queue.disable_notifications()
                     self._polling[index] = (queue, clock() + window)
                 elif now >= deadline:
                     del self._polling[index]

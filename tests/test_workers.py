@@ -1,0 +1,59 @@
+"""IoWorkers: the host's worker threads for blocking I/O."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from pyvirtio.workers import IoWorkers, Outcome
+
+
+def test_calls_run_on_the_workers_and_report_to_their_queue() -> None:
+    with IoWorkers(3, name="t") as workers:
+        done: queue.SimpleQueue[Outcome[tuple[int, str]]] = queue.SimpleQueue()
+        for i in range(20):
+            workers.submit(lambda n: (n * n, threading.current_thread().name), (i,), done, i)
+        outcomes = [done.get(timeout=10) for _ in range(20)]
+        assert workers.submitted == 20
+    assert sorted(o.tag for o in outcomes) == list(range(20))  # type: ignore[type-var]
+    for outcome in outcomes:
+        assert outcome.error is None and outcome.value is not None
+        square, thread = outcome.value
+        assert square == outcome.tag * outcome.tag  # type: ignore[operator]
+        assert thread.startswith("t-") and thread != threading.current_thread().name
+    assert done.empty()
+
+
+def test_an_exception_is_an_outcome_not_a_dead_worker() -> None:
+    def fail() -> None:
+        raise OSError(5, "boom")
+
+    with IoWorkers(1) as workers:
+        done: queue.SimpleQueue[Outcome[object]] = queue.SimpleQueue()
+        workers.submit(fail, (), done, "a")
+        workers.submit(lambda: 42, (), done, "b")
+        first, second = done.get(timeout=10), done.get(timeout=10)
+    assert first.tag == "a" and isinstance(first.error, OSError) and first.value is None
+    assert second.tag == "b" and second.value == 42 and second.error is None
+
+
+def test_close_finishes_submitted_calls_and_stops_threads() -> None:
+    gate = threading.Event()
+    workers = IoWorkers(2, name="closing")
+    done: queue.SimpleQueue[Outcome[bool]] = queue.SimpleQueue()
+    for i in range(4):
+        workers.submit(gate.wait, (10,), done, i)
+    gate.set()
+    workers.close()
+    assert done.qsize() == 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("closing-")]
+    workers.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        workers.submit(bool, (), done, None)
+
+
+def test_thread_count_validated() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        IoWorkers(0)
