@@ -18,9 +18,14 @@ pyvirtio / qsd-file.
 
     python benchmarks/blk_vhost_user.py [--seconds 1] [--runs 5] [--size-mib 256]
         [--backends qsd-file,pyvirtio,qsd-null] [--cases 4k-qd1,...]
-        [--backend-poll-us N] [--profile-driver CASE] [--profile-backend]
+        [--backend-poll-us N] [--backend-io-threads N] [--driver-poll-us N]
+        [--profile-driver CASE] [--profile-backend]
 
-``--backend-poll-us N`` serves pyvirtio with ``pyvirtio serve --poll-us N``.
+``--backend-poll-us N`` serves pyvirtio with ``pyvirtio serve --poll-us N``,
+``--backend-io-threads N`` (N > 0) with ``--io-threads N``.
+``--driver-poll-us N`` gives every back end's BlkDriver ``poll_us=N``: waits
+spin on the used ring for up to N microseconds before sleeping on the call
+eventfd (the driver's CPU time then includes the spinning).
 
 ``--profile-driver CASE`` (e.g. ``4k-qd32``) prints cProfile's top entries of
 the driver side for that case against each back end; ``--profile-backend``
@@ -68,13 +73,19 @@ CASES: dict[str, tuple[int, int]] = {  # name -> (request size, queue depth)
 
 
 def backend_command(
-    kind: str, image: Path, size: int, sock: Path, profile: Path | None, poll_us: float
+    kind: str,
+    image: Path,
+    size: int,
+    sock: Path,
+    profile: Path | None,
+    poll_us: float,
+    io_threads: int = 0,
 ) -> list[str]:
     if kind == "pyvirtio":
         python = [sys.executable]
         if profile is not None:
             python += ["-m", "cProfile", "-o", str(profile)]
-        return [
+        command = [
             *python,
             "-m",
             "pyvirtio",
@@ -87,6 +98,9 @@ def backend_command(
             "--poll-us",
             str(poll_us),
         ]
+        if io_threads > 0:
+            command += ["--io-threads", str(io_threads)]
+        return command
     qsd = shutil.which("qemu-storage-daemon")
     if qsd is None:
         raise SystemExit("qemu-storage-daemon is not installed")
@@ -109,12 +123,19 @@ class Backend:
     """A back-end process serving the image on a socket of its own."""
 
     def __init__(
-        self, kind: str, image: Path, size: int, tmp: Path, profile: Path | None, poll_us: float
+        self,
+        kind: str,
+        image: Path,
+        size: int,
+        tmp: Path,
+        profile: Path | None,
+        poll_us: float,
+        io_threads: int = 0,
     ) -> None:
         self.kind = kind
         self.sock = tmp / f"{kind}.sock"
         self.process = subprocess.Popen(
-            backend_command(kind, image, size, self.sock, profile, poll_us),
+            backend_command(kind, image, size, self.sock, profile, poll_us, io_threads),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -231,6 +252,18 @@ def main() -> None:
         default=0.0,
         help="busy-poll after serving, in the pyvirtio back end (serve --poll-us)",
     )
+    parser.add_argument(
+        "--backend-io-threads",
+        type=int,
+        default=0,
+        help="I/O threads of the pyvirtio back end (serve --io-threads; 0: none)",
+    )
+    parser.add_argument(
+        "--driver-poll-us",
+        type=float,
+        default=0.0,
+        help="BlkDriver poll_us: spin on the used ring before sleeping, for every back end",
+    )
     args = parser.parse_args()
     kinds = args.backends.split(",")
     cases = args.cases.split(",")
@@ -247,9 +280,11 @@ def main() -> None:
             while f.read(8 * BIG):
                 pass
         profile_path = tmp / "backend.prof" if args.profile_backend else None
+        threads = f", {args.backend_io_threads} I/O threads" if args.backend_io_threads > 0 else ""
         print(
             f"BlkDriver over vhost-user, {args.size_mib} MiB page-cached image, split ring, "
-            f"pyvirtio back end polling {args.backend_poll_us:g} us; "
+            f"pyvirtio back end polling {args.backend_poll_us:g} us{threads}, "
+            f"driver polling {args.driver_poll_us:g} us; "
             f"{args.seconds:g} s x {args.runs} runs per case, back ends interleaved, medians; "
             f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
         )
@@ -265,6 +300,7 @@ def main() -> None:
                     tmp,
                     profile_path if kind == "pyvirtio" else None,
                     args.backend_poll_us,
+                    args.backend_io_threads,
                 )
                 stack.callback(be.stop)
                 backends[kind] = be
@@ -272,7 +308,9 @@ def main() -> None:
                     VhostUserFrontend(be.sock, device_id=DeviceId.BLOCK, memory_size=MEMORY)
                 )
                 # Split rings everywhere: qemu-storage-daemon offers no packed ring.
-                drivers[kind] = BlkDriver(frontend, packed=False, timeout=10.0)
+                drivers[kind] = BlkDriver(
+                    frontend, packed=False, timeout=10.0, poll_us=args.driver_poll_us
+                )
             for case in cases:
                 runs: dict[str, list[Result]] = {kind: [] for kind in kinds}
                 for kind in kinds:  # warm-up: buffers, the image, caches

@@ -1,5 +1,6 @@
 """BlkDriver end to end: BlkDriver -> MmioDriverTransport -> InProcessBus ->
-MmioTransport -> Block, over real files, with split and packed rings."""
+MmioTransport -> Block, over real files, with split and packed rings; and
+completion polling against a device the tests complete requests of by hand."""
 
 from __future__ import annotations
 
@@ -7,18 +8,26 @@ import errno
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from pyvirtio.constants import Feature
 from pyvirtio.devices.block import BlkFeature, Block, RequestType
 from pyvirtio.driver.blk import BlkDriver, BlkError, QueueFullError
-from pyvirtio.testing import MmioTestRig
+from pyvirtio.driver.memory import GuestAllocator, allocate_driver_queue
+from pyvirtio.memory import GuestMemory
+from pyvirtio.testing import RIG_MEMORY_SIZE, MmioTestRig
+from pyvirtio.virtqueue.common import DescriptorChain, DriverQueue
+from pyvirtio.virtqueue.packed import RING_EVENT_FLAGS_DISABLE, PackedDeviceQueue
+from pyvirtio.virtqueue.split import SplitDeviceQueue
 
 SECTOR = 512
 DISK_SIZE = 4 << 20
@@ -60,9 +69,18 @@ RING_VARIANTS = [
 ]
 
 
+@pytest.mark.parametrize("poll_us", [0.0, 20.0], ids=["irq", "poll"])
 @pytest.mark.parametrize(("packed", "event_idx", "indirect"), RING_VARIANTS)
-def test_end_to_end(image: Path, packed: bool, event_idx: bool, indirect: bool) -> None:
-    s = Setup(Block(image, serial="ring"), packed=packed, event_idx=event_idx, indirect=indirect)
+def test_end_to_end(
+    image: Path, packed: bool, event_idx: bool, indirect: bool, poll_us: float
+) -> None:
+    s = Setup(
+        Block(image, serial="ring"),
+        packed=packed,
+        event_idx=event_idx,
+        indirect=indirect,
+        poll_us=poll_us,
+    )
     drv = s.driver
     assert drv.has(Feature.RING_PACKED) is packed
     assert drv.has(Feature.EVENT_IDX) is event_idx
@@ -105,8 +123,10 @@ def test_end_to_end(image: Path, packed: bool, event_idx: bool, indirect: bool) 
     s.device.close()
 
 
-def test_queue_depth_32_with_one_kick(setup: Setup) -> None:
+@pytest.mark.parametrize("poll_us", [0.0, 20.0], ids=["irq", "poll"])
+def test_queue_depth_32_with_one_kick(setup: Setup, poll_us: float) -> None:
     drv = setup.driver
+    drv.poll_us = poll_us
     bufs = [drv.alloc_buffer(4096) for _ in range(32)]
     offsets = random.Random(3).sample(range(DISK_SIZE // 4096), 32)
     tokens = {
@@ -151,8 +171,9 @@ def test_blocking_helper_waits_for_room(image: Path) -> None:
     s.device.close()
 
 
-def test_timeout(image: Path) -> None:
-    s = Setup(Block(image), timeout=0.05)
+@pytest.mark.parametrize("poll_us", [0.0, 1e6], ids=["irq", "poll-past-timeout"])
+def test_timeout(image: Path, poll_us: float) -> None:
+    s = Setup(Block(image), timeout=0.05, poll_us=poll_us)
     drv = s.driver
     s.rig.transport.sleep()  # notifications are ignored while asleep
     with pytest.raises(BlkError) as info:
@@ -390,3 +411,341 @@ def test_completed_writes_survive_sigkill(tmp_path: Path, mode: str) -> None:
     data = path.read_bytes()
     assert data[: 1 << 20] == bytes(range(256)) * 4096
     assert data[1 << 20 :] == bytes(1 << 20)
+
+
+# -- completion polling (poll_us) ----------------------------------------------------------------
+
+
+def notifications_on(queue: DriverQueue) -> bool:
+    """Whether a driver queue asks for used-buffer notifications (either ring format)."""
+    state = queue.state()
+    if "interrupts_enabled" in state:  # split
+        return bool(state["interrupts_enabled"])
+    return bool(state["interrupt_flags"] != RING_EVENT_FLAGS_DISABLE)
+
+
+class HookedQueue:
+    """A driver queue with hooks where a device completing a request races
+    with the driver: just before ``enable_interrupts``, just after
+    ``disable_interrupts`` and before each look at the used ring."""
+
+    def __init__(self, queue: DriverQueue) -> None:
+        self.queue = queue
+        self.before_enable: Callable[[], object] | None = None
+        self.after_disable: Callable[[], object] | None = None
+        self.before_used: Callable[[], object] | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.queue, name)
+
+    def used(self) -> Iterator[tuple[object, int]]:
+        if self.before_used is not None:
+            self.before_used()
+        return self.queue.used()
+
+    def enable_interrupts(self) -> bool:
+        if self.before_enable is not None:
+            self.before_enable()
+        return self.queue.enable_interrupts()
+
+    def disable_interrupts(self) -> None:
+        self.queue.disable_interrupts()
+        if self.after_disable is not None:
+            self.after_disable()
+
+
+class HandDevice:
+    """A virtio-blk device over a RAM disk that the test drives by hand (a BlkTransport).
+
+    Requests complete only when the test (or a hook) calls :meth:`complete`,
+    in whatever order it asks, and interrupts follow the driver's
+    notification suppression (the device queue's ``needs_notification``).
+    :meth:`wait_interrupt` never blocks: it runs ``on_sleep`` (the device
+    working while the driver sleeps), and otherwise returns 0 as a timeout
+    would.  Before that it checks what a sleeping driver relies on: it only
+    sleeps with notifications on, and never while a completion it was not
+    told about sits in the used ring (it would sleep until its timeout).
+    """
+
+    def __init__(self, *, packed: bool, event_idx: bool, sectors: int = 2048) -> None:
+        self.mem = GuestMemory.anonymous(RIG_MEMORY_SIZE)
+        self.allocator = GuestAllocator(self.mem, 0x1000, RIG_MEMORY_SIZE - 0x1000)
+        self.disk = bytearray(pattern(sectors * SECTOR))
+        self.offered = Feature.VERSION_1.mask | Feature.INDIRECT_DESC.mask | BlkFeature.FLUSH.mask
+        if packed:
+            self.offered |= Feature.RING_PACKED.mask
+        if event_idx:
+            self.offered |= Feature.EVENT_IDX.mask
+        self.features = 0
+        self.device_queues: list[SplitDeviceQueue | PackedDeviceQueue] = []
+        self.driver_queues: list[HookedQueue] = []
+        self.held: list[DescriptorChain] = []
+        self.irq = False
+        self.interrupts = 0
+        self.sleeps = 0
+        self.on_sleep: Callable[[], object] | None = None
+        self.driver: BlkDriver | None = None
+
+    # -- BlkTransport ---------------------------------------------------------------------------
+
+    def initialize(self, wanted_features: int) -> int:
+        self.features = wanted_features & self.offered
+        return self.features
+
+    def has(self, feature: Feature) -> bool:
+        return bool(self.features & feature.mask)
+
+    def setup_queue(
+        self, index: int, size: int | None = None, packed_ring: bool | None = None
+    ) -> DriverQueue:
+        size = size or 64
+        packed = self.has(Feature.RING_PACKED)
+        event_idx = self.has(Feature.EVENT_IDX)
+        indirect = self.has(Feature.INDIRECT_DESC)
+        queue, (desc, driver, device, *_) = allocate_driver_queue(
+            self.mem,
+            self.allocator,
+            size,
+            packed_ring=packed,
+            event_idx=event_idx,
+            indirect=indirect,
+            max_indirect=8,
+        )
+        kind = PackedDeviceQueue if packed else SplitDeviceQueue
+        self.device_queues.append(
+            kind(self.mem, size, desc, driver, device, event_idx=event_idx, indirect=indirect)
+        )
+        hooked = HookedQueue(queue)
+        self.driver_queues.append(hooked)
+        return cast(DriverQueue, hooked)
+
+    def driver_ok(self) -> None:
+        pass
+
+    def notify(self, index: int) -> None:
+        pass  # requests wait for complete()
+
+    def read_config(self, offset: int, size: int) -> int:
+        assert (offset, size) == (0, 8), "only capacity is offered"
+        return len(self.disk) // SECTOR
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        raise AssertionError("nothing to write")
+
+    def wait_interrupt(self, timeout: float | None = None) -> int:
+        self.sleeps += 1
+        assert all(notifications_on(q.queue) for q in self.driver_queues), (
+            "the driver sleeps with used-buffer notifications off"
+        )
+        if self.on_sleep is not None:
+            self.on_sleep()
+        if self.irq:
+            self.irq = False
+            return 1
+        self.take()
+        assert self.driver is not None
+        assert self.driver.in_flight == len(self.held), (
+            "the driver sleeps although a completion waits in the used ring"
+        )
+        assert timeout is not None, "the driver would sleep forever"
+        return 0
+
+    # -- the device -----------------------------------------------------------------------------
+
+    def take(self) -> None:
+        """Pop every available request (without completing it)."""
+        self.held += self.device_queues[0].pop_batch()
+
+    def complete(self, count: int | None = None, order: str = "fifo") -> int:
+        """Complete ``count`` held requests (all by default), in ``order``
+        ("fifo", "lifo" or "shuffle"); returns how many."""
+        self.take()
+        chains = self.held[: len(self.held) if count is None else count]
+        del self.held[: len(chains)]
+        if order == "lifo":
+            chains.reverse()
+        elif order == "shuffle":
+            random.Random(len(chains)).shuffle(chains)
+        queue = self.device_queues[0]
+        for chain in chains:  # one by one, as a device finishing them in turn would
+            queue.add_used(chain, self.serve(chain))
+            if queue.needs_notification():
+                self.irq = True
+                self.interrupts += 1
+        return len(chains)
+
+    def serve(self, chain: DescriptorChain) -> int:
+        kind, _, sector = struct.unpack("<IIQ", chain.read(0, 16))
+        offset = sector * SECTOR
+        if kind == RequestType.IN:
+            length = chain.writable_len - 1
+            chain.write(self.disk[offset : offset + length])
+            chain.write(b"\0", length)
+            return length + 1
+        if kind == RequestType.OUT:
+            data = chain.read(16, chain.readable_len - 16)
+            self.disk[offset : offset + len(data)] = data
+        chain.write(b"\0")
+        return 1
+
+
+POLL_RINGS = [
+    pytest.param(packed, event_idx, id=f"{name}-evidx{int(event_idx)}")
+    for name, packed in (("split", False), ("packed", True))
+    for event_idx in (False, True)
+]
+
+
+def hand_driver(packed: bool, event_idx: bool, **options: object) -> tuple[HandDevice, BlkDriver]:
+    device = HandDevice(packed=packed, event_idx=event_idx)
+    driver = BlkDriver(device, packed=packed, event_idx=event_idx, **options)  # type: ignore[arg-type]
+    device.driver = driver
+    return device, driver
+
+
+@pytest.mark.parametrize("poll_us", [0.0, 50.0])
+@pytest.mark.parametrize(("packed", "event_idx"), POLL_RINGS)
+def test_polling_many_in_flight_out_of_order(packed: bool, event_idx: bool, poll_us: float) -> None:
+    """Polling or not, requests completed in any order come back right."""
+    device, drv = hand_driver(packed, event_idx, poll_us=poll_us)
+    bufs = [drv.alloc_buffer(4096) for _ in range(32)]
+    for i, buf in enumerate(bufs):
+        buf.view[:] = pattern(4096, 50 + i)
+    writes = {
+        drv.submit_write(i * 8192, buf.addr, 4096, kick=False): i for i, buf in enumerate(bufs)
+    }
+    drv.kick()
+    assert device.complete(order="lifo") == 32
+    done = drv.wait(32, timeout=5)
+    assert sorted(done) == sorted((token, 0) for token in writes)
+    for buf in bufs:
+        buf.view[:] = bytes(4096)
+    reads = {drv.submit_read(i * 8192, buf.addr, 4096): i for i, buf in enumerate(bufs)}
+    flush = drv.submit_flush()
+    device.complete(12, order="shuffle")
+    first = drv.wait(1, timeout=5)
+    assert len(first) == 12  # wait returns all that is there, not just the one asked for
+    device.complete(order="shuffle")
+    rest = drv.wait(21, timeout=5)
+    assert sorted(first + rest) == sorted((token, 0) for token in [*reads, flush])
+    for i, buf in enumerate(bufs):
+        assert bytes(buf.view) == pattern(4096, 50 + i)
+    assert drv.in_flight == 0
+    assert device.sleeps == 0  # every completion was there before the wait
+
+
+@pytest.mark.parametrize("poll_us", [0.0, 1.0, 50.0])
+@pytest.mark.parametrize(("packed", "event_idx"), POLL_RINGS)
+def test_polling_blocking_helpers_while_device_works_during_sleep(
+    packed: bool, event_idx: bool, poll_us: float
+) -> None:
+    """The device answers only while the driver sleeps: every wait spins (if
+    polling), turns notifications back on, sleeps and is woken by an interrupt."""
+    device, drv = hand_driver(packed, event_idx, poll_us=poll_us, timeout=5)
+    device.on_sleep = device.complete
+    for i in range(20):
+        drv.write(i * 4096, pattern(4096, i))
+        assert drv.read(i * 4096, 4096) == pattern(4096, i)
+    drv.flush()
+    assert device.disk[: 20 * 4096] == b"".join(pattern(4096, i) for i in range(20))
+    assert device.sleeps == 41
+    assert device.interrupts == 41  # each sleep ended by an interrupt, none lost
+    on = [notifications_on(q.queue) for q in device.driver_queues]
+    assert on == [True]  # the last wait slept, so with notifications on
+
+
+@pytest.mark.parametrize(("packed", "event_idx"), POLL_RINGS)
+def test_polling_completion_just_before_notifications_return(packed: bool, event_idx: bool) -> None:
+    """A request completed after the poll window's last look but before
+    notifications are back on raises no interrupt: the re-check must find it."""
+    device, drv = hand_driver(packed, event_idx, poll_us=1.0)
+    buf = drv.alloc_buffer(4096)
+    token = drv.submit_read(4096, buf.addr, 4096)
+    [queue] = device.driver_queues
+
+    def complete_late() -> None:
+        queue.before_enable = None
+        assert not notifications_on(queue.queue)  # off while polling
+        assert device.complete() == 1
+
+    queue.before_enable = complete_late
+    assert drv.wait(1, timeout=5) == [(token, 0)]
+    assert device.interrupts == 0  # suppressed: nothing would have woken a sleeper
+    assert device.sleeps == 0  # reaped on the re-check, not slept on
+    assert bytes(buf.view) == pattern(DISK_SIZE)[4096:8192]
+
+
+@pytest.mark.parametrize(("packed", "event_idx"), POLL_RINGS)
+def test_polling_reaps_completions_without_interrupts(packed: bool, event_idx: bool) -> None:
+    """Requests completed while the driver spins are reaped without an interrupt
+    or a sleep; notifications stay off between waits until the driver sleeps."""
+    device, drv = hand_driver(packed, event_idx, poll_us=60e6)  # the window outlasts the test
+    [queue] = device.driver_queues
+    buf = drv.alloc_buffer(4096)
+    looks = 0
+
+    def complete_on_third_look() -> None:
+        nonlocal looks
+        looks += 1
+        if looks == 3:
+            assert not notifications_on(queue.queue)
+            assert device.complete() == 1
+
+    queue.before_used = complete_on_third_look
+    for i in range(5):
+        token = drv.submit_read(i * 4096, buf.addr, 4096)
+        looks = 0
+        assert drv.wait(1, timeout=5) == [(token, 0)]
+        assert looks == 3  # wait's own look, then two of the spin's
+        assert not notifications_on(queue.queue)
+    assert device.interrupts == 0
+    assert device.sleeps == 0
+    # Once the driver has to sleep, notifications are on again.
+    queue.before_used = None
+    device.on_sleep = device.complete
+    drv.poll_us = 0
+    assert drv.read(0, 4096) == pattern(4096)
+    assert device.sleeps == 1 and device.interrupts == 1
+    assert notifications_on(queue.queue)
+
+
+def test_polling_off_never_touches_notifications() -> None:
+    device, drv = hand_driver(False, True)
+    [queue] = device.driver_queues
+    device.on_sleep = device.complete
+
+    def fail() -> None:
+        raise AssertionError("notifications turned off without polling")
+
+    queue.after_disable = fail
+    queue.before_enable = fail
+    drv.write(0, bytes(4096))
+    assert drv.read(0, 4096) == bytes(4096)
+    assert notifications_on(queue.queue)
+
+
+@pytest.mark.parametrize(("packed", "event_idx"), POLL_RINGS)
+def test_polling_wait_is_bounded_by_its_timeout(packed: bool, event_idx: bool) -> None:
+    """A poll window far longer than the timeout still ends at the timeout."""
+    device, drv = hand_driver(packed, event_idx, poll_us=60e6, timeout=0.05)
+    buf = drv.alloc_buffer(4096)
+    start = time.monotonic()
+    token = drv.submit_read(0, buf.addr, 4096)
+    assert drv.wait(1, timeout=0.05) == []
+    with pytest.raises(BlkError) as info:
+        drv.read(4096, 4096)
+    assert info.value.errno == errno.ETIMEDOUT
+    assert time.monotonic() - start < 30  # not the 60 s poll window
+    assert drv.in_flight == 2
+    device.complete()
+    assert sorted(drv.wait(2, timeout=5))[0] == (token, 0)
+
+
+def test_poll_us_must_be_finite_and_not_negative(setup: Setup) -> None:
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="poll_us"):
+            setup.driver.poll_us = bad
+    setup.driver.poll_us = 25
+    assert setup.driver.poll_us == pytest.approx(25)
+    with pytest.raises(ValueError, match="poll_us"):
+        BlkDriver(setup.rig.driver, poll_us=-5)
