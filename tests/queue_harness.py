@@ -54,38 +54,25 @@ def make_pair(
     desc = base
     driver = (desc + desc_len + 63) & ~63
     device = (driver + driver_len + 63) & ~63
-    drv: DriverQueue
-    dev: DeviceQueue
-    if packed_ring:
-        drv = packed.PackedDriverQueue(
-            mem,
-            size,
-            desc,
-            driver,
-            device,
-            event_idx=event_idx,
-            indirect=indirect,
-            indirect_addr=indirect_addr,
-            max_indirect=MAX_INDIRECT if indirect else 0,
-        )
-        dev = packed.PackedDeviceQueue(
-            mem, size, desc, driver, device, event_idx=event_idx, indirect=indirect
-        )
-    else:
-        drv = split.SplitDriverQueue(
-            mem,
-            size,
-            desc,
-            driver,
-            device,
-            event_idx=event_idx,
-            indirect=indirect,
-            indirect_addr=indirect_addr,
-            max_indirect=MAX_INDIRECT if indirect else 0,
-        )
-        dev = split.SplitDeviceQueue(
-            mem, size, desc, driver, device, event_idx=event_idx, indirect=indirect
-        )
+    drv_cls, dev_cls = (
+        (packed.PackedDriverQueue, packed.PackedDeviceQueue)
+        if packed_ring
+        else (split.SplitDriverQueue, split.SplitDeviceQueue)
+    )
+    drv: DriverQueue = drv_cls(
+        mem,
+        size,
+        desc,
+        driver,
+        device,
+        event_idx=event_idx,
+        indirect=indirect,
+        indirect_addr=indirect_addr,
+        max_indirect=MAX_INDIRECT if indirect else 0,
+    )
+    dev: DeviceQueue = dev_cls(
+        mem, size, desc, driver, device, event_idx=event_idx, indirect=indirect
+    )
     return drv, dev
 
 

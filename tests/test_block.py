@@ -330,7 +330,7 @@ def test_ring_variants(image: Path, packed_ring: bool, event_idx: bool, indirect
 def test_fast_path_answers_as_the_general_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_only: bool
 ) -> None:
-    """Block._fast_read_write takes usual-shape IN/OUT requests: same answers as without it."""
+    """Block._plan_fast takes usual-shape IN/OUT requests: same answers as without it."""
     last = DISK_SIZE // SECTOR
     requests: list[tuple[list[bytes], list[int]]] = [
         ([header(RequestType.IN, 3)], [4096, 1]),  # usual read
@@ -349,7 +349,7 @@ def test_fast_path_answers_as_the_general_path(
         path = tmp_path / f"disk-{fast}.img"
         path.write_bytes(pattern(DISK_SIZE))
         if not fast:
-            monkeypatch.setattr(Block, "_fast_read_write", lambda self, chain: None)
+            monkeypatch.setattr(Block, "_plan_fast", lambda self, chain: None)
         rig = make_rig(path, read_only=read_only)
         outcomes.append(
             ([rig.run(readable, writable) for readable, writable in requests], path.read_bytes())

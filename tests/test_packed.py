@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue import packed
+from pyvirtio.virtqueue import common, packed
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -1067,7 +1067,9 @@ def test_struct_fallback_for_big_endian_hosts(
 
 def test_constructor_fallback_for_chains(mem: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Should DescriptorChain gain a slot, chains are built by its constructor."""
-    monkeypatch.setattr(packed, "_INLINE_CHAIN", False)
+    # The ring fast paths and common.make_chain both follow the flag.
+    monkeypatch.setattr(packed, "INLINE_CHAIN", False)
+    monkeypatch.setattr(common, "INLINE_CHAIN", False)
     drv, dev = pair(mem)
     drv.add([(DATA, 4)], [], "r")
     drv.add([], [(DATA, 4)], "w")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue import split
+from pyvirtio.virtqueue import common, split
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -222,7 +222,9 @@ def test_single_writable_descriptor(mem: GuestMemory) -> None:
 def test_fast_path_chain_matches_constructor(
     mem: GuestMemory, monkeypatch: pytest.MonkeyPatch, inline: bool
 ) -> None:
-    monkeypatch.setattr(split, "_INLINE_CHAIN", inline)
+    # The ring fast paths and common.make_chain both follow the flag.
+    monkeypatch.setattr(split, "INLINE_CHAIN", inline)
+    monkeypatch.setattr(common, "INLINE_CHAIN", inline)
     write_desc(mem, 1, DATA, 7)
     write_desc(mem, 2, DATA + 64, 9, DESC_F_WRITE)
     write_desc(mem, 3, DATA, 1, DESC_F_NEXT, 4)

@@ -59,6 +59,9 @@ __all__ = [
     "LifecycleError",
     "QueueResources",
     "VirtioDevice",
+    "expect_bool",
+    "expect_str",
+    "expect_uint",
 ]
 
 log = logging.getLogger(__name__)
@@ -388,3 +391,27 @@ class VirtioDevice:
 
     def _restore_model(self, state: Any) -> None:
         """Inverse of ``_snapshot_model``; raise ValueError on bad input."""
+
+
+# -- checking snapshot models (for _restore_model implementations) --------------------------
+
+
+def expect_uint(value: Any) -> int:
+    """``value`` if it is a non-negative int (not a bool); else ValueError."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def expect_bool(value: Any) -> bool:
+    """``value`` if it is a bool; else ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError(f"expected a boolean, got {value!r}")
+    return value
+
+
+def expect_str(value: Any) -> str:
+    """``value`` if it is a str; else ValueError."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value

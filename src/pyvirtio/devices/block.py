@@ -710,13 +710,14 @@ class Block(VirtioDevice):
             return
         # (chain, status or None when unanswerable, whether it modified the file)
         served: list[tuple[DescriptorChain, int | None, bool]] = []
-        fast = self._fast_read_write
+        plan_fast = self._plan_fast
+        transfer = self._transfer
         try:
             while (chain := queue.pop()) is not None:
                 self.requests += 1
-                result = fast(chain)
-                if result is not None:
-                    served.append((chain, *result))
+                plan = plan_fast(chain)
+                if plan is not None:
+                    served.append((chain, *transfer(chain.head, *plan)))
                     continue
                 served.append(self._serve_other(chain))
         finally:
@@ -724,7 +725,7 @@ class Block(VirtioDevice):
                 self._complete(index, queue, served)
 
     def _serve_other(self, chain: DescriptorChain) -> tuple[DescriptorChain, int | None, bool]:
-        """Any request but the usual read or write (see _fast_read_write)."""
+        """Any request but the usual read or write (see _plan_fast)."""
         if chain.writable_len == 0:
             self._bad(chain, "no device-writable status byte; cannot answer")
             return chain, None, False
@@ -900,13 +901,6 @@ class Block(VirtioDevice):
         # anything unknown.
         log.debug("%s: request %d: unsupported type %d", self.name, chain.head, req_type)
         return Status.UNSUPP, False
-
-    def _fast_read_write(self, chain: DescriptorChain) -> tuple[int, bool] | None:
-        """IN and OUT requests of the usual shape, in fewer steps; None for anything else."""
-        plan = self._plan_fast(chain)
-        if plan is None:
-            return None
-        return self._transfer(chain.head, *plan)
 
     def _outcome(self, outcome: Outcome[tuple[int, bool]]) -> tuple[DescriptorChain, int, bool]:
         """A worker's (chain, status, modified); IOERR if it failed in an unforeseen way."""

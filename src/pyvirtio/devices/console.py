@@ -50,7 +50,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvirtio.constants import DeviceId
-from pyvirtio.device import COMMON_FEATURES, DeviceState, QueueResources, VirtioDevice
+from pyvirtio.device import (
+    COMMON_FEATURES,
+    DeviceState,
+    QueueResources,
+    VirtioDevice,
+    expect_bool,
+    expect_uint,
+)
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue
@@ -576,7 +583,7 @@ class Console(VirtioDevice):
 
     def _restore_model(self, state: Any) -> None:
         try:
-            cols, rows = _int(state["cols"]), _int(state["rows"])
+            cols, rows = expect_uint(state["cols"]), expect_uint(state["rows"])
             self._check_size(cols, rows)
             ports = state["ports"]
             if not isinstance(ports, list) or len(ports) != self.ports:
@@ -585,17 +592,17 @@ class Console(VirtioDevice):
                 (
                     _unb64(p["input"]),
                     _unb64(p["output"]),
-                    _bool(p["ready"]),
-                    _bool(p["guest_open"]),
-                    _bool(p["tx_stalled"]),
+                    expect_bool(p["ready"]),
+                    expect_bool(p["guest_open"]),
+                    expect_bool(p["tx_stalled"]),
                 )
                 for p in ports
             ]
             control = [_unb64(m) for m in state["control_pending"]]
-            driver_ready = _bool(state["driver_ready"])
-            config_change_pending = _bool(state["config_change_pending"])
-            control_tx_stalled = _bool(state["control_tx_stalled"])
-            emergency_dropped = _int(state["emergency_dropped"])
+            driver_ready = expect_bool(state["driver_ready"])
+            config_change_pending = expect_bool(state["config_change_pending"])
+            control_tx_stalled = expect_bool(state["control_tx_stalled"])
+            emergency_dropped = expect_uint(state["emergency_dropped"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed console state: {exc!r}") from exc
         self.cols, self.rows = cols, rows
@@ -632,15 +639,3 @@ def _unb64(value: Any) -> bytes:
         return base64.b64decode(value, validate=True)
     except ValueError as exc:  # binascii.Error is a ValueError
         raise ValueError(f"bad base64: {exc}") from exc
-
-
-def _int(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"expected a non-negative integer, got {value!r}")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected a boolean, got {value!r}")
-    return value

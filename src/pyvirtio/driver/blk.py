@@ -64,7 +64,7 @@ from pyvirtio.devices.block import (
     RequestType,
     Status,
 )
-from pyvirtio.memory import GuestMemory
+from pyvirtio.driver.transport import DriverTransport
 from pyvirtio.virtqueue.common import DriverQueue, QueueFullError
 
 __all__ = [
@@ -121,40 +121,10 @@ class Buffer(NamedTuple):
         return len(self.view)
 
 
-class BufferAllocator(Protocol):
-    def alloc(self, size: int, align: int = 16) -> int: ...
-
-    def free(self, addr: int) -> None: ...
-
-
-class BlkTransport(Protocol):
+class BlkTransport(DriverTransport, Protocol):
     """What :class:`BlkDriver` needs of a driver transport (MmioDriverTransport has it)."""
 
-    @property
-    def mem(self) -> GuestMemory: ...
-
-    @property
-    def allocator(self) -> BufferAllocator: ...
-
-    def initialize(self, wanted_features: int) -> int:
-        """Reset .. FEATURES_OK; returns the negotiated features."""
-        ...
-
-    def setup_queue(
-        self, index: int, size: int | None = None, packed_ring: bool | None = None
-    ) -> DriverQueue: ...
-
-    def driver_ok(self) -> None: ...
-
-    def notify(self, index: int) -> None: ...
-
-    def read_config(self, offset: int, size: int) -> int: ...
-
     def write_config(self, offset: int, size: int, value: int) -> None: ...
-
-    def wait_interrupt(self, timeout: float | None = None) -> int:
-        """Block until the device interrupts (or ``timeout``); 0 on timeout."""
-        ...
 
 
 @dataclass

@@ -61,7 +61,7 @@ from pyvirtio.devices.net.wire import (
     parse_mac,
 )
 from pyvirtio.driver.mmio import MmioDriverError
-from pyvirtio.memory import GuestMemory
+from pyvirtio.driver.transport import DriverTransport
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = ["NetDriver", "NetDriverError", "NetTransport", "Packet"]
@@ -93,38 +93,12 @@ class NetDriverError(MmioDriverError):
     """The device refused a command, misbehaved, needs a reset, or did not answer in time."""
 
 
-class BufferAllocator(Protocol):
-    def alloc(self, size: int, align: int = 16) -> int: ...
-
-    def free(self, addr: int) -> None: ...
-
-
-class NetTransport(Protocol):
+class NetTransport(DriverTransport, Protocol):
     """What :class:`NetDriver` needs of a driver transport."""
-
-    @property
-    def mem(self) -> GuestMemory: ...
-
-    @property
-    def allocator(self) -> BufferAllocator: ...
 
     device_id: int
 
-    def initialize(self, wanted_features: int) -> int: ...
-
-    def setup_queue(
-        self, index: int, size: int | None = None, packed_ring: bool | None = None
-    ) -> DriverQueue: ...
-
-    def driver_ok(self) -> None: ...
-
-    def notify(self, index: int) -> None: ...
-
-    def read_config(self, offset: int, size: int) -> int: ...
-
     def read_config_bytes(self, offset: int, length: int) -> bytes: ...
-
-    def wait_interrupt(self, timeout: float | None = None) -> int: ...
 
     def reset(self) -> None: ...
 

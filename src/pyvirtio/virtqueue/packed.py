@@ -52,11 +52,13 @@ from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    INLINE_CHAIN,
     MAX_QUEUE_SIZE,
     DescriptorChain,
     QueueFullError,
     QueueState,
     VirtqueueError,
+    make_chain,
 )
 
 __all__ = [
@@ -119,18 +121,7 @@ _unpack_used = struct.Struct("<IH").unpack_from
 #: can exercise the fallback.
 _NATIVE_LE = sys.byteorder == "little"
 
-#: The fast paths fill a DescriptorChain's slots instead of calling its
-#: constructor (a third cheaper); only while the slots are these.
-_INLINE_CHAIN = set(DescriptorChain.__slots__) == {
-    "head",
-    "mem",
-    "readable",
-    "readable_len",
-    "ring_slots",
-    "writable",
-    "writable_len",
-}
-_new_object = object.__new__
+_new_object = object.__new__  # the inline fast paths (see common.INLINE_CHAIN)
 
 _barrier_lock = threading.Lock()
 
@@ -273,31 +264,6 @@ def _need_event(
     if (off_wrap >> _WRAP_SHIFT) != wrap:
         off -= size
     return ((new - off - 1) & 0xFFFF) < count
-
-
-def _make_chain(
-    mem: GuestMemory,
-    head: int,
-    readable: list[tuple[int, int]],
-    writable: list[tuple[int, int]],
-    readable_len: int,
-    writable_len: int,
-    ring_slots: int,
-) -> DescriptorChain:
-    """A DescriptorChain, its slots filled directly when that is safe (see _INLINE_CHAIN)."""
-    if not _INLINE_CHAIN:
-        return DescriptorChain(
-            mem, head, readable, writable, readable_len, writable_len, ring_slots
-        )
-    chain: DescriptorChain = _new_object(DescriptorChain)
-    chain.mem = mem
-    chain.head = head
-    chain.readable = readable
-    chain.writable = writable
-    chain.readable_len = readable_len
-    chain.writable_len = writable_len
-    chain.ring_slots = ring_slots
-    return chain
 
 
 def _store_used_run(
@@ -472,7 +438,7 @@ class PackedDeviceQueue:
                 and mem._regions is self._regions_seen
             ):
                 self._check_range(addr, length, pos)
-            if _INLINE_CHAIN:
+            if INLINE_CHAIN:
                 chain = _new_object(DescriptorChain)
                 chain.mem = mem
                 chain.head = bid
@@ -524,7 +490,7 @@ class PackedDeviceQueue:
         if self.broken:
             raise VirtqueueError("packed virtqueue is broken; the device needs a reset")
         chains: list[DescriptorChain] = []
-        if not _INLINE_CHAIN:  # DescriptorChain changed: let pop build each chain
+        if not INLINE_CHAIN:  # DescriptorChain changed: let pop build each chain
             while (limit is None or len(chains) < limit) and (chain := self.pop()) is not None:
                 chains.append(chain)
             return chains
@@ -707,7 +673,7 @@ class PackedDeviceQueue:
                     )
                 slots += 1
             # The buffer ID is in the last descriptor of the list.
-            return _make_chain(mem, bid, readable, writable, readable_len, writable_len, slots)
+            return make_chain(mem, bid, readable, writable, readable_len, writable_len, slots)
         except VirtqueueError:
             self.broken = True
             raise

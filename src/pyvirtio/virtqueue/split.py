@@ -47,11 +47,13 @@ from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    INLINE_CHAIN,
     MAX_QUEUE_SIZE,
     DescriptorChain,
     QueueFullError,
     QueueState,
     VirtqueueError,
+    make_chain,
     ring_need_event,
 )
 
@@ -88,18 +90,7 @@ _CHAIN_BYTES_LIMIT = 1 << 32
 #: Most descriptors an indirect table may hold (as many as the largest queue).
 _MAX_INDIRECT_DESCS = MAX_QUEUE_SIZE
 
-#: The fast path of ``pop`` builds a DescriptorChain by filling its slots
-#: rather than calling its constructor; only while the slots are these.
-_INLINE_CHAIN = set(DescriptorChain.__slots__) == {
-    "head",
-    "mem",
-    "readable",
-    "readable_len",
-    "ring_slots",
-    "writable",
-    "writable_len",
-}
-_new_object = object.__new__
+_new_object = object.__new__  # the inline fast paths (see common.INLINE_CHAIN)
 
 #: Batches of at least this many used elements are read or written with one
 #: slice per lap of the ring; below it, the slice's fixed cost outweighs a
@@ -483,7 +474,7 @@ class SplitDeviceQueue:
                 and addr + length <= self._fast_end
                 and mem._regions is self._regions
             ):
-                if _INLINE_CHAIN:
+                if INLINE_CHAIN:
                     # The chain's slots are filled directly: a third cheaper
                     # than the constructor call, and this runs once per request.
                     chain = _new_object(DescriptorChain)
@@ -566,7 +557,7 @@ class SplitDeviceQueue:
         if self.broken:
             raise VirtqueueError("queue is broken: an earlier malformed chain was reported")
         chains: list[DescriptorChain] = []
-        if not _INLINE_CHAIN:  # DescriptorChain changed: let pop build each chain
+        if not INLINE_CHAIN:  # DescriptorChain changed: let pop build each chain
             while (limit is None or len(chains) < limit) and (chain := self.pop()) is not None:
                 chains.append(chain)
             return chains
@@ -700,17 +691,7 @@ class SplitDeviceQueue:
             raise VirtqueueError(
                 f"descriptor chain from head {head} totals {rlen + wlen} bytes, more than 2**32"
             )
-        if _INLINE_CHAIN:
-            chain = _new_object(DescriptorChain)
-            chain.mem = mem
-            chain.head = head
-            chain.readable = readable
-            chain.writable = writable
-            chain.readable_len = rlen
-            chain.writable_len = wlen
-            chain.ring_slots = 1
-            return chain
-        return DescriptorChain(mem, head, readable, writable, rlen, wlen)
+        return make_chain(mem, head, readable, writable, rlen, wlen)
 
     def _refresh_region(self) -> None:
         """The region table changed: cache the new one and its largest region."""
@@ -1219,37 +1200,8 @@ class SplitDriverQueue:
                         f"{total} descriptors needed, {self._num_free} free "
                         f"(queue size {self.size})"
                     )
-                # The loop of _write_chain, inline: this runs once per request.
-                pack = _DESC.pack_into
-                links = self._next
-                desc = self._desc
-                index = head
-                remaining = total
-                rlen = 0
-                wlen = 0
-                # Flags as literals: 1 NEXT, 2 WRITE, 3 WRITE|NEXT (once per buffer).
-                for addr, length in readable:
-                    remaining -= 1
-                    rlen += length
-                    if remaining:
-                        nxt = links[index]
-                        pack(desc, index * 16, addr, length, 1, nxt)
-                        index = nxt
-                    else:
-                        pack(desc, index * 16, addr, length, 0, 0)
-                for addr, length in writable:
-                    remaining -= 1
-                    wlen += length
-                    if remaining:
-                        nxt = links[index]
-                        pack(desc, index * 16, addr, length, 3, nxt)
-                        index = nxt
-                    else:
-                        pack(desc, index * 16, addr, length, 2, 0)
-                last = index
+                last, wlen = self._write_chain(head, readable, writable, total)
                 ndescs = total
-                if rlen + wlen > _CHAIN_BYTES_LIMIT:
-                    raise ValueError(f"request of {rlen + wlen} bytes exceeds 2**32")
         except struct.error as exc:
             raise ValueError(f"buffer address or length out of range: {exc}") from exc
 
@@ -1361,8 +1313,7 @@ class SplitDriverQueue:
 
         Returns (last descriptor, writable bytes); ValueError (or
         struct.error) for a request the ring cannot describe.  Nothing is
-        committed: the caller updates the free list.  :meth:`add` has the
-        same loop inline (a call costs it 3% on chains); keep them alike.
+        committed: the caller updates the free list.
         """
         pack = _DESC.pack_into
         links = self._next

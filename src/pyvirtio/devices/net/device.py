@@ -54,7 +54,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvirtio.constants import DeviceId
-from pyvirtio.device import COMMON_FEATURES, DeviceState, QueueResources, VirtioDevice
+from pyvirtio.device import (
+    COMMON_FEATURES,
+    DeviceState,
+    QueueResources,
+    VirtioDevice,
+    expect_bool,
+    expect_str,
+    expect_uint,
+)
 from pyvirtio.devices.net.backends import BackendGone, NetBackend
 from pyvirtio.devices.net.wire import (
     BROADCAST,
@@ -245,7 +253,7 @@ class RxFilter:
         if not isinstance(doc, dict):
             raise ValueError("filter state must be an object")
         flags: dict[str, Any] = {
-            name: _bool(doc[name])
+            name: expect_bool(doc[name])
             for name in (
                 "promisc",
                 "allmulti",
@@ -262,7 +270,7 @@ class RxFilter:
             entries = doc[name]
             if not isinstance(entries, list) or len(entries) > MAC_TABLE_ENTRIES:
                 raise ValueError(f"bad {name} table {entries!r}")
-            tables[name] = [parse_mac(_str(e)) for e in entries]
+            tables[name] = [parse_mac(expect_str(e)) for e in entries]
         return cls(**flags, **tables)
 
 
@@ -1181,24 +1189,24 @@ class Net(VirtioDevice):
             options = state["options"]
             if options != self._options():
                 raise ValueError(f"snapshot of a differently configured device: {options!r}")
-            mac = parse_mac(_str(state["mac"]))
-            link_up = _bool(state["link_up"])
-            pending_change = _bool(state["config_change_pending"])
-            pairs = _int(state["pairs"])
+            mac = parse_mac(expect_str(state["mac"]))
+            link_up = expect_bool(state["link_up"])
+            pending_change = expect_bool(state["config_change_pending"])
+            pairs = expect_uint(state["pairs"])
             if not 1 <= pairs <= self.max_queue_pairs:
                 raise ValueError(f"{pairs} queue pairs")
-            offloads = _int(state["guest_offloads"])
+            offloads = expect_uint(state["guest_offloads"])
             if offloads & ~GUEST_OFFLOADS:
                 raise ValueError(f"offloads {offloads:#x}")
             rx_filter = RxFilter.from_json(state["filter"])
             stats = state["stats"]
             if not isinstance(stats, dict) or set(stats) != set(STAT_KEYS):
                 raise ValueError("stats do not match")
-            counters = {key: _int(stats[key]) for key in STAT_KEYS}
-            pending = base64.b64decode(_str(state["rx_pending"]), validate=True)
+            counters = {key: expect_uint(stats[key]) for key in STAT_KEYS}
+            pending = base64.b64decode(expect_str(state["rx_pending"]), validate=True)
             if pending and not HDR_SIZE + ETH_HLEN <= len(pending) <= HDR_SIZE + MAX_FRAME:
                 raise ValueError(f"pending frame of {len(pending)} bytes")
-            pending_pair = _int(state["rx_pending_pair"])
+            pending_pair = expect_uint(state["rx_pending_pair"])
             if pending_pair >= pairs:
                 raise ValueError(f"pending frame for pair {pending_pair}")
         except (KeyError, TypeError, binascii.Error) as exc:
@@ -1270,21 +1278,3 @@ def poll_devices(devices: Iterable[VirtioDevice], timeout: float = 0.0) -> int:
     for fd, events in ready:
         owners[fd].host_fd_ready(fd, events)
     return len(ready)
-
-
-def _int(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"expected a non-negative integer, got {value!r}")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected a boolean, got {value!r}")
-    return value
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
