@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--io-threads",
         type=int,
         default=0,
-        help="worker threads for large reads and writes, pipelined within a ring "
-        "(default 0: all I/O on the serving thread)",
+        help="worker threads that help serve a ring holding large reads and writes, "
+        "copying in parallel (default 0: all I/O on the serving thread)",
     )
     rng = serve_sub.add_parser("rng", help="virtio-rng from the host's os.urandom")
     rng.add_argument("--socket", required=True, help="unix socket path to listen on")

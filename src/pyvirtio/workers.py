@@ -4,12 +4,14 @@ Device models never start threads of their own (see ARCHITECTURE.md); a
 host that wants a device's large transfers to overlap (``pyvirtio serve blk
 --io-threads N``) makes an :class:`IoWorkers` and hands it to the device.
 The device submits plain calls, each with the queue its outcome goes to, and
-collects outcomes on its own thread: nothing a worker runs touches a ring.
+collects the outcomes before its own call returns, so nothing a worker runs
+outlives the device call that started it.  What a call may touch is the
+device's business: ``Block`` submits whole ring consumers that share the
+ring under its lock.
 
 The hand-over is two :class:`queue.SimpleQueue` operations (C code, no
-Python-level locks or futures), which keeps the cost per transfer far below
-the copy it overlaps; :mod:`concurrent.futures` measured about twice the
-CPU time per 1 MiB read in the same pipeline.
+Python-level locks or futures); :mod:`concurrent.futures` measured about
+twice the CPU time per call.
 """
 
 from __future__ import annotations

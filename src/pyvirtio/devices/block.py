@@ -20,14 +20,19 @@ before ``queue_notify`` returns, so nothing is ever in flight between calls
 and ``sleep`` has nothing to drain.
 
 With ``io_workers`` (:class:`~pyvirtio.workers.IoWorkers`, threads the host
-owns: ``pyvirtio serve blk --io-threads N``) large reads and writes are pipelined inside one
-``queue_notify``: each is handed to a worker, the device goes on taking
-requests from the ring meanwhile, and every transfer is completed (and the
-driver interrupted) as soon as it is done, so the driver can resubmit while
-the others still copy.  The call still returns only when nothing is in
-flight.  Requests in flight together have no order between them (the
-driver's concern: device-types/blk gives none); a FLUSH covers the writes
-completed before it, which are the only ones a driver can have seen.
+owns: ``pyvirtio serve blk --io-threads N``) one ``queue_notify`` serves the
+ring from several threads at once: when a large read or write is taken and
+more requests wait, workers are called in as extra consumers.  Each consumer
+takes a request, carries it out and completes it on its own (no request
+is handed between threads); the ring, its used entries and the statistics
+are touched only under the device's ring lock, the copies run outside it
+and in parallel.  While requests wait in the ring a few completions share
+one interrupt; once it is empty every completion is signalled at once (the
+driver is waiting).  The call still returns only when nothing is in flight,
+so the lifecycle above holds unchanged.  Requests in flight together have
+no order between them (the driver's concern: device-types/blk gives none);
+a FLUSH covers the writes completed before it, which are the only ones a
+driver can have seen.
 
 What a driver cannot make the device do, whatever it puts in a chain:
 
@@ -64,7 +69,8 @@ import os
 import queue as _queue
 import stat
 import struct
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -189,6 +195,21 @@ _WRITE_TYPES = frozenset({RequestType.OUT, RequestType.DISCARD, RequestType.WRIT
 #: Plain ints for the hot path's comparisons (an IntEnum member lookup costs more).
 _IN = int(RequestType.IN)
 _OUT = int(RequestType.OUT)
+#: Completions that may share one interrupt while requests wait in the ring
+#: (pipelined serving only).
+_SIGNAL_BATCH = 4
+
+
+@dataclass(slots=True)
+class _Serving:
+    """What the consumers of one pipelined ``queue_notify`` share (under the ring lock)."""
+
+    index: int
+    queue: DeviceQueue
+    interrupt: DeviceInterrupt
+    #: Completions published and not yet signalled.
+    unsignalled: int = 0
+
 
 CacheMode = Literal["writeback", "writethrough"]
 
@@ -386,12 +407,11 @@ class Block(VirtioDevice):
     * ``num_queues``: request queues; more than one offers VIRTIO_BLK_F_MQ.
     * ``discard`` / ``write_zeroes``: offer those commands (never on a
       read-only device).
-    * ``io_workers``: worker threads (owned and closed by the caller) for
-      reads and writes of at least ``io_parallel_min`` bytes, at most
-      ``io_depth`` of them in flight per queue (default: two per thread; see
-      the module docstring).
-      Worth it for large transfers with a CPU to spare; small requests are
-      always served inline.
+    * ``io_workers``: worker threads (owned and closed by the caller) that
+      help serve a ring while it holds a read or write of at least
+      ``io_parallel_min`` bytes and more requests (see the module
+      docstring).  Worth it for large transfers with a CPU to spare; a ring
+      of small requests is served by the calling thread alone.
     """
 
     device_id = DeviceId.BLOCK
@@ -410,13 +430,10 @@ class Block(VirtioDevice):
         discard: bool = True,
         write_zeroes: bool = True,
         io_workers: IoWorkers | None = None,
-        io_depth: int | None = None,
         io_parallel_min: int = 64 * 1024,
     ) -> None:
-        if io_depth is None:
-            io_depth = 2 * io_workers.threads if io_workers is not None else 1
-        if io_depth < 1:
-            raise ValueError(f"io_depth must be >= 1, not {io_depth}")
+        if io_parallel_min < 0:
+            raise ValueError(f"io_parallel_min must be >= 0, not {io_parallel_min}")
         if cache not in ("writeback", "writethrough"):
             raise ValueError(f"cache must be 'writeback' or 'writethrough', not {cache!r}")
         try:
@@ -466,7 +483,7 @@ class Block(VirtioDevice):
         self._write_zeroes = write_zeroes and not read_only
         self._seg_max = max(1, queue_size - 2)
         self._io_workers = io_workers
-        self._io_depth = io_depth
+        self._ring_lock = threading.Lock()
         self._io_parallel_min = io_parallel_min
 
         features = (
@@ -732,61 +749,99 @@ class Block(VirtioDevice):
         return (chain, *self._execute(chain))
 
     def _process_queue_pipelined(self, index: int, queue: DeviceQueue, workers: IoWorkers) -> None:
-        """Serve the ring with large transfers on ``workers``; see the module docstring.
+        """Serve the ring from this thread and, for large transfers, from ``workers`` too.
 
-        A large transfer goes to a worker only when another request is in
-        flight or waiting: a lone request is copied here, without the
-        hand-over's cost.  Whenever the ring has nothing more to take (or
-        ``io_depth`` transfers are out) what is finished is completed, then
-        this thread waits for the next transfer to finish.
+        Every consumer runs :meth:`_consume`.  Helpers are called in only
+        while a large transfer is being taken and more requests wait: a lone
+        request is served here alone.  Returns when the ring is empty and
+        every helper has stopped.
         """
-        served: list[tuple[DescriptorChain, int | None, bool]] = []
-        done: _queue.SimpleQueue[Outcome[tuple[int, bool]]] = _queue.SimpleQueue()
-        in_flight = 0
-        depth = self._io_depth
-        parallel_min = self._io_parallel_min
-        transfer = self._transfer
-        outcome = self._outcome
-        # No kicks while this loop is taking requests anyway: the driver
-        # saves the syscalls, the host the wake-ups (split-ring.tex and
+        resources = self._resources
+        assert resources is not None  # _process_queue runs on an active device
+        serving = _Serving(index, queue, resources.interrupt)
+        done: _queue.SimpleQueue[Outcome[None]] = _queue.SimpleQueue()
+        helpers = 0
+        error: BaseException | None = None
+
+        def call_helpers() -> None:
+            # Under the ring lock, from this thread's consumer only.
+            nonlocal helpers
+            while helpers < workers.threads and queue.has_available():
+                workers.submit(self._consume, (serving, None), done, None)
+                helpers += 1
+
+        # No kicks while consumers take requests anyway: the driver saves
+        # the syscalls, the host the wake-ups (split-ring.tex and
         # packed-ring.tex, "Notification Suppression").
         queue.disable_notifications()
         try:
             while True:
-                chain = queue.pop() if in_flight < depth else None
-                if chain is not None:
-                    self.requests += 1
-                    plan = self._plan_fast(chain)
-                    if plan is None:
-                        served.append(self._serve_other(chain))
-                    elif plan[3] >= parallel_min and (in_flight or queue.has_available()):
-                        workers.submit(transfer, (chain.head, *plan), done, chain)
-                        in_flight += 1
-                    else:
-                        served.append((chain, *transfer(chain.head, *plan)))
-                    continue
-                if served:
-                    self._complete(index, queue, served)
-                    served = []
-                if not in_flight:
-                    if queue.enable_notifications():  # buffers came after the last look
-                        queue.disable_notifications()
-                        continue
+                try:
+                    self._consume(serving, call_helpers)
+                finally:
+                    # Helpers write guest memory: wait for them even when
+                    # this consumer found the ring broken.
+                    while helpers:
+                        outcome = done.get()
+                        helpers -= 1
+                        if outcome.error is not None and error is None:
+                            error = outcome.error
+                if error is not None:
+                    raise error  # a helper found the ring broken
+                if not queue.enable_notifications():
                     return
-                served.append(outcome(done.get()))
-                in_flight -= 1
-                while in_flight and not done.empty():
-                    served.append(outcome(done.get()))
-                    in_flight -= 1
+                queue.disable_notifications()  # buffers came after the last look
         finally:
-            # A broken ring (VirtqueueError from pop) ends the loop: the
-            # transfers still write guest memory, so they finish first.
-            for _ in range(in_flight):
-                served.append(outcome(done.get()))
-            if served:
-                self._complete(index, queue, served)
+            if serving.unsignalled:
+                self.signal_used(index)
             if not queue.broken:
                 queue.enable_notifications()
+
+    def _consume(self, serving: _Serving, call_helpers: Callable[[], None] | None) -> None:
+        """Take, serve and complete requests until the ring is empty.
+
+        Runs on the ring's thread and on helpers at once.  The ring, the
+        request's status byte and the statistics are touched only under the
+        ring lock, and so are the rare requests other than plain reads and
+        writes; a read or write copies (and, in writethrough mode, syncs)
+        outside it.  ``call_helpers`` (the ring's thread only) is called
+        before each large transfer.
+        """
+        lock = self._ring_lock
+        queue = serving.queue
+        plan_fast = self._plan_fast
+        transfer = self._transfer
+        parallel_min = self._io_parallel_min
+        while True:
+            with lock:
+                chain = queue.pop()
+                if chain is None:
+                    return
+                self.requests += 1
+                plan = plan_fast(chain)
+                if plan is None:
+                    item = self._serve_other(chain)
+                elif call_helpers is not None and plan[3] >= parallel_min:
+                    call_helpers()
+            if plan is not None:
+                try:
+                    item = (chain, *transfer(chain.head, *plan))
+                except Exception as exc:  # not an OSError: still answer, keep serving
+                    log.error("%s: request %d: transfer failed: %r", self.name, chain.head, exc)
+                    item = (chain, Status.IOERR, True)  # it may have written part of the data
+            sync_failed = self._sync([item])
+            with lock:
+                self._publish(queue, [item], sync_failed)
+                # While requests wait in the ring the consumers are busy
+                # anyway: a few completions share one interrupt.  Once it
+                # is empty the driver is waiting for us: signal now.
+                serving.unsignalled += 1
+                notify = False
+                if serving.unsignalled >= _SIGNAL_BATCH or not queue.has_available():
+                    serving.unsignalled = 0
+                    notify = queue.needs_notification()
+            if notify:  # the system call outside the lock
+                serving.interrupt.signal_used_queue(serving.index)
 
     def _complete(
         self,
@@ -794,13 +849,32 @@ class Block(VirtioDevice):
         queue: DeviceQueue,
         served: list[tuple[DescriptorChain, int | None, bool]],
     ) -> None:
-        sync_failed = False
-        if not self._writeback and any(modified for _, _, modified in served):
-            try:
-                os.fdatasync(self._fd)
-            except OSError as exc:
-                log.error("%s: fdatasync failed: %s", self.name, exc)
-                sync_failed = True
+        """Publish ``served`` (after the writethrough sync) and signal once."""
+        self._publish(queue, served, self._sync(served))
+        self.signal_used(index)
+
+    def _sync(self, served: list[tuple[DescriptorChain, int | None, bool]]) -> bool:
+        """In writethrough mode, make the served writes durable; True if that failed."""
+        if self._writeback or not any(modified for _, _, modified in served):
+            return False
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            log.error("%s: fdatasync failed: %s", self.name, exc)
+            return True
+        return False
+
+    def _publish(
+        self,
+        queue: DeviceQueue,
+        served: list[tuple[DescriptorChain, int | None, bool]],
+        sync_failed: bool,
+    ) -> None:
+        """Write the status bytes and put ``served`` in the used ring.
+
+        A write whose sync failed is IOERR; a chain that cannot carry a
+        status (None) is returned with nothing written.
+        """
         completions: list[tuple[DescriptorChain, int]] = []
         for chain, status, modified in served:
             if status is None:
@@ -811,7 +885,6 @@ class Block(VirtioDevice):
                 self.io_errors += 1
             completions.append((chain, self._write_status(chain, final)))
         queue.add_used_batch(completions)
-        self.signal_used(index)
 
     def _write_status(self, chain: DescriptorChain, status: int) -> int:
         """Write the status byte (the last device-writable byte); returns the used length."""
@@ -901,15 +974,6 @@ class Block(VirtioDevice):
         # anything unknown.
         log.debug("%s: request %d: unsupported type %d", self.name, chain.head, req_type)
         return Status.UNSUPP, False
-
-    def _outcome(self, outcome: Outcome[tuple[int, bool]]) -> tuple[DescriptorChain, int, bool]:
-        """A worker's (chain, status, modified); IOERR if it failed in an unforeseen way."""
-        chain = outcome.tag
-        assert isinstance(chain, DescriptorChain)
-        if outcome.value is not None:
-            return chain, *outcome.value
-        log.error("%s: request %d: transfer failed: %r", self.name, chain.head, outcome.error)
-        return chain, Status.IOERR, True  # it may have written part of the data
 
     def _plan_fast(self, chain: DescriptorChain) -> tuple[int, list[memoryview], int, int] | None:
         """(type, data views, file offset, length) of a usual read or write, else None.
