@@ -28,7 +28,8 @@ is handed between threads); the ring, its used entries and the statistics
 are touched only under the device's ring lock, the copies run outside it
 and in parallel.  While requests wait in the ring a few completions share
 one interrupt; once it is empty every completion is signalled at once (the
-driver is waiting).  The call still returns only when nothing is in flight,
+driver is waiting).  In writethrough mode each write is synced on its own,
+before its completion.  The call still returns only when nothing is in flight,
 so the lifecycle above holds unchanged.  Requests in flight together have
 no order between them (the driver's concern: device-types/blk gives none);
 a FLUSH covers the writes completed before it, which are the only ones a
