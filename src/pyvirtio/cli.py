@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--io-threads",
         type=int,
         default=0,
-        help="worker threads that help serve a ring holding large reads and writes, "
-        "copying in parallel (default 0: all I/O on the serving thread)",
+        help="worker threads that help the serving thread with a ring of large reads "
+        "and writes, copying in parallel; one less than the CPUs to use is a good start "
+        "(default 0: all I/O on the serving thread)",
     )
     rng = serve_sub.add_parser("rng", help="virtio-rng from the host's os.urandom")
     rng.add_argument("--socket", required=True, help="unix socket path to listen on")
