@@ -1335,3 +1335,21 @@ def test_pipelined_random_batches_match_a_model(
     assert image.read_bytes() == bytes(model)
     assert rig.device.io_errors == 0
     assert workers.submitted > 0
+
+
+def test_pipelined_sleep_finds_nothing_in_flight(image: Path, workers: IoWorkers) -> None:
+    """Helpers have finished when queue_notify returns: sleep hands back rings
+    with every request answered, and the device serves on after wake."""
+    rig = pipelined_rig(image, workers)
+    for i in range(6):
+        rig.request([header(RequestType.IN, 8 * i)], [8 * SECTOR, 1], notify=False)
+    rig.device.queue_notify(0)
+    assert workers.submitted > 0
+    resources = rig.device.sleep()
+    assert resources is not None
+    (queue,) = resources.queues
+    assert not queue.has_available()
+    assert len(rig.rig.used(0)) == 6  # all in the used ring before sleep returned
+    assert rig.device.snapshot()  # allowed: asleep
+    rig.device.wake(resources)
+    assert rig.read(64, 8 * SECTOR) == pattern(DISK_SIZE)[64 * SECTOR : 72 * SECTOR]
