@@ -813,36 +813,47 @@ class Block(VirtioDevice):
         plan_fast = self._plan_fast
         transfer = self._transfer
         parallel_min = self._io_parallel_min
+        done: tuple[DescriptorChain, int | None, bool] | None = None  # served, unpublished
+        sync_failed = False
         while True:
+            notify = False
+            # One critical section per request: publish the last one, take the next.
             with lock:
-                chain = queue.pop()
-                if chain is None:
-                    return
-                self.requests += 1
-                plan = plan_fast(chain)
-                if plan is None:
-                    item = self._serve_other(chain)
-                elif call_helpers is not None and plan[3] >= parallel_min:
-                    call_helpers()
-            if plan is not None:
+                if done is not None:
+                    self._publish(queue, [done], sync_failed)
+                    done = None
+                    # While requests wait in the ring the consumers are busy
+                    # anyway: a few completions share one interrupt.  Once
+                    # it is empty the driver is waiting for us: signal now.
+                    serving.unsignalled += 1
+                    if serving.unsignalled >= _SIGNAL_BATCH or not queue.has_available():
+                        serving.unsignalled = 0
+                        notify = queue.needs_notification()
                 try:
-                    item = (chain, *transfer(chain.head, *plan))
-                except Exception as exc:  # not an OSError: still answer, keep serving
-                    log.error("%s: request %d: transfer failed: %r", self.name, chain.head, exc)
-                    item = (chain, Status.IOERR, True)  # it may have written part of the data
-            sync_failed = self._sync([item])
-            with lock:
-                self._publish(queue, [item], sync_failed)
-                # While requests wait in the ring the consumers are busy
-                # anyway: a few completions share one interrupt.  Once it
-                # is empty the driver is waiting for us: signal now.
-                serving.unsignalled += 1
-                notify = False
-                if serving.unsignalled >= _SIGNAL_BATCH or not queue.has_available():
-                    serving.unsignalled = 0
-                    notify = queue.needs_notification()
+                    chain = queue.pop()
+                except VirtqueueError:
+                    if notify:  # leave it to the caller's final signal
+                        serving.unsignalled = 1
+                    raise
+                if chain is not None:
+                    self.requests += 1
+                    plan = plan_fast(chain)
+                    if plan is None:
+                        done = self._serve_other(chain)
+                    elif call_helpers is not None and plan[3] >= parallel_min:
+                        call_helpers()
             if notify:  # the system call outside the lock
                 serving.interrupt.signal_used_queue(serving.index)
+            if chain is None:
+                return
+            if plan is not None:
+                try:
+                    done = (chain, *transfer(chain.head, *plan))
+                except Exception as exc:  # not an OSError: still answer, keep serving
+                    log.error("%s: request %d: transfer failed: %r", self.name, chain.head, exc)
+                    done = (chain, Status.IOERR, True)  # it may have written part of the data
+            assert done is not None
+            sync_failed = self._sync([done])
 
     def _complete(
         self,
