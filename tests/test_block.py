@@ -1353,3 +1353,28 @@ def test_pipelined_sleep_finds_nothing_in_flight(image: Path, workers: IoWorkers
     assert rig.device.snapshot()  # allowed: asleep
     rig.device.wake(resources)
     assert rig.read(64, 8 * SECTOR) == pattern(DISK_SIZE)[64 * SECTOR : 72 * SECTOR]
+
+
+def test_pipelined_bad_request_among_large_ones_gets_ioerr_alone(
+    image: Path, workers: IoWorkers
+) -> None:
+    rig = pipelined_rig(image, workers)
+    good = []
+    for i in range(5):
+        if i == 2:  # past the end of the disk
+            bad, _ = rig.request(
+                [header(RequestType.IN, DISK_SIZE // SECTOR - 4)], [8 * SECTOR, 1], notify=False
+            )
+            continue
+        good.append(
+            (rig.request([header(RequestType.IN, 8 * i)], [8 * SECTOR, 1], notify=False)[0], i)
+        )
+    rig.device.queue_notify(0)
+    assert len(rig.rig.used(0)) == 5
+    assert rig.rig.mem.readv(bad) == bytes(8 * SECTOR) + bytes([Status.IOERR])
+    for wr, i in good:
+        data = rig.rig.mem.readv(wr)
+        assert data == pattern(DISK_SIZE)[8 * i * SECTOR : 8 * (i + 1) * SECTOR] + b"\0"
+    assert rig.device.bad_requests == 1
+    assert workers.submitted >= 1
+    assert not rig.device.needs_reset
