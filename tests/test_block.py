@@ -1059,6 +1059,16 @@ def pipelined_rig(image: Path, workers: IoWorkers, **options: Any) -> Rig:
     return Rig(Block(image, io_workers=workers, **options), size=64)
 
 
+def post_large_read(rig: Rig, i: int) -> list[tuple[int, int]]:
+    """Post (without notifying) the i-th 8-sector read, of sectors 8i..8i+7."""
+    return rig.request([header(RequestType.IN, 8 * i)], [8 * SECTOR, 1], notify=False)[0]
+
+
+def large_read_answer(i: int) -> bytes:
+    """What the i-th 8-sector read of the untouched image writes: data, then OK."""
+    return pattern(DISK_SIZE)[8 * i * SECTOR : 8 * (i + 1) * SECTOR] + b"\0"
+
+
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_pipelined_requests_answer_as_inline(
     image: Path, workers: IoWorkers, event_idx: bool
@@ -1100,7 +1110,7 @@ def test_lone_large_request_is_served_inline(image: Path, workers: IoWorkers) ->
     rig = pipelined_rig(image, workers)
     assert rig.read(8, 8 * SECTOR) == pattern(DISK_SIZE)[8 * SECTOR : 16 * SECTOR]
     assert rig.write(0, pattern(8 * SECTOR, seed=9)) == Status.OK
-    assert workers.submitted == 0  # nothing else in flight: no hand-over
+    assert workers.submitted == 0  # nothing else waiting: no helper called in
     assert image.read_bytes()[: 8 * SECTOR] == pattern(8 * SECTOR, seed=9)
 
 
@@ -1120,15 +1130,12 @@ def test_helpers_copy_in_parallel(
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", preadv)
-    reads = [
-        rig.request([header(RequestType.IN, 8 * i)], [8 * SECTOR, 1], notify=False)[0]
-        for i in range(6)
-    ]
+    reads = [post_large_read(rig, i) for i in range(6)]
     rig.device.queue_notify(0)
     assert len(rig.rig.used(0)) == 6
     for i, wr in enumerate(reads):
         data = rig.rig.mem.readv(wr)
-        assert data == pattern(DISK_SIZE)[8 * i * SECTOR : 8 * (i + 1) * SECTOR] + b"\0"
+        assert data == large_read_answer(i)
     assert len(threads) >= 2
     assert threading.get_ident() in threads  # the ring's thread is a consumer too
     assert rig.device.io_errors == 0
@@ -1225,10 +1232,7 @@ def test_pipelined_io_error_fails_only_that_request(
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", preadv)
-    requests = [
-        rig.request([header(RequestType.IN, 8 * i)], [8 * SECTOR, 1], notify=False)[0]
-        for i in range(4)
-    ]
+    requests = [post_large_read(rig, i) for i in range(4)]
     rig.device.queue_notify(0)
     assert len(rig.rig.used(0)) == 4
     for i, wr in enumerate(requests):
@@ -1236,7 +1240,7 @@ def test_pipelined_io_error_fails_only_that_request(
         if i == 2:
             assert data == bytes(8 * SECTOR) + bytes([Status.IOERR])
         else:
-            assert data == pattern(DISK_SIZE)[8 * i * SECTOR : 8 * (i + 1) * SECTOR] + b"\0"
+            assert data == large_read_answer(i)
     assert rig.device.io_errors == 1
     assert workers.submitted >= 1
 
@@ -1265,10 +1269,7 @@ def test_broken_ring_lets_transfers_in_flight_finish(image: Path, workers: IoWor
     """A malformed chain behind two transfers in flight: they complete, then the
     device needs a reset; nothing is written for the malformed one."""
     rig = pipelined_rig(image, workers)
-    reads = [
-        rig.request([header(RequestType.IN, 8 * i)], [8 * SECTOR, 1], notify=False)[0]
-        for i in range(2)
-    ]
+    reads = [post_large_read(rig, i) for i in range(2)]
     rig.request([header(RequestType.OUT)], [SECTOR, 1], notify=False)
     # Descriptors 6, 7, 8 are the third chain: make its status byte readable
     # after a writable descriptor (split-ring.tex forbids it).
@@ -1280,7 +1281,7 @@ def test_broken_ring_lets_transfers_in_flight_finish(image: Path, workers: IoWor
     assert len(rig.rig.used(0)) == 2
     for i, wr in enumerate(reads):
         data = rig.rig.mem.readv(wr)
-        assert data == pattern(DISK_SIZE)[8 * i * SECTOR : 8 * (i + 1) * SECTOR] + b"\0"
+        assert data == large_read_answer(i)
     assert image.read_bytes() == pattern(DISK_SIZE)
 
 
@@ -1342,7 +1343,7 @@ def test_pipelined_sleep_finds_nothing_in_flight(image: Path, workers: IoWorkers
     with every request answered, and the device serves on after wake."""
     rig = pipelined_rig(image, workers)
     for i in range(6):
-        rig.request([header(RequestType.IN, 8 * i)], [8 * SECTOR, 1], notify=False)
+        post_large_read(rig, i)
     rig.device.queue_notify(0)
     assert workers.submitted > 0
     resources = rig.device.sleep()
@@ -1366,15 +1367,13 @@ def test_pipelined_bad_request_among_large_ones_gets_ioerr_alone(
                 [header(RequestType.IN, DISK_SIZE // SECTOR - 4)], [8 * SECTOR, 1], notify=False
             )
             continue
-        good.append(
-            (rig.request([header(RequestType.IN, 8 * i)], [8 * SECTOR, 1], notify=False)[0], i)
-        )
+        good.append((post_large_read(rig, i), i))
     rig.device.queue_notify(0)
     assert len(rig.rig.used(0)) == 5
     assert rig.rig.mem.readv(bad) == bytes(8 * SECTOR) + bytes([Status.IOERR])
     for wr, i in good:
         data = rig.rig.mem.readv(wr)
-        assert data == pattern(DISK_SIZE)[8 * i * SECTOR : 8 * (i + 1) * SECTOR] + b"\0"
+        assert data == large_read_answer(i)
     assert rig.device.bad_requests == 1
     assert workers.submitted >= 1
     assert not rig.device.needs_reset

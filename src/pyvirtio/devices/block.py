@@ -201,6 +201,11 @@ _OUT = int(RequestType.OUT)
 _SIGNAL_BATCH = 4
 
 
+#: A request carried out: its chain, its status (None: no status byte to
+#: write) and whether it modified the file.
+_Served = tuple[DescriptorChain, int | None, bool]
+
+
 @dataclass(slots=True)
 class _Serving:
     """What the consumers of one pipelined ``queue_notify`` share (under the ring lock)."""
@@ -726,8 +731,7 @@ class Block(VirtioDevice):
         if self._io_workers is not None:
             self._process_queue_pipelined(index, queue, self._io_workers)
             return
-        # (chain, status or None when unanswerable, whether it modified the file)
-        served: list[tuple[DescriptorChain, int | None, bool]] = []
+        served: list[_Served] = []
         plan_fast = self._plan_fast
         transfer = self._transfer
         try:
@@ -742,7 +746,7 @@ class Block(VirtioDevice):
             if served:
                 self._complete(index, queue, served)
 
-    def _serve_other(self, chain: DescriptorChain) -> tuple[DescriptorChain, int | None, bool]:
+    def _serve_other(self, chain: DescriptorChain) -> _Served:
         """Any request but the usual read or write (see _plan_fast)."""
         if chain.writable_len == 0:
             self._bad(chain, "no device-writable status byte; cannot answer")
@@ -813,15 +817,14 @@ class Block(VirtioDevice):
         plan_fast = self._plan_fast
         transfer = self._transfer
         parallel_min = self._io_parallel_min
-        done: tuple[DescriptorChain, int | None, bool] | None = None  # served, unpublished
+        done: list[_Served] = []  # the request served last, not yet published
         sync_failed = False
         while True:
             notify = False
             # One critical section per request: publish the last one, take the next.
             with lock:
-                if done is not None:
-                    self._publish(queue, [done], sync_failed)
-                    done = None
+                if done:
+                    self._publish(queue, done, sync_failed)
                     # While requests wait in the ring the consumers are busy
                     # anyway: a few completions share one interrupt.  Once
                     # it is empty the driver is waiting for us: signal now.
@@ -839,7 +842,7 @@ class Block(VirtioDevice):
                     self.requests += 1
                     plan = plan_fast(chain)
                     if plan is None:
-                        done = self._serve_other(chain)
+                        done = [self._serve_other(chain)]
                     elif call_helpers is not None and plan[3] >= parallel_min:
                         call_helpers()
             if notify:  # the system call outside the lock
@@ -848,24 +851,23 @@ class Block(VirtioDevice):
                 return
             if plan is not None:
                 try:
-                    done = (chain, *transfer(chain.head, *plan))
+                    done = [(chain, *transfer(chain.head, *plan))]
                 except Exception as exc:  # not an OSError: still answer, keep serving
                     log.error("%s: request %d: transfer failed: %r", self.name, chain.head, exc)
-                    done = (chain, Status.IOERR, True)  # it may have written part of the data
-            assert done is not None
-            sync_failed = self._sync([done])
+                    done = [(chain, Status.IOERR, True)]  # it may have written part of the data
+            sync_failed = self._sync(done)
 
     def _complete(
         self,
         index: int,
         queue: DeviceQueue,
-        served: list[tuple[DescriptorChain, int | None, bool]],
+        served: list[_Served],
     ) -> None:
         """Publish ``served`` (after the writethrough sync) and signal once."""
         self._publish(queue, served, self._sync(served))
         self.signal_used(index)
 
-    def _sync(self, served: list[tuple[DescriptorChain, int | None, bool]]) -> bool:
+    def _sync(self, served: list[_Served]) -> bool:
         """In writethrough mode, make the served writes durable; True if that failed."""
         if self._writeback or not any(modified for _, _, modified in served):
             return False
@@ -879,7 +881,7 @@ class Block(VirtioDevice):
     def _publish(
         self,
         queue: DeviceQueue,
-        served: list[tuple[DescriptorChain, int | None, bool]],
+        served: list[_Served],
         sync_failed: bool,
     ) -> None:
         """Write the status bytes and put ``served`` in the used ring.
