@@ -14,6 +14,7 @@ import random
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -1141,6 +1142,106 @@ def test_helpers_copy_in_parallel(
     assert rig.device.io_errors == 0
 
 
+def used_idx(rig: Rig) -> int:
+    """The split used ring's idx, read as the driver sees it (nothing consumed)."""
+    state = rig.rig.driver_queues[0].state()
+    return int.from_bytes(rig.rig.mem.read(state["device_addr"] + 2, 2), "little")
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.001)
+
+
+def serve_in_thread(rig: Rig) -> threading.Thread:
+    """queue_notify(0) on a thread of its own, as a host's serving thread runs it."""
+    thread = threading.Thread(target=rig.device.queue_notify, args=(0,))
+    thread.start()
+    return thread
+
+
+def test_idle_ring_thread_is_called_back_when_requests_come_during_a_copy(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ring's thread found the ring empty and waits for its helper; the
+    driver posts two more large reads while the helper copies: the helper
+    calls the ring's thread back, and the two are copied at once."""
+    with IoWorkers(1, name="test-blk-io") as workers:
+        rig = pipelined_rig(image, workers)
+        real_preadv = os.preadv
+        second_started = threading.Event()
+        together = threading.Barrier(2, timeout=10)  # reads 2 and 3 must overlap
+        copied_by: dict[int, int] = {}
+        later: list[list[tuple[int, int]]] = []
+
+        def preadv(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+            i = offset // (8 * SECTOR)
+            copied_by[i] = threading.get_ident()
+            if i == 0:  # the ring's thread: let the helper take read 1 first
+                assert second_started.wait(10)
+            elif i == 1:  # the helper: once read 0 is answered, the ring is empty
+                second_started.set()
+                wait_until(lambda: used_idx(rig) == 1, "read 0 is answered")
+                later.extend(post_large_read(rig, k) for k in (2, 3))
+            else:
+                together.wait()
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        first = [post_large_read(rig, i) for i in range(2)]
+        serving = serve_in_thread(rig)
+        serving.join(30)
+        assert not serving.is_alive()
+        assert len(rig.rig.used(0)) == 4
+        for i, wr in enumerate(first + later):
+            assert rig.rig.mem.readv(wr) == large_read_answer(i)
+        assert copied_by[0] == serving.ident
+        assert copied_by[1] != serving.ident
+        assert {copied_by[2], copied_by[3]} == {copied_by[0], copied_by[1]}
+        assert workers.submitted == 1
+        assert rig.device.io_errors == 0
+
+
+def test_helper_that_found_the_ring_empty_can_be_called_in_again(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper found the ring empty and stopped while the ring's thread
+    still copies; requests that come meanwhile get a helper again at once,
+    not when the ring next runs dry."""
+    with IoWorkers(1, name="test-blk-io") as workers:
+        rig = pipelined_rig(image, workers)
+        real_preadv = os.preadv
+        together = threading.Barrier(2, timeout=10)  # reads 2 and 3 must overlap
+        copied_by: dict[int, int] = {}
+        later: list[list[tuple[int, int]]] = []
+
+        def preadv(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+            i = offset // (8 * SECTOR)
+            copied_by[i] = threading.get_ident()
+            if i == 0:  # the ring's thread: the helper answers read 1 and stops
+                wait_until(lambda: used_idx(rig) == 1, "read 1 is answered")
+                later.extend(post_large_read(rig, k) for k in (2, 3))
+            elif i > 1:
+                together.wait()
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        first = [post_large_read(rig, i) for i in range(2)]
+        serving = serve_in_thread(rig)
+        serving.join(30)
+        assert not serving.is_alive()
+        assert len(rig.rig.used(0)) == 4
+        for i, wr in enumerate(first + later):
+            assert rig.rig.mem.readv(wr) == large_read_answer(i)
+        assert copied_by[0] == serving.ident
+        assert copied_by[1] != serving.ident
+        assert copied_by[2] != copied_by[3]
+        assert workers.submitted == 2
+        assert rig.device.io_errors == 0
+
+
 def test_pipelined_completions_are_published_as_served_and_interrupts_shared(
     image: Path, workers: IoWorkers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1290,14 +1391,22 @@ def test_io_parallel_min_validated(image: Path) -> None:
         Block(image, io_parallel_min=-1)
 
 
+@pytest.mark.parametrize("refill", [False, True], ids=["posted-first", "refilled"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_pipelined_random_batches_match_a_model(
-    image: Path, workers: IoWorkers, packed: bool, request: pytest.FixtureRequest
+    image: Path,
+    workers: IoWorkers,
+    packed: bool,
+    refill: bool,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Rounds of mixed reads and writes, large and small, served by several
     consumers: every answer and the file match a plain model of the disk.
     Threads switch as often as the interpreter allows, so unguarded ring
-    updates would interleave."""
+    updates would interleave.  ``refilled``: most of each round is posted
+    by the driver while the consumers copy, so consumers run dry, wait and
+    are called in again mid-round."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     request.addfinalizer(lambda: sys.setswitchinterval(interval))
@@ -1309,30 +1418,71 @@ def test_pipelined_random_batches_match_a_model(
     )
     model = bytearray(pattern(DISK_SIZE))
     rng = random.Random(7)
+    pending: list[tuple[int, int, int]] = []  # (data seed, sector, sectors) to post
+    posted: list[tuple[list[tuple[int, int]], int, int] | None] = []
+    driver = threading.Lock()  # the test's driver side is one thread at a time
+
+    def post_pending(count: int) -> None:
+        with driver:
+            for _ in range(min(count, len(pending))):
+                seed, sector, sectors = pending.pop(0)
+                if rng.random() < 0.5:
+                    data = pattern(sectors * SECTOR, seed=seed)
+                    rig.request([header(RequestType.OUT, sector), data], [1], notify=False)
+                    model[sector * SECTOR : sector * SECTOR + len(data)] = data
+                    posted.append(None)
+                else:
+                    wr, _ = rig.request(
+                        [header(RequestType.IN, sector)], [sectors * SECTOR, 1], notify=False
+                    )
+                    posted.append((wr, sector, sectors))
+
+    if refill:
+        real_preadv, real_pwritev = os.preadv, os.pwritev
+        ring_thread = threading.current_thread()  # queue_notify runs here
+
+        def driver_acts() -> None:
+            # Post 0, 1 or, from a helper, late (the ring's thread may
+            # have found the ring empty meanwhile) 3 requests.
+            with driver:
+                roll = rng.random()
+            if roll < 0.5 and threading.current_thread() is not ring_thread:
+                time.sleep(0.0005)
+                post_pending(3)
+            else:
+                post_pending(1 if roll < 0.9 else 0)
+
+        def preadv(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+            driver_acts()
+            return real_preadv(fd, buffers, offset)
+
+        def pwritev(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+            driver_acts()
+            return real_pwritev(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        monkeypatch.setattr(os, "pwritev", pwritev)
     for round_ in range(60):
         # Disjoint ranges: requests in flight together have no order.
-        starts = rng.sample(range(0, 2048 - 16, 16), 12)
-        reads = []
-        for n, sector in enumerate(starts):
-            sectors = rng.choice((1, 2, 8, 16))
-            if rng.random() < 0.5:
-                data = pattern(sectors * SECTOR, seed=round_ * 16 + n)
-                rig.request([header(RequestType.OUT, sector), data], [1], notify=False)
-                model[sector * SECTOR : sector * SECTOR + len(data)] = data
-            else:
-                wr, _ = rig.request(
-                    [header(RequestType.IN, sector)], [sectors * SECTOR, 1], notify=False
-                )
-                reads.append((wr, sector, sectors))
-        expected_reads = [
-            bytes(model[sector * SECTOR : (sector + sectors) * SECTOR])
-            for _, sector, sectors in reads
+        starts = rng.sample(range(0, 2048 - 16, 16), 20 if refill else 12)
+        before = bytes(model)  # what every read of this round finds
+        pending[:] = [
+            (round_ * 32 + n, sector, rng.choice((1, 2, 8, 16))) for n, sector in enumerate(starts)
         ]
+        posted.clear()
+        post_pending(4 if refill else 12)
         rig.device.queue_notify(0)
+        while pending:  # the driver did not post them all during copies
+            post_pending(len(pending))
+            rig.device.queue_notify(0)
         used = rig.rig.used(0)
         assert len(used) == len(starts)
-        for (wr, _, _), expected in zip(reads, expected_reads, strict=True):
-            assert rig.rig.mem.readv(wr) == expected + bytes([Status.OK])
+        for item in posted:
+            if item is not None:
+                wr, sector, sectors = item
+                expected = before[sector * SECTOR : (sector + sectors) * SECTOR]
+                assert rig.rig.mem.readv(wr) == expected + bytes([Status.OK])
+    monkeypatch.undo()
     assert image.read_bytes() == bytes(model)
     assert rig.device.io_errors == 0
     assert workers.submitted > 0

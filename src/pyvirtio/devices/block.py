@@ -199,6 +199,8 @@ _OUT = int(RequestType.OUT)
 #: Completions that may share one interrupt while requests wait in the ring
 #: (pipelined serving only).
 _SIGNAL_BATCH = 4
+#: Tag of the event a helper sends the idle ring thread: requests wait again.
+_CALL_BACK = object()
 
 
 #: A request carried out: its chain, its status (None: no status byte to
@@ -213,8 +215,14 @@ class _Serving:
     index: int
     queue: DeviceQueue
     interrupt: DeviceInterrupt
+    #: Helpers' outcomes, and calls back (tag _CALL_BACK) for the ring's thread.
+    events: _queue.SimpleQueue[Outcome[None]]
     #: Completions published and not yet signalled.
     unsignalled: int = 0
+    #: Helpers serving now (a helper that found the ring empty is done).
+    helpers: int = 0
+    #: The ring's thread found the ring empty and waits for the helpers.
+    idle: bool = False
 
 
 CacheMode = Literal["writeback", "writethrough"]
@@ -758,22 +766,41 @@ class Block(VirtioDevice):
 
         Every consumer runs :meth:`_consume`.  Helpers are called in only
         while a large transfer is being taken and more requests wait: a lone
-        request is served here alone.  Returns when the ring is empty and
-        every helper has stopped.
+        request is served here alone.  When this thread finds the ring empty
+        while helpers still serve, it waits for them, and a helper that
+        takes a large transfer while more requests wait calls it back: the
+        driver refills the ring while a helper copies, and this thread must
+        not idle then.  Returns when the ring is empty and every helper has
+        stopped.
         """
         resources = self._resources
         assert resources is not None  # _process_queue runs on an active device
-        serving = _Serving(index, queue, resources.interrupt)
-        done: _queue.SimpleQueue[Outcome[None]] = _queue.SimpleQueue()
-        helpers = 0
+        serving = _Serving(index, queue, resources.interrupt, _queue.SimpleQueue())
+        events = serving.events
+        outcomes_due = 0  # helpers called in whose outcome has not come yet
         error: BaseException | None = None
 
         def call_helpers() -> None:
             # Under the ring lock, from this thread's consumer only.
-            nonlocal helpers
-            while helpers < workers.threads and queue.has_available():
-                workers.submit(self._consume, (serving, None), done, None)
-                helpers += 1
+            nonlocal outcomes_due
+            while serving.helpers < workers.threads and queue.has_available():
+                workers.submit(self._consume, (serving, None), events, None)
+                serving.helpers += 1
+                outcomes_due += 1
+
+        def wait_helpers(call_back: bool) -> bool:
+            """Wait until every helper stopped; True if called back (if ``call_back``) first."""
+            nonlocal outcomes_due, error
+            while outcomes_due:
+                event = events.get()
+                if event.tag is _CALL_BACK:
+                    if call_back and error is None:
+                        return True
+                    continue
+                outcomes_due -= 1
+                if event.error is not None and error is None:
+                    error = event.error
+            return False
 
         # No kicks while consumers take requests anyway: the driver saves
         # the syscalls, the host the wake-ups (split-ring.tex and
@@ -783,14 +810,13 @@ class Block(VirtioDevice):
             while True:
                 try:
                     self._consume(serving, call_helpers)
-                finally:
+                except BaseException:
                     # Helpers write guest memory: wait for them even when
                     # this consumer found the ring broken.
-                    while helpers:
-                        outcome = done.get()
-                        helpers -= 1
-                        if outcome.error is not None and error is None:
-                            error = outcome.error
+                    wait_helpers(call_back=False)
+                    raise
+                if wait_helpers(call_back=error is None):
+                    continue
                 if error is not None:
                     raise error  # a helper found the ring broken
                 if not queue.enable_notifications():
@@ -809,8 +835,9 @@ class Block(VirtioDevice):
         request's status byte and the statistics are touched only under the
         ring lock, and so are the rare requests other than plain reads and
         writes; a read or write copies (and, in writethrough mode, syncs)
-        outside it.  ``call_helpers`` (the ring's thread only) is called
-        before each large transfer.
+        outside it.  Before each large transfer, the ring's thread calls
+        ``call_helpers``; a helper (``call_helpers`` None) calls the ring's
+        thread back if it waits idle and more requests wait.
         """
         lock = self._ring_lock
         queue = serving.queue
@@ -819,6 +846,7 @@ class Block(VirtioDevice):
         parallel_min = self._io_parallel_min
         done: list[_Served] = []  # the request served last, not yet published
         sync_failed = False
+        call_back = False
         while True:
             notify = False
             # One critical section per request: publish the last one, take the next.
@@ -843,10 +871,21 @@ class Block(VirtioDevice):
                     plan = plan_fast(chain)
                     if plan is None:
                         done = [self._serve_other(chain)]
-                    elif call_helpers is not None and plan[3] >= parallel_min:
-                        call_helpers()
+                    elif plan[3] >= parallel_min:
+                        if call_helpers is not None:
+                            call_helpers()
+                        elif serving.idle and queue.has_available():
+                            serving.idle = False
+                            call_back = True
+                elif call_helpers is not None:
+                    serving.idle = True
+                else:
+                    serving.helpers -= 1  # this helper is done
             if notify:  # the system call outside the lock
                 serving.interrupt.signal_used_queue(serving.index)
+            if call_back:
+                call_back = False
+                serving.events.put(Outcome(_CALL_BACK, None, None))
             if chain is None:
                 return
             if plan is not None:
