@@ -884,6 +884,61 @@ def test_driver_indirect_tables(mem: GuestMemory) -> None:
     assert drv.num_free == 8
 
 
+def test_driver_three_entry_tables_rewritten_where_they_changed(mem: GuestMemory) -> None:
+    """Three-buffer requests reuse what their head's table already holds
+    (a block driver's fixed header and status buffers); whatever changed,
+    the device sees exactly the request given, including after a table of
+    another length was written over the same head."""
+    drv = driver(mem, 4, indirect=True, indirect_addr=IND, max_indirect=4)
+    dev = device(mem, 4, indirect=True)
+    header, status = (DATA, 16), (DATA + 16, 1)
+
+    def round_trip(
+        readable: list[tuple[int, int]], writable: list[tuple[int, int]], token: str
+    ) -> None:
+        drv.add(readable, writable, token)
+        head = mem.read_u16(AVAIL + 4 + 2 * ((mem.read_u16(AVAIL + 2) - 1) % 4))
+        assert head == 0  # one request at a time: the same head (and table) every time
+        chain = dev.pop()
+        assert chain is not None
+        assert (chain.readable, chain.writable) == (readable, writable)
+        dev.add_used_batch([(chain, chain.writable_len)])
+        assert list(drv.used()) == [(token, chain.writable_len)]
+
+    round_trip([header], [(DATA + 512, 512), status], "read")
+    round_trip([header, (DATA + 1024, 512)], [status], "write")  # the data entry's flags
+    round_trip([header], [(DATA + 512, 256), status], "shorter read")
+    round_trip([(DATA + 32, 16)], [(DATA + 512, 512), status], "other header")
+    round_trip([header], [(DATA + 512, 512), (DATA + 48, 1)], "other status")
+    round_trip([header], [(DATA + 512, 512), status], "read again")
+    round_trip([header, (DATA + 1024, 8), (DATA + 2048, 8)], [status], "four")
+    round_trip([header], [(DATA + 512, 512), status], "read after four")
+    round_trip([header], [status], "two")
+    round_trip([header], [(DATA + 512, 512), status], "read after two")
+    assert drv.num_free == 4
+
+
+def test_driver_three_entry_table_errors_leave_the_queue_intact(mem: GuestMemory) -> None:
+    drv = driver(mem, 4, indirect=True, indirect_addr=IND, max_indirect=4)
+    dev = device(mem, 4, indirect=True)
+    header, status = (DATA, 16), (DATA + 16, 1)
+    for readable, writable, match in (
+        ([header], [(DATA + 512, 0xFFFF_FFFF), status], "exceeds 2\\*\\*32"),
+        ([header], [(1 << 64, 512), status], "out of range"),
+        ([(1 << 64, 16)], [(DATA + 512, 512), status], "out of range"),
+        ([header], [(DATA + 512, 512), (-1, 1)], "out of range"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            drv.add(readable, writable, "bad")
+        assert drv.num_free == 4
+        assert drv.in_flight == 0
+        assert not dev.has_available()
+    drv.add([header], [(DATA + 512, 512), status], "good")
+    chain = dev.pop()
+    assert chain is not None
+    assert (chain.readable, chain.writable) == ([header], [(DATA + 512, 512), status])
+
+
 def test_driver_indirect_needs_an_area(mem: GuestMemory) -> None:
     with pytest.raises(ValueError, match="indirect_addr"):
         driver(mem, indirect=True, max_indirect=4)

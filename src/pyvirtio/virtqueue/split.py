@@ -934,6 +934,7 @@ class SplitDriverQueue:
         "_desc",
         "_fence",
         "_free_head",
+        "_ind_cache",
         "_ind_stride",
         "_ind_view",
         "_info",
@@ -1049,6 +1050,7 @@ class SplitDriverQueue:
         # Per head slot: None when free, else (token, last descriptor of the
         # chain, descriptors the chain holds, writable bytes it offered).
         self._info: list[tuple[object, int, int, int] | None] = [None] * size
+        self._ind_cache: list[tuple[tuple[int, int], tuple[int, int]] | None] = [None] * size
         self._avail_idx = 0
         self._last_used = 0
         self._kick_marker = 0
@@ -1177,6 +1179,54 @@ class SplitDriverQueue:
             self._avail_idx = avail_idx
             # Publish only after the descriptor and ring entry are written
             # (split-ring.tex, "Updating idx": barrier before the idx update).
+            self._avail[1] = avail_idx
+            return
+        if total == 3 and 0 < nread < 3 and self.max_indirect >= 3 and self._num_free:
+            # Fast path: a three-entry indirect table, the shape of a block
+            # request (header, data, status).  A driver that gives each
+            # request slot its own header and status buffers hands the same
+            # first and last entries to the same head again and again (free
+            # slots and free heads are both reused last-in first-out), so
+            # entries equal to what the head's table holds are not rewritten.
+            if nread == 1:
+                entry0 = readable[0]
+                entry1, entry2 = writable
+                flags1 = 3  # WRITE | NEXT
+                wlen = entry1[1] + entry2[1]
+            else:
+                entry0, entry1 = readable
+                entry2 = writable[0]
+                flags1 = 1  # NEXT
+                wlen = entry2[1]
+            table = self._ind_view
+            assert table is not None  # max_indirect > 0
+            base = head * self._ind_stride
+            cache = self._ind_cache
+            try:
+                if entry0[1] + entry1[1] + entry2[1] > _CHAIN_BYTES_LIMIT:
+                    raise ValueError(
+                        f"request of {entry0[1] + entry1[1] + entry2[1]} bytes exceeds 2**32"
+                    )
+                if cache[head] != (entry0, entry2):
+                    cache[head] = None  # until both are written
+                    _pack_desc(table, base, entry0[0], entry0[1], 1, 1)
+                    _pack_desc(table, base + 32, entry2[0], entry2[1], 2, 0)
+                    cache[head] = (entry0, entry2)
+                _pack_desc(table, base + 16, entry1[0], entry1[1], flags1, 2)
+                _pack_desc(self._desc, head * 16, self.indirect_addr + base, 48, DESC_F_INDIRECT, 0)
+            except struct.error as exc:
+                raise ValueError(f"buffer address or length out of range: {exc}") from exc
+            self._free_head = self._next[head]
+            self._num_free -= 1
+            self._info[head] = (token, head, 1, wlen)
+            avail_idx = self._avail_idx
+            self._avail_ring[avail_idx & self._mask] = head
+            avail_idx += 1
+            if avail_idx == 0x10000:
+                avail_idx = 0
+            self._avail_idx = avail_idx
+            # Publish only after the table, descriptor and ring entry are
+            # written (split-ring.tex, "Updating idx").
             self._avail[1] = avail_idx
             return
         try:
@@ -1361,6 +1411,7 @@ class SplitDriverQueue:
         """
         table = self._ind_view
         assert table is not None
+        self._ind_cache[head] = None  # the table is rewritten: see add's fast path
         pack = _DESC.pack_into
         base = head * self._ind_stride
         offset = base
