@@ -17,6 +17,12 @@ Initialization), sets up the request queues and then offers two layers:
 * blocking helpers (``read``, ``write``, ``flush``, ...) over a scratch
   buffer, which raise :class:`BlkError` (an :class:`OSError`) on failure.
 
+Every ``submit_*`` notifies the device if it wants to be (``kick=True``,
+the default).  ``kick=False`` lets several submissions share one
+notification, sent by :meth:`BlkDriver.kick`; at a deep queue, kick every
+few submissions (8 is a good start) rather than once per batch, so that
+the device works on the first requests while the driver submits the rest.
+
 Completion polling (``poll_us``, after libblkio's poll queues and Linux's
 io_poll) is opt-in: :meth:`BlkDriver.wait` and the blocking helpers then
 reap the used rings in a loop, without system calls, for up to ``poll_us``
