@@ -1181,54 +1181,6 @@ class SplitDriverQueue:
             # (split-ring.tex, "Updating idx": barrier before the idx update).
             self._avail[1] = avail_idx
             return
-        if total == 3 and 0 < nread < 3 and self.max_indirect >= 3 and self._num_free:
-            # Fast path: a three-entry indirect table, the shape of a block
-            # request (header, data, status).  A driver that gives each
-            # request slot its own header and status buffers hands the same
-            # first and last entries to the same head again and again (free
-            # slots and free heads are both reused last-in first-out), so
-            # entries equal to what the head's table holds are not rewritten.
-            if nread == 1:
-                entry0 = readable[0]
-                entry1, entry2 = writable
-                flags1 = 3  # WRITE | NEXT
-                wlen = entry1[1] + entry2[1]
-            else:
-                entry0, entry1 = readable
-                entry2 = writable[0]
-                flags1 = 1  # NEXT
-                wlen = entry2[1]
-            table = self._ind_view
-            assert table is not None  # max_indirect > 0
-            base = head * self._ind_stride
-            cache = self._ind_cache
-            try:
-                if entry0[1] + entry1[1] + entry2[1] > _CHAIN_BYTES_LIMIT:
-                    raise ValueError(
-                        f"request of {entry0[1] + entry1[1] + entry2[1]} bytes exceeds 2**32"
-                    )
-                if cache[head] != (entry0, entry2):
-                    cache[head] = None  # until both are written
-                    _pack_desc(table, base, entry0[0], entry0[1], 1, 1)
-                    _pack_desc(table, base + 32, entry2[0], entry2[1], 2, 0)
-                    cache[head] = (entry0, entry2)
-                _pack_desc(table, base + 16, entry1[0], entry1[1], flags1, 2)
-                _pack_desc(self._desc, head * 16, self.indirect_addr + base, 48, DESC_F_INDIRECT, 0)
-            except struct.error as exc:
-                raise ValueError(f"buffer address or length out of range: {exc}") from exc
-            self._free_head = self._next[head]
-            self._num_free -= 1
-            self._info[head] = (token, head, 1, wlen)
-            avail_idx = self._avail_idx
-            self._avail_ring[avail_idx & self._mask] = head
-            avail_idx += 1
-            if avail_idx == 0x10000:
-                avail_idx = 0
-            self._avail_idx = avail_idx
-            # Publish only after the table, descriptor and ring entry are
-            # written (split-ring.tex, "Updating idx").
-            self._avail[1] = avail_idx
-            return
         try:
             if total == 1:
                 raise QueueFullError(f"no free descriptor (queue size {self.size})")
@@ -1408,12 +1360,42 @@ class SplitDriverQueue:
         descriptor is written) if the request exceeds 2**32 bytes.  split-ring.tex, "Indirect
         Descriptors": entries chained by ``next`` from 0, ring descriptor
         with INDIRECT only.
+
+        A three-entry table with a readable first and a writable last entry
+        (a block request: header, data, status) rewrites its first and last
+        entries only when they changed: a driver that gives each request
+        slot its own header and status buffers hands them to the same head
+        again and again, as free slots and free heads are both reused
+        last-in first-out.
         """
         table = self._ind_view
         assert table is not None
-        self._ind_cache[head] = None  # the table is rewritten: see add's fast path
         pack = _DESC.pack_into
         base = head * self._ind_stride
+        cache = self._ind_cache
+        nread = len(readable)
+        if total == 3 and 0 < nread < 3:
+            if nread == 1:
+                first = readable[0]
+                data, last = writable
+                data_flags = 3  # WRITE | NEXT
+                wlen = data[1] + last[1]
+            else:
+                first, data = readable
+                last = writable[0]
+                data_flags = 1  # NEXT
+                wlen = last[1]
+            if first[1] + data[1] + last[1] > _CHAIN_BYTES_LIMIT:
+                raise ValueError(f"request of {first[1] + data[1] + last[1]} bytes exceeds 2**32")
+            if cache[head] != (first, last):
+                cache[head] = None  # until both are written
+                pack(table, base, first[0], first[1], 1, 1)
+                pack(table, base + 32, last[0], last[1], 2, 0)
+                cache[head] = (first, last)
+            pack(table, base + 16, data[0], data[1], data_flags, 2)
+            pack(self._desc, head * 16, self.indirect_addr + base, 48, DESC_F_INDIRECT, 0)
+            return wlen
+        cache[head] = None  # the entries are rewritten below
         offset = base
         position = 0
         rlen = 0
