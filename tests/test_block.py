@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -1155,11 +1155,58 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.001)
 
 
-def serve_in_thread(rig: Rig) -> threading.Thread:
-    """queue_notify(0) on a thread of its own, as a host's serving thread runs it."""
-    thread = threading.Thread(target=rig.device.queue_notify, args=(0,))
-    thread.start()
-    return thread
+class LateReads(NamedTuple):
+    """How copy_late_reads went."""
+
+    copied_by: dict[int, int]  # read -> the thread that copied it
+    ring_thread: int  # the thread that ran queue_notify
+    helper_calls: int
+
+
+def copy_late_reads(
+    image: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    on_first_copies: Callable[[int, Rig, Callable[[], None]], None],
+) -> LateReads:
+    """Serve reads 0 and 1 on a ring thread with one helper; reads 2 and 3
+    come during their copies and must be copied at once.
+
+    ``on_first_copies(i, rig, post_later)`` runs as read ``i`` (0 or 1)
+    starts its copy; ``post_later()`` posts reads 2 and 3.  Every read is
+    checked to be answered correctly.
+    """
+    with IoWorkers(1, name="test-blk-io") as workers:
+        rig = pipelined_rig(image, workers)
+        real_preadv = os.preadv
+        together = threading.Barrier(2, timeout=10)  # reads 2 and 3 must overlap
+        copied_by: dict[int, int] = {}
+        later: list[list[tuple[int, int]]] = []
+
+        def post_later() -> None:
+            later.extend(post_large_read(rig, k) for k in (2, 3))
+
+        def preadv(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+            i = offset // (8 * SECTOR)
+            copied_by[i] = threading.get_ident()
+            if i < 2:
+                on_first_copies(i, rig, post_later)
+            else:
+                together.wait()
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        first = [post_large_read(rig, i) for i in range(2)]
+        # queue_notify on a thread of its own, as a host's serving thread runs it.
+        serving = threading.Thread(target=rig.device.queue_notify, args=(0,))
+        serving.start()
+        serving.join(30)
+        assert not serving.is_alive()
+        assert len(rig.rig.used(0)) == 4
+        for i, wr in enumerate(first + later):
+            assert rig.rig.mem.readv(wr) == large_read_answer(i)
+        assert rig.device.io_errors == 0
+        assert serving.ident is not None
+        return LateReads(copied_by, serving.ident, workers.submitted)
 
 
 def test_idle_ring_thread_is_called_back_when_requests_come_during_a_copy(
@@ -1168,40 +1215,21 @@ def test_idle_ring_thread_is_called_back_when_requests_come_during_a_copy(
     """The ring's thread found the ring empty and waits for its helper; the
     driver posts two more large reads while the helper copies: the helper
     calls the ring's thread back, and the two are copied at once."""
-    with IoWorkers(1, name="test-blk-io") as workers:
-        rig = pipelined_rig(image, workers)
-        real_preadv = os.preadv
-        second_started = threading.Event()
-        together = threading.Barrier(2, timeout=10)  # reads 2 and 3 must overlap
-        copied_by: dict[int, int] = {}
-        later: list[list[tuple[int, int]]] = []
+    second_started = threading.Event()
 
-        def preadv(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
-            i = offset // (8 * SECTOR)
-            copied_by[i] = threading.get_ident()
-            if i == 0:  # the ring's thread: let the helper take read 1 first
-                assert second_started.wait(10)
-            elif i == 1:  # the helper: once read 0 is answered, the ring is empty
-                second_started.set()
-                wait_until(lambda: used_idx(rig) == 1, "read 0 is answered")
-                later.extend(post_large_read(rig, k) for k in (2, 3))
-            else:
-                together.wait()
-            return real_preadv(fd, buffers, offset)
+    def on_first_copies(i: int, rig: Rig, post_later: Callable[[], None]) -> None:
+        if i == 0:  # the ring's thread: let the helper take read 1 first
+            assert second_started.wait(10)
+        else:  # the helper: once read 0 is answered, the ring is empty
+            second_started.set()
+            wait_until(lambda: used_idx(rig) == 1, "read 0 is answered")
+            post_later()
 
-        monkeypatch.setattr(os, "preadv", preadv)
-        first = [post_large_read(rig, i) for i in range(2)]
-        serving = serve_in_thread(rig)
-        serving.join(30)
-        assert not serving.is_alive()
-        assert len(rig.rig.used(0)) == 4
-        for i, wr in enumerate(first + later):
-            assert rig.rig.mem.readv(wr) == large_read_answer(i)
-        assert copied_by[0] == serving.ident
-        assert copied_by[1] != serving.ident
-        assert {copied_by[2], copied_by[3]} == {copied_by[0], copied_by[1]}
-        assert workers.submitted == 1
-        assert rig.device.io_errors == 0
+    run = copy_late_reads(image, monkeypatch, on_first_copies)
+    assert run.copied_by[0] == run.ring_thread
+    assert run.copied_by[1] != run.ring_thread
+    assert {run.copied_by[2], run.copied_by[3]} == {run.copied_by[0], run.copied_by[1]}
+    assert run.helper_calls == 1
 
 
 def test_helper_that_found_the_ring_empty_can_be_called_in_again(
@@ -1210,36 +1238,17 @@ def test_helper_that_found_the_ring_empty_can_be_called_in_again(
     """The helper found the ring empty and stopped while the ring's thread
     still copies; requests that come meanwhile get a helper again at once,
     not when the ring next runs dry."""
-    with IoWorkers(1, name="test-blk-io") as workers:
-        rig = pipelined_rig(image, workers)
-        real_preadv = os.preadv
-        together = threading.Barrier(2, timeout=10)  # reads 2 and 3 must overlap
-        copied_by: dict[int, int] = {}
-        later: list[list[tuple[int, int]]] = []
 
-        def preadv(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
-            i = offset // (8 * SECTOR)
-            copied_by[i] = threading.get_ident()
-            if i == 0:  # the ring's thread: the helper answers read 1 and stops
-                wait_until(lambda: used_idx(rig) == 1, "read 1 is answered")
-                later.extend(post_large_read(rig, k) for k in (2, 3))
-            elif i > 1:
-                together.wait()
-            return real_preadv(fd, buffers, offset)
+    def on_first_copies(i: int, rig: Rig, post_later: Callable[[], None]) -> None:
+        if i == 0:  # the ring's thread: the helper answers read 1 and stops
+            wait_until(lambda: used_idx(rig) == 1, "read 1 is answered")
+            post_later()
 
-        monkeypatch.setattr(os, "preadv", preadv)
-        first = [post_large_read(rig, i) for i in range(2)]
-        serving = serve_in_thread(rig)
-        serving.join(30)
-        assert not serving.is_alive()
-        assert len(rig.rig.used(0)) == 4
-        for i, wr in enumerate(first + later):
-            assert rig.rig.mem.readv(wr) == large_read_answer(i)
-        assert copied_by[0] == serving.ident
-        assert copied_by[1] != serving.ident
-        assert copied_by[2] != copied_by[3]
-        assert workers.submitted == 2
-        assert rig.device.io_errors == 0
+    run = copy_late_reads(image, monkeypatch, on_first_copies)
+    assert run.copied_by[0] == run.ring_thread
+    assert run.copied_by[1] != run.ring_thread
+    assert run.copied_by[2] != run.copied_by[3]
+    assert run.helper_calls == 2
 
 
 def test_pipelined_completions_are_published_as_served_and_interrupts_shared(
