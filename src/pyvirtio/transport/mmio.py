@@ -37,6 +37,7 @@ from pyvirtio.constants import DeviceStatus, Feature
 from pyvirtio.device import LifecycleError, QueueResources, VirtioDevice
 from pyvirtio.irq import IrqLine
 from pyvirtio.memory import GuestMemory
+from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.virtqueue.common import DeviceQueue
 from pyvirtio.virtqueue.disabled import DisabledQueue
 from pyvirtio.virtqueue.packed import PackedDeviceQueue
@@ -72,8 +73,6 @@ _U64_MASK = 0xFFFF_FFFF_FFFF_FFFF
 _NEEDS_RESET = int(DeviceStatus.DEVICE_NEEDS_RESET)
 _FEATURES_OK = int(DeviceStatus.FEATURES_OK)
 _DRIVER_OK = int(DeviceStatus.DRIVER_OK)
-#: Distinct log keys remembered before further rate-limited messages are dropped.
-_MAX_LOG_KEYS = 512
 
 
 class Reg:
@@ -158,31 +157,6 @@ _QUEUE_SETUP_REGS = frozenset(
         Reg.QUEUE_DEVICE_HIGH,
     }
 )
-
-
-class _RateLimitedLog:
-    """Logs each (kind, offset) once, so a guest repeating a mistake costs one line.
-
-    The key set is bounded: past :data:`_MAX_LOG_KEYS` distinct keys one
-    last line says further messages are suppressed.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._seen: set[tuple[str, int]] = set()
-        self._saturated = False
-
-    def warn(self, kind: str, offset: int, msg: str, *args: object, exc_info: bool = False) -> None:
-        key = (kind, offset)
-        if key in self._seen:
-            return
-        if len(self._seen) >= _MAX_LOG_KEYS:
-            if not self._saturated:
-                self._saturated = True
-                log.warning("%s: too many distinct guest errors, suppressing further", self.name)
-            return
-        self._seen.add(key)
-        log.warning("%s: " + msg, self.name, *args, exc_info=exc_info)
 
 
 @dataclass
@@ -272,7 +246,7 @@ class MmioTransport:
         self.vendor_id = vendor_id & _U32_MASK
         self.window_size = window_size
         self._lock = threading.RLock()
-        self._log = _RateLimitedLog(f"virtio-mmio({device.name})")
+        self._log = RateLimitedLog(log, f"virtio-mmio({device.name})")
         self._status = 0
         self._device_features_sel = 0
         self._driver_features_sel = 0
