@@ -88,6 +88,10 @@ class IoWorkers:
             except BaseException as exc:  # the submitter decides what it means
                 outcome = Outcome(tag, None, exc)
             done.put(outcome)
+            # Drop this job's references before waiting for the next: an idle
+            # worker must not keep a ring (and through it the front end's
+            # guest memory mapping and fd) alive after its device let go.
+            del job, fn, args, done, tag, outcome
 
     def close(self) -> None:
         """Finish the calls submitted, then stop the threads (idempotent)."""
