@@ -13,6 +13,17 @@ A region is backed by an mmap of one of three kinds:
 * a caller-provided file descriptor and offset (what a vhost-user front end
   hands a back end in SET_MEM_TABLE / ADD_MEM_REG).
 
+A region mapped from a caller's fd is a promise the caller can break: if the
+file shrinks under the mapping, the next access to the lost pages raises
+SIGBUS, which no Python code can recover from.  :meth:`GuestMemory.add_fd`
+therefore refuses a region that extends beyond the end of its file, and
+seals a memfd against shrinking (``F_SEAL_SHRINK``; any holder of the fd may
+add seals unless ``F_SEAL_SEAL`` is set).  An fd that cannot be sealed (a
+memfd made without ``MFD_ALLOW_SEALING``, a hugetlbfs or regular file) is
+refused unless the caller allows it (``allow_unsealed``), and the region
+says whether it is sealed.  Memfds this module creates seal themselves
+against shrinking and growing, as QEMU's memory-backend-memfd does.
+
 Regions never overlap.  An access may span two regions only where they are
 contiguous in guest-physical space (``read``/``write``/``readv``/``writev``);
 a zero-copy :meth:`GuestMemory.view` must lie inside one region.
@@ -22,8 +33,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import mmap
 import os
+import stat
 import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +46,8 @@ __all__ = [
     "GuestMemory",
     "GuestMemoryError",
     "MemoryRegion",
+    "UnsealedMemoryError",
+    "seal_against_shrinking",
 ]
 
 _U64_LIMIT = 1 << 64
@@ -46,6 +61,26 @@ class GuestMemoryError(Exception):
     """An access to guest memory outside every region, or otherwise invalid."""
 
 
+class UnsealedMemoryError(GuestMemoryError):
+    """An fd that cannot be sealed against shrinking, offered where sealing is required."""
+
+
+def seal_against_shrinking(fd: int) -> bool:
+    """Seal ``fd`` against shrinking if it is not yet; whether it now is.
+
+    False for an fd that cannot carry seals (not a memfd: EINVAL) or whose
+    seals are sealed (``F_SEAL_SEAL``, which memfds made without
+    ``MFD_ALLOW_SEALING`` have from birth: EPERM).
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if not seals & fcntl.F_SEAL_SHRINK:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+    return True
+
+
 @dataclass(eq=False)
 class MemoryRegion:
     """One guest-physical range ``[guest_base, guest_base + size)`` backed by an mmap.
@@ -53,7 +88,8 @@ class MemoryRegion:
     ``fd`` is the backing file descriptor when there is one (memfd or caller
     fd; ``None`` for anonymous memory) and ``fd_offset`` the offset of the
     region's first byte in that file.  ``owns_fd`` says whether closing the
-    region closes the fd.
+    region closes the fd.  ``sealed`` is False for a caller's fd that could
+    not be sealed against shrinking (see the module docstring).
     """
 
     guest_base: int
@@ -62,6 +98,7 @@ class MemoryRegion:
     fd: int | None = None
     fd_offset: int = 0
     owns_fd: bool = False
+    sealed: bool = True
     view: memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -131,9 +168,11 @@ class GuestMemory:
 
     def add_memfd(self, base: int, size: int, name: str = "pyvirtio-guest") -> MemoryRegion:
         _check_geometry(base, size)
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # A peer we share it with cannot resize it under our mapping (or its own).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
@@ -141,17 +180,39 @@ class GuestMemory:
         return self.add_region(MemoryRegion(base, size, mapping, fd=fd, owns_fd=True))
 
     def add_fd(
-        self, base: int, size: int, fd: int, offset: int = 0, *, take_ownership: bool = False
+        self,
+        base: int,
+        size: int,
+        fd: int,
+        offset: int = 0,
+        *,
+        take_ownership: bool = False,
+        allow_unsealed: bool = True,
     ) -> MemoryRegion:
         """Map ``size`` bytes of ``fd`` from ``offset`` at guest address ``base``.
 
         ``offset`` need not be page aligned: the mapping starts at the page
         below it and the region's view skips the difference (vhost-user's
-        ``mmap_offset`` is arbitrary).
+        ``mmap_offset`` is arbitrary).  A memfd is sealed against shrinking
+        first; an fd that cannot be raises :class:`UnsealedMemoryError`
+        unless ``allow_unsealed``.  A regular file (memfds, tmpfs, hugetlbfs)
+        must be at least ``offset + size`` bytes long.
         """
         _check_geometry(base, size)
         if offset < 0:
             raise GuestMemoryError(f"negative file offset {offset}")
+        sealed = seal_against_shrinking(fd)
+        if not sealed and not allow_unsealed:
+            raise UnsealedMemoryError(f"fd {fd} cannot be sealed against shrinking")
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise GuestMemoryError(f"cannot stat fd {fd}: {exc}") from exc
+        if stat.S_ISREG(st.st_mode) and offset + size > st.st_size:
+            raise GuestMemoryError(
+                f"range {offset:#x}+{size:#x} extends beyond the end of its file "
+                f"({st.st_size:#x} bytes): touching it would raise SIGBUS"
+            )
         page_offset = offset % mmap.ALLOCATIONGRANULARITY
         try:
             mapping = mmap.mmap(
@@ -164,7 +225,9 @@ class GuestMemory:
             raise GuestMemoryError(
                 f"cannot map fd {fd} offset {offset} size {size}: {exc}"
             ) from exc
-        region = MemoryRegion(base, size, mapping, fd=fd, fd_offset=offset, owns_fd=take_ownership)
+        region = MemoryRegion(
+            base, size, mapping, fd=fd, fd_offset=offset, owns_fd=take_ownership, sealed=sealed
+        )
         if page_offset:
             region.view = memoryview(mapping)[page_offset : page_offset + size]
         return self.add_region(region)
