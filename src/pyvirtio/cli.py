@@ -99,7 +99,9 @@ def _serve(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     except (OSError, ValueError) as exc:
         print(f"pyvirtio serve {args.device}: {exc}", file=sys.stderr)
         return 1
-    backend = VhostUserBackend(device, args.socket, poll_us=args.poll_us)
+    backend = VhostUserBackend(
+        device, args.socket, poll_us=args.poll_us, unsealed_memory=args.unsealed_memory
+    )
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
@@ -196,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
             default=0.0,
             help="after serving a ring, busy-poll it this many microseconds with driver "
             "notifications off (fewer kicks and wake-ups for a CPU spent spinning; default 0)",
+        )
+        parser_.add_argument(
+            "--unsealed-memory",
+            choices=("refuse", "allow"),
+            default="refuse",
+            help="guest memory the front end shares but that cannot be sealed against "
+            "shrinking (memfds without MFD_ALLOW_SEALING, hugetlbfs files: DPDK's "
+            "virtio-user) lets the front end crash this process by truncating it; refuse "
+            "it (default) or allow it, for a trusted front end",
         )
         parser_.set_defaults(func=_cmd_serve)
 

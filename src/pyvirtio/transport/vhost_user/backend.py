@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
+import enum
 import logging
 import os
 import select
@@ -72,7 +72,8 @@ from pathlib import Path
 
 from pyvirtio.constants import DeviceStatus, Feature
 from pyvirtio.device import DeviceState, VirtioDevice
-from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.memory import GuestMemory, GuestMemoryError, UnsealedMemoryError
+from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.transport.vhost_user.protocol import (
     FLAG_REPLY,
     VERSION,
@@ -101,7 +102,12 @@ from pyvirtio.virtqueue.disabled import DisabledQueue
 from pyvirtio.virtqueue.packed import PackedDeviceQueue
 from pyvirtio.virtqueue.split import SplitDeviceQueue
 
-__all__ = ["DEFAULT_MAX_MEM_SLOTS", "DEFAULT_PROTOCOL_FEATURES", "VhostUserBackend"]
+__all__ = [
+    "DEFAULT_MAX_MEM_SLOTS",
+    "DEFAULT_PROTOCOL_FEATURES",
+    "UnsealedMemory",
+    "VhostUserBackend",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +125,15 @@ DEFAULT_PROTOCOL_FEATURES = (
 _SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES
 #: Answer to GET_MAX_MEM_SLOTS (QEMU caps it to what the platform supports).
 DEFAULT_MAX_MEM_SLOTS = 32
-#: How long a reply (or a back-end channel message) may take to send.
-DEFAULT_SEND_TIMEOUT = 5.0
+#: Replies a front end has not read yet, in bytes, before it is dropped.  QEMU
+#: waits for each reply before its next request: a few dozen bytes at most.
+MAX_UNSENT_REPLIES = 256 * 1024
+#: Connections the kernel queues before accept (connect then fails with EAGAIN).
+LISTEN_BACKLOG = 128
+#: Front ends accepted while another is served, waiting for their turn.
+MAX_WAITING_FRONT_ENDS = 4
+#: A repeated error of one kind is logged at most once per this many seconds.
+LOG_INTERVAL = 30.0
 
 _F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 #: Ancillary buffer for one recvmsg: room for more fds than a message may
@@ -132,6 +145,25 @@ _PACKED_WRAP = 0x8000
 #: Longest stretch of ring polling before the loop looks at its fds again.
 _POLL_SLICE = 0.001
 _PACKED_INDEX = 0x7FFF
+#: VHOST_F_LOG_ALL: QEMU re-sends SET_FEATURES with it set or cleared while
+#: migrating; the only feature change allowed on running rings.
+_F_LOG_ALL = 1 << 26
+_SPLIT_BASE_LIMIT = 0xFFFF
+_EVENTFD_LINK = "anon_inode:[eventfd]"
+
+
+class UnsealedMemory(enum.Enum):
+    """What the back end does with shared memory it cannot seal against shrinking.
+
+    A front end that truncates such memory makes the back end's next access
+    raise SIGBUS, which kills a Python process (see :mod:`pyvirtio.memory`).
+    """
+
+    #: Refuse the region (NACK) with a log line saying why: the default.
+    REFUSE = "refuse"
+    #: Map it anyway, with a warning: for trusted front ends whose memory
+    #: cannot be sealed (DPDK's virtio-user, hugetlbfs files).
+    ALLOW = "allow"
 
 
 class _RequestError(Exception):
@@ -194,6 +226,10 @@ class _Session:
     vrings: list[_Vring] = field(default_factory=list)
     backend_channel: socket.socket | None = None
     closing: bool = False
+    #: Reply bytes the front end has not taken yet (sent when the socket has room).
+    unsent: bytearray = field(default_factory=bytearray)
+    #: Whether this front end's unsealed memory was warned about already.
+    warned_unsealed: bool = False
 
 
 class _EventfdInterrupt:
@@ -235,8 +271,8 @@ class VhostUserBackend:
         *,
         protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
         max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
-        send_timeout: float = DEFAULT_SEND_TIMEOUT,
         poll_us: float = 0.0,
+        unsealed_memory: UnsealedMemory | str = UnsealedMemory.REFUSE,
     ) -> None:
         if device.num_queues > VRING_FD_INDEX_MASK + 1:
             raise ValueError(f"{device.name}: {device.num_queues} queues, vhost-user allows 256")
@@ -244,7 +280,7 @@ class VhostUserBackend:
         self.socket_path = Path(socket_path)
         self.protocol_features_offered = protocol_features & _SUPPORTED_PROTOCOL_FEATURES
         self.max_mem_slots = max_mem_slots
-        self.send_timeout = send_timeout
+        self.unsealed_memory = UnsealedMemory(unsealed_memory)
         #: Microseconds to keep polling a ring for new buffers after serving it
         #: (0: sleep in epoll at once).  See _start_polling.
         self.poll_us = poll_us
@@ -252,6 +288,15 @@ class VhostUserBackend:
         self.received: collections.deque[str] = collections.deque(maxlen=4096)
         #: Connections accepted so far.
         self.connections = 0
+        #: Used-buffer and error notifications that could not be delivered
+        #: (a call or err fd that is full or fails).
+        self.notifications_dropped = 0
+        #: Errors a front end can repeat at will are logged rate-limited.
+        self._log = RateLimitedLog(log, repr(self), interval=LOG_INTERVAL)
+        #: Front ends accepted while another is served (see _accept).
+        self._waiting: collections.deque[socket.socket] = collections.deque()
+        #: Call and err fds that are eventfds (a full one means "already signalled").
+        self._eventfds: set[int] = set()
         self._interrupt = _EventfdInterrupt(self)
         self._fd_lock = threading.Lock()
         self._session: _Session | None = None
@@ -282,12 +327,20 @@ class VhostUserBackend:
                 raise FileExistsError(f"{path} exists and is not a socket")
             path.unlink()  # a stale socket of an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bound under a temporary name and renamed once listening: a front end
+        # that sees the path never meets a socket that refuses connections.
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
         try:
-            sock.bind(str(path))
-            sock.listen(1)
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
+            sock.bind(str(staging))
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
+            os.rename(staging, path)
         except BaseException:
             sock.close()
+            with contextlib.suppress(OSError):
+                staging.unlink()
             raise
         return sock
 
@@ -386,7 +439,10 @@ class VhostUserBackend:
             return
         session = self._session
         if session is not None and fd == session.sock.fileno():
-            self._read_connection(session)
+            if mask & select.EPOLLOUT:
+                self._flush(session)
+            if mask & ~select.EPOLLOUT and self._session is session:
+                self._read_connection(session)
             return
         if fd in self._host_fds:
             self.device.host_fd_ready(fd, mask)
@@ -402,6 +458,8 @@ class VhostUserBackend:
         if self._session is not None:
             self._disconnect("back end closing", level=logging.INFO)
         self._closed = True
+        while self._waiting:
+            self._waiting.popleft().close()
         self._epoll.close()
         self._listener.close()
         os.close(self._wake_fd)
@@ -419,22 +477,49 @@ class VhostUserBackend:
     # -- connections -------------------------------------------------------------------
 
     def _accept(self) -> None:
+        """Accept a front end; one is served at a time, a few more wait their turn.
+
+        A front end that connects while another is served is accepted and
+        waits (its messages stay unread in its socket) until the current one
+        disconnects; past MAX_WAITING_FRONT_ENDS waiting, new ones are
+        closed at once.  Each case gets a log line.
+        """
         try:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            log.warning("%s: accept failed: %s", self, exc)
+            self._log.warn("accept", None, "accept failed: %s", exc)
             return
-        # Non-blocking: the loop must never wait on a front end (sends wait
-        # for room at most send_timeout, see _send_all).
+        # Non-blocking: the loop never waits on a front end (replies it does
+        # not read are buffered, up to MAX_UNSENT_REPLIES; see _send).
         sock.setblocking(False)
+        if self._session is not None:
+            if len(self._waiting) >= MAX_WAITING_FRONT_ENDS:
+                sock.close()
+                self._log.warn(
+                    "refused",
+                    None,
+                    "another front end connected while one is served and %d are waiting: "
+                    "closed it (one front end at a time)",
+                    len(self._waiting),
+                )
+                return
+            self._waiting.append(sock)
+            log.warning(
+                "%s: another front end connected: it is waiting until the current one "
+                "disconnects (one front end at a time; %d waiting)",
+                self,
+                len(self._waiting),
+            )
+            return
+        self._start_session(sock)
+
+    def _start_session(self, sock: socket.socket) -> None:
         session = _Session(sock)
         session.vrings = [_Vring(i) for i in range(self.device.num_queues)]
         self._session = session
         self.connections += 1
-        # One front end at a time: the next waits in the backlog until this one goes.
-        self._epoll.unregister(self._listener.fileno())
         self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         log.info("%s: front end connected", self)
 
@@ -508,8 +593,9 @@ class VhostUserBackend:
         # connection gone for observers (``connected``): a caller that waits
         # for that and then counts fds or mappings must see them released.
         self._session = None
-        if not self._closed:
-            self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+        session.unsent.clear()
+        if self._waiting and not self._closed:
+            self._start_session(self._waiting.popleft())
 
     # -- messages ------------------------------------------------------------------------
 
@@ -551,11 +637,44 @@ class VhostUserBackend:
     def _send_reply(self, session: _Session, request: FrontendRequest, payload: Payload) -> None:
         if self._session is not session:
             return
-        data = encode(Message(request, payload, VERSION | FLAG_REPLY))
+        self._send(session, encode(Message(request, payload, VERSION | FLAG_REPLY)))
+
+    def _send(self, session: _Session, data: bytes) -> None:
+        """Send ``data`` without waiting: what the socket cannot take now waits in
+        ``session.unsent`` for EPOLLOUT; a front end that lets more than
+        MAX_UNSENT_REPLIES pile up is not reading and is dropped."""
+        if not session.unsent:
+            try:
+                sent = session.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._disconnect(f"cannot send a reply: {exc}")
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._epoll.modify(
+                session.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLOUT
+            )
+        session.unsent += data
+        if len(session.unsent) > MAX_UNSENT_REPLIES:
+            self._disconnect(
+                f"front end is not reading its replies ({len(session.unsent)} bytes unsent)"
+            )
+
+    def _flush(self, session: _Session) -> None:
+        """The socket has room: send what replies wait."""
         try:
-            _send_all(session.sock, data, self.send_timeout)
+            sent = session.sock.send(session.unsent)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError as exc:
-            self._disconnect(f"cannot send the reply to {request.name}: {exc}")
+            self._disconnect(f"cannot send a reply: {exc}")
+            return
+        del session.unsent[:sent]
+        if not session.unsent:
+            self._epoll.modify(session.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
 
     def _build_handlers(self) -> dict[FrontendRequest, Callable[[Message], Payload]]:
         r = FrontendRequest
@@ -609,17 +728,33 @@ class VhostUserBackend:
         return self._offered_features()
 
     def _set_features(self, message: Message) -> Payload:
+        """SET_FEATURES: checked whole before anything changes (a refusal changes nothing).
+
+        While the device runs, the features its rings were built with stay:
+        only a no-op (or a LOG_ALL-only change, as QEMU sends while
+        migrating) is accepted; a front end must stop the rings first
+        (GET_VRING_BASE) to change anything else.
+        """
         assert isinstance(message.payload, int)
         value = message.payload
         session = self._s
-        session.features = value & self._offered_features()
-        session.features_set = True
+        offered = self._offered_features()
+        if value & ~offered:
+            raise _RequestError(f"features {value & ~offered:#x} never offered")
         virtio = value & ~_F_PROTOCOL
-        self.device.ack_features(virtio)
-        if value & ~self._offered_features():
-            raise _RequestError(f"features {value & ~self._offered_features():#x} never offered")
         if not self.device.features_acceptable(virtio):
             raise _RequestError(f"the device does not accept features {virtio:#x}")
+        if self.device.state is DeviceState.ACTIVE:
+            changed = (value ^ session.features) & ~_F_LOG_ALL
+            if changed:
+                raise _RequestError(
+                    f"features {changed:#x} changed while the rings run (stop them first)"
+                )
+            session.features = value
+            return None
+        session.features = value
+        session.features_set = True
+        self.device.ack_features(virtio)
         return None
 
     def _get_protocol_features(self, message: Message) -> Payload:
@@ -680,16 +815,35 @@ class VhostUserBackend:
         """Map ``fd`` for ``desc`` into ``mem`` (which then owns the fd)."""
         if desc.memory_size == 0:
             raise _RequestError("memory region of size 0")
+        allow_unsealed = self.unsealed_memory is UnsealedMemory.ALLOW
         try:
-            mem.add_fd(
+            region = mem.add_fd(
                 desc.guest_phys_addr,
                 desc.memory_size,
                 fd,
                 desc.mmap_offset,
                 take_ownership=True,
+                allow_unsealed=allow_unsealed,
             )
+        except UnsealedMemoryError as exc:
+            raise _RequestError(
+                f"memory region at guest {desc.guest_phys_addr:#x}: {exc} (a memfd made "
+                "without MFD_ALLOW_SEALING, or a hugetlbfs or regular file), so the front "
+                "end could truncate it and crash this back end; refused (start with "
+                "--unsealed-memory allow to accept such memory from a trusted front end)"
+            ) from exc
         except GuestMemoryError as exc:
             raise _RequestError(f"cannot map memory region: {exc}") from exc
+        session = self._session
+        if not region.sealed and session is not None and not session.warned_unsealed:
+            session.warned_unsealed = True
+            log.warning(
+                "%s: memory region at guest %#x cannot be sealed against shrinking; mapped "
+                "as --unsealed-memory allow says: this front end can crash this back end "
+                "by truncating it",
+                self,
+                desc.guest_phys_addr,
+            )
         return _Region(
             desc.guest_phys_addr, desc.memory_size, desc.userspace_addr, desc.mmap_offset
         )
@@ -819,8 +973,9 @@ class VhostUserBackend:
         state = message.payload
         assert isinstance(state, VringState)
         vring = self._vring(state.index)
-        if not 1 <= state.num <= MAX_QUEUE_SIZE:
-            raise _RequestError(f"ring {state.index}: size {state.num} not in 1..{MAX_QUEUE_SIZE}")
+        maximum = min(self.device.queue_max_sizes[state.index], MAX_QUEUE_SIZE)
+        if not 1 <= state.num <= maximum:
+            raise _RequestError(f"ring {state.index}: size {state.num} not in 1..{maximum}")
         self._reconfigure(self._s, vring, "SET_VRING_NUM")
         vring.num = state.num
         return None
@@ -837,6 +992,12 @@ class VhostUserBackend:
         state = message.payload
         assert isinstance(state, VringState)
         vring = self._vring(state.index)
+        if self._s.features & Feature.RING_PACKED.mask:
+            _check_packed_base(state.index, state.num, vring.num)
+        elif state.num > _SPLIT_BASE_LIMIT:
+            raise _RequestError(
+                f"ring {state.index}: split ring base {state.num:#x} is not a 16-bit index"
+            )
         self._reconfigure(self._s, vring, "SET_VRING_BASE")
         vring.base = state.num
         return None
@@ -914,9 +1075,26 @@ class VhostUserBackend:
         return None
 
     def _set_fd(self, vring: _Vring, name: str, fd: int | None) -> None:
+        """Install a call or err fd, non-blocking: a notification never waits.
+
+        O_NONBLOCK is a flag of the open file, which the front end shares: one
+        that clears it again on its own copy and then fills the fd could
+        still block a write (a limit stated in ARCHITECTURE.md).
+        """
+        if fd is not None:
+            try:
+                os.set_blocking(fd, False)
+                is_eventfd = os.readlink(f"/proc/self/fd/{fd}") == _EVENTFD_LINK
+            except OSError as exc:
+                os.close(fd)
+                raise _RequestError(f"ring {vring.index}: unusable {name}: {exc}") from exc
         with self._fd_lock:
             old = getattr(vring, name)
             setattr(vring, name, fd)
+            if old is not None and old != fd:
+                self._eventfds.discard(old)
+            if fd is not None and is_eventfd:
+                self._eventfds.add(fd)
         if old is not None and old != fd:
             with contextlib.suppress(OSError):
                 os.close(old)
@@ -1044,6 +1222,7 @@ class VhostUserBackend:
         indirect = dev.has_feature(Feature.INDIRECT_DESC)
         base = vring.base
         if dev.has_feature(Feature.RING_PACKED):
+            _check_packed_base(vring.index, base, vring.num)
             packed = PackedDeviceQueue(
                 session.mem, vring.num, desc, driver, device, event_idx=event_idx, indirect=indirect
             )
@@ -1138,13 +1317,12 @@ class VhostUserBackend:
             log.exception("%s: device reset failed", self)
         if session.features_set:
             device.ack_features(session.features & ~_F_PROTOCOL)
-        packed = bool(session.features & Feature.RING_PACKED.mask)
         for vring in session.vrings:
             queue = vring.queue
             if queue is None:
                 continue
             vring.queue = None
-            vring.base = _ring_position(queue, packed)
+            vring.base = _ring_position(queue)
 
     # -- interrupts -----------------------------------------------------------------------------
 
@@ -1156,11 +1334,34 @@ class VhostUserBackend:
             fd = session.vrings[index].call_fd
             if fd is None:
                 return  # the front end polls
-            try:
-                os.eventfd_write(fd, _EVENT_ONE)
-            except OSError as exc:
-                if exc.errno != errno.EAGAIN:
-                    log.warning("%s: ring %d call fd failed: %s", self, index, exc)
+            self._write_notification(fd, index, "call")
+
+    def _write_notification(self, fd: int, index: int, what: str) -> None:
+        """Signal a call or err fd without ever waiting (the fd is non-blocking).
+
+        A full eventfd has been signalled already; a pipe nobody reads, or
+        an fd that fails, loses the notification: counted and logged,
+        rate-limited.  Called with _fd_lock held.
+        """
+        try:
+            os.eventfd_write(fd, _EVENT_ONE)
+        except BlockingIOError:
+            if fd in self._eventfds:
+                return
+            self.notifications_dropped += 1
+            self._log.warn(
+                f"{what}-full", index, "ring %d %s fd is full: notification dropped", index, what
+            )
+        except OSError as exc:
+            self.notifications_dropped += 1
+            self._log.warn(
+                f"{what}-failed",
+                index,
+                "ring %d %s fd failed (%s): notification dropped",
+                index,
+                what,
+                exc,
+            )
 
     def _signal_config_change(self) -> None:
         """Config space changed: tell the front end on the back-end channel, if it gave one."""
@@ -1174,9 +1375,18 @@ class VhostUserBackend:
                 log.info("%s: config changed but the front end gave no back-end channel", self)
                 return
             try:
-                channel.sendall(data)
+                sent = channel.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
             except OSError as exc:
-                log.warning("%s: cannot send CONFIG_CHANGE_MSG: %s", self, exc)
+                self._log.warn("channel", None, "cannot send CONFIG_CHANGE_MSG: %s", exc)
+                return
+            if sent != len(data):
+                # Never wait on the front end; a message cut short would garble
+                # the channel, so it is closed.
+                self._log.warn("channel", None, "back-end channel full: closing it")
+                session.backend_channel = None
+                channel.close()
 
     def _on_needs_reset(self, reason: str) -> None:
         """The device broke: signal every ring's error eventfd (SET_VRING_ERR)."""
@@ -1186,8 +1396,7 @@ class VhostUserBackend:
         with self._fd_lock:
             for vring in session.vrings:
                 if vring.err_fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.eventfd_write(vring.err_fd, _EVENT_ONE)
+                    self._write_notification(vring.err_fd, vring.index, "err")
 
     # -- config, status, back-end channel -------------------------------------------------------
 
@@ -1195,9 +1404,15 @@ class VhostUserBackend:
         request = message.payload
         assert isinstance(request, ConfigSpace)
         try:
+            end = len(self.device.config_bytes())
+            if request.offset + request.size > end:
+                raise _RequestError(
+                    f"{request.size} bytes at {request.offset} reach beyond config space "
+                    f"({end} bytes)"
+                )
             data = self.device.read_config(request.offset, request.size)
         except Exception as exc:
-            log.warning("%s: GET_CONFIG failed: %s", self, exc)
+            self._log.warn("get-config", None, "GET_CONFIG refused: %s", exc)
             return ConfigSpace(request.offset, request.flags, b"")  # size 0: an error
         return ConfigSpace(request.offset, request.flags, data[: request.size])
 
@@ -1239,7 +1454,7 @@ class VhostUserBackend:
         except OSError as exc:
             os.close(fd)
             raise _RequestError(f"back-end channel fd is not a socket: {exc}") from exc
-        channel.settimeout(self.send_timeout)
+        channel.setblocking(False)  # see _signal_config_change
         session = self._s
         with self._fd_lock:
             old, session.backend_channel = session.backend_channel, channel
@@ -1248,28 +1463,20 @@ class VhostUserBackend:
         return None
 
 
-def _send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
-    """Send all of ``data`` on a non-blocking socket, waiting at most ``timeout`` for room."""
-    view = memoryview(data)
-    deadline = time.monotonic() + timeout
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
-    while view:
-        try:
-            sent = sock.send(view)
-        except (BlockingIOError, InterruptedError):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("peer is not reading") from None
-            poller.poll(remaining * 1000)
-            continue
-        view = view[sent:]
+def _check_packed_base(index: int, base: int, num: int | None) -> None:
+    """A packed ring's base: avail and used halves, each a 15-bit index below the
+    ring size plus a wrap counter (bit 15), as QEMU encodes them."""
+    for half in (base & 0xFFFF, base >> 16):
+        if num is not None and half & _PACKED_INDEX >= num:
+            raise _RequestError(
+                f"ring {index}: packed ring base {base:#x} has an index outside a ring of {num}"
+            )
 
 
-def _ring_position(queue: DeviceQueue, packed: bool) -> int:
+def _ring_position(queue: DeviceQueue) -> int:
     """The GET_VRING_BASE value of a stopped queue."""
     state = queue.state()
-    if not packed:
+    if not isinstance(queue, PackedDeviceQueue):
         return int(state["next_avail"]) & 0xFFFF
     avail = int(state["next_avail"]) | (_PACKED_WRAP if state["avail_wrap_counter"] else 0)
     used = int(state["next_used"]) | (_PACKED_WRAP if state["used_wrap_counter"] else 0)
