@@ -51,7 +51,15 @@ the middle of a message) or a failed send gets one log line; the back end
 closes the connection, resets the device, closes every fd and unmaps the
 memory, and accepts the next connection (QEMU's reconnect).  A well-formed
 request that cannot be honoured is answered with a non-zero REPLY_ACK status
-when the front end asked for one, and logged.
+when the front end asked for one, and logged (rate-limited, see
+:mod:`pyvirtio.ratelimit`); a refused request changes nothing.
+
+Hostile front ends (ARCHITECTURE.md has the whole list).  Nothing a front
+end does may crash, stall or leak this process: shared memory must be
+sealable against shrinking (else SIGBUS) unless ``unsealed_memory`` allows
+it; call and err fds are non-blocking; replies are buffered, not waited
+for; feature changes under running rings are refused.  Front ends that
+connect while one is served wait their turn (MAX_WAITING_FRONT_ENDS).
 """
 
 from __future__ import annotations
