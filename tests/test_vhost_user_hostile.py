@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import time
@@ -496,3 +497,16 @@ def test_a_front_end_that_never_reads_cannot_stall_the_loop(
         wait_until(lambda: "not reading" in child.log())
         peer.close()
         greedy.close()
+
+
+def test_repeated_refusals_are_logged_rate_limited(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = Entropy()
+    with served(device, sock_path), caplog.at_level(logging.WARNING):
+        peer = Peer(sock_path)
+        for _ in range(500):
+            assert peer.f.call(R.SET_VRING_NUM, VringState(9, 16)) != 0
+        peer.close()
+    refusals = [r for r in caplog.records if "SET_VRING_NUM refused" in r.getMessage()]
+    assert len(refusals) == 1

@@ -238,6 +238,8 @@ class _Session:
     unsent: bytearray = field(default_factory=bytearray)
     #: Whether this front end's unsealed memory was warned about already.
     warned_unsealed: bool = False
+    #: This front end's refusals, rate-limited (a new front end's are logged afresh).
+    refusals: RateLimitedLog | None = None
 
 
 class _EventfdInterrupt:
@@ -524,7 +526,7 @@ class VhostUserBackend:
         self._start_session(sock)
 
     def _start_session(self, sock: socket.socket) -> None:
-        session = _Session(sock)
+        session = _Session(sock, refusals=RateLimitedLog(log, repr(self), interval=LOG_INTERVAL))
         session.vrings = [_Vring(i) for i in range(self.device.num_queues)]
         self._session = session
         self.connections += 1
@@ -625,12 +627,20 @@ class VhostUserBackend:
             self._disconnect(f"{request.name} failed: {exc}")
             return
         except (_RequestError, GuestMemoryError, VirtqueueError) as exc:
-            log.warning("%s: %s refused: %s", self, request.name, exc)
+            assert session.refusals is not None
+            session.refusals.warn("refused", request.name, "%s refused: %s", request.name, exc)
             if message.need_reply:
                 self._send_reply(session, request, 1)
             return
         except Exception:
-            log.exception("%s: %s failed in the device", self, request.name)
+            self._log.log(
+                logging.ERROR,
+                "device-failed",
+                request.name,
+                "%s failed in the device",
+                request.name,
+                exc_info=True,
+            )
             if schema_reply:
                 self._disconnect(f"{request.name} failed")
             elif message.need_reply:
@@ -1134,7 +1144,9 @@ class VhostUserBackend:
         except BlockingIOError:
             pass
         except OSError as exc:
-            log.warning("%s: ring %d kick fd failed (%s); ignoring it", self, index, exc)
+            self._log.warn(
+                "kick-failed", index, "ring %d kick fd failed (%s); ignoring it", index, exc
+            )
             session = self._session
             if session is not None:
                 self._set_kick_fd(session.vrings[index], None)
@@ -1214,7 +1226,14 @@ class VhostUserBackend:
         try:
             self.device.queue_notify(index)
         except Exception:
-            log.exception("%s: device failed processing queue %d", self, index)
+            self._log.log(
+                logging.ERROR,
+                "queue-failed",
+                index,
+                "device failed processing queue %d",
+                index,
+                exc_info=True,
+            )
 
     # -- activation ---------------------------------------------------------------------------
 
@@ -1287,7 +1306,7 @@ class VhostUserBackend:
         try:
             device.activate(session.mem, self._interrupt, queues)
         except Exception as exc:
-            log.warning("%s: device not activated yet: %s", self, exc)
+            self._log.warn("not-activated", None, "device not activated yet: %s", exc)
             return
         for vring, queue in zip(vrings, queues, strict=True):
             if not isinstance(queue, DisabledQueue):
@@ -1306,7 +1325,7 @@ class VhostUserBackend:
         try:
             self._maybe_activate(session)
         except (_RequestError, GuestMemoryError, VirtqueueError) as exc:
-            log.warning("%s: rings not usable yet: %s", self, exc)
+            self._log.warn("rings-unusable", None, "rings not usable yet: %s", exc)
 
     def _stop_device(self, session: _Session, why: str) -> None:
         """Stop a running device and save every ring's position as its base."""
