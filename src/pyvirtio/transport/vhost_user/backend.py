@@ -140,6 +140,8 @@ MAX_UNSENT_REPLIES = 256 * 1024
 LISTEN_BACKLOG = 128
 #: Front ends accepted while another is served, waiting for their turn.
 MAX_WAITING_FRONT_ENDS = 4
+#: QEMU's VIRTQUEUE_MAX_SIZE: the largest ring QEMU's device models configure.
+QEMU_MAX_RING_SIZE = 1024
 #: A repeated error of one kind is logged at most once per this many seconds.
 LOG_INTERVAL = 30.0
 
@@ -355,6 +357,16 @@ class VhostUserBackend:
         return sock
 
     # -- public state ----------------------------------------------------------------
+
+    def max_ring_size(self, index: int) -> int:
+        """The largest SET_VRING_NUM accepted for ring ``index``.
+
+        vhost-user has no message to tell the front end a maximum: QEMU sizes
+        rings from its own device model (virtio-net's tx/rx_queue_size, up to
+        VIRTQUEUE_MAX_SIZE).  So the limit is the device's own maximum or
+        QEMU's, whichever is larger; beyond it a size is refused.
+        """
+        return min(max(self.device.queue_max_sizes[index], QEMU_MAX_RING_SIZE), MAX_QUEUE_SIZE)
 
     @property
     def connected(self) -> bool:
@@ -991,7 +1003,7 @@ class VhostUserBackend:
         state = message.payload
         assert isinstance(state, VringState)
         vring = self._vring(state.index)
-        maximum = min(self.device.queue_max_sizes[state.index], MAX_QUEUE_SIZE)
+        maximum = self.max_ring_size(state.index)
         if not 1 <= state.num <= maximum:
             raise _RequestError(f"ring {state.index}: size {state.num} not in 1..{maximum}")
         self._reconfigure(self._s, vring, "SET_VRING_NUM")
