@@ -34,6 +34,7 @@ from pyvirtio.transport.vhost_user.protocol import (
     FrontendRequest,
     MemoryRegionDesc,
     Message,
+    ProtocolFeature,
     SingleMemoryRegion,
     VringAddr,
     VringState,
@@ -324,6 +325,20 @@ def test_refused_set_features_changes_nothing(sock_path: Path) -> None:
         peer.request()  # the split ring is served
         peer.close()
         os.close(call)
+
+
+def test_refused_set_protocol_features_changes_nothing(sock_path: Path) -> None:
+    device = Entropy()
+    with served(device, sock_path) as backend:
+        peer = Peer(sock_path)
+        offered = peer.f.call(R.GET_PROTOCOL_FEATURES)
+        assert isinstance(offered, int)
+        chosen = offered & ~ProtocolFeature.MQ.mask
+        peer.f.send(R.SET_PROTOCOL_FEATURES, chosen)
+        wait_until(lambda: backend.protocol_features == chosen)
+        assert peer.f.call(R.SET_PROTOCOL_FEATURES, (1 << 64) - 1) != 0
+        assert backend.protocol_features == chosen
+        peer.close()
 
 
 def test_feature_changes_on_a_running_ring_are_refused(sock_path: Path) -> None:

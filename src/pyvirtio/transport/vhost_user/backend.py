@@ -477,11 +477,11 @@ class VhostUserBackend:
         """Drop any connection, close the socket and remove its file."""
         if self._closed:
             return
+        while self._waiting:  # (before the disconnect, which would serve the next)
+            self._waiting.popleft().close()
         if self._session is not None:
             self._disconnect("back end closing", level=logging.INFO)
         self._closed = True
-        while self._waiting:
-            self._waiting.popleft().close()
         self._epoll.close()
         self._listener.close()
         os.close(self._wake_fd)
@@ -793,11 +793,11 @@ class VhostUserBackend:
     def _set_protocol_features(self, message: Message) -> Payload:
         assert isinstance(message.payload, int)
         value = message.payload
-        self._s.protocol_features = value & self.protocol_features_offered
         if value & ~self.protocol_features_offered:
             raise _RequestError(
                 f"protocol features {value & ~self.protocol_features_offered:#x} never offered"
             )
+        self._s.protocol_features = value
         return None
 
     def _set_owner(self, message: Message) -> Payload:
