@@ -528,3 +528,18 @@ def test_repeated_refusals_are_logged_rate_limited(
         peer.close()
     refusals = [r for r in caplog.records if "SET_VRING_NUM refused" in r.getMessage()]
     assert len(refusals) == 1
+
+
+def test_replies_left_unread_past_send_timeout_drop_the_front_end(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fewer unread replies than the size bound, but unread for send_timeout: dropped."""
+    device = Entropy()
+    with served(device, sock_path, send_timeout=0.5) as backend, caplog.at_level(logging.INFO):
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        slow.connect(str(sock_path))
+        slow.sendall(encode(Message(R.GET_FEATURES, None, VERSION)) * 2000)
+        wait_until(lambda: backend.connections == 1)
+        wait_until(lambda: not backend.connected)
+        assert any("bytes unsent for 0.5 s" in r.getMessage() for r in caplog.records)
+        slow.close()

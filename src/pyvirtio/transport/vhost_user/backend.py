@@ -133,6 +133,9 @@ DEFAULT_PROTOCOL_FEATURES = (
 _SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES
 #: Answer to GET_MAX_MEM_SLOTS (QEMU caps it to what the platform supports).
 DEFAULT_MAX_MEM_SLOTS = 32
+#: How long replies may wait for a front end that does not read them before
+#: it is dropped (the loop never waits for it meanwhile).
+DEFAULT_SEND_TIMEOUT = 5.0
 #: Replies a front end has not read yet, in bytes, before it is dropped.  QEMU
 #: waits for each reply before its next request: a few dozen bytes at most.
 MAX_UNSENT_REPLIES = 256 * 1024
@@ -238,6 +241,8 @@ class _Session:
     closing: bool = False
     #: Reply bytes the front end has not taken yet (sent when the socket has room).
     unsent: bytearray = field(default_factory=bytearray)
+    #: time.monotonic() when ``unsent`` last went from empty to non-empty.
+    unsent_since: float = 0.0
     #: Whether this front end's unsealed memory was warned about already.
     warned_unsealed: bool = False
     #: This front end's refusals, rate-limited (a new front end's are logged afresh).
@@ -283,6 +288,7 @@ class VhostUserBackend:
         *,
         protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
         max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT,
         poll_us: float = 0.0,
         unsealed_memory: UnsealedMemory | str = UnsealedMemory.REFUSE,
     ) -> None:
@@ -292,6 +298,7 @@ class VhostUserBackend:
         self.socket_path = Path(socket_path)
         self.protocol_features_offered = protocol_features & _SUPPORTED_PROTOCOL_FEATURES
         self.max_mem_slots = max_mem_slots
+        self.send_timeout = send_timeout
         self.unsealed_memory = UnsealedMemory(unsealed_memory)
         #: Microseconds to keep polling a ring for new buffers after serving it
         #: (0: sleep in epoll at once).  See _start_polling.
@@ -413,6 +420,9 @@ class VhostUserBackend:
             raise RuntimeError("back end is closed")
         if self._polling:
             timeout = 0
+        reply_deadline = self._reply_deadline()
+        if reply_deadline is not None:
+            timeout = max(0.0, min(reply_deadline, timeout if timeout is not None else 1e9))
         events = self._epoll.poll(-1 if timeout is None else timeout)
         for fd, mask in events:
             try:
@@ -424,7 +434,20 @@ class VhostUserBackend:
                 self._disconnect("internal error", level=logging.ERROR)
         self._sync_host_fds()
         served = self._poll_rings() if self._polling else False
+        reply_deadline = self._reply_deadline()
+        if reply_deadline is not None and reply_deadline <= 0 and self._session is not None:
+            self._disconnect(
+                f"front end is not reading its replies ({len(self._session.unsent)} bytes "
+                f"unsent for {self.send_timeout:g} s)"
+            )
         return bool(events) or served
+
+    def _reply_deadline(self) -> float | None:
+        """Seconds until the unread replies' send_timeout expires (None: none wait)."""
+        session = self._session
+        if session is None or not session.unsent:
+            return None
+        return session.unsent_since + self.send_timeout - time.monotonic()
 
     def _sync_host_fds(self) -> None:
         """Poll the fds the device asks for (VirtioDevice.host_fds), as it asks now.
@@ -684,6 +707,7 @@ class VhostUserBackend:
             if sent == len(data):
                 return
             data = data[sent:]
+            session.unsent_since = time.monotonic()
             self._epoll.modify(
                 session.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLOUT
             )
