@@ -511,7 +511,7 @@ def test_a_front_end_that_never_reads_cannot_stall_the_loop(
         peer = Peer(sock_path)  # served as soon as the back end dropped the greedy one
         peer.f.sock.settimeout(TIMEOUT)
         assert isinstance(peer.f.call(R.GET_FEATURES), int)
-        assert time.monotonic() - start < 2.5  # the old limit was 5 s per reply
+        assert time.monotonic() - start < 3.0  # the old code waited 5 s for each reply
         wait_until(lambda: "not reading" in child.log())
         peer.close()
         greedy.close()
