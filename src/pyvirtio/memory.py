@@ -27,12 +27,19 @@ against shrinking and growing, as QEMU's memory-backend-memfd does.
 Regions never overlap.  An access may span two regions only where they are
 contiguous in guest-physical space (``read``/``write``/``readv``/``writev``);
 a zero-copy :meth:`GuestMemory.view` must lie inside one region.
+
+:meth:`GuestMemory.discard` gives whole pages back to the host (a balloon's
+inflated pages, reported free pages): the range reads as zeros afterwards
+and is backed by fresh pages again on the next touch.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import mmap
 import os
@@ -41,8 +48,10 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
+    "PAGE_SIZE",
     "GuestMemory",
     "GuestMemoryError",
     "MemoryRegion",
@@ -412,6 +421,40 @@ class GuestMemory:
             pos += n
         return pos
 
+    # -- giving pages back to the host -----------------------------------------
+
+    def discard(self, addr: int, length: int) -> None:
+        """Release the host memory behind ``[addr, addr + length)``.
+
+        ``addr`` and ``length`` must be multiples of :data:`PAGE_SIZE` and the
+        range must lie in guest memory (it may cross contiguous regions);
+        nothing is released unless all of it is valid.  Afterwards the range
+        reads as zeros and the host allocates pages again only when it is
+        touched.  How depends on the region's backing:
+
+        * memfd or file: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` frees the
+          file's pages, so every process mapping them (a vhost-user peer,
+          QEMU) sees the hole;
+        * anonymous: ``madvise(MADV_DONTNEED)`` drops the private pages.
+
+        Raises :class:`GuestMemoryError` for a bad range, or when the kernel
+        refuses (a file system without hole punching).
+        """
+        if addr % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(
+                f"discard of {addr:#x}+{length:#x} is not aligned to {PAGE_SIZE}-byte pages"
+            )
+        for region, offset, n in list(self._pieces(addr, length)):
+            try:
+                if region.fd is not None:
+                    _punch_hole(region.fd, region.fd_offset + offset, n)
+                else:
+                    region.mapping.madvise(mmap.MADV_DONTNEED, offset, n)
+            except (OSError, ValueError) as exc:
+                raise GuestMemoryError(
+                    f"cannot release {region.guest_base + offset:#x}+{n:#x}: {exc}"
+                ) from exc
+
     # -- little-endian scalars ----------------------------------------------
 
     def _scalar_view(self, addr: int, width: int) -> tuple[memoryview, int]:
@@ -454,6 +497,39 @@ class GuestMemory:
     def write_u64(self, addr: int, value: int) -> None:
         view, offset = self._scalar_view(addr, 8)
         _U64.pack_into(view, offset, value & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+#: The granule of :meth:`GuestMemory.discard`: the host's page size.
+PAGE_SIZE = mmap.PAGESIZE
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _load_fallocate() -> Any:
+    """fallocate(2) through ctypes: :mod:`os` only has posix_fallocate, without modes."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc to load
+        return None
+    func = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if func is None:  # pragma: no cover
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    return func
+
+
+_fallocate = _load_fallocate()
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free ``length`` bytes of ``fd``'s storage at ``offset``, keeping the file's size."""
+    if _fallocate is None:  # pragma: no cover
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _check_geometry(base: int, size: int) -> None:
