@@ -24,6 +24,10 @@ drivers against an independent implementation.
   :class:`~pyvirtio.memory.GuestMemory` over the same pages, so rings and
   buffers are read and written directly and only register accesses and
   notifications cross the qtest socket.
+* With ``qmp=True`` QEMU also serves QMP on a socket, and
+  :meth:`QtestMachine.qmp` runs commands through QEMU's own Python library
+  (``qemu.qmp``): how tests act as the host of a device (``balloon``,
+  ``qom-set`` ...) while the driver works it over qtest.
 * :class:`QtestBus` is the MMIO bus (with ``wait_interrupt``, blocking on
   a device's interrupt line), and :meth:`QtestMachine.find_devices` lists
   the virtio-mmio slots that hold a device, with their interrupt lines.
@@ -40,6 +44,7 @@ therefore starts the machine with
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -52,7 +57,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from pyvirtio.driver.memory import GuestAllocator
 from pyvirtio.driver.mmio import MmioDriverError, MmioDriverTransport
@@ -164,6 +169,7 @@ class QtestMachine:
     * ``memory``: ``"inherit"`` (default) passes a memfd of ours to QEMU;
       ``"qemu-memfd"`` lets QEMU create it and maps it through ``/proc``.
     * ``timeout``: bound of every wait (start-up, each command's answer).
+    * ``qmp``: also serve QMP, for :meth:`qmp` (needs the ``qemu.qmp`` package).
 
     :attr:`mem` is the shared RAM and :attr:`allocator` hands out the part of
     it above 1 MiB.  Commands are serialised by a lock, so several drivers
@@ -180,6 +186,7 @@ class QtestMachine:
         memory: Literal["inherit", "qemu-memfd"] = "inherit",
         timeout: float = 10.0,
         qemu: str | None = None,
+        qmp: bool = False,
     ) -> None:
         if not _LOW_RESERVED < memory_size <= _MAX_MEMORY or memory_size % 4096:
             raise ValueError(f"memory_size {memory_size:#x} must be page-aligned, 1 MiB..2 GiB")
@@ -196,6 +203,9 @@ class QtestMachine:
         self._closed = False
         self._dir = tempfile.TemporaryDirectory(prefix="pyvirtio-qtest-")
         self._stderr_path = Path(self._dir.name) / "stderr"
+        self._qmp_path = Path(self._dir.name) / "qmp.sock" if qmp else None
+        self._qmp_loop: asyncio.AbstractEventLoop | None = None
+        self._qmp_client: Any = None
         self.mem = GuestMemory()
         try:
             self._start(binary, devices, args, memory)
@@ -271,6 +281,8 @@ class QtestMachine:
                 backend,
                 *args,
             ]
+            if self._qmp_path is not None:
+                cmd += ["-qmp", f"unix:{self._qmp_path},server=on,wait=off"]
             for device in devices:
                 cmd += ["-device", device]
             with open(self._stderr_path, "wb") as stderr:
@@ -341,6 +353,7 @@ class QtestMachine:
         if self._closed:
             return
         self._closed = True
+        self._close_qmp()
         if self._sock is not None:
             self._sock.close()
         process = self._process
@@ -470,6 +483,52 @@ class QtestMachine:
 
     def memset(self, addr: int, length: int, value: int) -> None:
         self._command(f"memset {addr:#x} {length:#x} {value & 0xFF:#x}")
+
+    # -- QMP ----------------------------------------------------------------------------
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run a QMP command (``qmp=True`` machines) and return its result.
+
+        Raises :class:`QtestError` when QEMU answers with an error or does
+        not answer within the machine's timeout.
+        """
+        if self._qmp_path is None:
+            raise QtestError("this machine was started without qmp=True")
+        if self._closed:
+            raise QtestError("the qtest machine is closed")
+        try:
+            from qemu.qmp import QMPClient, QMPError
+        except ImportError as exc:  # pragma: no cover - a dev extra
+            raise QtestError("QMP needs the qemu.qmp package (pip install qemu.qmp)") from exc
+        with self._lock:
+            if self._qmp_loop is None:
+                self._qmp_loop = asyncio.new_event_loop()
+                client = QMPClient("pyvirtio-qtest")
+                try:
+                    self._qmp_loop.run_until_complete(
+                        asyncio.wait_for(client.connect(str(self._qmp_path)), self.timeout)
+                    )
+                except (QMPError, OSError, TimeoutError) as exc:
+                    raise self._error(f"cannot connect to QMP: {exc}") from exc
+                self._qmp_client = client
+            try:
+                return self._qmp_loop.run_until_complete(
+                    asyncio.wait_for(
+                        self._qmp_client.execute(command, arguments or None), self.timeout
+                    )
+                )
+            except (QMPError, OSError, TimeoutError) as exc:
+                raise self._error(f"QMP {command} failed: {exc}") from exc
+
+    def _close_qmp(self) -> None:
+        loop, client = self._qmp_loop, self._qmp_client
+        self._qmp_loop = self._qmp_client = None
+        if loop is None:
+            return
+        if client is not None:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.wait_for(client.disconnect(), self.timeout))
+        loop.close()
 
     # -- interrupts ---------------------------------------------------------------------
 

@@ -1,0 +1,509 @@
+"""virtio-balloon: the device model (device-types/balloon).
+
+The host sets a target (``num_pages``) and the guest's driver inflates the
+balloon toward it by handing over pages, or deflates it by taking pages back;
+it reports the balloon's size in ``actual``.  Inflated pages and pages the
+driver reports free are given back to the host through
+:meth:`GuestMemory.discard <pyvirtio.memory.GuestMemory.discard>` (a hole
+punched in memfd/file-backed RAM, MADV_DONTNEED on anonymous RAM), so the
+host really gets the memory back.
+
+Queues (wire.queue_layout): inflateq, deflateq, then statsq, free_page_vq
+and reporting_vq when their features are negotiated, numbered consecutively.
+
+Host API (called by the VMM, never by the guest):
+
+* :meth:`Balloon.set_target_pages` / :meth:`Balloon.set_target_mib` raise a
+  configuration change interrupt; a target above guest memory is refused.
+* :meth:`Balloon.stats` gives target, actual and the latest guest statistics
+  as a dict with Firecracker's names (unknown tags by number);
+  :meth:`Balloon.request_stats` returns the held stats buffer so the driver
+  sends fresh figures (the host's timer calls it every polling interval: the
+  model starts no timer, see :mod:`pyvirtio.device`).
+* counters in :attr:`Balloon.counters`.
+
+Hardening (after Firecracker's balloon): every PFN is validated against guest
+memory and out-of-range ones ignored and counted; PFNs per descriptor and per
+request and stats entries per buffer are bounded (:mod:`.request`); a second
+outstanding stats buffer is returned with a log line.  Malformed requests are
+used with 0 bytes written, counted and logged at a limited rate; the device
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pyvirtio.constants import DeviceId
+from pyvirtio.device import (
+    COMMON_FEATURES,
+    ActivationError,
+    QueueResources,
+    VirtioDevice,
+    expect_uint,
+)
+from pyvirtio.devices.balloon.request import (
+    BalloonLimits,
+    parse_page_request,
+    parse_report,
+    parse_stats,
+)
+from pyvirtio.devices.balloon.wire import (
+    BALLOON_PAGE_SIZE,
+    CONFIG_SIZE,
+    PAGES_PER_MIB,
+    PFN_SHIFT,
+    STAT_NAMES,
+    BalloonConfig,
+    BalloonFeature,
+    BalloonQueue,
+    ConfigField,
+    coalesce_pfns,
+    queue_layout,
+)
+from pyvirtio.irq import DeviceInterrupt
+from pyvirtio.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue
+
+__all__ = ["COUNTER_NAMES", "DEFAULT_QUEUE_SIZE", "Balloon", "BalloonError"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE = 256
+
+#: What :attr:`Balloon.counters` counts.
+COUNTER_NAMES = (
+    "inflate_requests",
+    "deflate_requests",
+    "pages_inflated",
+    "pages_deflated",
+    "pfns_out_of_range",
+    "deflate_of_unknown_pages",
+    "malformed_requests",
+    "stats_updates",
+    "stats_entries_dropped",
+    "stats_extra_buffers",
+    "reports",
+    "report_ranges_rejected",
+    "bytes_released",
+    "release_failures",
+)
+
+_U32_MAX = 0xFFFF_FFFF
+
+
+class BalloonError(ValueError):
+    """A host API call the balloon refuses (a target above guest memory, ...)."""
+
+
+class Balloon(VirtioDevice):
+    """The balloon device.
+
+    * ``target_pages``: the initial target, in 4 KiB pages.
+    * ``memory_size``: bytes of guest RAM, for checking targets before the
+      device is activated (afterwards the activated memory's size is used).
+    * ``stats``: offer STATS_VQ; ``deflate_on_oom``, ``free_page_reporting``,
+      ``page_poison``: offer those features.
+    * ``limits``: bounds on requests (:class:`.request.BalloonLimits`).
+    """
+
+    device_id = DeviceId.BALLOON
+
+    def __init__(
+        self,
+        target_pages: int = 0,
+        *,
+        memory_size: int | None = None,
+        stats: bool = True,
+        deflate_on_oom: bool = False,
+        free_page_reporting: bool = False,
+        page_poison: bool = False,
+        limits: BalloonLimits | None = None,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+    ) -> None:
+        features = COMMON_FEATURES
+        for wanted, feature in (
+            (stats, BalloonFeature.STATS_VQ),
+            (deflate_on_oom, BalloonFeature.DEFLATE_ON_OOM),
+            (free_page_reporting, BalloonFeature.PAGE_REPORTING),
+            (page_poison, BalloonFeature.PAGE_POISON),
+        ):
+            if wanted:
+                features |= feature.mask
+        super().__init__(features, (queue_size,) * len(queue_layout(features)))
+        self.limits = limits if limits is not None else BalloonLimits()
+        self.memory_size = memory_size
+        self._num_pages = 0
+        self._actual = 0
+        self._poison_val = 0
+        self._layout: dict[BalloonQueue, int] = {}
+        self._roles: dict[int, BalloonQueue] = {}
+        #: PFNs in the balloon (inflated and not deflated since).
+        self._inflated: set[int] = set()
+        self._latest_stats: dict[int, int] = {}
+        self._stats_chain: DescriptorChain | None = None
+        #: A held stats buffer from a snapshot, rebuilt at wake.
+        self._restored_stats_chain: dict[str, Any] | None = None
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.set_target_pages(target_pages)
+
+    # -- host API ------------------------------------------------------------------
+
+    @property
+    def target_pages(self) -> int:
+        return self._num_pages
+
+    @property
+    def actual_pages(self) -> int:
+        """The balloon's size as the driver last reported it (config ``actual``)."""
+        return self._actual
+
+    @property
+    def inflated_pages(self) -> int:
+        """Pages the device holds in the balloon by its own accounting."""
+        return len(self._inflated)
+
+    def guest_memory_pages(self) -> int | None:
+        """4 KiB pages of guest RAM (None while unknown)."""
+        mem = self.mem
+        size = mem.size if mem is not None else self.memory_size
+        return None if size is None else size // BALLOON_PAGE_SIZE
+
+    def set_target_pages(self, pages: int) -> None:
+        """Ask the driver for a balloon of ``pages`` 4 KiB pages (a config change)."""
+        if not isinstance(pages, int) or pages < 0 or pages > _U32_MAX:
+            raise BalloonError(f"target of {pages!r} pages is not a 32-bit page count")
+        limit = self.guest_memory_pages()
+        if pages and limit is None:
+            raise BalloonError("guest memory size unknown: pass memory_size or activate first")
+        if limit is not None and pages > limit:
+            raise BalloonError(f"target of {pages} pages is above guest memory ({limit} pages)")
+        self._check_awake("set_target_pages")
+        if pages != self._num_pages:
+            self._num_pages = pages
+            self.config_changed()
+
+    def set_target_mib(self, mib: int) -> None:
+        """:meth:`set_target_pages` in MiB."""
+        if not isinstance(mib, int) or mib < 0:
+            raise BalloonError(f"target of {mib!r} MiB is not a size")
+        self.set_target_pages(mib * PAGES_PER_MIB)
+
+    def stats(self) -> dict[str | int, int]:
+        """Target, actual and the latest guest statistics, by Firecracker's names.
+
+        Tags the spec does not define are kept under their number.
+        """
+        out: dict[str | int, int] = {
+            "target_pages": self._num_pages,
+            "actual_pages": self._actual,
+            "target_mib": self._num_pages // PAGES_PER_MIB,
+            "actual_mib": self._actual // PAGES_PER_MIB,
+        }
+        for tag, value in self._latest_stats.items():
+            out[STAT_NAMES.get(tag, tag)] = value
+        return out
+
+    def request_stats(self) -> bool:
+        """Return the held stats buffer, asking the driver for new figures.
+
+        False when there is none to return (stats not negotiated, or the
+        driver has not answered the previous request yet).
+        """
+        chain = self._stats_chain
+        if chain is None or BalloonQueue.STATS not in self._layout or self.needs_reset:
+            return False
+        index = self._layout[BalloonQueue.STATS]
+        self._stats_chain = None
+        self.queues[index].add_used(chain, 0)
+        self.signal_used(index)
+        return True
+
+    # -- configuration space ---------------------------------------------------------
+
+    def config_bytes(self) -> bytes:
+        return BalloonConfig(self._num_pages, self._actual, 0, self._poison_val).pack()
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The driver writes ``actual`` and ``poison_val``; other fields are read-only."""
+        if offset < 0 or offset + len(data) > CONFIG_SIZE:
+            log.info("%s: config write outside the config space ignored", self.name)
+            return
+        config = bytearray(self.config_bytes())
+        config[offset : offset + len(data)] = data
+        new = BalloonConfig.unpack(bytes(config))
+        writable = (ConfigField.ACTUAL, ConfigField.POISON_VAL)
+        for field in ConfigField:
+            if field not in writable and offset < field + 4 and field < offset + len(data):
+                log.info("%s: driver write to read-only %s ignored", self.name, field.name)
+        self._actual = new.actual
+        self._poison_val = new.poison_val
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _on_activate(self, resources: QueueResources) -> None:
+        layout = queue_layout(self.acked_features)
+        if len(resources.queues) < len(layout):
+            raise ActivationError(f"{self.name}: {len(layout)} queues needed")
+        self._layout = layout
+        self._roles = {index: role for role, index in layout.items()}
+
+    def activate(
+        self, mem: GuestMemory, interrupt: DeviceInterrupt, queues: Sequence[DeviceQueue]
+    ) -> None:
+        super().activate(mem, interrupt, queues)
+        # Buffers a driver posted before DRIVER_OK (the first stats buffer).
+        for index in sorted(self._roles):
+            self.queue_notify(index)
+
+    def reset(self) -> None:
+        super().reset()
+        # A reset driver starts with an empty balloon; the host's target stays.
+        self._actual = 0
+        self._poison_val = 0
+        self._inflated.clear()
+        self._stats_chain = None
+        self._restored_stats_chain = None
+        self._layout = {}
+        self._roles = {}
+
+    def _on_wake(self, resources: QueueResources) -> None:
+        self._layout = queue_layout(self.acked_features)
+        self._roles = {index: role for role, index in self._layout.items()}
+        saved = self._restored_stats_chain
+        self._restored_stats_chain = None
+        if saved is not None:
+            self._stats_chain = _chain_from_state(resources.mem, saved)
+        for index in sorted(self._roles):
+            self.queue_notify(index)
+
+    # -- queues --------------------------------------------------------------------
+
+    def _process_queue(self, index: int, queue: DeviceQueue) -> None:
+        role = self._roles.get(index)
+        if role is BalloonQueue.STATS:
+            self._process_stats(queue)
+            return
+        completions: list[tuple[DescriptorChain, int]] = []
+        try:
+            while (chain := queue.pop()) is not None:
+                if role is BalloonQueue.INFLATE:
+                    self._inflate(chain)
+                elif role is BalloonQueue.DEFLATE:
+                    self._deflate(chain)
+                elif role is BalloonQueue.REPORTING:
+                    self._report(chain)
+                else:
+                    self._malformed(f"buffer on queue {index}, which has no use")
+                # Nothing is written to any of these buffers.
+                completions.append((chain, 0))
+        finally:
+            if completions:
+                queue.add_used_batch(completions)
+                self.signal_used(index)
+
+    def _inflate(self, chain: DescriptorChain) -> None:
+        mem = self._active_mem()
+        self.counters["inflate_requests"] += 1
+        request = parse_page_request(chain, mem, self.limits)
+        if request.error is not None:
+            self._malformed(f"inflate request refused: {request.error}")
+            return
+        self._count_out_of_range(request.out_of_range)
+        inflated = self._inflated
+        before = len(inflated)
+        inflated.update(request.pfns)
+        self.counters["pages_inflated"] += len(inflated) - before
+        # The device may change a page's contents once it sees its PFN in an
+        # inflate request (Device Operation, device requirements).
+        self._release(mem, coalesce_pfns(request.pfns))
+
+    def _deflate(self, chain: DescriptorChain) -> None:
+        mem = self._active_mem()
+        self.counters["deflate_requests"] += 1
+        request = parse_page_request(chain, mem, self.limits)
+        if request.error is not None:
+            self._malformed(f"deflate request refused: {request.error}")
+            return
+        self._count_out_of_range(request.out_of_range)
+        inflated = self._inflated
+        before = len(inflated)
+        inflated.difference_update(request.pfns)
+        removed = before - len(inflated)
+        self.counters["pages_deflated"] += removed
+        unknown = len(request.pfns) - removed
+        if unknown:
+            self.counters["deflate_of_unknown_pages"] += unknown
+            self._rate_limited("deflate_of_unknown_pages", f"{unknown} deflated pages not inflated")
+        # Released pages are backed again on first touch: nothing to do.
+
+    def _report(self, chain: DescriptorChain) -> None:
+        mem = self._active_mem()
+        self.counters["reports"] += 1
+        request = parse_report(chain, mem, self.limits)
+        if request.rejected:
+            self.counters["report_ranges_rejected"] += request.rejected
+            self._rate_limited(
+                "report_ranges_rejected", f"{request.rejected} reported ranges rejected"
+            )
+        # With PAGE_POISON the device must keep reported pages at poison_val
+        # (Free Page Reporting, device requirements); released pages read 0.
+        if self.has_feature(BalloonFeature.PAGE_POISON) and self._poison_val:
+            return
+        self._release(
+            mem, ((addr >> PFN_SHIFT, length >> PFN_SHIFT) for addr, length in request.ranges)
+        )
+
+    def _process_stats(self, queue: DeviceQueue) -> None:
+        returned = False
+        while (chain := queue.pop()) is not None:
+            previous = self._stats_chain
+            if previous is not None:
+                # The driver MUST keep at most one buffer there (Memory Statistics).
+                self.counters["stats_extra_buffers"] += 1
+                self._rate_limited("stats_extra_buffers", "second stats buffer returned")
+                queue.add_used(previous, 0)
+                returned = True
+            self._stats_chain = chain
+            request = parse_stats(chain, self.limits)
+            if request.dropped:
+                self.counters["stats_entries_dropped"] += request.dropped
+                self._rate_limited(
+                    "stats_entries_dropped", f"{request.dropped} stats entries not read"
+                )
+            # Entries may come in any order; a later one of a tag wins.
+            self._latest_stats.update(request.stats)
+            self.counters["stats_updates"] += 1
+        if returned:
+            self.signal_used(self._layout[BalloonQueue.STATS])
+
+    def _release(self, mem: GuestMemory, runs: Iterable[tuple[int, int]]) -> None:
+        """Give the pages of ``(first PFN, count)`` runs back to the host.
+
+        Only whole host pages go (a host page larger than 4 KiB is released
+        when all of it is in one run).
+        """
+        for first, count in runs:
+            start = -(-(first << PFN_SHIFT) // PAGE_SIZE) * PAGE_SIZE
+            end = ((first + count) << PFN_SHIFT) // PAGE_SIZE * PAGE_SIZE
+            if end <= start:
+                continue
+            try:
+                mem.discard(start, end - start)
+            except GuestMemoryError as exc:
+                self.counters["release_failures"] += 1
+                self._rate_limited("release_failures", f"cannot release memory: {exc}")
+                continue
+            self.counters["bytes_released"] += end - start
+
+    # -- errors ----------------------------------------------------------------------
+
+    def _active_mem(self) -> GuestMemory:
+        mem = self.mem
+        assert mem is not None, "queues are processed only while active"
+        return mem
+
+    def _malformed(self, what: str) -> None:
+        self.counters["malformed_requests"] += 1
+        self._rate_limited("malformed_requests", what)
+
+    def _count_out_of_range(self, count: int) -> None:
+        if count:
+            self.counters["pfns_out_of_range"] += count
+            self._rate_limited("pfns_out_of_range", f"{count} PFNs outside guest memory ignored")
+
+    def _rate_limited(self, counter: str, what: str) -> None:
+        """Log at WARNING on the 1st, 2nd, 4th, 8th ... occurrence of a kind, else DEBUG."""
+        n = self.counters[counter]
+        level = logging.WARNING if n & (n - 1) == 0 else logging.DEBUG
+        log.log(level, "%s: %s (%s: %d)", self.name, what, counter, n)
+
+    # -- snapshot ------------------------------------------------------------------
+
+    def _snapshot_model(self) -> Any:
+        chain = self._stats_chain
+        held = _chain_state(chain) if chain is not None else self._restored_stats_chain
+        return {
+            "num_pages": self._num_pages,
+            "actual": self._actual,
+            "poison_val": self._poison_val,
+            "inflated": [list(run) for run in coalesce_pfns(sorted(self._inflated))],
+            "latest_stats": [[tag, value] for tag, value in sorted(self._latest_stats.items())],
+            "stats_buffer": held,
+            "counters": dict(self.counters),
+        }
+
+    def _restore_model(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise ValueError("balloon state must be an object")
+        num_pages = expect_uint(state["num_pages"])
+        actual = expect_uint(state["actual"])
+        poison = expect_uint(state["poison_val"])
+        if max(num_pages, actual, poison) > _U32_MAX:
+            raise ValueError("config field above 32 bits")
+        inflated: set[int] = set()
+        for run in state["inflated"]:
+            first, count = (expect_uint(v) for v in run)
+            if (first + count) << PFN_SHIFT > 1 << 64:
+                raise ValueError(f"inflated run {first}+{count} outside the address space")
+            inflated.update(range(first, first + count))
+        latest = {}
+        for entry in state["latest_stats"]:
+            tag, value = (expect_uint(v) for v in entry)
+            latest[tag] = value
+        held = state["stats_buffer"]
+        if held is not None:
+            _check_chain_state(held)
+        counters = state["counters"]
+        if not isinstance(counters, dict) or set(counters) != set(COUNTER_NAMES):
+            raise ValueError("balloon counters do not match")
+        self._num_pages = num_pages
+        self._actual = actual
+        self._poison_val = poison
+        self._inflated = inflated
+        self._latest_stats = latest
+        self._stats_chain = None
+        self._restored_stats_chain = held
+        self.counters = {name: expect_uint(counters[name]) for name in COUNTER_NAMES}
+
+
+def _chain_state(chain: DescriptorChain) -> dict[str, Any]:
+    """A held buffer as JSON data: the ring entry and its checked ranges."""
+    return {
+        "head": chain.head,
+        "ring_slots": chain.ring_slots,
+        "readable": [list(r) for r in chain.readable],
+        "writable": [list(r) for r in chain.writable],
+    }
+
+
+def _check_chain_state(state: Any) -> None:
+    if not isinstance(state, dict):
+        raise ValueError("held stats buffer must be an object")
+    expect_uint(state["head"])
+    expect_uint(state["ring_slots"])
+    for key in ("readable", "writable"):
+        for entry in state[key]:
+            addr, length = entry
+            expect_uint(addr)
+            expect_uint(length)
+
+
+def _chain_from_state(mem: GuestMemory, state: dict[str, Any]) -> DescriptorChain | None:
+    """The held buffer again, if its ranges are still guest memory."""
+    readable = [(int(a), int(n)) for a, n in state["readable"]]
+    writable = [(int(a), int(n)) for a, n in state["writable"]]
+    if not all(mem.is_valid(a, n) for a, n in readable + writable):
+        log.warning("balloon: restored stats buffer is outside guest memory, dropped")
+        return None
+    return DescriptorChain(
+        mem,
+        int(state["head"]),
+        readable,
+        writable,
+        sum(n for _, n in readable),
+        sum(n for _, n in writable),
+        int(state["ring_slots"]),
+    )

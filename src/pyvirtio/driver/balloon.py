@@ -1,0 +1,414 @@
+"""A virtio-balloon driver (device-types/balloon) over any driver transport.
+
+:class:`BalloonDriver` does what Linux's ``virtio_balloon`` does, for a
+"guest" whose free memory is a :class:`PagePool` (the driver's own page
+allocator over a range of guest RAM):
+
+* follows the target: :meth:`BalloonDriver.update` reads ``num_pages`` and
+  inflates (takes pages from the pool and hands their PFNs to the device) or
+  deflates (asks for pages back, and returns them to the pool once the device
+  acknowledged), then writes ``actual`` (Device Operation);
+* answers stats requests (Memory Statistics): when the device uses the stats
+  buffer, the driver refills it with figures from ``stats_source`` (the
+  caller's), on top of the pool's own free and total memory;
+* :meth:`BalloonDriver.deflate_on_oom` takes pages back below the target
+  when DEFLATE_ON_OOM was negotiated (the spec forbids it otherwise);
+* :meth:`BalloonDriver.report_free_pages` reports the pool's free pages on
+  the reporting_vq (Free Page Reporting) and puts them back once
+  acknowledged.
+
+Requests are pipelined: as many PFN arrays (256 PFNs each, as Linux sends)
+as the ring holds go out before one kick, then the driver collects the
+completions.  Every wait is bounded by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.devices.balloon.wire import (
+    BALLOON_PAGE_SIZE,
+    PFN_SHIFT,
+    STAT_ENTRY,
+    BalloonFeature,
+    BalloonQueue,
+    ConfigField,
+    StatTag,
+    coalesce_pfns,
+    encode_pfns,
+    encode_stats,
+    queue_layout,
+)
+from pyvirtio.driver.transport import BufferAllocator, DriverTransport
+from pyvirtio.virtqueue.common import DriverQueue
+
+__all__ = [
+    "PFNS_PER_REQUEST",
+    "SUPPORTED_FEATURES",
+    "BalloonDriver",
+    "BalloonDriverError",
+    "BalloonTransport",
+    "PagePool",
+]
+
+#: PFNs per inflate/deflate request (Linux's VIRTIO_BALLOON_ARRAY_PFNS_MAX).
+PFNS_PER_REQUEST = 256
+#: Ranges per free page report (Linux's PAGE_REPORTING_CAPACITY).
+RANGES_PER_REPORT = 32
+#: Most statistics the driver sends (a device reads at most 256 per buffer).
+MAX_STATS = 256
+
+SUPPORTED_FEATURES = (
+    Feature.VERSION_1.mask
+    | Feature.RING_PACKED.mask
+    | Feature.EVENT_IDX.mask
+    | Feature.INDIRECT_DESC.mask
+    # The driver only reuses deflated pages after the device acknowledged.
+    | BalloonFeature.MUST_TELL_HOST.mask
+    | BalloonFeature.STATS_VQ.mask
+    | BalloonFeature.DEFLATE_ON_OOM.mask
+    | BalloonFeature.PAGE_REPORTING.mask
+)
+
+_STATS_TOKEN = "stats"
+
+
+class BalloonDriverError(Exception):
+    """The device needs reset, did not answer in time, or a call the features forbid."""
+
+
+class BalloonTransport(DriverTransport, Protocol):
+    """What :class:`BalloonDriver` needs of a driver transport (MmioDriverTransport has it)."""
+
+    device_id: int
+
+    def write_config(self, offset: int, size: int, value: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    @property
+    def needs_reset(self) -> bool: ...
+
+
+class PagePool:
+    """The guest's free memory as the driver sees it: 4 KiB pages of one guest range.
+
+    :meth:`take` hands out pages (lowest addresses first), :meth:`give` takes
+    them back.  The balloon inflates with pages from here, so a caller that
+    also allocates from the pool sees the memory the balloon took.
+    """
+
+    def __init__(self, base: int, length: int) -> None:
+        if base % BALLOON_PAGE_SIZE or length % BALLOON_PAGE_SIZE or length <= 0 or base < 0:
+            raise ValueError(f"pool [{base:#x}, +{length:#x}) must be whole 4 KiB pages")
+        self.base = base
+        self.length = length
+        first = base >> PFN_SHIFT
+        # A stack whose top is the lowest page.
+        self._free = list(range(first + (length >> PFN_SHIFT) - 1, first - 1, -1))
+
+    @classmethod
+    def from_allocator(cls, allocator: BufferAllocator, length: int) -> PagePool:
+        """A pool over ``length`` bytes taken from a transport's allocator."""
+        return cls(allocator.alloc(length, BALLOON_PAGE_SIZE), length)
+
+    @property
+    def total_pages(self) -> int:
+        return self.length >> PFN_SHIFT
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def take(self, count: int) -> list[int]:
+        """Up to ``count`` free PFNs (fewer when the pool runs short)."""
+        count = min(count, len(self._free))
+        if count <= 0:
+            return []
+        pfns = self._free[-count:]
+        del self._free[-count:]
+        pfns.reverse()
+        return pfns
+
+    def give(self, pfns: Sequence[int]) -> None:
+        """Return PFNs from :meth:`take`."""
+        first = self.base >> PFN_SHIFT
+        end = first + self.total_pages
+        if any(not first <= pfn < end for pfn in pfns):
+            raise ValueError("PFN outside the pool")
+        self._free.extend(reversed(pfns))
+
+    def contains(self, pfn: int) -> bool:
+        return self.base >> PFN_SHIFT <= pfn < (self.base + self.length) >> PFN_SHIFT
+
+
+class BalloonDriver:
+    """Initializes the balloon behind ``transport`` and keeps it at the host's target.
+
+    * ``pool``: the pages the balloon may take.
+    * ``stats_source``: called for each stats request; returns ``{tag: value}``
+      (:class:`~pyvirtio.devices.balloon.wire.StatTag` or any number), merged
+      over the pool's free and total memory.
+    * ``features``: limits what is negotiated (default: all the driver supports).
+    """
+
+    def __init__(
+        self,
+        transport: BalloonTransport,
+        pool: PagePool,
+        *,
+        stats_source: Callable[[], Mapping[int, int]] | None = None,
+        features: int | None = None,
+        queue_size: int | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        if transport.device_id != DeviceId.BALLOON:
+            raise BalloonDriverError(f"device ID {transport.device_id} is not a balloon")
+        self.transport = transport
+        self.pool = pool
+        self.stats_source = stats_source
+        self.timeout = timeout
+        wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
+        self.features = transport.initialize(wanted)
+        self.layout = queue_layout(self.features)
+        self.queues: dict[BalloonQueue, DriverQueue] = {
+            role: transport.setup_queue(index, queue_size) for role, index in self.layout.items()
+        }
+        #: PFNs in the balloon, in the order they went in.
+        self._balloon: list[int] = []
+        allocator = transport.allocator
+        self._free_buffers: list[int] = []
+        self._buffers: list[int] = []
+        #: Statistics answered so far.
+        self.stats_answered = 0
+        self._stats_buffer: int | None = None
+        if self.has(BalloonFeature.STATS_VQ):
+            self._stats_buffer = allocator.alloc(MAX_STATS * STAT_ENTRY.size)
+            # Device Initialization: one buffer on the statsq before DRIVER_OK,
+            # notified after it.
+            self._post_stats()
+        transport.driver_ok()
+        if self._stats_buffer is not None:
+            transport.notify(self.layout[BalloonQueue.STATS])
+
+    def has(self, feature: BalloonFeature | Feature) -> bool:
+        return bool(self.features & feature.mask)
+
+    # -- the target ----------------------------------------------------------------
+
+    @property
+    def target_pages(self) -> int:
+        """The device's ``num_pages``."""
+        return self.transport.read_config(ConfigField.NUM_PAGES, 4)
+
+    @property
+    def actual_pages(self) -> int:
+        """Pages in the balloon."""
+        return len(self._balloon)
+
+    def update(self) -> int:
+        """Inflate or deflate to the target (as far as the pool allows); returns ``actual``."""
+        self._service_stats()
+        target = self.target_pages
+        actual = len(self._balloon)
+        if target > actual:
+            self._inflate(target - actual)
+        elif target < actual:
+            self._deflate(actual - target)
+        return len(self._balloon)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Wait up to ``timeout`` for an interrupt, then answer stats and follow the target.
+
+        Returns the interrupt status seen (0 if none).
+        """
+        status = self.transport.wait_interrupt(timeout) if timeout > 0 else 0
+        self._check_device()
+        self.update()
+        return status
+
+    def deflate_on_oom(self, pages: int) -> int:
+        """Take up to ``pages`` back from the balloon below the target (guest out of memory).
+
+        Only with DEFLATE_ON_OOM: without it the driver MUST NOT use balloon
+        pages while ``num_pages`` <= ``actual`` (Device Operation).
+        """
+        if not self.has(BalloonFeature.DEFLATE_ON_OOM):
+            raise BalloonDriverError("DEFLATE_ON_OOM was not negotiated")
+        count = min(pages, len(self._balloon))
+        if count > 0:
+            self._deflate(count)
+        return count
+
+    def _inflate(self, count: int) -> None:
+        pfns = self.pool.take(count)
+        if not pfns:
+            return
+        # The pages are the device's from now on (MUST NOT use them until
+        # the inflate request is acknowledged, and not after either).
+        self._transfer(BalloonQueue.INFLATE, pfns)
+        self._balloon.extend(pfns)
+        self._write_actual()
+
+    def _deflate(self, count: int) -> None:
+        pfns = self._balloon[-count:]
+        self._transfer(BalloonQueue.DEFLATE, pfns)
+        del self._balloon[-count:]
+        # Usable again now that the device acknowledged (MUST_TELL_HOST).
+        self.pool.give(pfns)
+        self._write_actual()
+
+    def _write_actual(self) -> None:
+        self.transport.write_config(ConfigField.ACTUAL, 4, len(self._balloon))
+
+    def _transfer(self, role: BalloonQueue, pfns: Sequence[int]) -> None:
+        """Send ``pfns`` on the inflate or deflate queue and wait for every request's use."""
+        queue = self.queues[role]
+        index = self.layout[role]
+        transport = self.transport
+        mem = transport.mem
+        pending = 0
+        pos = 0
+        deadline = time.monotonic() + self.timeout
+        while pos < len(pfns) or pending:
+            added = False
+            while pos < len(pfns) and queue.num_free >= 1:
+                chunk = pfns[pos : pos + PFNS_PER_REQUEST]
+                data = encode_pfns(chunk)
+                buffer = self._buffer()
+                mem.write(buffer, data)
+                queue.add([(buffer, len(data))], [], token=buffer)
+                pos += len(chunk)
+                pending += 1
+                added = True
+            if added and queue.kick_needed():
+                transport.notify(index)
+            done = False
+            for token, _ in queue.used():
+                assert isinstance(token, int)
+                self._free_buffers.append(token)
+                pending -= 1
+                done = True
+            if done:
+                deadline = time.monotonic() + self.timeout
+                continue
+            self._service_stats()
+            self._check_device()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BalloonDriverError(
+                    f"{role.value}: {pending} requests not used within {self.timeout} s"
+                )
+            transport.wait_interrupt(min(remaining, 0.05))
+
+    def _buffer(self) -> int:
+        """A PFN-array buffer (recycled after the device used it)."""
+        if self._free_buffers:
+            return self._free_buffers.pop()
+        buffer = self.transport.allocator.alloc(PFNS_PER_REQUEST * 4)
+        self._buffers.append(buffer)
+        return buffer
+
+    # -- statistics ----------------------------------------------------------------
+
+    def stats(self) -> dict[int, int]:
+        """The figures the driver reports: the pool's, overridden by ``stats_source``'s."""
+        figures: dict[int, int] = {
+            StatTag.MEMFREE: self.pool.free_pages * BALLOON_PAGE_SIZE,
+            StatTag.MEMTOT: self.pool.total_pages * BALLOON_PAGE_SIZE,
+        }
+        if self.stats_source is not None:
+            figures.update(self.stats_source())
+        return figures
+
+    def _post_stats(self) -> None:
+        buffer = self._stats_buffer
+        assert buffer is not None
+        entries = list(self.stats().items())[:MAX_STATS]
+        data = encode_stats(entries)
+        self.transport.mem.write(buffer, data)
+        self.queues[BalloonQueue.STATS].add([(buffer, len(data))], [], token=_STATS_TOKEN)
+
+    def _service_stats(self) -> bool:
+        """Answer a stats request if the device used the stats buffer; whether it did."""
+        queue = self.queues.get(BalloonQueue.STATS)
+        if queue is None:
+            return False
+        answered = False
+        for _token, _ in queue.used():
+            answered = True
+        if answered:
+            # Memory Statistics: pop the used buffer, collect, add, notify.
+            self._post_stats()
+            self.stats_answered += 1
+            if queue.kick_needed():
+                self.transport.notify(self.layout[BalloonQueue.STATS])
+        return answered
+
+    # -- free page reporting ------------------------------------------------------------
+
+    def report_free_pages(self, max_pages: int | None = None) -> int:
+        """Report the pool's free pages to the device; returns how many were reported.
+
+        The pages leave the pool until the device acknowledges each report
+        (the driver MUST NOT use them before: Free Page Reporting).
+        """
+        if not self.has(BalloonFeature.PAGE_REPORTING):
+            raise BalloonDriverError("PAGE_REPORTING was not negotiated")
+        pfns = self.pool.take(self.pool.free_pages if max_pages is None else max_pages)
+        if not pfns:
+            return 0
+        try:
+            runs = coalesce_pfns(sorted(pfns))
+            queue = self.queues[BalloonQueue.REPORTING]
+            per_report = max(1, min(RANGES_PER_REPORT, queue.num_free))
+            for pos in range(0, len(runs), per_report):
+                ranges = [
+                    (first << PFN_SHIFT, count << PFN_SHIFT)
+                    for first, count in runs[pos : pos + per_report]
+                ]
+                self._report(queue, ranges)
+        finally:
+            self.pool.give(pfns)
+        return len(pfns)
+
+    def _report(self, queue: DriverQueue, ranges: list[tuple[int, int]]) -> None:
+        transport = self.transport
+        token = ranges[0][0]
+        # Linux adds the ranges as device-writable buffers.
+        queue.add([], ranges, token=token)
+        if queue.kick_needed():
+            transport.notify(self.layout[BalloonQueue.REPORTING])
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if any(used == token for used, _ in queue.used()):
+                return
+            self._service_stats()
+            self._check_device()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BalloonDriverError(f"free page report not used within {self.timeout} s")
+            transport.wait_interrupt(min(remaining, 0.05))
+
+    # -- the rest ---------------------------------------------------------------------
+
+    def _check_device(self) -> None:
+        if self.transport.needs_reset:
+            raise BalloonDriverError("device needs reset")
+
+    def close(self) -> None:
+        """Reset the device; balloon pages go back to the pool, buffers to the allocator."""
+        self.transport.reset()
+        self.pool.give(self._balloon)
+        self._balloon.clear()
+        allocator = self.transport.allocator
+        for buffer in self._buffers:
+            allocator.free(buffer)
+        self._buffers.clear()
+        self._free_buffers.clear()
+        if self._stats_buffer is not None:
+            allocator.free(self._stats_buffer)
+            self._stats_buffer = None
