@@ -373,11 +373,28 @@ class Balloon(VirtioDevice):
                 self._rate_limited(
                     "stats_entries_dropped", f"{request.dropped} stats entries not read"
                 )
-            # Entries may come in any order; a later one of a tag wins.
-            self._latest_stats.update(request.stats)
+            self._take_stats(request.stats)
             self.counters["stats_updates"] += 1
         if returned:
             self.signal_used(self._layout[BalloonQueue.STATS])
+
+    def _take_stats(self, stats: list[tuple[int, int]]) -> None:
+        """Keep the figures; a driver cannot grow the table past the known tags
+        plus ``limits.unknown_stat_tags`` others."""
+        latest = self._latest_stats
+        unknown = sum(1 for tag in latest if tag not in STAT_NAMES)
+        dropped = 0
+        # Entries may come in any order; a later one of a tag wins.
+        for tag, value in stats:
+            if tag not in latest and tag not in STAT_NAMES:
+                if unknown >= self.limits.unknown_stat_tags:
+                    dropped += 1
+                    continue
+                unknown += 1
+            latest[tag] = value
+        if dropped:
+            self.counters["stats_entries_dropped"] += dropped
+            self._rate_limited("stats_entries_dropped", f"{dropped} unknown stats tags not kept")
 
     def _release(self, mem: GuestMemory, runs: Iterable[tuple[int, int]]) -> None:
         """Give the pages of ``(first PFN, count)`` runs back to the host.

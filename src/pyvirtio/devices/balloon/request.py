@@ -13,7 +13,8 @@ ignores out-of-range ones):
   a length that is not a whole number of PFNs, or with device-writable parts,
   is refused whole.  PFNs outside guest memory are dropped and counted.
 * stats: at most :attr:`BalloonLimits.stats_per_buffer` entries are read;
-  the rest of an oversized buffer is counted, not read.
+  the rest of an oversized buffer is counted, not read (and the device keeps
+  at most :attr:`BalloonLimits.unknown_stat_tags` tags it does not know).
 * free page reports: at most :attr:`BalloonLimits.ranges_per_report` ranges,
   each page aligned and wholly inside guest memory; the others are dropped
   and counted.
@@ -58,6 +59,9 @@ class BalloonLimits:
     pages_per_request: int = 1024
     #: Statistics entries read from one stats buffer.
     stats_per_buffer: int = 256
+    #: Distinct tags the spec does not define that the device keeps (the rest
+    #: are counted and dropped, so the stats table stays small).
+    unknown_stat_tags: int = 32
     #: Ranges in one free page report (Linux reports 32 at a time).
     ranges_per_report: int = 256
 

@@ -1,0 +1,397 @@
+"""The virtio-balloon device model: conformance, host API, snapshots and a hostile driver.
+
+Hostile requests are put on the rings by hand through the driver queues of an
+:class:`~pyvirtio.testing.MmioTestRig`; the driver-level script shared with
+QEMU's device lives in test_balloon_driver.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tracemalloc
+from typing import Any
+
+import pytest
+
+from pyvirtio.constants import Feature
+from pyvirtio.device import DeviceState
+from pyvirtio.devices.balloon.device import Balloon, BalloonError
+from pyvirtio.devices.balloon.request import BalloonLimits
+from pyvirtio.devices.balloon.wire import (
+    BALLOON_PAGE_SIZE,
+    PAGES_PER_MIB,
+    STAT_ENTRY,
+    BalloonConfig,
+    BalloonFeature,
+    BalloonQueue,
+    ConfigField,
+    StatTag,
+    coalesce_pfns,
+    encode_pfns,
+    encode_stats,
+    queue_layout,
+)
+from pyvirtio.driver.balloon import BalloonDriver, PagePool
+from pyvirtio.memory import GuestMemory
+from pyvirtio.testing import MMIO_BASE, RIG_MEMORY_SIZE, MmioTestRig, device_conformance
+from pyvirtio.transport.mmio import MmioTransport
+from pyvirtio.virtqueue.common import DriverQueue
+
+MIB = 1 << 20
+RIG_PAGES = RIG_MEMORY_SIZE // BALLOON_PAGE_SIZE
+#: Pages of the rig's memory the tests inflate (above the allocator's rings).
+FIRST_PFN = (2 * MIB) // BALLOON_PAGE_SIZE
+
+
+def full_balloon(**kwargs: Any) -> Balloon:
+    return Balloon(
+        memory_size=RIG_MEMORY_SIZE,
+        deflate_on_oom=True,
+        free_page_reporting=True,
+        page_poison=True,
+        **kwargs,
+    )
+
+
+def _modify(device: Any) -> None:
+    device.counters["stats_updates"] += 3
+
+
+TestBalloonConformance = device_conformance(full_balloon, modify=_modify)
+TestBalloonWithoutStatsConformance = device_conformance(
+    lambda: Balloon(memory_size=RIG_MEMORY_SIZE, stats=False)
+)
+
+
+# -- wire format ------------------------------------------------------------------------
+
+
+def test_queue_layout_is_consecutive_over_negotiated_queues() -> None:
+    assert queue_layout(0) == {BalloonQueue.INFLATE: 0, BalloonQueue.DEFLATE: 1}
+    assert queue_layout(BalloonFeature.PAGE_REPORTING.mask) == {
+        BalloonQueue.INFLATE: 0,
+        BalloonQueue.DEFLATE: 1,
+        BalloonQueue.REPORTING: 2,
+    }
+    everything = (
+        BalloonFeature.STATS_VQ.mask
+        | BalloonFeature.FREE_PAGE_HINT.mask
+        | BalloonFeature.PAGE_REPORTING.mask
+    )
+    assert list(queue_layout(everything).values()) == [0, 1, 2, 3, 4]
+
+
+def test_wire_encodings() -> None:
+    assert STAT_ENTRY.size == 10
+    assert encode_stats([(StatTag.MEMFREE, 0x0102)]) == b"\x04\x00\x02\x01" + bytes(6)
+    assert encode_pfns([1, 0x01020304]) == b"\x01\x00\x00\x00\x04\x03\x02\x01"
+    assert BalloonConfig(5, 6, 7, 8).pack() == bytes(
+        [5, 0, 0, 0, 6, 0, 0, 0, 7, 0, 0, 0, 8, 0, 0, 0]
+    )
+    assert BalloonConfig.unpack(BalloonConfig(1, 2).pack()) == (1, 2, 0, 0)
+    assert coalesce_pfns([1, 2, 3, 7, 9, 10]) == [(1, 3), (7, 1), (9, 2)]
+    assert coalesce_pfns([]) == []
+
+
+# -- host API ---------------------------------------------------------------------------
+
+
+def test_target_refused_above_guest_memory() -> None:
+    device = Balloon(memory_size=64 * MIB)
+    device.set_target_mib(64)
+    assert device.target_pages == 64 * PAGES_PER_MIB
+    for bad in (64 * PAGES_PER_MIB + 1, -1, 1 << 32):
+        with pytest.raises(BalloonError):
+            device.set_target_pages(bad)
+    with pytest.raises(BalloonError):
+        device.set_target_mib(65)
+    assert device.target_pages == 64 * PAGES_PER_MIB
+    with pytest.raises(BalloonError, match="unknown"):
+        Balloon(memory_size=None).set_target_pages(1)
+    with pytest.raises(BalloonError):
+        Balloon(10, memory_size=4096)
+
+
+def test_target_change_raises_config_interrupt_and_reads_back() -> None:
+    rig = MmioTestRig(full_balloon())
+    rig.start()
+    rig.driver.wait_interrupt(0)  # clear what start-up raised
+    rig.device.set_target_pages(100)  # type: ignore[attr-defined]
+    assert rig.driver.interrupt_status() & 2, "no configuration change interrupt"
+    assert rig.driver.read_config(ConfigField.NUM_PAGES, 4) == 100
+    # Setting the same target again is no change.
+    rig.driver.ack_interrupt(3)
+    rig.device.set_target_pages(100)  # type: ignore[attr-defined]
+    assert rig.driver.interrupt_status() == 0
+
+
+def test_driver_writes_actual_but_not_num_pages() -> None:
+    rig = MmioTestRig(full_balloon())
+    rig.start()
+    device: Balloon = rig.device  # type: ignore[assignment]
+    device.set_target_pages(50)
+    rig.driver.write_config(ConfigField.ACTUAL, 4, 7)
+    rig.driver.write_config(ConfigField.NUM_PAGES, 4, 9999)
+    rig.driver.write_config(ConfigField.FREE_PAGE_HINT_CMD_ID, 4, 5)
+    rig.driver.write_config(ConfigField.POISON_VAL, 4, 0xAA)
+    assert device.actual_pages == 7
+    assert device.target_pages == 50
+    assert rig.driver.read_config(ConfigField.FREE_PAGE_HINT_CMD_ID, 4) == 0
+    assert rig.driver.read_config(ConfigField.POISON_VAL, 4) == 0xAA
+    stats = device.stats()
+    assert stats["actual_pages"] == 7 and stats["target_pages"] == 50
+    # A reset driver starts over with an empty balloon; the target stays.
+    rig.driver.reset()
+    assert device.actual_pages == 0 and device.target_pages == 50
+
+
+# -- a rig with raw queues -----------------------------------------------------------------
+
+
+class RawBalloon:
+    """Our device behind MMIO, with the driver's queues used by hand."""
+
+    def __init__(self, device: Balloon | None = None, features: int | None = None) -> None:
+        self.device = device if device is not None else full_balloon()
+        self.rig = MmioTestRig(self.device)
+        self.queues = self.rig.start(features)
+        self.layout = queue_layout(self.rig.device.acked_features)
+        self.mem = self.rig.mem
+
+    def queue(self, role: BalloonQueue) -> DriverQueue:
+        return self.queues[self.layout[role]]
+
+    def send(
+        self,
+        role: BalloonQueue,
+        readable: list[bytes] = (),  # type: ignore[assignment]
+        writable: list[tuple[int, int]] = (),  # type: ignore[assignment]
+    ) -> list[tuple[object, int]]:
+        """Put one request on ``role``'s queue, notify, and return what came back used."""
+        ranges = []
+        for data in readable:
+            addr = self.rig.allocator.alloc(max(len(data), 1))
+            self.mem.write(addr, data)
+            ranges.append((addr, len(data)))
+        queue = self.queue(role)
+        queue.add(ranges, list(writable), token=len(ranges))
+        self.rig.driver.notify(self.layout[role])
+        used = list(queue.used())
+        for addr, _ in ranges:
+            self.rig.allocator.free(addr)
+        return used
+
+
+def test_inflate_validates_every_pfn() -> None:
+    raw = RawBalloon()
+    device = raw.device
+    pfns = [FIRST_PFN, FIRST_PFN + 1, RIG_PAGES, RIG_PAGES + 5, 0xFFFF_FFFF, FIRST_PFN + 1]
+    used = raw.send(BalloonQueue.INFLATE, [encode_pfns(pfns)])
+    assert used == [(1, 0)], "inflate request not used with 0 bytes written"
+    assert device.inflated_pages == 2
+    assert device.counters["pfns_out_of_range"] == 3
+    assert device.counters["pages_inflated"] == 2
+    assert device.counters["bytes_released"] == 2 * BALLOON_PAGE_SIZE
+    assert not device.needs_reset
+
+
+@pytest.mark.parametrize(
+    ("what", "readable", "writable"),
+    [
+        ("too many PFNs in a descriptor", [encode_pfns(range(FIRST_PFN, FIRST_PFN + 257))], []),
+        ("not a PFN array", [b"\x01\x02\x03"], []),
+        (
+            "too many PFNs in a request",
+            [encode_pfns(range(FIRST_PFN + i * 256, FIRST_PFN + (i + 1) * 256)) for i in range(5)],
+            [],
+        ),
+        ("device-writable part", [encode_pfns([FIRST_PFN])], [(3 * MIB, 4096)]),
+    ],
+)
+def test_malformed_page_requests_are_refused_whole(
+    what: str, readable: list[bytes], writable: list[tuple[int, int]]
+) -> None:
+    raw = RawBalloon()
+    raw.mem.fill(FIRST_PFN * BALLOON_PAGE_SIZE, BALLOON_PAGE_SIZE, 0x77)
+    used = raw.send(BalloonQueue.INFLATE, readable, writable)
+    assert len(used) == 1 and used[0][1] == 0, what
+    assert raw.device.inflated_pages == 0, what
+    assert raw.device.counters["malformed_requests"] == 1, what
+    # Nothing was released: the page keeps its bytes.
+    assert raw.mem.read(FIRST_PFN * BALLOON_PAGE_SIZE, 4) == b"\x77" * 4
+    # And the device still works.
+    raw.send(BalloonQueue.INFLATE, [encode_pfns([FIRST_PFN])])
+    assert raw.device.inflated_pages == 1
+    assert not raw.device.needs_reset
+
+
+def test_deflate_of_pages_never_inflated_is_counted() -> None:
+    raw = RawBalloon()
+    raw.send(BalloonQueue.INFLATE, [encode_pfns(range(FIRST_PFN, FIRST_PFN + 10))])
+    raw.send(BalloonQueue.DEFLATE, [encode_pfns([FIRST_PFN, FIRST_PFN + 20, RIG_PAGES + 1])])
+    device = raw.device
+    assert device.inflated_pages == 9
+    assert device.counters["pages_deflated"] == 1
+    assert device.counters["deflate_of_unknown_pages"] == 1
+    assert device.counters["pfns_out_of_range"] == 1
+
+
+def stats_raw() -> RawBalloon:
+    raw = RawBalloon()
+    # The conformance rig's driver set up the queues but posted nothing.
+    return raw
+
+
+def test_stats_are_bounded_and_unknown_tags_kept_by_number() -> None:
+    raw = stats_raw()
+    device = raw.device
+    entries = [(StatTag.SWAP_IN, 1), (StatTag.MAJFLT, 2), (1000, 3), (StatTag.SWAP_IN, 4)]
+    entries += [(StatTag.MEMFREE, 5)] * 400
+    raw.send(BalloonQueue.STATS, [encode_stats(entries) + b"\x01\x02"])
+    stats = device.stats()
+    assert stats["swap_in"] == 4, "a later entry of a tag wins"
+    assert stats["major_faults"] == 2
+    assert stats[1000] == 3
+    assert stats["free_memory"] == 5
+    assert device.counters["stats_entries_dropped"] == len(entries) - 256 + 1
+    # Unknown tags cannot grow the table without bound.
+    many = [(5000 + i, i) for i in range(200)]
+    raw.device.request_stats()
+    raw.send(BalloonQueue.STATS, [encode_stats(many)])
+    unknown = [key for key in device.stats() if isinstance(key, int)]
+    assert len(unknown) == BalloonLimits().unknown_stat_tags
+
+
+def test_second_stats_buffer_is_returned() -> None:
+    raw = stats_raw()
+    device = raw.device
+    assert raw.send(BalloonQueue.STATS, [encode_stats([(StatTag.MEMTOT, 1)])]) == []
+    used = raw.send(BalloonQueue.STATS, [encode_stats([(StatTag.MEMTOT, 2)])])
+    assert len(used) == 1, "the first buffer was not handed back"
+    assert device.counters["stats_extra_buffers"] == 1
+    assert device.stats()["total_memory"] == 2
+    assert device.request_stats()
+    assert not device.request_stats(), "returned a buffer the device no longer holds"
+
+
+def test_free_page_report_releases_valid_ranges_only() -> None:
+    raw = RawBalloon()
+    base = FIRST_PFN * BALLOON_PAGE_SIZE
+    raw.mem.fill(base, 64 * BALLOON_PAGE_SIZE, 0x33)
+    used = raw.send(
+        BalloonQueue.REPORTING,
+        writable=[
+            (base, 16 * BALLOON_PAGE_SIZE),
+            (base + 32 * BALLOON_PAGE_SIZE + 8, 4096),  # unaligned
+            (base + 40 * BALLOON_PAGE_SIZE, 100),  # not whole pages
+        ],
+    )
+    assert used == [(0, 0)]
+    assert raw.mem.read(base, 16 * BALLOON_PAGE_SIZE) == bytes(16 * BALLOON_PAGE_SIZE)
+    assert raw.mem.read(base + 32 * BALLOON_PAGE_SIZE, 4) == b"\x33" * 4
+    assert raw.device.counters["report_ranges_rejected"] == 2
+    assert raw.device.counters["bytes_released"] == 16 * BALLOON_PAGE_SIZE
+
+
+def test_poisoned_pages_are_not_released_on_report() -> None:
+    """With PAGE_POISON and a non-zero poison_val, a report must not zero the pages."""
+    raw = RawBalloon()
+    raw.rig.driver.write_config(ConfigField.POISON_VAL, 4, 0xAA)
+    base = FIRST_PFN * BALLOON_PAGE_SIZE
+    raw.mem.fill(base, BALLOON_PAGE_SIZE, 0xAA)
+    raw.send(BalloonQueue.REPORTING, writable=[(base, BALLOON_PAGE_SIZE)])
+    assert raw.mem.read(base, 4) == b"\xaa" * 4
+    assert raw.device.counters["bytes_released"] == 0
+
+
+def test_hostile_requests_leave_fds_and_memory_at_baseline() -> None:
+    raw = RawBalloon()
+    bad = [
+        (BalloonQueue.INFLATE, [encode_pfns(range(0, 300))]),
+        (BalloonQueue.INFLATE, [encode_pfns([0xFFFF_FFF0 + i for i in range(16)])]),
+        (BalloonQueue.DEFLATE, [b"\xff" * 7]),
+        (BalloonQueue.STATS, [encode_stats([(60000 + i % 50, i) for i in range(300)])]),
+    ]
+
+    def round_of_abuse() -> None:
+        for role, readable in bad:
+            raw.send(role, readable)
+
+    round_of_abuse()
+    gc.collect()
+    fds = len(os.listdir("/proc/self/fd"))
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(200):
+            round_of_abuse()
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert after - before < 64 * 1024, f"memory grew by {after - before} bytes"
+    assert raw.device.counters["malformed_requests"] >= 400
+    assert raw.device.inflated_pages == 0
+    assert not raw.device.needs_reset
+    assert raw.device.state is DeviceState.ACTIVE
+
+
+# -- snapshots -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_snapshot_keeps_target_actual_inflated_pages_and_stats(packed: bool) -> None:
+    mem = GuestMemory.anonymous(RIG_MEMORY_SIZE)
+    rig = MmioTestRig(full_balloon(), mem)
+    features = None if packed else rig.device.offered_features & ~Feature.RING_PACKED.mask
+    driver = BalloonDriver(
+        rig.driver,
+        PagePool(2 * MIB, MIB),
+        stats_source=lambda: {StatTag.SWAP_OUT: 9, 77: 1},
+        features=features,
+    )
+    device: Balloon = rig.device  # type: ignore[assignment]
+    device.set_target_pages(100)
+    driver.poll(0.1)
+    assert device.actual_pages == device.inflated_pages == 100
+    rig.transport.sleep()
+    snap = rig.transport.snapshot()
+
+    # The device moves (as in a migration): a fresh one restored from the
+    # snapshot takes the old one's MMIO window; the guest's driver goes on.
+    restored = full_balloon()
+    transport = MmioTransport(restored, mem, rig.irq)
+    transport.sleep()
+    transport.restore(snap)
+    transport.wake()
+    rig.bus.add(MMIO_BASE, transport)
+    assert restored.target_pages == 100
+    assert restored.actual_pages == 100
+    assert restored.inflated_pages == 100
+    assert restored.stats()["swap_out"] == 9 and restored.stats()[77] == 1
+    # The held stats buffer survived: the restored device can ask for stats.
+    assert restored.request_stats()
+    driver.stats_source = lambda: {StatTag.SWAP_OUT: 10}
+    driver.poll(0.1)
+    assert restored.stats()["swap_out"] == 10
+    # And the accounting goes on: deflating what was inflated before.
+    restored.set_target_pages(40)
+    driver.poll(0.1)
+    assert restored.inflated_pages == restored.actual_pages == 40
+    assert restored.counters["deflate_of_unknown_pages"] == 0
+
+
+def test_restore_refuses_malformed_model() -> None:
+    device = full_balloon()
+    device.sleep()
+    snap = device.snapshot()
+    for bad in (b'"num_pages":-1', b'"inflated":[[1]]', b'"counters":{}'):
+        key = bad.split(b":", 1)[0]
+        start = snap.index(key)
+        end = snap.index(b',"', start)
+        broken = snap[:start] + bad + snap[end:]
+        with pytest.raises(ValueError):
+            device.restore(broken)
+    assert device.target_pages == 0 and device.counters["stats_updates"] == 0
