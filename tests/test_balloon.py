@@ -8,6 +8,7 @@ QEMU's device lives in test_balloon_driver.py.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import tracemalloc
 from typing import Any
@@ -386,12 +387,10 @@ def test_snapshot_keeps_target_actual_inflated_pages_and_stats(packed: bool) -> 
 def test_restore_refuses_malformed_model() -> None:
     device = full_balloon()
     device.sleep()
-    snap = device.snapshot()
-    for bad in (b'"num_pages":-1', b'"inflated":[[1]]', b'"counters":{}'):
-        key = bad.split(b":", 1)[0]
-        start = snap.index(key)
-        end = snap.index(b',"', start)
-        broken = snap[:start] + bad + snap[end:]
+    good = json.loads(device.snapshot())
+    for key, bad in (("num_pages", -1), ("inflated", [[1]]), ("counters", {}), ("actual", 1 << 32)):
+        doc = json.loads(json.dumps(good))
+        doc["model"][key] = bad
         with pytest.raises(ValueError):
-            device.restore(broken)
+            device.restore(json.dumps(doc).encode())
     assert device.target_pages == 0 and device.counters["stats_updates"] == 0
