@@ -394,3 +394,27 @@ def test_restore_refuses_malformed_model() -> None:
         with pytest.raises(ValueError):
             device.restore(json.dumps(doc).encode())
     assert device.target_pages == 0 and device.counters["stats_updates"] == 0
+
+
+def test_inflated_anonymous_memory_leaves_the_resident_set() -> None:
+    """Anonymous guest RAM (MADV_DONTNEED): the process's RSS falls by the inflated amount."""
+    size = 256 * MIB
+    with GuestMemory.anonymous(size) as mem:
+        rig = MmioTestRig(Balloon(memory_size=size), mem)
+        pool = PagePool(2 * MIB, 192 * MIB)
+        driver = BalloonDriver(rig.driver, pool)
+        mem.fill(pool.base, pool.length, 0x5A)
+        before = rss_bytes()
+        rig.device.set_target_mib(128)  # type: ignore[attr-defined]
+        driver.poll(0.1)
+        assert driver.actual_pages == 128 * PAGES_PER_MIB
+        dropped = before - rss_bytes()
+        assert dropped >= 0.9 * 128 * MIB, f"RSS fell by only {dropped / MIB:.1f} MiB"
+        rig.device.set_target_mib(0)  # type: ignore[attr-defined]
+        driver.poll(0.1)
+        assert mem.read(pool.base, 128 * MIB) == bytes(128 * MIB)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
