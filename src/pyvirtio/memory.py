@@ -37,9 +37,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import fcntl
 import mmap
 import os
@@ -48,7 +45,6 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 __all__ = [
     "PAGE_SIZE",
@@ -432,9 +428,10 @@ class GuestMemory:
         reads as zeros and the host allocates pages again only when it is
         touched.  How depends on the region's backing:
 
-        * memfd or file: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` frees the
-          file's pages, so every process mapping them (a vhost-user peer,
-          QEMU) sees the hole;
+        * memfd or file: the file's pages are freed by punching a hole
+          (``madvise(MADV_REMOVE)`` over our shared mapping, which the kernel
+          carries out as ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` on the file),
+          so every process mapping them (a vhost-user peer, QEMU) sees it;
         * anonymous: ``madvise(MADV_DONTNEED)`` drops the private pages.
 
         Raises :class:`GuestMemoryError` for a bad range, or when the kernel
@@ -447,7 +444,9 @@ class GuestMemory:
         for region, offset, n in list(self._pieces(addr, length)):
             try:
                 if region.fd is not None:
-                    _punch_hole(region.fd, region.fd_offset + offset, n)
+                    # The mapping starts at the page below the file offset (add_fd).
+                    skip = region.fd_offset % mmap.ALLOCATIONGRANULARITY
+                    region.mapping.madvise(mmap.MADV_REMOVE, skip + offset, n)
                 else:
                     region.mapping.madvise(mmap.MADV_DONTNEED, offset, n)
             except (OSError, ValueError) as exc:
@@ -501,35 +500,6 @@ class GuestMemory:
 
 #: The granule of :meth:`GuestMemory.discard`: the host's page size.
 PAGE_SIZE = mmap.PAGESIZE
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def _load_fallocate() -> Any:
-    """fallocate(2) through ctypes: :mod:`os` only has posix_fallocate, without modes."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    except OSError:  # pragma: no cover - no libc to load
-        return None
-    func = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
-    if func is None:  # pragma: no cover
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    func.restype = ctypes.c_int
-    return func
-
-
-_fallocate = _load_fallocate()
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free ``length`` bytes of ``fd``'s storage at ``offset``, keeping the file's size."""
-    if _fallocate is None:  # pragma: no cover
-        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _check_geometry(base: int, size: int) -> None:

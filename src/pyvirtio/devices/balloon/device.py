@@ -304,36 +304,42 @@ class Balloon(VirtioDevice):
                 queue.add_used_batch(completions)
                 self.signal_used(index)
 
-    def _inflate(self, chain: DescriptorChain) -> None:
-        mem = self._active_mem()
-        self.counters["inflate_requests"] += 1
-        request = parse_page_request(chain, mem, self.limits)
+    def _page_request(self, chain: DescriptorChain, kind: str) -> list[int] | None:
+        """The valid PFNs of an inflate or deflate request (None: refused whole)."""
+        self.counters[f"{kind}_requests"] += 1
+        request = parse_page_request(chain, self._active_mem(), self.limits)
         if request.error is not None:
-            self._malformed(f"inflate request refused: {request.error}")
+            self._malformed(f"{kind} request refused: {request.error}")
+            return None
+        if request.out_of_range:
+            self.counters["pfns_out_of_range"] += request.out_of_range
+            self._rate_limited(
+                "pfns_out_of_range", f"{request.out_of_range} PFNs outside guest memory ignored"
+            )
+        return request.pfns
+
+    def _inflate(self, chain: DescriptorChain) -> None:
+        pfns = self._page_request(chain, "inflate")
+        if pfns is None:
             return
-        self._count_out_of_range(request.out_of_range)
         inflated = self._inflated
         before = len(inflated)
-        inflated.update(request.pfns)
+        inflated.update(pfns)
         self.counters["pages_inflated"] += len(inflated) - before
         # The device may change a page's contents once it sees its PFN in an
         # inflate request (Device Operation, device requirements).
-        self._release(mem, coalesce_pfns(request.pfns))
+        self._release(self._active_mem(), coalesce_pfns(pfns))
 
     def _deflate(self, chain: DescriptorChain) -> None:
-        mem = self._active_mem()
-        self.counters["deflate_requests"] += 1
-        request = parse_page_request(chain, mem, self.limits)
-        if request.error is not None:
-            self._malformed(f"deflate request refused: {request.error}")
+        pfns = self._page_request(chain, "deflate")
+        if pfns is None:
             return
-        self._count_out_of_range(request.out_of_range)
         inflated = self._inflated
         before = len(inflated)
-        inflated.difference_update(request.pfns)
+        inflated.difference_update(pfns)
         removed = before - len(inflated)
         self.counters["pages_deflated"] += removed
-        unknown = len(request.pfns) - removed
+        unknown = len(pfns) - removed
         if unknown:
             self.counters["deflate_of_unknown_pages"] += unknown
             self._rate_limited("deflate_of_unknown_pages", f"{unknown} deflated pages not inflated")
@@ -425,11 +431,6 @@ class Balloon(VirtioDevice):
     def _malformed(self, what: str) -> None:
         self.counters["malformed_requests"] += 1
         self._rate_limited("malformed_requests", what)
-
-    def _count_out_of_range(self, count: int) -> None:
-        if count:
-            self.counters["pfns_out_of_range"] += count
-            self._rate_limited("pfns_out_of_range", f"{count} PFNs outside guest memory ignored")
 
     def _rate_limited(self, counter: str, what: str) -> None:
         """Log at WARNING on the 1st, 2nd, 4th, 8th ... occurrence of a kind, else DEBUG."""
