@@ -21,6 +21,8 @@ from pyvirtio.devices.balloon.device import Balloon, BalloonError
 from pyvirtio.devices.balloon.request import BalloonLimits
 from pyvirtio.devices.balloon.wire import (
     BALLOON_PAGE_SIZE,
+    CMD_ID_DONE,
+    CMD_ID_STOP,
     PAGES_PER_MIB,
     STAT_ENTRY,
     BalloonConfig,
@@ -50,6 +52,7 @@ def full_balloon(**kwargs: Any) -> Balloon:
         memory_size=RIG_MEMORY_SIZE,
         deflate_on_oom=True,
         free_page_reporting=True,
+        free_page_hinting=True,
         page_poison=True,
         **kwargs,
     )
@@ -138,7 +141,8 @@ def test_driver_writes_actual_but_not_num_pages() -> None:
     rig.driver.write_config(ConfigField.POISON_VAL, 4, 0xAA)
     assert device.actual_pages == 7
     assert device.target_pages == 50
-    assert rig.driver.read_config(ConfigField.FREE_PAGE_HINT_CMD_ID, 4) == 0
+    # Read-only: still DONE, nothing hinted yet.
+    assert rig.driver.read_config(ConfigField.FREE_PAGE_HINT_CMD_ID, 4) == CMD_ID_DONE
     assert rig.driver.read_config(ConfigField.POISON_VAL, 4) == 0xAA
     stats = device.stats()
     assert stats["actual_pages"] == 7 and stats["target_pages"] == 50
@@ -418,3 +422,63 @@ def test_inflated_anonymous_memory_leaves_the_resident_set() -> None:
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- free page hinting ------------------------------------------------------------------------
+
+
+def test_free_page_hinting_round() -> None:
+    mem = GuestMemory.memfd(RIG_MEMORY_SIZE)
+    rig = MmioTestRig(full_balloon(), mem)
+    device: Balloon = rig.device  # type: ignore[assignment]
+    pool = PagePool(2 * MIB, MIB)
+    driver = BalloonDriver(rig.driver, pool)
+    assert driver.hint_free_pages() == 0, "hinted without a round open"
+    mem.fill(pool.base, pool.length, 0x42)
+    rig.driver.wait_interrupt(0)
+    cmd_id = device.start_hinting()
+    assert cmd_id >= 2
+    assert rig.driver.interrupt_status() & 2, "no configuration change interrupt"
+    assert rig.driver.read_config(ConfigField.FREE_PAGE_HINT_CMD_ID, 4) == cmd_id
+    assert driver.hint_free_pages() == pool.total_pages
+    assert device.hinted_runs() == [(pool.base // BALLOON_PAGE_SIZE, pool.total_pages)]
+    assert device.counters["hinted_pages"] == pool.total_pages
+    assert pool.free_pages == pool.total_pages, "hinted pages did not come back to the pool"
+    # Hints never release memory: the guest may have reused the pages already.
+    assert mem.read(pool.base, 4) == b"\x42" * 4
+    assert driver.hint_free_pages() == 0, "answered the same round twice"
+    device.stop_hinting(done=True)
+    assert rig.driver.read_config(ConfigField.FREE_PAGE_HINT_CMD_ID, 4) == CMD_ID_DONE
+    # A new round takes a new ID and forgets the old hints.
+    assert device.start_hinting() == cmd_id + 1
+    assert device.hinted_runs() == []
+    device.stop_hinting()
+    assert device.free_page_hint_cmd_id == CMD_ID_STOP
+
+
+def test_hints_under_a_stale_or_malformed_id_are_ignored() -> None:
+    raw = RawBalloon()
+    device = raw.device
+    base = FIRST_PFN * BALLOON_PAGE_SIZE
+    cmd_id = device.start_hinting()
+    raw.send(BalloonQueue.FREE_PAGE, [(cmd_id + 7).to_bytes(4, "little")])
+    raw.send(BalloonQueue.FREE_PAGE, writable=[(base, 4 * BALLOON_PAGE_SIZE)])
+    assert device.hinted_runs() == []
+    raw.send(BalloonQueue.FREE_PAGE, [b"\x02\x00\x00"])  # not a 4-byte ID
+    assert device.counters["hints_ignored"] == 2
+    raw.send(BalloonQueue.FREE_PAGE, [cmd_id.to_bytes(4, "little")])
+    raw.send(
+        BalloonQueue.FREE_PAGE,
+        writable=[(base, 4 * BALLOON_PAGE_SIZE), (base + 16 * BALLOON_PAGE_SIZE + 8, 64)],
+    )
+    assert device.hinted_runs() == [(FIRST_PFN, 4)]
+    assert device.counters["hints_ignored"] == 3
+    # After the driver's STOP, pages are ignored again.
+    raw.send(BalloonQueue.FREE_PAGE, [CMD_ID_STOP.to_bytes(4, "little")])
+    raw.send(BalloonQueue.FREE_PAGE, writable=[(base + 8 * BALLOON_PAGE_SIZE, BALLOON_PAGE_SIZE)])
+    assert device.hinted_runs() == [(FIRST_PFN, 4)]
+
+
+def test_hinting_needs_the_feature() -> None:
+    with pytest.raises(BalloonError, match="hinting"):
+        Balloon(memory_size=RIG_MEMORY_SIZE).start_hinting()

@@ -15,7 +15,9 @@ allocator over a range of guest RAM):
   when DEFLATE_ON_OOM was negotiated (the spec forbids it otherwise);
 * :meth:`BalloonDriver.report_free_pages` reports the pool's free pages on
   the reporting_vq (Free Page Reporting) and puts them back once
-  acknowledged.
+  acknowledged;
+* :meth:`BalloonDriver.hint_free_pages` answers a free page hinting round
+  (Free Page Hinting): the command ID, the pool's free pages, then STOP.
 
 Requests are pipelined: as many PFN arrays (256 PFNs each, as Linux sends)
 as the ring holds go out before one kick, then the driver collects the
@@ -31,6 +33,8 @@ from typing import Protocol
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.devices.balloon.wire import (
     BALLOON_PAGE_SIZE,
+    CMD_ID_DONE,
+    CMD_ID_STOP,
     PFN_SHIFT,
     STAT_ENTRY,
     BalloonFeature,
@@ -71,6 +75,7 @@ SUPPORTED_FEATURES = (
     | BalloonFeature.STATS_VQ.mask
     | BalloonFeature.DEFLATE_ON_OOM.mask
     | BalloonFeature.PAGE_REPORTING.mask
+    | BalloonFeature.FREE_PAGE_HINT.mask
 )
 
 _STATS_TOKEN = "stats"
@@ -182,6 +187,7 @@ class BalloonDriver:
         allocator = transport.allocator
         self._free_buffers: list[int] = []
         self._buffers: list[int] = []
+        self._hinted_cmd_id: int | None = None
         #: Statistics answered so far.
         self.stats_answered = 0
         self._stats_buffer: int | None = None
@@ -361,37 +367,79 @@ class BalloonDriver:
         pfns = self.pool.take(self.pool.free_pages if max_pages is None else max_pages)
         if not pfns:
             return 0
+        for ranges in self._range_batches(BalloonQueue.REPORTING, pfns):
+            # Linux adds the ranges as device-writable buffers.
+            self._send(BalloonQueue.REPORTING, [], ranges)
+        # Only now (and not after a timeout) may the pages be used again.
+        self.pool.give(pfns)
+        return len(pfns)
+
+    # -- free page hinting ------------------------------------------------------------
+
+    def hint_free_pages(self) -> int:
+        """Answer the device's free page hinting round, if a new one is open.
+
+        When ``free_page_hint_cmd_id`` holds a command ID not answered yet,
+        sends it, then the pool's free pages, then STOP (Free Page Hinting:
+        driver requirements), and returns the number of pages hinted (0 when
+        there is no new round).  The pages go back to the pool once the
+        device used their buffers; until the device says DONE their contents
+        count as uninitialized, so users of the pool must initialize them.
+        """
+        if not self.has(BalloonFeature.FREE_PAGE_HINT):
+            raise BalloonDriverError("FREE_PAGE_HINT was not negotiated")
+        cmd_id = self.transport.read_config(ConfigField.FREE_PAGE_HINT_CMD_ID, 4)
+        if cmd_id <= CMD_ID_DONE or cmd_id == self._hinted_cmd_id:
+            return 0
+        self._hinted_cmd_id = cmd_id
+        self._send(BalloonQueue.FREE_PAGE, [cmd_id.to_bytes(4, "little")], [])
+        pfns = self.pool.take(self.pool.free_pages)
         try:
-            runs = coalesce_pfns(sorted(pfns))
-            queue = self.queues[BalloonQueue.REPORTING]
-            per_report = max(1, min(RANGES_PER_REPORT, queue.num_free))
-            for pos in range(0, len(runs), per_report):
-                ranges = [
-                    (first << PFN_SHIFT, count << PFN_SHIFT)
-                    for first, count in runs[pos : pos + per_report]
-                ]
-                self._report(queue, ranges)
+            for ranges in self._range_batches(BalloonQueue.FREE_PAGE, pfns):
+                self._send(BalloonQueue.FREE_PAGE, [], ranges)
+            self._send(BalloonQueue.FREE_PAGE, [CMD_ID_STOP.to_bytes(4, "little")], [])
         finally:
             self.pool.give(pfns)
         return len(pfns)
 
-    def _report(self, queue: DriverQueue, ranges: list[tuple[int, int]]) -> None:
+    def _send(
+        self, role: BalloonQueue, readable: list[bytes], writable: list[tuple[int, int]]
+    ) -> None:
+        """One buffer on ``role``'s queue (readable parts copied in), waited for."""
         transport = self.transport
-        token = ranges[0][0]
-        # Linux adds the ranges as device-writable buffers.
-        queue.add([], ranges, token=token)
+        queue = self.queues[role]
+        allocator = transport.allocator
+        copies = []
+        for data in readable:
+            addr = allocator.alloc(len(data))
+            transport.mem.write(addr, data)
+            copies.append((addr, len(data)))
+        token = object()
+        queue.add(copies, writable, token=token)
         if queue.kick_needed():
-            transport.notify(self.layout[BalloonQueue.REPORTING])
+            transport.notify(self.layout[role])
         deadline = time.monotonic() + self.timeout
-        while True:
-            if any(used == token for used, _ in queue.used()):
-                return
+        while not any(used is token for used, _ in queue.used()):
             self._service_stats()
             self._check_device()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BalloonDriverError(f"free page report not used within {self.timeout} s")
+                # The copies stay allocated: the device may still read them.
+                raise BalloonDriverError(f"{role.value}: buffer not used within {self.timeout} s")
             transport.wait_interrupt(min(remaining, 0.05))
+        for addr, _ in copies:
+            allocator.free(addr)
+
+    def _range_batches(
+        self, role: BalloonQueue, pfns: Sequence[int]
+    ) -> list[list[tuple[int, int]]]:
+        """``pfns`` as page ranges, in groups that fit one buffer of ``role``'s queue."""
+        runs = coalesce_pfns(sorted(pfns))
+        per_buffer = max(1, min(RANGES_PER_REPORT, self.queues[role].num_free))
+        return [
+            [(first << PFN_SHIFT, count << PFN_SHIFT) for first, count in runs[i : i + per_buffer]]
+            for i in range(0, len(runs), per_buffer)
+        ]
 
     # -- the rest ---------------------------------------------------------------------
 

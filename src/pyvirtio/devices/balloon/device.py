@@ -46,12 +46,15 @@ from pyvirtio.device import (
 )
 from pyvirtio.devices.balloon.request import (
     BalloonLimits,
+    parse_hint,
     parse_page_request,
     parse_report,
     parse_stats,
 )
 from pyvirtio.devices.balloon.wire import (
     BALLOON_PAGE_SIZE,
+    CMD_ID_DONE,
+    CMD_ID_STOP,
     CONFIG_SIZE,
     PAGES_PER_MIB,
     PFN_SHIFT,
@@ -87,6 +90,9 @@ COUNTER_NAMES = (
     "stats_extra_buffers",
     "reports",
     "report_ranges_rejected",
+    "hints",
+    "hinted_pages",
+    "hints_ignored",
     "bytes_released",
     "release_failures",
 )
@@ -105,7 +111,7 @@ class Balloon(VirtioDevice):
     * ``memory_size``: bytes of guest RAM, for checking targets before the
       device is activated (afterwards the activated memory's size is used).
     * ``stats``: offer STATS_VQ; ``deflate_on_oom``, ``free_page_reporting``,
-      ``page_poison``: offer those features.
+      ``free_page_hinting``, ``page_poison``: offer those features.
     * ``limits``: bounds on requests (:class:`.request.BalloonLimits`).
     """
 
@@ -119,6 +125,7 @@ class Balloon(VirtioDevice):
         stats: bool = True,
         deflate_on_oom: bool = False,
         free_page_reporting: bool = False,
+        free_page_hinting: bool = False,
         page_poison: bool = False,
         limits: BalloonLimits | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
@@ -128,6 +135,7 @@ class Balloon(VirtioDevice):
             (stats, BalloonFeature.STATS_VQ),
             (deflate_on_oom, BalloonFeature.DEFLATE_ON_OOM),
             (free_page_reporting, BalloonFeature.PAGE_REPORTING),
+            (free_page_hinting, BalloonFeature.FREE_PAGE_HINT),
             (page_poison, BalloonFeature.PAGE_POISON),
         ):
             if wanted:
@@ -138,6 +146,13 @@ class Balloon(VirtioDevice):
         self._num_pages = 0
         self._actual = 0
         self._poison_val = 0
+        #: free_page_hint_cmd_id, the last non-reserved ID issued, and the ID
+        #: the driver is hinting for (None: it has not started, or stopped).
+        self._cmd_id = CMD_ID_DONE
+        self._last_cmd_id = CMD_ID_DONE
+        self._hinting_for: int | None = None
+        #: PFNs hinted free under the current command ID.
+        self._hinted: set[int] = set()
         self._layout: dict[BalloonQueue, int] = {}
         self._roles: dict[int, BalloonQueue] = {}
         #: PFNs in the balloon (inflated and not deflated since).
@@ -221,10 +236,52 @@ class Balloon(VirtioDevice):
         self.signal_used(index)
         return True
 
+    # -- free page hinting (host side) ---------------------------------------------------
+
+    @property
+    def free_page_hint_cmd_id(self) -> int:
+        return self._cmd_id
+
+    def start_hinting(self) -> int:
+        """Ask the driver for free page hints under a new command ID (returned).
+
+        IDs are never reused (Free Page Hinting: not before the driver's
+        STOP for it), so each call takes the next one; earlier hints are
+        forgotten.
+        """
+        if not self.offered_features & BalloonFeature.FREE_PAGE_HINT.mask:
+            raise BalloonError("free page hinting was not offered")
+        self._check_awake("start_hinting")
+        cmd_id = self._last_cmd_id + 1 if self._last_cmd_id < _U32_MAX else CMD_ID_DONE + 1
+        self._last_cmd_id = cmd_id
+        self._hinted.clear()
+        self._set_cmd_id(cmd_id)
+        return cmd_id
+
+    def stop_hinting(self, *, done: bool = False) -> None:
+        """Stop the round: STOP (hints kept), or DONE (the driver may reuse the pages)."""
+        self._check_awake("stop_hinting")
+        self._set_cmd_id(CMD_ID_DONE if done else CMD_ID_STOP)
+
+    def hinted_runs(self) -> list[tuple[int, int]]:
+        """``(first PFN, count)`` runs hinted free under the current round's ID.
+
+        The device never discards hinted pages: the driver may reuse one
+        before the device sees the hint, and only the host's dirty tracking
+        (e.g. for a migration that skips hinted pages) can tell a page
+        written since; that is the host's to combine.
+        """
+        return coalesce_pfns(sorted(self._hinted))
+
+    def _set_cmd_id(self, cmd_id: int) -> None:
+        if cmd_id != self._cmd_id:
+            self._cmd_id = cmd_id
+            self.config_changed()
+
     # -- configuration space ---------------------------------------------------------
 
     def config_bytes(self) -> bytes:
-        return BalloonConfig(self._num_pages, self._actual, 0, self._poison_val).pack()
+        return BalloonConfig(self._num_pages, self._actual, self._cmd_id, self._poison_val).pack()
 
     def write_config(self, offset: int, data: bytes) -> None:
         """The driver writes ``actual`` and ``poison_val``; other fields are read-only."""
@@ -263,6 +320,7 @@ class Balloon(VirtioDevice):
         # A reset driver starts with an empty balloon; the host's target stays.
         self._actual = 0
         self._poison_val = 0
+        self._hinting_for = None
         self._inflated.clear()
         self._stats_chain = None
         self._restored_stats_chain = None
@@ -295,6 +353,8 @@ class Balloon(VirtioDevice):
                     self._deflate(chain)
                 elif role is BalloonQueue.REPORTING:
                     self._report(chain)
+                elif role is BalloonQueue.FREE_PAGE:
+                    self._hint(chain)
                 else:
                     self._malformed(f"buffer on queue {index}, which has no use")
                 # Nothing is written to any of these buffers.
@@ -361,6 +421,31 @@ class Balloon(VirtioDevice):
         self._release(
             mem, ((addr >> PFN_SHIFT, length >> PFN_SHIFT) for addr, length in request.ranges)
         )
+
+    def _hint(self, chain: DescriptorChain) -> None:
+        request = parse_hint(chain, self._active_mem(), self.limits)
+        self.counters["hints"] += 1
+        if request.cmd_id is not None:
+            # An ID buffer starts hinting for that ID, or STOP ends it.
+            current = self._cmd_id if self._cmd_id > CMD_ID_DONE else None
+            self._hinting_for = request.cmd_id if request.cmd_id == current else None
+            return
+        if request.rejected:
+            self.counters["hints_ignored"] += request.rejected
+            self._rate_limited(
+                "hints_ignored", f"{request.rejected} hint buffers or ranges rejected"
+            )
+        if self._hinting_for is None or self._hinting_for != self._cmd_id:
+            # Pages sent with an ID that is not the current one MUST be ignored.
+            if request.ranges:
+                self.counters["hints_ignored"] += len(request.ranges)
+            return
+        hinted = self._hinted
+        before = len(hinted)
+        for addr, length in request.ranges:
+            first = addr >> PFN_SHIFT
+            hinted.update(range(first, first + (length >> PFN_SHIFT)))
+        self.counters["hinted_pages"] += len(hinted) - before
 
     def _process_stats(self, queue: DeviceQueue) -> None:
         returned = False
@@ -447,6 +532,10 @@ class Balloon(VirtioDevice):
             "num_pages": self._num_pages,
             "actual": self._actual,
             "poison_val": self._poison_val,
+            "cmd_id": self._cmd_id,
+            "last_cmd_id": self._last_cmd_id,
+            "hinting_for": self._hinting_for,
+            "hinted": [list(run) for run in coalesce_pfns(sorted(self._hinted))],
             "inflated": [list(run) for run in coalesce_pfns(sorted(self._inflated))],
             "latest_stats": [[tag, value] for tag, value in sorted(self._latest_stats.items())],
             "stats_buffer": held,
@@ -459,14 +548,15 @@ class Balloon(VirtioDevice):
         num_pages = expect_uint(state["num_pages"])
         actual = expect_uint(state["actual"])
         poison = expect_uint(state["poison_val"])
-        if max(num_pages, actual, poison) > _U32_MAX:
+        cmd_id = expect_uint(state["cmd_id"])
+        last_cmd_id = expect_uint(state["last_cmd_id"])
+        hinting_for = state["hinting_for"]
+        if hinting_for is not None:
+            expect_uint(hinting_for)
+        if max(num_pages, actual, poison, cmd_id, last_cmd_id) > _U32_MAX:
             raise ValueError("config field above 32 bits")
-        inflated: set[int] = set()
-        for run in state["inflated"]:
-            first, count = (expect_uint(v) for v in run)
-            if (first + count) << PFN_SHIFT > 1 << 64:
-                raise ValueError(f"inflated run {first}+{count} outside the address space")
-            inflated.update(range(first, first + count))
+        inflated = _pfn_set(state["inflated"])
+        hinted = _pfn_set(state["hinted"])
         latest = {}
         for entry in state["latest_stats"]:
             tag, value = (expect_uint(v) for v in entry)
@@ -480,11 +570,26 @@ class Balloon(VirtioDevice):
         self._num_pages = num_pages
         self._actual = actual
         self._poison_val = poison
+        self._cmd_id = cmd_id
+        self._last_cmd_id = last_cmd_id
+        self._hinting_for = hinting_for
+        self._hinted = hinted
         self._inflated = inflated
         self._latest_stats = latest
         self._stats_chain = None
         self._restored_stats_chain = held
         self.counters = {name: expect_uint(counters[name]) for name in COUNTER_NAMES}
+
+
+def _pfn_set(runs: Any) -> set[int]:
+    """PFNs from snapshot ``[first, count]`` runs, checked."""
+    pfns: set[int] = set()
+    for run in runs:
+        first, count = (expect_uint(v) for v in run)
+        if (first + count) << PFN_SHIFT > 1 << 64:
+            raise ValueError(f"PFN run {first}+{count} outside the address space")
+        pfns.update(range(first, first + count))
+    return pfns
 
 
 def _chain_state(chain: DescriptorChain) -> dict[str, Any]:

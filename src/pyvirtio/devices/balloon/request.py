@@ -15,9 +15,10 @@ ignores out-of-range ones):
 * stats: at most :attr:`BalloonLimits.stats_per_buffer` entries are read;
   the rest of an oversized buffer is counted, not read (and the device keeps
   at most :attr:`BalloonLimits.unknown_stat_tags` tags it does not know).
-* free page reports: at most :attr:`BalloonLimits.ranges_per_report` ranges,
-  each page aligned and wholly inside guest memory; the others are dropped
-  and counted.
+* free page reports and free page hints: at most
+  :attr:`BalloonLimits.ranges_per_report` ranges per buffer, each page
+  aligned and wholly inside guest memory; the others are dropped and
+  counted.  A hint's command ID buffer must be exactly 4 bytes.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from pyvirtio.virtqueue.common import DescriptorChain
 
 __all__ = [
     "BalloonLimits",
+    "HintRequest",
     "PageRequest",
     "ReportRequest",
     "StatsRequest",
+    "parse_hint",
     "parse_page_request",
     "parse_report",
     "parse_stats",
@@ -146,8 +149,39 @@ def parse_stats(chain: DescriptorChain, limits: BalloonLimits) -> StatsRequest:
     return StatsRequest(decode_stats(data), entries - wanted + partial)
 
 
+class HintRequest(NamedTuple):
+    """A buffer on the free_page_vq: a command ID, or hinted page ranges."""
+
+    #: The command ID of a device-readable buffer (None for a page buffer).
+    cmd_id: int | None
+    #: Page-aligned ranges of a device-writable buffer.
+    ranges: list[tuple[int, int]]
+    #: Ranges dropped (as in :func:`parse_report`), or a malformed ID buffer.
+    rejected: int
+
+
+def parse_hint(chain: DescriptorChain, mem: GuestMemory, limits: BalloonLimits) -> HintRequest:
+    """A free_page_vq buffer: a 4-byte command ID (Free Page Hinting: the driver MUST
+    use an output buffer size of 4 bytes), or page ranges as device-writable buffers."""
+    if chain.readable:
+        if chain.readable_len != 4 or chain.writable:
+            return HintRequest(None, [], 1)
+        return HintRequest(int.from_bytes(chain.read(0, 4), "little"), [], 0)
+    ranges, rejected = _page_ranges(chain, mem, limits)
+    return HintRequest(None, ranges, rejected)
+
+
 def parse_report(chain: DescriptorChain, mem: GuestMemory, limits: BalloonLimits) -> ReportRequest:
     """The free page ranges of a report (Linux adds them as device-writable buffers)."""
+    ranges, rejected = _page_ranges(chain, mem, limits)
+    return ReportRequest(ranges, rejected + len(chain.readable))
+
+
+def _page_ranges(
+    chain: DescriptorChain, mem: GuestMemory, limits: BalloonLimits
+) -> tuple[list[tuple[int, int]], int]:
+    """The chain's device-writable ranges that are whole pages of guest RAM, and
+    how many others there were (at most ``ranges_per_report`` are taken)."""
     ranges: list[tuple[int, int]] = []
     rejected = 0
     for index, (addr, length) in enumerate(chain.writable):
@@ -160,4 +194,4 @@ def parse_report(chain: DescriptorChain, mem: GuestMemory, limits: BalloonLimits
             rejected += 1
             continue
         ranges.append((addr, length))
-    return ReportRequest(ranges, rejected + len(chain.readable))
+    return ranges, rejected
