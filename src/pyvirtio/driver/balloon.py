@@ -46,7 +46,8 @@ from pyvirtio.devices.balloon.wire import (
     encode_stats,
     queue_layout,
 )
-from pyvirtio.driver.transport import BufferAllocator, DriverTransport
+from pyvirtio.driver.memory import GuestAllocator
+from pyvirtio.driver.transport import DriverTransport
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = [
@@ -116,9 +117,13 @@ class PagePool:
         self._free = list(range(first + (length >> PFN_SHIFT) - 1, first - 1, -1))
 
     @classmethod
-    def from_allocator(cls, allocator: BufferAllocator, length: int) -> PagePool:
-        """A pool over ``length`` bytes taken from a transport's allocator."""
-        return cls(allocator.alloc(length, BALLOON_PAGE_SIZE), length)
+    def from_allocator(cls, allocator: GuestAllocator, length: int) -> PagePool:
+        """A pool over ``length`` bytes taken from a driver's allocator.
+
+        Not zeroed: free memory holds whatever it held, and zeroing would
+        make the host back every page of it.
+        """
+        return cls(allocator.alloc(length, BALLOON_PAGE_SIZE, zero=False), length)
 
     @property
     def total_pages(self) -> int:
@@ -141,8 +146,7 @@ class PagePool:
     def give(self, pfns: Sequence[int]) -> None:
         """Return PFNs from :meth:`take`."""
         first = self.base >> PFN_SHIFT
-        end = first + self.total_pages
-        if any(not first <= pfn < end for pfn in pfns):
+        if pfns and (min(pfns) < first or max(pfns) >= first + self.total_pages):
             raise ValueError("PFN outside the pool")
         self._free.extend(reversed(pfns))
 

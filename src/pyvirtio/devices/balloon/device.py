@@ -46,6 +46,7 @@ from pyvirtio.device import (
 )
 from pyvirtio.devices.balloon.request import (
     BalloonLimits,
+    PageRequest,
     parse_hint,
     parse_page_request,
     parse_report,
@@ -364,8 +365,8 @@ class Balloon(VirtioDevice):
                 queue.add_used_batch(completions)
                 self.signal_used(index)
 
-    def _page_request(self, chain: DescriptorChain, kind: str) -> list[int] | None:
-        """The valid PFNs of an inflate or deflate request (None: refused whole)."""
+    def _page_request(self, chain: DescriptorChain, kind: str) -> PageRequest | None:
+        """An inflate or deflate request, parsed (None: refused whole)."""
         self.counters[f"{kind}_requests"] += 1
         request = parse_page_request(chain, self._active_mem(), self.limits)
         if request.error is not None:
@@ -376,30 +377,30 @@ class Balloon(VirtioDevice):
             self._rate_limited(
                 "pfns_out_of_range", f"{request.out_of_range} PFNs outside guest memory ignored"
             )
-        return request.pfns
+        return request
 
     def _inflate(self, chain: DescriptorChain) -> None:
-        pfns = self._page_request(chain, "inflate")
-        if pfns is None:
+        request = self._page_request(chain, "inflate")
+        if request is None:
             return
         inflated = self._inflated
         before = len(inflated)
-        inflated.update(pfns)
+        inflated.update(request.pfns)
         self.counters["pages_inflated"] += len(inflated) - before
         # The device may change a page's contents once it sees its PFN in an
         # inflate request (Device Operation, device requirements).
-        self._release(self._active_mem(), coalesce_pfns(pfns))
+        self._release(self._active_mem(), request.runs)
 
     def _deflate(self, chain: DescriptorChain) -> None:
-        pfns = self._page_request(chain, "deflate")
-        if pfns is None:
+        request = self._page_request(chain, "deflate")
+        if request is None:
             return
         inflated = self._inflated
         before = len(inflated)
-        inflated.difference_update(pfns)
+        inflated.difference_update(request.pfns)
         removed = before - len(inflated)
         self.counters["pages_deflated"] += removed
-        unknown = len(pfns) - removed
+        unknown = len(request.pfns) - removed
         if unknown:
             self.counters["deflate_of_unknown_pages"] += unknown
             self._rate_limited("deflate_of_unknown_pages", f"{unknown} deflated pages not inflated")

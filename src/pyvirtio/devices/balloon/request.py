@@ -74,6 +74,8 @@ class PageRequest(NamedTuple):
 
     #: Valid PFNs, sorted and without duplicates.
     pfns: list[int]
+    #: The same PFNs as runs ``(first, count)``.
+    runs: list[tuple[int, int]]
     #: PFNs dropped because their page is not (wholly) guest RAM.
     out_of_range: int
     #: Why the whole request was refused, or None.
@@ -102,13 +104,14 @@ def parse_page_request(
 ) -> PageRequest:
     """The PFN array of an inflate or deflate request, validated."""
     if chain.writable:
-        return PageRequest([], 0, f"{len(chain.writable)} device-writable descriptors")
+        return PageRequest([], [], 0, f"{len(chain.writable)} device-writable descriptors")
     total = 0
     for _, length in chain.readable:
         if length % _PFN_SIZE:
-            return PageRequest([], 0, f"descriptor of {length} bytes is not a PFN array")
+            return PageRequest([], [], 0, f"descriptor of {length} bytes is not a PFN array")
         if length > limits.pages_per_descriptor * _PFN_SIZE:
             return PageRequest(
+                [],
                 [],
                 0,
                 f"descriptor of {length // _PFN_SIZE} PFNs (at most {limits.pages_per_descriptor})",
@@ -116,28 +119,16 @@ def parse_page_request(
         total += length
     if total > limits.pages_per_request * _PFN_SIZE:
         return PageRequest(
-            [], 0, f"request of {total // _PFN_SIZE} PFNs (at most {limits.pages_per_request})"
+            [], [], 0, f"request of {total // _PFN_SIZE} PFNs (at most {limits.pages_per_request})"
         )
     # Bounded above: at most pages_per_request * 4 bytes are read.
     pfns = sorted(set(decode_pfns(chain.read_all())))
-    valid, out_of_range = _in_memory(pfns, mem)
-    return PageRequest(valid, out_of_range, None)
-
-
-def _in_memory(pfns: list[int], mem: GuestMemory) -> tuple[list[int], int]:
-    """The PFNs (sorted) whose whole page is guest RAM, and how many were not."""
-    valid: list[int] = []
-    for first, count in coalesce_pfns(pfns):
-        if mem.is_valid(first << PFN_SHIFT, count << PFN_SHIFT):
-            valid.extend(range(first, first + count))
-        else:
-            # Rare (a hostile or broken driver): check the run page by page.
-            valid.extend(
-                pfn
-                for pfn in range(first, first + count)
-                if mem.is_valid(pfn << PFN_SHIFT, BALLOON_PAGE_SIZE)
-            )
-    return valid, len(pfns) - len(valid)
+    runs = coalesce_pfns(pfns)
+    if all(mem.is_valid(first << PFN_SHIFT, count << PFN_SHIFT) for first, count in runs):
+        return PageRequest(pfns, runs, 0, None)
+    # Rare (a hostile or broken driver): check page by page.
+    valid = [pfn for pfn in pfns if mem.is_valid(pfn << PFN_SHIFT, BALLOON_PAGE_SIZE)]
+    return PageRequest(valid, coalesce_pfns(valid), len(pfns) - len(valid), None)
 
 
 def parse_stats(chain: DescriptorChain, limits: BalloonLimits) -> StatsRequest:
