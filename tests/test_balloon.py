@@ -482,3 +482,36 @@ def test_hints_under_a_stale_or_malformed_id_are_ignored() -> None:
 def test_hinting_needs_the_feature() -> None:
     with pytest.raises(BalloonError, match="hinting"):
         Balloon(memory_size=RIG_MEMORY_SIZE).start_hinting()
+
+
+def test_stats_polling_interval_is_the_hosts_timer() -> None:
+    rig = MmioTestRig(full_balloon(stats_interval=2.0))
+    device: Balloon = rig.device  # type: ignore[assignment]
+    returned: list[int] = []
+    driver = BalloonDriver(
+        rig.driver, PagePool(2 * MIB, MIB), stats_source=lambda: {StatTag.SWAP_IN: len(returned)}
+    )
+    assert device.stats_interval == 2.0
+    assert device.poll_stats(100.0) == 102.0, "the first call only starts the clock"
+    assert driver.poll() == 0 and driver.stats_answered == 0
+    assert device.poll_stats(101.0) == 102.0
+    driver.poll()
+    assert driver.stats_answered == 0
+    returned.append(1)
+    assert device.poll_stats(102.5) == 104.5
+    driver.poll()
+    assert driver.stats_answered == 1
+    assert device.stats()["swap_in"] == 1
+    device.set_stats_interval(0)
+    assert device.poll_stats(200.0) is None
+    with pytest.raises(BalloonError):
+        device.set_stats_interval(-1)
+    with pytest.raises(BalloonError, match="STATS_VQ"):
+        Balloon(memory_size=RIG_MEMORY_SIZE, stats=False, stats_interval=1)
+    # The interval is part of the device's state.
+    device.set_stats_interval(5)
+    device.sleep()
+    fresh = full_balloon()
+    fresh.sleep()
+    fresh.restore(device.snapshot())
+    assert fresh.stats_interval == 5

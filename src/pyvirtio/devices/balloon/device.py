@@ -18,8 +18,11 @@ Host API (called by the VMM, never by the guest):
 * :meth:`Balloon.stats` gives target, actual and the latest guest statistics
   as a dict with Firecracker's names (unknown tags by number);
   :meth:`Balloon.request_stats` returns the held stats buffer so the driver
-  sends fresh figures (the host's timer calls it every polling interval: the
-  model starts no timer, see :mod:`pyvirtio.device`).
+  sends fresh figures.  The polling interval is the host's choice
+  (:meth:`Balloon.set_stats_interval`); the host's timer calls
+  :meth:`Balloon.poll_stats` with the time, which requests stats when the
+  interval has passed and says when to call again (the model starts no
+  timer and reads no clock, see :mod:`pyvirtio.device`).
 * counters in :attr:`Balloon.counters`.
 
 Hardening (after Firecracker's balloon): every PFN is validated against guest
@@ -111,7 +114,9 @@ class Balloon(VirtioDevice):
     * ``target_pages``: the initial target, in 4 KiB pages.
     * ``memory_size``: bytes of guest RAM, for checking targets before the
       device is activated (afterwards the activated memory's size is used).
-    * ``stats``: offer STATS_VQ; ``deflate_on_oom``, ``free_page_reporting``,
+    * ``stats``: offer STATS_VQ; ``stats_interval``: seconds between stats
+      requests (see :meth:`poll_stats`; 0: only on :meth:`request_stats`);
+      ``deflate_on_oom``, ``free_page_reporting``,
       ``free_page_hinting``, ``page_poison``: offer those features.
     * ``limits``: bounds on requests (:class:`.request.BalloonLimits`).
     """
@@ -124,6 +129,7 @@ class Balloon(VirtioDevice):
         *,
         memory_size: int | None = None,
         stats: bool = True,
+        stats_interval: float = 0.0,
         deflate_on_oom: bool = False,
         free_page_reporting: bool = False,
         free_page_hinting: bool = False,
@@ -163,6 +169,9 @@ class Balloon(VirtioDevice):
         #: A held stats buffer from a snapshot, rebuilt at wake.
         self._restored_stats_chain: dict[str, Any] | None = None
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._stats_interval = 0.0
+        self._stats_due: float | None = None
+        self.set_stats_interval(stats_interval)
         self.set_target_pages(target_pages)
 
     # -- host API ------------------------------------------------------------------
@@ -236,6 +245,37 @@ class Balloon(VirtioDevice):
         self.queues[index].add_used(chain, 0)
         self.signal_used(index)
         return True
+
+    @property
+    def stats_interval(self) -> float:
+        """Seconds between stats requests the host's timer makes (0: none)."""
+        return self._stats_interval
+
+    def set_stats_interval(self, seconds: float) -> None:
+        """Choose the polling interval; the next :meth:`poll_stats` starts counting anew."""
+        if seconds < 0:
+            raise BalloonError(f"stats interval of {seconds} s is negative")
+        if seconds and not self.offered_features & BalloonFeature.STATS_VQ.mask:
+            raise BalloonError("statistics were not offered (STATS_VQ)")
+        self._stats_interval = float(seconds)
+        self._stats_due = None
+
+    def poll_stats(self, now: float) -> float | None:
+        """The host timer's entry point: request stats if the interval passed at ``now``.
+
+        Returns when to call again (None: no interval set).  The model keeps
+        no clock of its own; ``now`` is any monotonic time in seconds.
+        """
+        interval = self._stats_interval
+        if not interval:
+            return None
+        due = self._stats_due
+        if due is None or now >= due:
+            if due is not None:
+                self.request_stats()
+            due = now + interval
+            self._stats_due = due
+        return due
 
     # -- free page hinting (host side) ---------------------------------------------------
 
@@ -533,6 +573,7 @@ class Balloon(VirtioDevice):
             "num_pages": self._num_pages,
             "actual": self._actual,
             "poison_val": self._poison_val,
+            "stats_interval": self._stats_interval,
             "cmd_id": self._cmd_id,
             "last_cmd_id": self._last_cmd_id,
             "hinting_for": self._hinting_for,
@@ -549,6 +590,9 @@ class Balloon(VirtioDevice):
         num_pages = expect_uint(state["num_pages"])
         actual = expect_uint(state["actual"])
         poison = expect_uint(state["poison_val"])
+        interval = state["stats_interval"]
+        if not isinstance(interval, int | float) or isinstance(interval, bool) or interval < 0:
+            raise ValueError(f"bad stats interval {interval!r}")
         cmd_id = expect_uint(state["cmd_id"])
         last_cmd_id = expect_uint(state["last_cmd_id"])
         hinting_for = state["hinting_for"]
@@ -571,6 +615,8 @@ class Balloon(VirtioDevice):
         self._num_pages = num_pages
         self._actual = actual
         self._poison_val = poison
+        self._stats_interval = float(interval)
+        self._stats_due = None
         self._cmd_id = cmd_id
         self._last_cmd_id = last_cmd_id
         self._hinting_for = hinting_for
