@@ -253,3 +253,19 @@ def test_close_kills_qemu() -> None:
     with pytest.raises(QtestError, match="closed"):
         machine.readl(MICROVM_MMIO_BASE)
     machine.close()  # idempotent
+
+
+def test_qmp_through_qemu_qmp() -> None:
+    """``qmp=True`` machines answer QMP through QEMU's own Python library."""
+    pytest.importorskip("qemu.qmp", reason="the qemu.qmp package is not installed")
+    with QtestMachine(["virtio-rng-device"], qmp=True, timeout=TIMEOUT) as machine:
+        assert machine.qmp("query-status")["status"] == "running"
+        with pytest.raises(QtestError, match="no-such-command"):
+            machine.qmp("no-such-command")
+        # The connection survives an error.
+        assert machine.qmp("query-status")["running"] is True
+    with (
+        QtestMachine(["virtio-rng-device"], timeout=TIMEOUT) as machine,
+        pytest.raises(QtestError, match="qmp=True"),
+    ):
+        machine.qmp("query-status")
