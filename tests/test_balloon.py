@@ -14,6 +14,8 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyvirtio.constants import Feature
 from pyvirtio.device import DeviceState
@@ -515,3 +517,45 @@ def test_stats_polling_interval_is_the_hosts_timer() -> None:
     fresh.sleep()
     fresh.restore(device.snapshot())
     assert fresh.stats_interval == 5
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(list(BalloonQueue)),
+            st.lists(st.binary(max_size=1200), max_size=3),
+            st.lists(
+                st.tuples(
+                    st.integers(0, RIG_MEMORY_SIZE - 1), st.integers(1, 3 * BALLOON_PAGE_SIZE)
+                ),
+                max_size=3,
+            ),
+        ),
+        max_size=12,
+    )
+)
+def test_arbitrary_requests_never_break_the_device(
+    requests: list[tuple[BalloonQueue, list[bytes], list[tuple[int, int]]]],
+) -> None:
+    """Whatever a driver puts in (in-memory) buffers, on any queue, is bounded and answered."""
+    raw = RawBalloon()
+    device = raw.device
+    device.start_hinting()
+    for role, readable, ranges in requests:
+        writable = [(a, min(n, RIG_MEMORY_SIZE - a)) for a, n in ranges]
+        parts = [r for r in readable if r]
+        if not parts and not writable:
+            continue  # a buffer needs at least one descriptor
+        used = raw.send(role, parts, writable)
+        assert not device.needs_reset
+        # Every buffer comes back, but a stats buffer is held (returning
+        # the one held before, if any).
+        if role is BalloonQueue.STATS:
+            assert len(used) <= 1
+        else:
+            assert len(used) == 1
+    assert device.state is DeviceState.ACTIVE
+    assert all(pfn < RIG_PAGES for pfn in device._inflated)
+    stats = device.stats()
+    assert len(stats) <= 4 + len(StatTag) + BalloonLimits().unknown_stat_tags
