@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import time
 import tracemalloc
 from typing import Any
 
@@ -37,7 +38,7 @@ from pyvirtio.devices.balloon.wire import (
     encode_stats,
     queue_layout,
 )
-from pyvirtio.driver.balloon import BalloonDriver, PagePool
+from pyvirtio.driver.balloon import BalloonDriver, BalloonDriverError, PagePool
 from pyvirtio.memory import GuestMemory
 from pyvirtio.testing import MMIO_BASE, RIG_MEMORY_SIZE, MmioTestRig, device_conformance
 from pyvirtio.transport.mmio import MmioTransport
@@ -559,3 +560,29 @@ def test_arbitrary_requests_never_break_the_device(
     assert all(pfn < RIG_PAGES for pfn in device._inflated)
     stats = device.stats()
     assert len(stats) <= 4 + len(StatTag) + BalloonLimits().unknown_stat_tags
+
+
+def test_driver_waits_are_bounded() -> None:
+    """A device that stops answering (here: asleep) makes the driver fail in its timeout."""
+    rig = MmioTestRig(full_balloon())
+    pool = PagePool(2 * MIB, MIB)
+    driver = BalloonDriver(rig.driver, pool, timeout=0.2)
+    device: Balloon = rig.device  # type: ignore[assignment]
+    device.set_target_pages(10)
+    resources = device.sleep()
+    start = time.monotonic()
+    with pytest.raises(BalloonDriverError, match="not used within"):
+        driver.update()
+    assert time.monotonic() - start < 2
+    # The pages stay out of the pool: the device may still hold them.
+    assert pool.free_pages == pool.total_pages - 10
+    device.wake(resources)
+
+
+def test_driver_reports_a_device_that_needs_reset() -> None:
+    rig = MmioTestRig(full_balloon())
+    driver = BalloonDriver(rig.driver, PagePool(2 * MIB, MIB), timeout=1.0)
+    rig.device.report_broken("test")
+    rig.device.set_target_pages(10)  # type: ignore[attr-defined]
+    with pytest.raises(BalloonDriverError, match="needs reset"):
+        driver.poll()
