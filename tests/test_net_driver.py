@@ -27,6 +27,7 @@ from pyvirtio.driver.vhost_user import VhostUserFrontend
 from pyvirtio.memory import GuestMemory
 from pyvirtio.testing import MmioTestRig
 from pyvirtio.transport.vhost_user import VhostUserBackend
+from pyvirtio.transport.vhost_user.protocol import FrontendRequest, VringState
 
 F = NetFeature
 MAC_A = "02:00:00:00:00:0a"
@@ -275,4 +276,44 @@ def test_driver_over_vhost_user_with_the_back_end_polling_the_device_fd(
         peer.send(bytes(HDR_SIZE) + frame_of(100, dst=PEER_MAC))  # filtered out
         assert driver.recv(timeout=0.2) is None
         assert net.stats["rx_dropped_filter"] == 1
+        driver.close()
+
+
+def test_disabled_transmit_ring_discards_frames_and_never_sends_them_later(
+    vhost_net: tuple[Net, socket.socket, Path],
+) -> None:
+    """vhost-user.rst "Ring states": a started but disabled ring must "process and
+    discard any TX packets"; they must not reach the wire when the ring is stopped."""
+    net, peer, path = vhost_net
+    with VhostUserFrontend(path, device_id=DeviceId.NET, timeout=5.0) as frontend:
+        driver = NetDriver(frontend, timeout=5.0)
+        driver.send(frame_of(80, dst=PEER_MAC, src=driver.mac))
+        assert peer.recv(1 << 17)[HDR_SIZE:] == frame_of(80, dst=PEER_MAC, src=driver.mac)
+        frontend.request(FrontendRequest.SET_VRING_ENABLE, VringState(1, 0))
+        frames = [frame_of(100 + i, dst=PEER_MAC, src=driver.mac, seed=i) for i in range(5)]
+        assert driver.send_many(frames) == len(frames)
+        driver.flush()  # every frame is used (discarded), not left waiting on the ring
+        assert net.stats["tx_dropped_ring_disabled"] == len(frames)
+        frontend.stop_queue(1)  # GET_VRING_BASE stops the device
+        driver.close()
+    peer.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        peer.recv(1 << 17)
+    assert net.stats["tx_frames"] == 1
+
+
+def test_disabled_receive_ring_gets_no_frames_until_enabled_again(
+    vhost_net: tuple[Net, socket.socket, Path],
+) -> None:
+    net, peer, path = vhost_net
+    with VhostUserFrontend(path, device_id=DeviceId.NET, timeout=5.0) as frontend:
+        driver = NetDriver(frontend, timeout=5.0)
+        frontend.request(FrontendRequest.SET_VRING_ENABLE, VringState(0, 0))
+        frames = [frame_of(90 + i, dst=driver.mac, seed=i) for i in range(3)]
+        for frame in frames:
+            peer.send(bytes(HDR_SIZE) + frame)
+        assert driver.recv(timeout=0.3) is None
+        assert net.stats["rx_frames"] == 0
+        frontend.request(FrontendRequest.SET_VRING_ENABLE, VringState(0, 1))
+        assert [driver.recv(timeout=5.0) for _ in frames] == frames
         driver.close()

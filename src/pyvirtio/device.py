@@ -121,6 +121,8 @@ class VirtioDevice:
         self._asleep_from: DeviceState | None = None
         self._resources: QueueResources | None = None
         self._config_generation = 0
+        #: Queues whose ring the transport has disabled (vhost-user SET_VRING_ENABLE 0).
+        self._disabled_queues: set[int] = set()
         self.needs_reset = False
         #: Set by the owning transport: called with a reason when the device
         #: can no longer operate (a broken queue), so it can set
@@ -254,6 +256,7 @@ class VirtioDevice:
             self._resources = None
             self._state = DeviceState.INACTIVE
         self._acked = 0
+        self._disabled_queues.clear()
         self.needs_reset = False
 
     def sleep(self) -> QueueResources | None:
@@ -345,9 +348,30 @@ class VirtioDevice:
         if self.needs_reset:
             return
         try:
-            self._process_queue(index, self._resources.queues[index])
+            if index in self._disabled_queues:
+                self._process_disabled_queue(index, self._resources.queues[index])
+            else:
+                self._process_queue(index, self._resources.queues[index])
         except VirtqueueError as exc:
             self.report_broken(f"queue {index}: {exc}")
+
+    def set_queue_enabled(self, index: int, enabled: bool) -> None:
+        """The transport enabled or disabled queue ``index``'s ring (vhost-user.rst "Ring states").
+
+        A started but disabled ring is still notified, and the device must
+        process it "without causing any side effects"
+        (:meth:`_process_disabled_queue`).  Reset enables every queue again.
+        """
+        if not 0 <= index < self.num_queues:
+            return
+        if enabled:
+            self._disabled_queues.discard(index)
+        else:
+            self._disabled_queues.add(index)
+
+    def queue_enabled(self, index: int) -> bool:
+        """Whether queue ``index`` is enabled (see :meth:`set_queue_enabled`)."""
+        return index not in self._disabled_queues
 
     def signal_used(self, index: int) -> None:
         """Interrupt the driver for queue ``index`` if its suppression rules allow."""
@@ -384,6 +408,14 @@ class VirtioDevice:
 
     def _process_queue(self, index: int, queue: DeviceQueue) -> None:
         """Handle available buffers on ``queue``; VirtqueueError marks the device broken."""
+
+    def _process_disabled_queue(self, index: int, queue: DeviceQueue) -> None:
+        """A disabled queue was notified: by default its buffers wait, untouched.
+
+        Models whose spec defines the disabled state override this (virtio-net
+        discards transmit frames).
+        """
+        log.debug("%s: notify of disabled queue %d, its buffers wait", self.name, index)
 
     def _snapshot_model(self) -> Any:
         """Model-specific state as JSON-compatible data."""

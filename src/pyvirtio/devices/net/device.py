@@ -139,6 +139,7 @@ STAT_KEYS = (
     "tx_dropped_bad_header",
     "tx_dropped_link_down",
     "tx_dropped_sleep",
+    "tx_dropped_ring_disabled",
     "tx_backend_errors",
     "rx_dropped_filter",
     "rx_dropped_runt",
@@ -631,6 +632,27 @@ class Net(VirtioDevice):
         finally:
             self._complete(index, done)
 
+    def _process_disabled_queue(self, index: int, queue: DeviceQueue) -> None:
+        """A disabled ring (vhost-user.rst "Ring states"): transmit frames are
+        taken and discarded (counted), never sent later; receive buffers and
+        control commands wait for the ring to be enabled again."""
+        if index == self._ctrl_index or index >= 2 * self._data_pairs or not index % 2:
+            return
+        done: list[tuple[DescriptorChain, int]] = []
+        try:
+            while (chain := queue.pop()) is not None:
+                done.append((chain, 0))
+        finally:
+            if done:
+                self.stats["tx_dropped_ring_disabled"] += len(done)
+                self._limiter.warn(
+                    "tx_dropped_ring_disabled",
+                    "discarded %d frames of disabled transmitq %d",
+                    len(done),
+                    index,
+                )
+            self._complete(index, done)
+
     def _tx_resume(self) -> None:
         blocked, self._tx_blocked = self._tx_blocked, None
         if blocked is None:
@@ -871,6 +893,8 @@ class Net(VirtioDevice):
         self.stats["rx_checksums_completed"] += 1
 
     def _rx_has_buffer(self, pair: int) -> bool:
+        if not self.queue_enabled(2 * pair):
+            return False  # a disabled receiveq gets no frames ("Ring states")
         if self._rx_stash[pair]:
             return True
         queue = self.queues[2 * pair]
@@ -913,6 +937,8 @@ class Net(VirtioDevice):
         """
         pair = self._rx_pair
         index = 2 * pair
+        if not self.queue_enabled(index):
+            return False  # the frame waits until the ring is enabled again
         queue = self.queues[index]
         stash = self._rx_stash[pair]
         done = completions.setdefault(index, [])
@@ -1013,7 +1039,7 @@ class Net(VirtioDevice):
         pair = self._flows.get(key, -1) if key is not None else -1
         if not 0 <= pair < pairs:
             pair = hash(key) % pairs if key is not None else 0
-        if isinstance(self.queues[2 * pair], DisabledQueue):
+        if isinstance(self.queues[2 * pair], DisabledQueue) or not self.queue_enabled(2 * pair):
             pair = 0
         return pair
 

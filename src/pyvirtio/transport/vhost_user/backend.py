@@ -1114,6 +1114,10 @@ class VhostUserBackend:
         if state.num not in (0, 1):
             raise _RequestError(f"ring {state.index}: enable value {state.num} is not 0 or 1")
         vring.enabled = bool(state.num)
+        # A started but disabled ring is still processed, without side
+        # effects ("Ring states"): its kicks reach the device, which knows
+        # what that means for its queue (net discards transmit frames).
+        self.device.set_queue_enabled(vring.index, vring.enabled)
         if vring.enabled:
             self._maybe_activate(self._s)
             if vring.queue is not None:
@@ -1124,7 +1128,7 @@ class VhostUserBackend:
         state = message.payload
         assert isinstance(state, VringState)
         vring = self._vring(state.index)
-        if vring.queue is not None and vring.enabled:
+        if vring.queue is not None:
             self._notify_device(vring.index)
         return None
 
@@ -1195,9 +1199,9 @@ class VhostUserBackend:
         if session is None:
             return
         vring = session.vrings[index]
-        if vring.queue is not None and vring.enabled:
+        if vring.queue is not None:
             self._notify_device(index)
-            if self.poll_us > 0 and vring.queue is not None:
+            if self.poll_us > 0 and vring.queue is not None and vring.enabled:
                 self._start_polling(vring, vring.queue)
 
     def _start_polling(self, vring: _Vring, queue: DeviceQueue) -> None:
