@@ -22,12 +22,12 @@ from net_harness import PEER_MAC, frame_of, udp_checksum_ok, udp_frame
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.devices.net import Net, NetHeader, SocketPairBackend, poll_devices
 from pyvirtio.devices.net.wire import GUEST_OFFLOADS, HDR_SIZE, Gso, HdrFlag, NetFeature
-from pyvirtio.driver.net import MERGEABLE_BUFFER, NetDriver, NetDriverError
-from pyvirtio.driver.vhost_user import VhostUserFrontend
+from pyvirtio.driver.net import CONFIG_FEATURES, MERGEABLE_BUFFER, NetDriver, NetDriverError
+from pyvirtio.driver.vhost_user import DEFAULT_FRONTEND_PROTOCOL_FEATURES, VhostUserFrontend
 from pyvirtio.memory import GuestMemory
 from pyvirtio.testing import MmioTestRig
 from pyvirtio.transport.vhost_user import VhostUserBackend
-from pyvirtio.transport.vhost_user.protocol import FrontendRequest, VringState
+from pyvirtio.transport.vhost_user.protocol import FrontendRequest, ProtocolFeature, VringState
 
 F = NetFeature
 MAC_A = "02:00:00:00:00:0a"
@@ -262,7 +262,7 @@ def test_driver_over_vhost_user_with_the_back_end_polling_the_device_fd(
     """VhostUserBackend's epoll loop serves the device's socket (VirtioDevice.host_fds)."""
     net, peer, path = vhost_net
     with VhostUserFrontend(path, device_id=DeviceId.NET, timeout=5.0) as frontend:
-        driver = NetDriver(frontend, timeout=5.0)
+        driver = NetDriver(frontend, timeout=5.0, ctrl=True)  # pyvirtio's back end answers it
         assert driver.mac == bytes.fromhex("02000000000a")
         driver.set_rx_mode(promisc=False)
         out = frame_of(300, dst=PEER_MAC, src=driver.mac)
@@ -317,3 +317,82 @@ def test_disabled_receive_ring_gets_no_frames_until_enabled_again(
         frontend.request(FrontendRequest.SET_VRING_ENABLE, VringState(0, 1))
         assert [driver.recv(timeout=5.0) for _ in frames] == frames
         driver.close()
+
+
+class _Ring2AsData(Net):
+    """A device that, like DPDK's vhost PMD, offers CTRL_VQ but never answers ring 2."""
+
+    def _process_queue(self, index: int, queue: Any) -> None:
+        if index != 2:
+            super()._process_queue(index, queue)
+
+
+@pytest.fixture
+def silent_ctrl_net() -> Iterator[Path]:
+    backend, peer = SocketPairBackend.with_peer()
+    net = _Ring2AsData(backend, mac=MAC_A)
+    with tempfile.TemporaryDirectory(prefix="vun") as tmp:
+        path = Path(tmp) / "s"
+        server = VhostUserBackend(net, path)
+        thread = threading.Thread(target=server.serve_forever, name="vhost-user-net")
+        thread.start()
+        try:
+            yield path
+        finally:
+            server.stop()
+            thread.join(5.0)
+            server.close()
+            peer.close()
+            backend.close()
+
+
+def test_driver_over_vhost_user_takes_no_control_queue_unless_asked(silent_ctrl_net: Path) -> None:
+    """The front end owns a vhost-user net control queue by convention: by default
+    the driver does not negotiate it, and says so at once instead of timing out."""
+    with VhostUserFrontend(silent_ctrl_net, device_id=DeviceId.NET, timeout=5.0) as frontend:
+        driver = NetDriver(frontend, timeout=5.0)
+        assert not driver.has(F.CTRL_VQ)
+        assert not frontend.negotiated_features & F.CTRL_VQ.mask
+        start = time.monotonic()
+        with pytest.raises(NetDriverError, match="ctrl=True"):
+            driver.set_rx_mode(promisc=False)
+        assert time.monotonic() - start < 1.0
+        driver.close()
+
+
+def test_unanswered_control_command_turns_control_off_with_a_clear_error(
+    silent_ctrl_net: Path,
+) -> None:
+    with VhostUserFrontend(silent_ctrl_net, device_id=DeviceId.NET, timeout=5.0) as frontend:
+        driver = NetDriver(frontend, timeout=0.5, ctrl=True)
+        start = time.monotonic()
+        with pytest.raises(NetDriverError, match=r"unanswered.*not served"):
+            driver.set_rx_mode(promisc=False)
+        assert time.monotonic() - start < 2.0
+        with pytest.raises(NetDriverError, match="unanswered"):  # at once from now on
+            driver.set_mac(MAC_B)
+        assert time.monotonic() - start < 2.0
+        driver.close()
+
+
+def test_driver_negotiates_no_config_features_without_the_config_protocol_feature(
+    vhost_net: tuple[Net, socket.socket, Path],
+) -> None:
+    """DPDK's vhost PMD offers MTU, STATUS and MQ without the CONFIG protocol feature:
+    the driver takes none of what it cannot read, and works."""
+    net, peer, path = vhost_net
+    protocol = DEFAULT_FRONTEND_PROTOCOL_FEATURES & ~ProtocolFeature.CONFIG.mask
+    with VhostUserFrontend(
+        path, device_id=DeviceId.NET, timeout=5.0, protocol_features=protocol
+    ) as frontend:
+        assert not frontend.config_readable
+        driver = NetDriver(frontend, timeout=5.0)
+        assert not driver.features & CONFIG_FEATURES
+        assert driver.mac[0] & 3 == 2  # its own random, local, unicast address
+        out = frame_of(200, dst=PEER_MAC, src=driver.mac)
+        driver.send(out)
+        assert peer.recv(1 << 17)[HDR_SIZE:] == out
+        peer.send(bytes(HDR_SIZE) + frame_of(120, dst=driver.mac))
+        assert driver.recv(timeout=5.0) == frame_of(120, dst=driver.mac)
+        driver.close()
+    assert net.stats["tx_frames"] == 1

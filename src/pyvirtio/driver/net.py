@@ -28,6 +28,7 @@ Not thread-safe: use one driver from one thread.
 from __future__ import annotations
 
 import collections
+import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -77,6 +78,10 @@ SUPPORTED_FEATURES = (
     | IMPLEMENTED_NET_FEATURES
     | F.MQ.mask
 )
+#: Features only usable by reading config space (``mac``, ``status``, ``mtu``,
+#: ``max_virtqueue_pairs``): not negotiated over a transport that cannot read
+#: it, e.g. vhost-user without the CONFIG protocol feature (DPDK's vhost PMD).
+CONFIG_FEATURES = F.MAC.mask | F.STATUS.mask | F.MTU.mask | F.MQ.mask
 #: Receive buffer size with MRG_RXBUF: Linux's GOOD_PACKET_LEN plus the header.
 MERGEABLE_BUFFER = HDR_SIZE + ETH_HLEN + VLAN_HLEN + 1500
 #: Transmit frames up to this size (header included) use preallocated slots.
@@ -139,6 +144,12 @@ class NetDriver:
     * ``features``: limit what is negotiated (default: all :data:`SUPPORTED_FEATURES`
       the device offers).  ``packed``, ``event_idx``, ``mrg_rxbuf``, ``ctrl``:
       True requires the feature, False declines it, None takes it if offered.
+      Only what the transport can use is taken: nothing of :data:`CONFIG_FEATURES`
+      without readable config space (``transport.config_readable``), and with
+      ``ctrl=None`` no control queue over a transport whose device may leave it
+      unanswered (``transport.device_answers_control_queue``: vhost-user, where
+      the front end owns it by convention).  A control command left unanswered
+      for ``timeout`` raises :class:`NetDriverError` and turns control off.
     * ``queue_pairs``: pairs to use (needs VIRTIO_NET_F_MQ beyond 1; capped
       by ``max_virtqueue_pairs``).
     * ``rx_buffers`` / ``rx_buffer_size``: receive buffers kept posted per
@@ -194,6 +205,10 @@ class NetDriver:
         for choice, mask in choices:
             if choice is False:
                 wanted &= ~mask
+        if not getattr(transport, "config_readable", True):
+            wanted &= ~CONFIG_FEATURES
+        if ctrl is None and not getattr(transport, "device_answers_control_queue", True):
+            wanted &= ~F.CTRL_VQ.mask
         if not wanted & F.CTRL_VQ.mask:
             wanted &= ~(
                 F.CTRL_RX.mask
@@ -211,7 +226,7 @@ class NetDriver:
                 raise NetDriverError(f"the device does not offer feature bit {bit}")
         self.features = negotiated
         self.mac = (
-            bytes(transport.read_config_bytes(CONFIG_MAC, 6)) if self.has(F.MAC) else b"\0" * 6
+            bytes(transport.read_config_bytes(CONFIG_MAC, 6)) if self.has(F.MAC) else _random_mac()
         )
         self.mtu = transport.read_config(CONFIG_MTU, 2) if self.has(F.MTU) else 1500
         self.max_queue_pairs = (
@@ -232,6 +247,8 @@ class NetDriver:
             slots = [self._alloc_viewed(_TX_SLOT) for _ in range(min(txq.size, 256))]
             self._tx.append(_TxQueue(2 * pair + 1, txq, slots))
         self._ctrl: DriverQueue | None = None
+        #: Why control commands are off: the device left one unanswered.
+        self._ctrl_unanswered: str | None = None
         self._ctrl_index = ctrl_queue_index(self.max_queue_pairs, self.has(F.MQ))
         if self.has(F.CTRL_VQ):
             self._ctrl = transport.setup_queue(self._ctrl_index, queue_size)
@@ -464,9 +481,15 @@ class NetDriver:
         """Send one control command; returns the device's ack (VIRTIO_NET_OK is 0)."""
         queue = self._ctrl
         if queue is None:
-            raise NetDriverError("VIRTIO_NET_F_CTRL_VQ was not negotiated")
+            hint = ""
+            if not getattr(self.transport, "device_answers_control_queue", True):
+                hint = " (over this transport only with ctrl=True: its device may not answer it)"
+            raise NetDriverError(f"VIRTIO_NET_F_CTRL_VQ was not negotiated{hint}")
+        if self._ctrl_unanswered is not None:
+            raise NetDriverError(self._ctrl_unanswered)
         out = self._alloc(2 + len(data))
         ack = self._alloc(1)
+        answered = False
         try:
             self.mem.write(out, bytes([cls, command]) + data)
             self.mem.write(ack, bytes([_ACK_UNSET]))
@@ -474,15 +497,25 @@ class NetDriver:
             queue.add([(out, 2 + len(data))], [(ack, 1)], token)
             self._kick(self._ctrl_index, queue)
             deadline = time.monotonic() + self.timeout
-            while True:
-                used = [t for t, _ in queue.used()]
-                if token in used:
-                    break
-                self._wait_until(deadline, f"the answer to control command {cls}/{command}")
+            while token not in [t for t, _ in queue.used()]:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    # The device still holds the buffers: they stay allocated.
+                    self._ctrl_unanswered = (
+                        f"the device left control command {cls}/{command} unanswered for "
+                        f"{self.timeout:g} s: its control queue (ring {self._ctrl_index}) is not "
+                        "served (vhost-user back ends such as DPDK's vhost PMD use that ring "
+                        "for data); control commands are off for this driver"
+                    )
+                    raise NetDriverError(self._ctrl_unanswered)
+                self._wait(remaining)
+                self.poll()
+            answered = True
             return self.mem.read(ack, 1)[0]
         finally:
-            self._free(out)
-            self._free(ack)
+            if answered or self._ctrl_unanswered is None:
+                self._free(out)
+                self._free(ack)
 
     def _command(self, cls: int, command: int, data: bytes, what: str) -> None:
         result = self.control(cls, command, data)
@@ -584,6 +617,14 @@ class NetDriver:
             raise NetDriverError(f"timed out waiting for {what}")
         self._wait(remaining)
         self.poll()
+
+
+def _random_mac() -> bytes:
+    """A random unicast, locally administered address: the driver's own without
+    VIRTIO_NET_F_MAC (device-types/net: "SHOULD generate a random MAC address")."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return bytes(raw)
 
 
 def _consistent(features: int) -> int:

@@ -151,6 +151,14 @@ class VhostUserFrontend:
     ``max_queue_size`` is the ring size ``setup_queue`` uses by default.
     """
 
+    #: Whether a control queue the back end offers is surely answered by it:
+    #: not over vhost-user.  By convention the front end owns a net device's
+    #: control queue (QEMU's virtio-net answers it and never hands that ring
+    #: to the back end), so back ends such as DPDK's vhost PMD offer
+    #: VIRTIO_NET_F_CTRL_VQ on QEMU's behalf and treat the ring as data.
+    #: Drivers take a control queue here only when asked to.
+    device_answers_control_queue = False
+
     def __init__(
         self,
         socket_path: str | os.PathLike[str],
@@ -684,6 +692,11 @@ class VhostUserFrontend:
     def consistent(self, read: Callable[[], T]) -> T:
         """``read()``: one GET_CONFIG is already a consistent snapshot."""
         return read()
+
+    @property
+    def config_readable(self) -> bool:
+        """Whether config space can be read: GET_CONFIG needs the CONFIG protocol feature."""
+        return self._has_protocol(ProtocolFeature.CONFIG)
 
     def read_config_bytes(self, offset: int, length: int) -> bytes:
         """``length`` bytes of config space at ``offset`` (GET_CONFIG; needs CONFIG).
