@@ -13,6 +13,7 @@ from pyvirtio import __version__
 
 if TYPE_CHECKING:
     from pyvirtio.device import VirtioDevice
+    from pyvirtio.devices.net import NetBackend
 
 __all__ = ["main"]
 
@@ -71,15 +72,39 @@ def _make_device(args: argparse.Namespace, stack: contextlib.ExitStack) -> Virti
 
         return Entropy(max_request=args.max_request)
     if args.device == "net":
-        from pyvirtio.devices.net import Net, TapBackend
+        from pyvirtio.devices.net import Net
 
-        tap = TapBackend(args.tap)
+        backend = _net_backend(args)
         try:
-            return Net(tap, mac=args.mac, mtu=args.mtu)
+            return Net(backend, mac=args.mac, mtu=args.mtu, queue_pairs=args.queues)
         except BaseException:
-            tap.close()
+            backend.close()
             raise
     raise SystemExit(f"pyvirtio serve: unknown device {args.device}")
+
+
+def _net_backend(args: argparse.Namespace) -> NetBackend:
+    """The wire of ``serve net``: a TAP, an inherited socket, or a connected one."""
+    import socket
+
+    from pyvirtio.devices.net import SocketPairBackend, TapBackend
+
+    if args.tap is not None:
+        return TapBackend(args.tap)
+    if args.frames_fd is not None:
+        sock = socket.socket(fileno=args.frames_fd)
+        try:
+            return SocketPairBackend(sock)
+        except ValueError:
+            sock.detach()  # not ours to close
+            raise
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(args.frames_connect)
+        return SocketPairBackend(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -182,13 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net = serve_sub.add_parser(
         "net",
-        help="virtio-net over a TAP interface",
+        help="virtio-net over a TAP interface or a unix socket",
         description="virtio-net whose wire is a TAP interface (created if missing, with "
-        "IFF_VNET_HDR). Bring it up, address it or move it to a network namespace with ip(8); "
-        "it stays usable while this process holds it.",
+        "IFF_VNET_HDR; bring it up, address it or move it to a network namespace with ip(8); "
+        "it stays usable while this process holds it), or, without root, a unix "
+        "SOCK_SEQPACKET or SOCK_DGRAM socket carrying one frame per message, each preceded "
+        "by the 12-byte virtio_net_hdr.",
     )
     net.add_argument("--socket", required=True, help="unix socket path to listen on")
-    net.add_argument("--tap", required=True, help="TAP interface name")
+    wire = net.add_mutually_exclusive_group(required=True)
+    wire.add_argument("--tap", help="TAP interface name")
+    wire.add_argument(
+        "--frames-fd",
+        type=int,
+        metavar="FD",
+        help="an inherited AF_UNIX SOCK_SEQPACKET/SOCK_DGRAM socket (one end of a socketpair)",
+    )
+    wire.add_argument(
+        "--frames-connect",
+        metavar="PATH",
+        help="connect to a listening AF_UNIX SOCK_SEQPACKET socket at PATH and use it",
+    )
+    net.add_argument(
+        "--queues",
+        type=int,
+        default=1,
+        help="receive/transmit queue pairs (more than 1 offers VIRTIO_NET_F_MQ)",
+    )
     net.add_argument("--mac", default=None, help="device MAC address (default: random, local)")
     net.add_argument("--mtu", type=int, default=1500, help="MTU advertised (VIRTIO_NET_F_MTU)")
     for parser_ in (blk, rng, net):
