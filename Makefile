@@ -5,9 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the real-peer and real-guest tests use: QEMU (microvm, qtest),
-# qemu-storage-daemon, busybox for guest initramfs images, iproute2 for netns.
-DEB_PACKAGES := qemu-system-x86 qemu-system-common qemu-utils busybox-static iproute2 kmod
-DEB_BINARIES := qemu-system-x86_64 qemu-storage-daemon busybox ip
+# qemu-storage-daemon, busybox for guest initramfs images, iproute2 for netns,
+# DPDK's dpdk-testpmd (virtio-user and vhost PMD) for the net interop tests.
+DEB_PACKAGES := qemu-system-x86 qemu-system-common qemu-utils busybox-static iproute2 kmod dpdk dpdk-dev
+DEB_BINARIES := qemu-system-x86_64 qemu-storage-daemon busybox ip dpdk-testpmd
 
 .PHONY: demo test lint typecheck unit fuzz bench clean debs
 
