@@ -4,7 +4,7 @@ Two Net devices share an AF_UNIX SOCK_SEQPACKET pair (the wire); each sits
 behind an in-process MmioTransport driven by a NetDriver.  One thread plays
 everything: driver A fills its transmitq (one notification per batch),
 which device A sends on at once; a step of the host loop
-(:func:`~pyvirtio.devices.net.poll_devices`) lets device B read the wire
+(:func:`~pyvirtio.vmm.host_loop.poll_devices`) lets device B read the wire
 into its receive buffers; driver B takes the frames and posts the buffers
 again.  So the figures are the cost of the whole path in Python: two rings,
 two device models, one socket.
@@ -24,10 +24,11 @@ import cProfile
 import pstats
 import time
 
-from pyvirtio.devices.net import Net, SocketPairBackend, poll_devices
+from pyvirtio.devices.net import Net, SocketPairBackend
 from pyvirtio.driver.net import NetDriver
 from pyvirtio.memory import GuestMemory
 from pyvirtio.testing import MmioTestRig
+from pyvirtio.vmm.host_loop import poll_devices
 
 MAC_A = bytes.fromhex("02000000000a")
 MAC_B = bytes.fromhex("02000000000b")

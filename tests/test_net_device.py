@@ -790,7 +790,7 @@ def test_host_fds_only_while_active() -> None:
     assert net.host_fds() == []
     net.backend_readable()  # not active: nothing happens
     net.backend_writable()
-    assert net.poll(0) == 0
+    assert poll_devices([net], 0) == 0
 
 
 def test_stats_keys_are_stable(bench: NetBench) -> None:
@@ -855,3 +855,21 @@ def test_random_input_never_breaks_the_device() -> None:
     bench.post_rx(bench.rig.driver_queues[0].num_free, size=2048)
     bench.inject(frame_of(1000, seed=9))
     assert frame_of(1000, seed=9) in [f for _, f in bench.received(0)]
+
+
+def test_host_loop_lives_outside_the_model_and_the_driver_loads_no_model() -> None:
+    import subprocess
+    import sys
+
+    import pyvirtio.devices.net as net_package
+    from pyvirtio.vmm import host_loop
+
+    assert net_package.poll_devices is host_loop.poll_devices  # re-exported for users
+    code = (
+        "import sys, pyvirtio.driver.net\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pyvirtio.devices.net')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    assert out.strip() == "['pyvirtio.devices.net', 'pyvirtio.devices.net.wire']"

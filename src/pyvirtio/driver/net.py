@@ -19,7 +19,7 @@ layout), keeps the receiveqs filled (Setting Up Receive Buffers) and offers:
 
 Waiting: every blocking call is bounded by ``timeout``.  By default the
 driver waits for the device's interrupt; ``wait`` replaces that, e.g. with a
-step of an in-process host loop (:func:`pyvirtio.devices.net.poll_devices`)
+step of an in-process host loop (:func:`pyvirtio.vmm.host_loop.poll_devices`)
 when device and driver share one thread.
 
 Not thread-safe: use one driver from one thread.

@@ -49,7 +49,7 @@ import os
 import select
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +103,6 @@ __all__ = [
     "MAC_TABLE_ENTRIES",
     "STAT_KEYS",
     "Net",
-    "poll_devices",
 ]
 
 log = logging.getLogger(__name__)
@@ -317,8 +316,8 @@ class Net(VirtioDevice):
 
     Host-facing API: :meth:`host_fds` / :meth:`host_fd_ready` for an event
     loop, or :meth:`backend_readable`, :meth:`backend_writable` and
-    :meth:`wants_writable` directly; :meth:`poll` for a host without a loop;
-    :meth:`set_link`; :attr:`stats`.
+    :meth:`wants_writable` directly (a host without a loop of its own uses
+    :func:`pyvirtio.vmm.host_loop.poll_devices`); :meth:`set_link`; :attr:`stats`.
     """
 
     device_id = DeviceId.NET
@@ -463,10 +462,6 @@ class Net(VirtioDevice):
     def wants_writable(self) -> bool:
         """Whether a frame waits for the back end to become writable."""
         return self._tx_blocked is not None
-
-    def poll(self, timeout: float = 0.0) -> int:
-        """Wait up to ``timeout`` s for the back end and service it (:func:`poll_devices`)."""
-        return poll_devices([self], timeout)
 
     def close(self) -> None:
         """Close the back end; the link is down from now on and no fd is listed."""
@@ -1279,28 +1274,3 @@ def _flow_key(frame: bytes | bytearray | memoryview) -> bytes | None:
         sport, dport = data[ports_at : ports_at + 2], data[ports_at + 2 : ports_at + 4]
     a, b = src + sport, dst + dport
     return bytes([proto]) + min(a, b) + max(a, b)
-
-
-def poll_devices(devices: Iterable[VirtioDevice], timeout: float = 0.0) -> int:
-    """One step of a minimal host event loop over the devices' :meth:`~VirtioDevice.host_fds`.
-
-    Waits up to ``timeout`` seconds for any of them and hands each ready fd
-    to its device; returns how many were ready.  For hosts without an event
-    loop of their own: tests, benchmarks, a single-threaded in-process VMM
-    (whose driver waits by calling this).  With nothing to poll it sleeps at
-    most a millisecond, since nothing can change until the caller acts.
-    """
-    poller = select.poll()
-    owners: dict[int, VirtioDevice] = {}
-    for device in devices:
-        for fd, events in device.host_fds():
-            poller.register(fd, events)
-            owners[fd] = device
-    if not owners:
-        if timeout > 0:
-            time.sleep(min(timeout, 0.001))
-        return 0
-    ready = poller.poll(max(0, round(timeout * 1000)))
-    for fd, events in ready:
-        owners[fd].host_fd_ready(fd, events)
-    return len(ready)
