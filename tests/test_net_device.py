@@ -873,3 +873,19 @@ def test_host_loop_lives_outside_the_model_and_the_driver_loads_no_model() -> No
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     ).stdout
     assert out.strip() == "['pyvirtio.devices.net', 'pyvirtio.devices.net.wire']"
+
+
+def test_control_features_without_ctrl_vq_when_the_front_end_owns_the_control_queue() -> None:
+    """DPDK's virtio-user acks CTRL_RX, CTRL_MAC_ADDR and MQ without CTRL_VQ: it
+    answers the control queue itself, as vhost-user front ends do."""
+    acked = (
+        Feature.VERSION_1.mask
+        | NetFeature.MQ.mask
+        | NetFeature.CTRL_RX.mask
+        | NetFeature.CTRL_MAC_ADDR.mask
+    )
+    backend, _peer = SocketPairBackend.pair()
+    assert not Net(backend, queue_pairs=2).features_acceptable(acked)
+    net = Net(backend, queue_pairs=2, front_end_control=True)
+    assert net.features_acceptable(acked)
+    assert not net.features_acceptable(Feature.VERSION_1.mask | NetFeature.GUEST_TSO4.mask)

@@ -76,7 +76,13 @@ def _make_device(args: argparse.Namespace, stack: contextlib.ExitStack) -> Virti
 
         backend = _net_backend(args)
         try:
-            return Net(backend, mac=args.mac, mtu=args.mtu, queue_pairs=args.queues)
+            return Net(
+                backend,
+                mac=args.mac,
+                mtu=args.mtu,
+                queue_pairs=args.queues,
+                front_end_control=True,  # vhost-user: the front end owns the control queue
+            )
         except BaseException:
             backend.close()
             raise

@@ -313,6 +313,12 @@ class Net(VirtioDevice):
     * ``queue_pairs``: receiveq/transmitq pairs; more than one offers
       VIRTIO_NET_F_MQ.  Queues are ``rx0, tx0, rx1, tx1, ..., controlq``.
     * ``link_up``: the initial link state (VIRTIO_NET_F_STATUS).
+    * ``front_end_control``: the transport's front end may own the control
+      queue, as vhost-user front ends do (QEMU's virtio-net answers it;
+      DPDK's virtio-user emulates it and acks CTRL_RX, CTRL_MAC_ADDR and MQ
+      without CTRL_VQ).  Control features are then accepted without
+      CTRL_VQ, and with MQ so negotiated every pair is in use, the front end
+      choosing pairs by enabling and disabling their rings.
 
     Host-facing API: :meth:`host_fds` / :meth:`host_fd_ready` for an event
     loop, or :meth:`backend_readable`, :meth:`backend_writable` and
@@ -331,6 +337,7 @@ class Net(VirtioDevice):
         queue_pairs: int = 1,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         link_up: bool = True,
+        front_end_control: bool = False,
     ) -> None:
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"mtu must be in [{MIN_MTU}, {MAX_MTU}], not {mtu}")
@@ -357,6 +364,7 @@ class Net(VirtioDevice):
         self.mtu = mtu
         self.max_queue_pairs = queue_pairs
         self.queue_size = queue_size
+        self.front_end_control = front_end_control
         #: Counters of frames, bytes and every kind of drop (see STAT_KEYS).
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self.rx_filter = RxFilter()
@@ -398,7 +406,10 @@ class Net(VirtioDevice):
         """The generic rules plus the spec's "Feature bit requirements"."""
         if not super().features_acceptable(features):
             return False
-        problems = missing_requirements(features)
+        # A front end that owns the control queue satisfies what needs it.
+        problems = missing_requirements(
+            features | (F.CTRL_VQ.mask if self.front_end_control else 0)
+        )
         if problems:
             log.info("%s: refusing features %#x: %s", self.name, features, "; ".join(problems))
             return False
@@ -491,7 +502,9 @@ class Net(VirtioDevice):
         self._guarded(self._service_all)
 
     def _on_activate(self, resources: QueueResources) -> None:
-        self._pairs = 1
+        acked = self.acked_features
+        front_end_pairs = acked & F.MQ.mask and not acked & F.CTRL_VQ.mask
+        self._pairs = self.max_queue_pairs if front_end_pairs else 1
         self._guest_offloads = self.acked_features & GUEST_OFFLOADS
         self._configure()
 
