@@ -9,8 +9,10 @@
 * DPDK as the back end: testpmd's vhost PMD serves a port that
   VhostUserFrontend + NetDriver drive; io and macswap echo every frame.
 
-EAL runs with ``--no-huge -m 256`` (memory is then a memfd, which the back end
-maps like any front end's), so no hugepage setting of the machine changes.
+EAL runs with ``--no-huge -m 256``, so no hugepage setting of the machine
+changes.  Its memory is then a memfd that cannot be sealed against shrinking
+(with hugepages it is a hugetlbfs file, no better), so ``serve net`` runs with
+``--unsealed-memory allow``.
 Every testpmd has a bounded wait for each step and is killed on teardown.
 """
 
@@ -220,6 +222,10 @@ def served_net(tmp: Path, queues: int = 1) -> Iterator[tuple[Path, Wire]]:
             str(tmp / "wire"),
             "--queues",
             str(queues),
+            # DPDK's --no-huge memory is a memfd without F_SEAL_SHRINK (its
+            # hugepages are hugetlbfs files, unsealable too): trust testpmd.
+            "--unsealed-memory",
+            "allow",
         ],
         stderr=subprocess.PIPE,
         text=True,
