@@ -8,11 +8,12 @@ host and guests: the drivers wait by running a step of the host loop
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +236,14 @@ def test_link_state_is_visible_to_the_driver() -> None:
 # -- vhost-user --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def vhost_net() -> Iterator[tuple[Net, socket.socket, Path]]:
+@contextlib.contextmanager
+def _served(
+    make: Callable[[SocketPairBackend], Net],
+) -> Iterator[tuple[Net, socket.socket, Path]]:
+    """A Net on a socket pair, served by VhostUserBackend on its own thread."""
     backend, peer = SocketPairBackend.with_peer()
     peer.settimeout(5.0)
-    net = Net(backend, mac=MAC_A, mtu=1500)
+    net = make(backend)
     with tempfile.TemporaryDirectory(prefix="vun") as tmp:
         path = Path(tmp) / "s"
         server = VhostUserBackend(net, path)
@@ -254,6 +258,12 @@ def vhost_net() -> Iterator[tuple[Net, socket.socket, Path]]:
             server.close()
             peer.close()
             backend.close()
+
+
+@pytest.fixture
+def vhost_net() -> Iterator[tuple[Net, socket.socket, Path]]:
+    with _served(lambda backend: Net(backend, mac=MAC_A, mtu=1500)) as served:
+        yield served
 
 
 def test_driver_over_vhost_user_with_the_back_end_polling_the_device_fd(
@@ -329,21 +339,8 @@ class _Ring2AsData(Net):
 
 @pytest.fixture
 def silent_ctrl_net() -> Iterator[Path]:
-    backend, peer = SocketPairBackend.with_peer()
-    net = _Ring2AsData(backend, mac=MAC_A)
-    with tempfile.TemporaryDirectory(prefix="vun") as tmp:
-        path = Path(tmp) / "s"
-        server = VhostUserBackend(net, path)
-        thread = threading.Thread(target=server.serve_forever, name="vhost-user-net")
-        thread.start()
-        try:
-            yield path
-        finally:
-            server.stop()
-            thread.join(5.0)
-            server.close()
-            peer.close()
-            backend.close()
+    with _served(lambda backend: _Ring2AsData(backend, mac=MAC_A)) as (_net, _peer, path):
+        yield path
 
 
 def test_driver_over_vhost_user_takes_no_control_queue_unless_asked(silent_ctrl_net: Path) -> None:
