@@ -15,17 +15,34 @@ mergeable receive buffers as Linux uses them.
     python benchmarks/net.py [--seconds 2] [--ring split|packed|both] [--profile]
 
 ``--profile`` prints the top cProfile entries of each case.
+
+``--dpdk`` measures against DPDK 22.11's dpdk-testpmd instead (EAL
+``--no-huge``, one forwarding lcore), median of ``--runs`` runs:
+
+* ``txonly``: testpmd's virtio-user sends 64-byte frames as fast as it can to
+  ``pyvirtio serve net``, whose wire this script reads; frames/s reaching it.
+* ``vhost-pmd io``: NetDriver over VhostUserFrontend sends 64-byte frames in
+  bursts of 32 to testpmd's vhost PMD, which echoes them; echoes/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+from pyvirtio.constants import DeviceId
 from pyvirtio.devices.net import Net, SocketPairBackend
 from pyvirtio.driver.net import NetDriver
+from pyvirtio.driver.vhost_user import VhostUserFrontend
 from pyvirtio.memory import GuestMemory
 from pyvirtio.testing import MmioTestRig
 from pyvirtio.vmm.host_loop import poll_devices
@@ -69,13 +86,116 @@ def run_case(size: int, seconds: float, packed: bool) -> tuple[float, float]:
     return received / elapsed, received * size / elapsed / 1e6
 
 
+EAL = ["-l", "0,1", "-n", "1", "--no-huge", "-m", "256", "--single-file-segments", "--no-pci"]
+
+
+def testpmd(vdev: str, mode: str, tmp: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        *("dpdk-testpmd", *EAL, "--file-prefix", f"bench{os.getpid()}", f"--vdev={vdev}"),
+        *("--", f"--forward-mode={mode}", "--nb-cores=1", "--total-num-mbufs=4096"),
+        *("--port-topology=loop", "-i"),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(b"start\n")
+    proc.stdin.flush()
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"stop\nquit\n")
+        proc.stdin.flush()
+        proc.wait(15)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+
+
+def dpdk_txonly(seconds: float, packed: bool) -> float:
+    """testpmd txonly -> serve net -> the wire this process reads; frames/s."""
+    with tempfile.TemporaryDirectory(prefix="pvnet") as tmp_name:
+        tmp = Path(tmp_name)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        serve = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "pyvirtio", "serve", "net", "--socket", str(tmp / "s")),
+                *("--frames-fd", str(theirs.fileno()), "--unsealed-memory", "allow"),
+            ],
+            pass_fds=(theirs.fileno(),),
+        )
+        theirs.close()
+        deadline = time.monotonic() + 15
+        while not (tmp / "s").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pmd = testpmd(f"net_virtio_user0,path={tmp / 's'},packed_vq={int(packed)}", "txonly", tmp)
+        try:
+            ours.settimeout(15)
+            ours.recv(2048)  # traffic flows
+            count = 0
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                ours.recv(2048)
+                count += 1
+            return count / (time.perf_counter() - start)
+        finally:
+            stop(pmd)
+            serve.terminate()
+            serve.wait(15)
+            ours.close()
+
+
+def dpdk_vhost_pmd(seconds: float, packed: bool) -> float:
+    """NetDriver -> testpmd's vhost PMD (io) -> NetDriver; echoes/s."""
+    with tempfile.TemporaryDirectory(prefix="pvnet") as tmp_name:
+        tmp = Path(tmp_name)
+        pmd = testpmd(f"net_vhost0,iface={tmp / 'p'},queues=1", "io", tmp)
+        try:
+            with VhostUserFrontend(tmp / "p", device_id=DeviceId.NET, timeout=15) as frontend:
+                driver = NetDriver(frontend, packed=packed, timeout=15)
+                frame = MAC_B + MAC_A + b"\x08\x00" + bytes(50)
+                count = 0
+                start = time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    driver.send_many([frame] * 32)
+                    for _ in range(32):
+                        if driver.recv(timeout=15) is None:
+                            raise RuntimeError("testpmd did not echo a frame")
+                    count += 32
+                rate = count / (time.perf_counter() - start)
+                driver.close()
+                return rate
+        finally:
+            stop(pmd)
+
+
+def main_dpdk(seconds: float, rings: list[bool], runs: int) -> None:
+    for packed in rings:
+        ring = "packed" if packed else "split"
+        for name, case in (("txonly -> serve net", dpdk_txonly), ("vhost-pmd io", dpdk_vhost_pmd)):
+            rates = [case(seconds, packed) for _ in range(runs)]
+            spread = f"{min(rates):,.0f}..{max(rates):,.0f}"
+            print(
+                f"{ring:6} {name:20} {statistics.median(rates):10,.0f} frames/s "
+                f"(median of {runs}, {spread})"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--ring", choices=("split", "packed", "both"), default="split")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--dpdk", action="store_true", help="against dpdk-testpmd (see above)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per DPDK case")
     args = parser.parse_args()
     rings = {"split": [False], "packed": [True], "both": [False, True]}[args.ring]
+    if args.dpdk:
+        main_dpdk(args.seconds, rings, args.runs)
+        return
     for packed in rings:
         ring = "packed" if packed else "split"
         for size in (64, 1500):
