@@ -701,7 +701,8 @@ def test_snapshot_round_trip_and_validation(bench: NetBench) -> None:
     for key, value in (
         ("mac", "zz"),
         ("pairs", 0),
-        ("stats", {}),
+        ("stats", {"no_such_counter": 1}),
+        ("stats", {"tx_frames": -1}),
         ("rx_pending", "!"),
         ("guest_offloads", 1 << 40),
         ("filter", {"promisc": 1}),
@@ -712,7 +713,13 @@ def test_snapshot_round_trip_and_validation(bench: NetBench) -> None:
         target.sleep()
         with pytest.raises((ValueError, LifecycleError)):
             target.restore(json.dumps(broken).encode())
-    del doc
+    # A snapshot from before a counter existed restores with that counter at 0.
+    del doc["model"]["stats"]["tx_dropped_ring_disabled"]
+    older = Net(SocketPairBackend.pair()[0], mac=DEV_MAC)
+    older.sleep()
+    older.restore(json.dumps(doc).encode())
+    assert older.stats["tx_dropped_ring_disabled"] == 0
+    assert older.stats["ctrl_commands"] == 3
     net.wake(resources)
     assert net.state is DeviceState.ACTIVE
 
