@@ -565,8 +565,11 @@ class MmioTransport:
             device.queue_notify(index)
         except Exception as exc:
             # A model bug, not a guest error: the device is in an unknown
-            # state, which is what DEVICE_NEEDS_RESET is for.
-            log.exception("%s: queue %d processing failed", device.name, index)
+            # state, which is what DEVICE_NEEDS_RESET is for.  Rate limited:
+            # the guest can reset and trigger it again.
+            self._log.warn(
+                "queue-failed", index & 0xFFFF, "queue %d processing failed", index, exc_info=True
+            )
             device.report_broken(f"queue {index}: {exc!r}")
             return
         queues = device.queues
@@ -658,7 +661,8 @@ class MmioTransport:
             ]
             self.device.activate(self.mem, self.irq, queues)
         except Exception as exc:
-            log.error("%s: activation failed: %s", self.device.name, exc)
+            # Rate limited: a guest can loop reset / DRIVER_OK with bad rings.
+            self._log.warn("activation", Reg.STATUS, "activation failed: %s", exc)
             self._set_needs_reset()
 
     def _build_queue(self, cfg: _QueueConfig) -> DeviceQueue:
@@ -684,7 +688,10 @@ class MmioTransport:
         try:
             queues[index] = self._build_queue(cfg)
         except Exception as exc:
-            log.error("%s: cannot re-enable queue %d: %s", self.device.name, index, exc)
+            # Rate limited: a guest can loop QueueReset / QueueReady with bad rings.
+            self._log.warn(
+                "queue-enable", Reg.QUEUE_READY, "cannot re-enable queue %d: %s", index, exc
+            )
             cfg.ready = False
             self._set_needs_reset()
 
