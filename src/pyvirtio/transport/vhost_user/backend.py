@@ -613,7 +613,12 @@ class VhostUserBackend:
             return
         session.closing = True  # a failure inside the teardown must not start it again
         log.log(level, "%s: %s; closing the connection", self, reason)
-        self._stop_device(session, "front end gone")
+        try:
+            self._stop_device(session, "front end gone")
+        except Exception:
+            # The teardown goes on whatever stopping the device did: ending it
+            # here would keep a dead session and never accept another front end.
+            log.exception("%s: stopping the device failed", self)
         self._polling.clear()
         try:
             self.device.reset()

@@ -1,0 +1,77 @@
+"""Regression tests for what fuzz/fuzz_vhost_user_session.py found in VhostUserBackend.
+
+Each test replays a found input as the plain message sequence it boils down
+to, against a back end serving in a thread; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.devices.entropy import Entropy
+from pyvirtio.driver.entropy import EntropyDriver
+from pyvirtio.driver.vhost_user import VhostUserFrontend
+from pyvirtio.transport.vhost_user import VhostUserBackend
+from pyvirtio.transport.vhost_user.protocol import FrontendRequest, Message, encode
+
+TIMEOUT = 5.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def sock_path() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="vuf") as d:  # AF_UNIX paths are short
+        yield Path(d) / "s"
+
+
+@contextmanager
+def served(backend: VhostUserBackend) -> Iterator[VhostUserBackend]:
+    thread = threading.Thread(target=backend.serve_forever, name="vhost-user-backend")
+    thread.start()
+    try:
+        yield backend
+    finally:
+        backend.stop()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), "serve_forever did not return after stop()"
+        backend.close()
+
+
+def test_a_failing_teardown_still_frees_the_back_end_for_the_next_front_end(
+    sock_path: Path,
+) -> None:
+    """A front end that switches a running split ring to RING_PACKED, then disconnects.
+
+    Stopping the device at the disconnect failed (the split queue's state
+    has no wrap counters), the teardown stopped half-way and the back end
+    kept a dead session: no later front end was ever accepted.  Whatever
+    fails while stopping the device, the connection's teardown completes.
+    """
+    device = Entropy()
+    with served(VhostUserBackend(device, sock_path)) as backend:
+        first = VhostUserFrontend(sock_path, device_id=DeviceId.ENTROPY, timeout=TIMEOUT)
+        driver = EntropyDriver(first, features=~Feature.RING_PACKED.mask, timeout=TIMEOUT)
+        assert len(driver.read(64)) == 64
+        packed = backend.features | Feature.RING_PACKED.mask
+        first._sock.sendall(encode(Message(FrontendRequest.SET_FEATURES, packed)))
+        first.abort()
+        wait_until(lambda: not backend.connected)
+        assert backend.memory is None
+        with VhostUserFrontend(sock_path, device_id=DeviceId.ENTROPY, timeout=TIMEOUT) as second:
+            assert len(EntropyDriver(second, timeout=TIMEOUT).read(64)) == 64
+        assert backend.connections == 2
