@@ -280,10 +280,12 @@ class _Guest:
         else:
             self.snapshot_cycle()
 
-    def check(self) -> None:
+    def check_identity(self) -> None:
         assert self.read(mmio.Reg.MAGIC_VALUE, 4) == mmio.MAGIC_VALUE
         assert self.read(mmio.Reg.VERSION, 4) == mmio.MMIO_VERSION
         assert self.read(mmio.Reg.DEVICE_ID, 4) == int(self.device.device_id)
+
+    def check_status(self) -> None:
         status = self.read(mmio.Reg.STATUS, 4)
         extra = status & ~self.status_written & ~DeviceStatus.DEVICE_NEEDS_RESET
         assert not extra, f"status {status:#x} has bits {extra:#x} the driver never set"
@@ -327,7 +329,8 @@ def run_one(data: bytes) -> None:
             if src.exhausted:
                 break
             guest.step()
-            guest.check()
+            guest.check_status()
+        guest.check_identity()
         guest.write(mmio.Reg.STATUS, 0)  # reset ends every input
         assert guest.read(mmio.Reg.STATUS, 4) == 0
     finally:
