@@ -42,9 +42,23 @@ typecheck: $(STAMP)
 unit: $(STAMP) debs
 	$(VENV)/bin/pytest -q
 
+# A short run of every fuzz/fuzz_*.py (each stops at FUZZ_RUNS inputs or
+# FUZZ_SECONDS, whichever comes first); logs and crash inputs go to FUZZ_LOGS.
+FUZZ_RUNS ?= 20000
+FUZZ_SECONDS ?= 3
+FUZZ_LOGS := .fuzz-logs
 fuzz: $(STAMP)
-	@$(PY) fuzz/fuzz_chains.py --runs 5000 > .fuzz.log 2>&1 || (tail -n 80 .fuzz.log; exit 1)
-	@grep -E "^fuzz_chains|DONE|Done" .fuzz.log
+	@mkdir -p $(FUZZ_LOGS); failed=""; \
+	for target in fuzz/fuzz_*.py; do \
+		name=$$(basename $$target .py); log=$(FUZZ_LOGS)/$$name.log; \
+		if $(PY) $$target --runs $(FUZZ_RUNS) -max_total_time=$(FUZZ_SECONDS) -timeout=20 \
+				-artifact_prefix=$(FUZZ_LOGS)/$$name- > $$log 2>&1; then \
+			echo "$$name: $$(grep -E '^Done|hypothesis inputs' $$log | tail -n 1)"; \
+		else \
+			echo "$$name: FAILED, log in $$log:"; tail -n 60 $$log; failed="$$failed $$name"; \
+		fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz targets failed:$$failed"; exit 1; fi
 
 test: lint typecheck fuzz unit
 
@@ -52,4 +66,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/virtqueue.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis $(FUZZ_LOGS)
