@@ -6,9 +6,11 @@ to, against a back end serving in a thread; every wait is bounded.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.devices.block import Block
 from pyvirtio.devices.entropy import Entropy
+from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.entropy import EntropyDriver
 from pyvirtio.driver.vhost_user import VhostUserFrontend
 from pyvirtio.transport.vhost_user import VhostUserBackend
@@ -75,3 +79,23 @@ def test_a_failing_teardown_still_frees_the_back_end_for_the_next_front_end(
         with VhostUserFrontend(sock_path, device_id=DeviceId.ENTROPY, timeout=TIMEOUT) as second:
             assert len(EntropyDriver(second, timeout=TIMEOUT).read(64)) == 64
         assert backend.connections == 2
+
+
+def test_block_keeps_no_region_of_a_gone_front_end(sock_path: Path, tmp_path: Path) -> None:
+    """Block cached the last region it used (and the region table) past the reset.
+
+    The regions of a front end outlived its connection; when a view of one
+    was still exported at the teardown (a request in flight), its mapping
+    could not be closed then and the cache kept it, and the fd it holds,
+    open for good.  After the disconnect nothing of the session may survive.
+    """
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    with Block(image) as device, served(VhostUserBackend(device, sock_path)) as backend:
+        with VhostUserFrontend(sock_path, device_id=DeviceId.BLOCK, timeout=TIMEOUT) as frontend:
+            assert BlkDriver(frontend).read(4096, 512) == bytes(512)
+            assert backend.memory is not None
+            regions = [weakref.ref(region) for region in backend.memory.regions]
+        wait_until(lambda: not backend.connected)
+        gc.collect()
+        assert regions and all(region() is None for region in regions)

@@ -652,6 +652,8 @@ class Block(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self._reset_cache_mode()
+        # The cached region belongs to memory the host may now unmap.
+        self._region_cache = None
 
     def config(self) -> BlkConfig:
         """The configuration space as fields."""
