@@ -15,6 +15,7 @@ This module is not a target itself: ``make fuzz`` runs ``fuzz/fuzz_*.py``.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -50,6 +51,26 @@ class Bytes:
         return self.pos >= len(self.data)
 
 
+class LogRecorder(logging.Handler):
+    """Keeps the records of the loggers it is attached to; a target checks them per input."""
+
+    def __init__(self, *loggers: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        for name in loggers:
+            logger = logging.getLogger(name)
+            logger.addHandler(self)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False  # checked, not printed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def take(self) -> list[logging.LogRecord]:
+        records, self.records = self.records, []
+        return records
+
+
 def _run_hypothesis(name: str, run_one: Callable[[bytes], None], runs: int, max_len: int) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -73,7 +94,7 @@ def _run_atheris(
     load: Callable[[], None],
     runs: int,
     max_len: int,
-    extra: list[str],
+    extra: Sequence[str],
 ) -> None:
     import atheris  # type: ignore[import-not-found]
 
@@ -92,8 +113,13 @@ def main(
     load: Callable[[], None],
     *,
     max_len: int = 4096,
+    libfuzzer_args: Sequence[str] = (),
 ) -> None:
-    """Parse the command line and fuzz ``run_one``; ``load`` imports the code under test."""
+    """Parse the command line and fuzz ``run_one``; ``load`` imports the code under test.
+
+    ``libfuzzer_args`` are the target's own libFuzzer defaults (the command
+    line's come after them, so they win).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=int, default=3000, help="number of inputs (-1: no limit)")
     parser.add_argument(
@@ -113,7 +139,7 @@ def main(
             engine = "atheris"
     print(f"{name}: engine {engine}, {args.runs} runs", flush=True)
     if engine == "atheris":
-        _run_atheris(run_one, load, args.runs, max_len, extra)  # exits when done
+        _run_atheris(run_one, load, args.runs, max_len, [*libfuzzer_args, *extra])  # exits
     else:
         load()
         _run_hypothesis(name, run_one, max(args.runs, 1), max_len)

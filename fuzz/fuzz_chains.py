@@ -15,10 +15,11 @@ hypothesis otherwise::
 
 from __future__ import annotations
 
-import argparse
 import struct
-import sys
 from typing import TYPE_CHECKING
+
+# Run as a script: its directory is on sys.path.
+from _common import Bytes, main
 
 if TYPE_CHECKING:
     from pyvirtio.memory import GuestMemory
@@ -36,24 +37,7 @@ PACKED_SIZES = (1, 2, 3, 4, 7, 16, 64, 255)
 _DESC = struct.Struct("<QIHH")
 
 
-class _Bytes:
-    """Consumes fuzz input; returns zeros once it runs dry."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> int:
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return int.from_bytes(chunk.ljust(n, b"\0"), "little")
-
-    @property
-    def exhausted(self) -> bool:
-        return self.pos >= len(self.data)
-
-
-def _descriptor(src: _Bytes, size: int, wrap_bits: int) -> bytes:
+def _descriptor(src: Bytes, size: int, wrap_bits: int) -> bytes:
     """A descriptor biased towards the interesting: mostly in memory, flags mixed."""
     selector = src.take(1)
     # Mostly addresses inside guest memory; sometimes anywhere, overflow included.
@@ -78,7 +62,7 @@ def _load() -> None:
 
 
 def run_one(data: bytes) -> None:
-    src = _Bytes(data)
+    src = Bytes(data)
     packed = bool(src.take(1) & 1)
     opts = src.take(1)
     event_idx, indirect = bool(opts & 1), bool(opts & 2)
@@ -146,62 +130,12 @@ def run_one(data: bytes) -> None:
             mem.write(DESC_ADDR + idx * 16, _descriptor(src, size, src.take(1) & 0x80))
 
 
-def _run_hypothesis(runs: int) -> None:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    @settings(
-        max_examples=runs,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(st.binary(min_size=4, max_size=8192))
-    def fuzz(data: bytes) -> None:
-        run_one(data)
-
-    fuzz()
-    print(f"fuzz_chains: {runs} hypothesis inputs, no crash")
-
-
-def _run_atheris(runs: int, extra: list[str]) -> None:
-    import atheris  # type: ignore[import-not-found]
-
-    # Coverage feedback from pyvirtio only: instrumenting every loaded module
-    # costs half a minute at start-up for nothing.
-    with atheris.instrument_imports(include=["pyvirtio"]):
-        _load()
-    atheris.Setup(
-        [sys.argv[0], f"-runs={runs}", "-max_len=8192", "-len_control=0", *extra], run_one
-    )
-    atheris.Fuzz()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Fuzz device-side chain parsing.")
-    parser.add_argument("--runs", type=int, default=3000, help="number of inputs")
-    parser.add_argument(
-        "--engine",
-        choices=("auto", "atheris", "hypothesis"),
-        default="auto",
-        help="atheris when installed (auto), or force one",
-    )
-    args, extra = parser.parse_known_args()
-    engine = args.engine
-    if engine == "auto":
-        try:
-            import atheris  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError:
-            engine = "hypothesis"
-        else:
-            engine = "atheris"
-    print(f"fuzz_chains: engine {engine}, {args.runs} runs", flush=True)
-    if engine == "atheris":
-        _run_atheris(args.runs, extra)  # exits the process when done
-    else:
-        _load()
-        _run_hypothesis(args.runs)
-
-
 if __name__ == "__main__":
-    main()
+    main(
+        "fuzz_chains",
+        "Fuzz device-side chain parsing.",
+        run_one,
+        _load,
+        max_len=8192,
+        libfuzzer_args=["-len_control=0"],
+    )

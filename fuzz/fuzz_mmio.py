@@ -24,14 +24,13 @@ regions.
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import tempfile
 from typing import Any
 
 # Run as a script: its directory is on sys.path.
-from _common import Bytes, main
+from _common import Bytes, LogRecorder, main
 
 TARGET = "fuzz_mmio"
 RAM = ((0x0, 0x10000), (0x20000, 0x4000))
@@ -60,17 +59,6 @@ _DESC = struct.Struct("<QIHH")
 _WIDTHS = (4, 4, 4, 1, 2, 8, 3, 0, 16)
 
 
-class _LogCheck(logging.Handler):
-    """Collects the transport's log records; the checks read them after each input."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def _load() -> None:
     """Import the code under test (after atheris has hooked imports, when it is used)."""
     global DeviceStatus, Feature, Entropy, Block, IrqLine, RecordingInterruptController
@@ -82,11 +70,7 @@ def _load() -> None:
     from pyvirtio.memory import GuestMemory
     from pyvirtio.transport import mmio
 
-    LOG = _LogCheck()
-    for name in ("pyvirtio.transport.mmio", "pyvirtio.device"):
-        logger = logging.getLogger(name)
-        logger.addHandler(LOG)
-        logger.propagate = False  # the records are checked, not printed
+    LOG = LogRecorder("pyvirtio.transport.mmio", "pyvirtio.device")
     MEM = GuestMemory()
     for base, size in RAM:
         MEM.add_anonymous(base, size)
@@ -299,7 +283,7 @@ _REGISTERS: tuple[int, ...] = ()
 
 
 def _check_log() -> None:
-    records, LOG.records = LOG.records, []
+    records = LOG.take()
     seen: set[tuple[str, str]] = set()
     for record in records:
         text = record.getMessage()
@@ -319,7 +303,7 @@ def run_one(data: bytes) -> None:
     global _REGISTERS
     if not _REGISTERS:
         _REGISTERS = _registers()
-    LOG.records.clear()
+    LOG.take()
     for base, size in RAM:
         MEM.fill(base, size)
     src = Bytes(data)

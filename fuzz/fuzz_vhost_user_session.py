@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import socket
 import struct
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script: its directory is on sys.path.
-from _common import Bytes, main
+from _common import Bytes, LogRecorder, main
 
 TARGET = "fuzz_vhost_user_session"
 #: An input taking longer than this is a finding (the loop stalled).
@@ -66,15 +65,6 @@ STRICT = os.environ.get("PYVIRTIO_FUZZ_STRICT") == "1"
 _HEADER = struct.Struct("<III")
 
 
-class _LogCheck(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def _load() -> None:
     """Import the code under test (after atheris has hooked imports, when it is used)."""
     global proto, Feature, VhostUserBackend, Entropy, Block, LOG, WORKDIR, BLOCK_FD
@@ -84,11 +74,7 @@ def _load() -> None:
     from pyvirtio.transport.vhost_user import VhostUserBackend
     from pyvirtio.transport.vhost_user import protocol as proto
 
-    LOG = _LogCheck()
-    logger = logging.getLogger("pyvirtio")
-    logger.addHandler(LOG)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # the records are checked, not printed
+    LOG = LogRecorder("pyvirtio")
     WORKDIR = Path(tempfile.mkdtemp(prefix="pyvirtio-fuzz-vu-"))
     fd = os.open(WORKDIR / "blk.img", os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, BLOCK_FILE_SIZE)
@@ -475,8 +461,7 @@ def _resources() -> tuple[int, int]:
 
 
 def _check_log() -> None:
-    records, LOG.records = LOG.records, []
-    for record in records:
+    for record in LOG.take():
         if record.exc_info:
             trace = "".join(traceback.format_exception(*record.exc_info))
             known = next((k for k in KNOWN_OPEN if k[0] in trace), None)
@@ -492,7 +477,7 @@ def run_one(data: bytes) -> None:
     src = Bytes(data)
     backend = _backend("rng" if src.take(1) & 1 else "blk")
     before = _resources()
-    LOG.records.clear()
+    LOG.take()
     started = time.monotonic()
     session = _open_session(backend)
     front = _FrontEnd(src, session)

@@ -7,15 +7,8 @@ to, against a back end serving in a thread; every wait is bounded.
 from __future__ import annotations
 
 import gc
-import tempfile
-import threading
-import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-
-import pytest
 
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.devices.block import Block
@@ -23,37 +16,10 @@ from pyvirtio.devices.entropy import Entropy
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.entropy import EntropyDriver
 from pyvirtio.driver.vhost_user import VhostUserFrontend
-from pyvirtio.transport.vhost_user import VhostUserBackend
 from pyvirtio.transport.vhost_user.protocol import FrontendRequest, Message, encode
+from test_vhost_user_backend import TIMEOUT, served, sock_path, wait_until
 
-TIMEOUT = 5.0
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
-
-
-@pytest.fixture
-def sock_path() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="vuf") as d:  # AF_UNIX paths are short
-        yield Path(d) / "s"
-
-
-@contextmanager
-def served(backend: VhostUserBackend) -> Iterator[VhostUserBackend]:
-    thread = threading.Thread(target=backend.serve_forever, name="vhost-user-backend")
-    thread.start()
-    try:
-        yield backend
-    finally:
-        backend.stop()
-        thread.join(TIMEOUT)
-        assert not thread.is_alive(), "serve_forever did not return after stop()"
-        backend.close()
+__all__ = ["sock_path"]  # the fixture, shared with the back end's tests
 
 
 def test_a_failing_teardown_still_frees_the_back_end_for_the_next_front_end(
@@ -67,7 +33,7 @@ def test_a_failing_teardown_still_frees_the_back_end_for_the_next_front_end(
     fails while stopping the device, the connection's teardown completes.
     """
     device = Entropy()
-    with served(VhostUserBackend(device, sock_path)) as backend:
+    with served(device, sock_path) as backend:
         first = VhostUserFrontend(sock_path, device_id=DeviceId.ENTROPY, timeout=TIMEOUT)
         driver = EntropyDriver(first, features=~Feature.RING_PACKED.mask, timeout=TIMEOUT)
         assert len(driver.read(64)) == 64
@@ -91,7 +57,7 @@ def test_block_keeps_no_region_of_a_gone_front_end(sock_path: Path, tmp_path: Pa
     """
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(1 << 20))
-    with Block(image) as device, served(VhostUserBackend(device, sock_path)) as backend:
+    with Block(image) as device, served(device, sock_path) as backend:
         with VhostUserFrontend(sock_path, device_id=DeviceId.BLOCK, timeout=TIMEOUT) as frontend:
             assert BlkDriver(frontend).read(4096, 512) == bytes(512)
             assert backend.memory is not None
