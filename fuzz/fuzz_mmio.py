@@ -70,7 +70,7 @@ def _load() -> None:
     from pyvirtio.memory import GuestMemory
     from pyvirtio.transport import mmio
 
-    LOG = LogRecorder("pyvirtio.transport.mmio", "pyvirtio.device")
+    LOG = LogRecorder("pyvirtio")
     MEM = GuestMemory()
     for base, size in RAM:
         MEM.add_anonymous(base, size)
