@@ -8,7 +8,7 @@ initialisation sequence, sometimes anything), feature pages, queue setup
 with fuzz-chosen sizes and ring addresses (in RAM, straddling a region's
 end, in the hole, beyond 4 GiB), descriptor chains published into the
 rings, notifies, interrupt acks, config accesses, and the host's
-sleep / snapshot / restore / wake in between.
+sleep / snapshot / wake in between (restoring is left to the device tests).
 
 Properties (the transport's contract, module docstring of mmio.py):
 ``read``/``write`` never raise; every read fills exactly the bytes asked
