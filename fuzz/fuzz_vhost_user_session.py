@@ -17,9 +17,9 @@ connection.
 
 The back end is reached through :class:`SocketSession`, its real message
 path (a unix socket, SCM_RIGHTS, ``run_once``).  The steps only use
-``send``/``pump``/``replies``/``close``: a sans-IO session class (bytes and
-fds in, replies out) can be fuzzed by writing a second class with those four
-methods and picking it in :func:`_open_session`.
+:class:`SessionUnderTest`: a sans-IO session class (bytes and fds in,
+replies out) is fuzzed by a second class with those methods, picked in
+:func:`_open_session`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # Run as a script: its directory is on sys.path.
 from _common import Bytes, LogRecorder, main
@@ -100,6 +100,19 @@ def _backend(kind: str) -> Any:
 # -- the session under test ---------------------------------------------------
 
 
+class SessionUnderTest(Protocol):
+    """What the front end's moves need from the back end they drive."""
+
+    backend: Any
+
+    def send(self, data: bytes, fds: list[int]) -> bool: ...
+    def pump(self) -> None: ...
+    def replies(self) -> list[Any]: ...
+    def close(self) -> None: ...
+    @property
+    def connected(self) -> bool: ...
+
+
 class SocketSession:
     """One front-end connection to a VhostUserBackend through its real socket path."""
 
@@ -158,7 +171,7 @@ class SocketSession:
         raise AssertionError("the back end never noticed the disconnect")
 
 
-def _open_session(backend: Any) -> SocketSession:
+def _open_session(backend: Any) -> SessionUnderTest:
     return SocketSession(backend)
 
 
@@ -168,7 +181,7 @@ def _open_session(backend: Any) -> SocketSession:
 class _FrontEnd:
     """A hostile front end: builds messages and fds from the input."""
 
-    def __init__(self, src: Bytes, session: SocketSession) -> None:
+    def __init__(self, src: Bytes, session: SessionUnderTest) -> None:
         self.src = src
         self.session = session
         #: Every fd this side created (closed after the input).
