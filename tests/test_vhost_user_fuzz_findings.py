@@ -47,6 +47,31 @@ def test_a_failing_teardown_still_frees_the_back_end_for_the_next_front_end(
         assert backend.connections == 2
 
 
+class StopFailsOnce(Entropy):
+    """A model whose feature re-ack raises once when armed (a bug in a model)."""
+
+    armed = False
+
+    def ack_features(self, features: int) -> None:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("model bug while the back end stops the device")
+        super().ack_features(features)
+
+
+def test_teardown_completes_whatever_the_model_raises(sock_path: Path) -> None:
+    device = StopFailsOnce()
+    with served(device, sock_path) as backend:
+        first = VhostUserFrontend(sock_path, device_id=DeviceId.ENTROPY, timeout=TIMEOUT)
+        assert len(EntropyDriver(first, timeout=TIMEOUT).read(64)) == 64
+        device.armed = True
+        first.abort()  # the device is running: the disconnect stops it
+        wait_until(lambda: not backend.connected)
+        assert not device.armed and backend.memory is None
+        with VhostUserFrontend(sock_path, device_id=DeviceId.ENTROPY, timeout=TIMEOUT) as second:
+            assert len(EntropyDriver(second, timeout=TIMEOUT).read(64)) == 64
+
+
 def test_block_keeps_no_region_of_a_gone_front_end(sock_path: Path, tmp_path: Path) -> None:
     """Block cached the last region it used (and the region table) past the reset.
 
