@@ -34,9 +34,11 @@ class StopFailsOnce(Entropy):
 
 
 def test_teardown_completes_whatever_the_model_raises(sock_path: Path) -> None:
-    """Stopping the device at a disconnect failed half-way (found through a
-    front end switching a running split ring to RING_PACKED), and the back end
-    kept a dead session: no later front end was ever accepted.
+    """A failure while stopping the device at a disconnect must not end the teardown.
+
+    It did (found through a front end switching a running split ring to
+    RING_PACKED), and the back end kept a dead session: no later front end
+    was ever accepted.
     """
     device = StopFailsOnce()
     with served(device, sock_path) as backend:
