@@ -1,7 +1,8 @@
 """Regression tests for what fuzz/fuzz_vhost_user_session.py found in VhostUserBackend.
 
-Each test replays a found input as the plain message sequence it boils down
-to, against a back end serving in a thread; every wait is bounded.
+Each test shows its finding with the plainest peer that reaches it (a
+driver through VhostUserFrontend, a model that fails on purpose), against a
+back end serving in a thread; every wait is bounded.
 """
 
 from __future__ import annotations
