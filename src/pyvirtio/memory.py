@@ -31,6 +31,10 @@ a zero-copy :meth:`GuestMemory.view` must lie inside one region.
 :meth:`GuestMemory.discard` gives whole pages back to the host (a balloon's
 inflated pages, reported free pages): the range reads as zeros afterwards
 and is backed by fresh pages again on the next touch.
+
+Hot paths (ring parsing, request headers, frame copies) check a buffer against
+a cached :class:`RegionWindow` instead of searching the region table on every
+access; see :meth:`GuestMemory.window` for when a window stays valid.
 """
 
 from __future__ import annotations
@@ -45,12 +49,14 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
 
 __all__ = [
     "PAGE_SIZE",
     "GuestMemory",
     "GuestMemoryError",
     "MemoryRegion",
+    "RegionWindow",
     "UnsealedMemoryError",
     "seal_against_shrinking",
 ]
@@ -132,6 +138,33 @@ class MemoryRegion:
         if self.owns_fd and self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class RegionWindow(NamedTuple):
+    """One region of a :class:`GuestMemory`, cached for inline bounds checks.
+
+    ``[base, end)`` is the region's guest-physical range and ``view`` its
+    bytes (``view[addr - base]`` is guest address ``addr``).  ``table`` is
+    the region table the window was taken from: the window is valid exactly
+    while ``mem.regions is window.table``, because GuestMemory replaces its
+    table as a whole whenever a region is added or removed (and empties it
+    on close), never edits it in place.  A window from an older table may
+    name a region that is no longer guest memory, so every use checks the
+    table first (:meth:`covers`, or the same test written inline).
+    """
+
+    table: tuple[MemoryRegion, ...]
+    base: int
+    end: int
+    view: memoryview
+
+    def covers(self, mem: GuestMemory, addr: int, length: int) -> bool:
+        """Whether ``[addr, addr + length)`` lies in this window and the window is current."""
+        return self.table is mem.regions and self.base <= addr and addr + length <= self.end
+
+
+#: A window that covers nothing: every check against it fails (for "no window yet").
+_NO_VIEW = memoryview(b"")
 
 
 class GuestMemory:
@@ -299,6 +332,41 @@ class GuestMemory:
             if addr < region.guest_end:
                 return region
         raise GuestMemoryError(f"address {addr:#x} is not in guest memory")
+
+    # -- region windows -----------------------------------------------------
+
+    #: A window valid for no table and covering no address: the initial value
+    #: of a cache that has not looked anything up yet.
+    NO_WINDOW: ClassVar[RegionWindow] = RegionWindow((), 1, 0, _NO_VIEW)
+
+    def window(self, addr: int, length: int = 1) -> RegionWindow:
+        """The window of the region holding ``[addr, addr + length)``.
+
+        Raises GuestMemoryError when the range is not inside one region.
+        The window stays valid while the region table is unchanged
+        (``window.table is mem.regions``); adding or removing any region
+        replaces the table, after which the caller takes a new window.
+        """
+        regions = self._regions
+        region = self.region_at(addr)
+        if length < 0 or addr + length > region.guest_end:
+            raise GuestMemoryError(
+                f"range {addr:#x}+{length:#x} leaves region "
+                f"[{region.guest_base:#x}, {region.guest_end:#x})"
+            )
+        return RegionWindow(regions, region.guest_base, region.guest_end, region.view)
+
+    def largest_window(self) -> RegionWindow:
+        """The window of the largest region (:attr:`NO_WINDOW` when there is none).
+
+        What a ring keeps to check descriptor buffers inline: most buffers
+        of a VM lie in its main RAM region.
+        """
+        regions = self._regions
+        if not regions:
+            return RegionWindow(regions, 1, 0, _NO_VIEW)
+        region = max(regions, key=lambda r: r.size)
+        return RegionWindow(regions, region.guest_base, region.guest_end, region.view)
 
     def is_valid(self, addr: int, length: int) -> bool:
         """Whether ``[addr, addr + length)`` lies wholly in guest memory."""
