@@ -50,18 +50,14 @@ def make_packed(mem: GuestMemory, size: int, event_idx: bool) -> tuple[object, o
     return drv, dev
 
 
-def run_case(
-    factory: QueueFactory, buffers: int, size: int, batch: int, seconds: float, api: str = "single"
-) -> float:
+def run_case(factory: QueueFactory, buffers: int, size: int, batch: int, seconds: float) -> float:
     """Round trips per second for chains of ``buffers`` buffers (first readable, rest writable)."""
     mem = GuestMemory.anonymous(16 << 20)
     drv, dev = factory(mem, size, True)
     add = drv.add  # type: ignore[attr-defined]
-    add_batch = drv.add_batch  # type: ignore[attr-defined]
     used = drv.used  # type: ignore[attr-defined]
     kick_needed = drv.kick_needed  # type: ignore[attr-defined]
     pop = dev.pop  # type: ignore[attr-defined]
-    pop_batch = dev.pop_batch  # type: ignore[attr-defined]
     add_used_batch = dev.add_used_batch  # type: ignore[attr-defined]
     needs_notification = dev.needs_notification  # type: ignore[attr-defined]
     batch = min(batch, size // buffers if buffers > 1 else size)
@@ -71,19 +67,14 @@ def run_case(
         readable = [(base, BUF_LEN)]
         writable = [(base + (j + 1) * BUF_LEN, BUF_LEN) for j in range(buffers - 1)]
         requests.append((readable, writable, i))
-    single = api == "single"
     done = 0
     deadline = time.perf_counter() + seconds
     start = time.perf_counter()
     while True:
-        if single:
-            for readable, writable, token in requests:
-                add(readable, writable, token)
-        else:
-            add_batch(requests)
+        for readable, writable, token in requests:
+            add(readable, writable, token)
         kick_needed()
-        chains = iter(pop, None) if single else pop_batch()
-        add_used_batch([(chain, chain.writable_len) for chain in chains])
+        add_used_batch([(chain, chain.writable_len) for chain in iter(pop, None)])
         needs_notification()
         for _token, _written in used():
             done += 1
@@ -98,21 +89,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per case (median reported)")
     parser.add_argument("--batch", type=int, default=64, help="chains per notification")
     parser.add_argument("--size", type=int, default=256, help="queue size")
-    parser.add_argument(
-        "--api",
-        choices=("batch", "single"),
-        default="single",
-        help="add_batch/pop_batch per notification, or add/pop per chain",
-    )
     args = parser.parse_args()
-    print(
-        f"queue size {args.size}, batch {args.batch}, EVENT_IDX on, {args.api} API, "
-        f"median of {args.runs}"
-    )
+    print(f"queue size {args.size}, batch {args.batch}, EVENT_IDX on, median of {args.runs}")
     for name, factory in (("split", make_split), ("packed", make_packed)):
         for buffers in (1, 2, 4):
             rates = [
-                run_case(factory, buffers, args.size, args.batch, args.seconds, args.api)
+                run_case(factory, buffers, args.size, args.batch, args.seconds)
                 for _ in range(args.runs)
             ]
             rate = statistics.median(rates)

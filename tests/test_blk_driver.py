@@ -554,7 +554,7 @@ class HandDevice:
 
     def take(self) -> None:
         """Pop every available request (without completing it)."""
-        self.held += self.device_queues[0].pop_batch()
+        self.held += iter(self.device_queues[0].pop, None)
 
     def complete(self, count: int | None = None, order: str = "fifo") -> int:
         """Complete ``count`` held requests (all by default), in ``order``

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue import common, packed
+from pyvirtio.virtqueue import packed, ring
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -129,7 +129,7 @@ def round_trip(drv: PackedDriverQueue, dev: PackedDeviceQueue, token: object) ->
 class Recorder:
     """Wraps a ring word array and logs every store as (tag, index, value)."""
 
-    def __init__(self, inner: packed._Words, tag: str, log: list[tuple[str, int, int]]) -> None:
+    def __init__(self, inner: ring.Words, tag: str, log: list[tuple[str, int, int]]) -> None:
         self.inner = inner
         self.tag = tag
         self.log = log
@@ -1046,9 +1046,9 @@ def test_removed_region_is_noticed() -> None:
 def test_struct_fallback_for_big_endian_hosts(
     mem: GuestMemory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(packed, "_NATIVE_LE", False)
+    monkeypatch.setattr(ring, "NATIVE_LITTLE", False)
     drv, dev = pair(mem, size=3, event_idx=True, indirect=True)
-    assert isinstance(dev._d16, packed._LEWords)
+    assert isinstance(dev._d16, ring.LittleEndianWords)
     for i in range(8):
         round_trip(drv, dev, i)
     drv.add([(DATA, 4)], [(DATA, 4), (DATA, 4)], "ind")
@@ -1065,11 +1065,7 @@ def test_struct_fallback_for_big_endian_hosts(
     assert get_event(mem, DEV) == (1, RING_EVENT_FLAGS_DESC)
 
 
-def test_constructor_fallback_for_chains(mem: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Should DescriptorChain gain a slot, chains are built by its constructor."""
-    # The ring fast paths and common.make_chain both follow the flag.
-    monkeypatch.setattr(packed, "INLINE_CHAIN", False)
-    monkeypatch.setattr(common, "INLINE_CHAIN", False)
+def test_chains_of_every_shape_carry_their_lengths_and_slots(mem: GuestMemory) -> None:
     drv, dev = pair(mem)
     drv.add([(DATA, 4)], [], "r")
     drv.add([], [(DATA, 4)], "w")

@@ -143,45 +143,6 @@ class DescriptorChain:
         return _slice_views(self.mem, self.writable, offset, length)
 
 
-#: Ring fast paths fill a DescriptorChain's slots instead of calling its
-#: constructor (a third cheaper); only while the slots are these.
-INLINE_CHAIN = set(DescriptorChain.__slots__) == {
-    "head",
-    "mem",
-    "readable",
-    "readable_len",
-    "ring_slots",
-    "writable",
-    "writable_len",
-}
-_new_object = object.__new__
-
-
-def make_chain(
-    mem: GuestMemory,
-    head: int,
-    readable: list[tuple[int, int]],
-    writable: list[tuple[int, int]],
-    readable_len: int,
-    writable_len: int,
-    ring_slots: int = 1,
-) -> DescriptorChain:
-    """A DescriptorChain, its slots filled directly when that is safe (INLINE_CHAIN)."""
-    if not INLINE_CHAIN:
-        return DescriptorChain(
-            mem, head, readable, writable, readable_len, writable_len, ring_slots
-        )
-    chain: DescriptorChain = _new_object(DescriptorChain)
-    chain.mem = mem
-    chain.head = head
-    chain.readable = readable
-    chain.writable = writable
-    chain.readable_len = readable_len
-    chain.writable_len = writable_len
-    chain.ring_slots = ring_slots
-    return chain
-
-
 def _slice_views(
     mem: GuestMemory, ranges: Sequence[tuple[int, int]], offset: int, length: int
 ) -> list[memoryview]:

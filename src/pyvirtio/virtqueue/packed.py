@@ -23,7 +23,7 @@ before the rest of a descriptor.  Every ring access is a separate aligned
 load or store through a ``memoryview`` in program order, which x86-64's
 memory model (TSO) keeps in order for store/store and load/load.  Where the
 spec asks for a full barrier (a store followed by a load of the other side's
-event structure) :func:`_full_barrier` issues a locked instruction via a
+event structure) :func:`~pyvirtio.virtqueue.ring.full_barrier` issues a locked instruction via a
 lock acquire/release, the strongest fence pure CPython can reach.  Weaker
 memory models (e.g. AArch64) may reorder plain accesses between processes;
 pure Python has no portable barrier for that.  Within one process the two
@@ -42,23 +42,29 @@ from __future__ import annotations
 
 import array
 import struct
-import sys
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Literal, Protocol
+from collections.abc import Iterator, Sequence
 
-from pyvirtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
-    INLINE_CHAIN,
     MAX_QUEUE_SIZE,
     DescriptorChain,
     QueueFullError,
     QueueState,
     VirtqueueError,
-    make_chain,
+)
+from pyvirtio.virtqueue.ring import (
+    DESC,
+    DESC_SIZE,
+    U64_LIMIT,
+    StateReader,
+    Words,
+    area_view,
+    check_queue_size,
+    full_barrier,
+    words,
 )
 
 __all__ = [
@@ -82,8 +88,6 @@ __all__ = [
 DESC_ALIGN = 16
 #: Alignment of each event suppression structure (same table).
 EVENT_ALIGN = 4
-#: Bytes per ``struct pvirtq_desc``.
-DESC_SIZE = 16
 #: Bytes per ``struct pvirtq_event_suppress``.
 EVENT_SIZE = 4
 
@@ -102,45 +106,33 @@ RING_EVENT_FLAGS_DESC = 0x2
 #: allow in a list"); this is the largest queue size, as for a direct chain.
 MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
 
-_U64_LIMIT = 1 << 64
 _U32_MAX = 0xFFFF_FFFF
+#: The wrap counter's bit in an event suppression ``off_wrap`` (and in the
+#: ring positions vhost-user exchanges).
 _WRAP_SHIFT = 15
-_OFF_MASK = 0x7FFF
+_WRAP_BIT = 1 << _WRAP_SHIFT
+_OFF_MASK = _WRAP_BIT - 1
+
+#: A descriptor's NEXT, WRITE and INDIRECT bits, and the values of the first
+#: two that hot loops compare with (CPython 3.11 specialises int compares,
+#: not ``&``); anything above ``_WRITE_MORE`` has INDIRECT set.
+_KIND_MASK = DESC_F_NEXT | DESC_F_WRITE | DESC_F_INDIRECT
+_READ_LAST = 0
+_READ_MORE = DESC_F_NEXT
+_WRITE_LAST = DESC_F_WRITE
+_WRITE_MORE = DESC_F_WRITE | DESC_F_NEXT
 
 #: One ``struct pvirtq_desc`` (packed-ring.tex, "The Virtqueue Descriptor Format").
-_DESC = struct.Struct("<QIHH")
-_unpack_desc = _DESC.unpack_from
-_pack_desc = _DESC.pack_into
+_unpack_desc = DESC.unpack_from
+_pack_desc = DESC.pack_into
 #: A descriptor's ``addr``, ``len`` and ``id``: everything but the flags that publish it.
 _pack_desc_head = struct.Struct("<QIH").pack_into
 #: A used descriptor's ``len`` and ``id``, read after its flags.
 _unpack_used = struct.Struct("<IH").unpack_from
 
-#: Native casts of little-endian ring words are only right on little-endian
-#: hosts; elsewhere :class:`_LEWords` stands in.  A module variable so tests
-#: can exercise the fallback.
-_NATIVE_LE = sys.byteorder == "little"
-
-_new_object = object.__new__  # the inline fast paths (see common.INLINE_CHAIN)
-
-_barrier_lock = threading.Lock()
-
 #: Batches of at least this many used descriptors are stored with strided
 #: slice assignments; below it, their fixed cost outweighs a store per field.
 _BULK_MIN = 16
-
-
-def _full_barrier() -> None:
-    """Order earlier stores before later loads (the spec's "memory barrier").
-
-    Acquiring a lock executes an atomic read-modify-write, a full fence on
-    x86-64.  Needed before reading the other side's event suppression
-    structure after publishing descriptors (packed-ring.tex, "Sending
-    Available Buffer Notifications") and before re-checking the ring after
-    enabling notifications.
-    """
-    _barrier_lock.acquire()
-    _barrier_lock.release()
 
 
 def area_sizes(size: int) -> tuple[int, int, int]:
@@ -160,54 +152,11 @@ def indirect_area_size(size: int, max_indirect: int) -> int:
     return size * max_indirect * DESC_SIZE
 
 
-# -- word access ---------------------------------------------------------------
-
-_WordFormat = Literal["H", "I", "Q"]
-
-
-class _Words(Protocol):
-    """Indexable little-endian words: a native ``memoryview.cast`` or :class:`_LEWords`."""
-
-    def __getitem__(self, index: int, /) -> int: ...
-
-    def __setitem__(self, index: int, value: int, /) -> None: ...
-
-
-class _LEWords:
-    """Little-endian words through ``struct``, for big-endian hosts."""
-
-    __slots__ = ("_struct", "_view", "_width")
-
-    def __init__(self, view: memoryview, fmt: str) -> None:
-        self._view = view
-        self._struct = struct.Struct("<" + fmt)
-        self._width = self._struct.size
-
-    def __getitem__(self, index: int) -> int:
-        value: int = self._struct.unpack_from(self._view, index * self._width)[0]
-        return value
-
-    def __setitem__(self, index: int, value: int) -> None:
-        try:
-            self._struct.pack_into(self._view, index * self._width, value)
-        except struct.error as exc:
-            raise ValueError(str(exc)) from exc
-
-
-def _words(view: memoryview, fmt: _WordFormat) -> _Words:
-    """``view`` as an array of little-endian ``fmt`` words ("H", "I" or "Q")."""
-    if _NATIVE_LE:
-        return view.cast(fmt)
-    return _LEWords(view, fmt)
-
-
-def _ring_view(mem: GuestMemory, addr: int, length: int, what: str) -> memoryview:
-    try:
-        return mem.view(addr, length)
-    except GuestMemoryError as exc:
-        raise VirtqueueError(
-            f"{what} [{addr:#x}, +{length:#x}) is not inside one guest memory region: {exc}"
-        ) from exc
+def _ring_position(position: object, size: int, what: str) -> int:
+    """``position`` as a slot of a ring of ``size``; ValueError otherwise."""
+    if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < size:
+        raise ValueError(f"{what} {position!r} is not a position in a ring of {size}")
+    return position
 
 
 def _check_geometry(
@@ -218,25 +167,12 @@ def _check_geometry(
     packed-ring.tex: at most 2**15 entries, any value (not only powers of
     two); "Structure Size and Alignment" for the alignments.
     """
-    if not 1 <= size <= MAX_QUEUE_SIZE:
-        raise VirtqueueError(f"queue size {size} is not in 1..{MAX_QUEUE_SIZE}")
-    if desc_addr % DESC_ALIGN:
-        raise VirtqueueError(f"descriptor ring {desc_addr:#x} is not {DESC_ALIGN}-byte aligned")
-    for name, addr in (("driver event area", driver_addr), ("device event area", device_addr)):
-        if addr % EVENT_ALIGN:
-            raise VirtqueueError(f"{name} {addr:#x} is not {EVENT_ALIGN}-byte aligned")
-    ring = _ring_view(mem, desc_addr, DESC_SIZE * size, "descriptor ring")
-    drv = _ring_view(mem, driver_addr, EVENT_SIZE, "driver event area")
-    dev = _ring_view(mem, device_addr, EVENT_SIZE, "device event area")
-    return ring, drv, dev
-
-
-def _largest_region(regions: tuple[MemoryRegion, ...]) -> tuple[int, int, memoryview]:
-    """``(base, end, view)`` of the largest region, for the inline bounds check."""
-    if not regions:
-        return 1, 0, memoryview(b"")  # an empty range: every check takes the slow path
-    region = max(regions, key=lambda r: r.size)
-    return region.guest_base, region.guest_end, region.view
+    check_queue_size(size, power_of_two=False)
+    return (
+        area_view(mem, "descriptor ring", desc_addr, DESC_SIZE * size, DESC_ALIGN),
+        area_view(mem, "driver event area", driver_addr, EVENT_SIZE, EVENT_ALIGN),
+        area_view(mem, "device event area", device_addr, EVENT_SIZE, EVENT_ALIGN),
+    )
 
 
 def _need_event(
@@ -320,18 +256,15 @@ class PackedDeviceQueue:
         "_d64",
         "_dev16",
         "_drv16",
-        "_hi",
-        "_lo",
         "_mem",
         "_next_avail",
         "_next_used",
         "_notify_flags",
-        "_regions_seen",
         "_ring",
         "_track_avail_event",
         "_used_since_signal",
         "_used_wrap",
-        "_view",
+        "_window",
         "broken",
         "desc_addr",
         "device_addr",
@@ -362,21 +295,18 @@ class PackedDeviceQueue:
         self.indirect = indirect
         self.broken = False
         self._ring = ring  # bytes, for whole-descriptor unpacks
-        self._d16 = _words(ring, "H")
-        self._d32 = _words(ring, "I")
-        self._d64 = _words(ring, "Q")
-        self._drv16 = _words(drv, "H")  # read only: [0] off_wrap, [1] flags
-        self._dev16 = _words(dev, "H")  # written by us
+        self._d16 = words(ring, "H")
+        self._d32 = words(ring, "I")
+        self._d64 = words(ring, "Q")
+        self._drv16 = words(drv, "H")  # read only: [0] off_wrap, [1] flags
+        self._dev16 = words(dev, "H")  # written by us
         self._next_used = 0
         self._used_wrap = 1
         self._set_avail(0, 1)
         self._used_since_signal = 0  # ring slots used since needs_notification()
         self._set_notify_flags(RING_EVENT_FLAGS_ENABLE)
-        # Cached guest range for the inline buffer bounds check: the region
-        # table is replaced as a whole on any change, so an identity check of
-        # it keeps the cached bounds honest (see _check_range).
-        self._regions_seen = mem.regions
-        self._lo, self._hi, self._view = _largest_region(self._regions_seen)
+        # Buffers are checked inline against the largest region (pop).
+        self._window = GuestMemory.NO_WINDOW
 
     def _set_avail(self, pos: int, wrap: int) -> None:
         """Set the next available position and the device's view of the driver wrap counter.
@@ -417,197 +347,33 @@ class PackedDeviceQueue:
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None; :class:`VirtqueueError` if malformed.
 
-        ``chain.head`` is the buffer ID, which the driver stores in the last
-        descriptor of a chain (packed-ring.tex, "Next Flag: Descriptor
+        The one descriptor walker of the packed format: a chain of
+        NEXT-linked ring descriptors, or one INDIRECT descriptor whose table
+        is flattened (packed-ring.tex, "Scatter-Gather Support" and
+        "Indirect Flag").  ``chain.head`` is the buffer ID, which the driver
+        stores in the last descriptor of a chain ("Next Flag: Descriptor
         Chaining"); ``chain.ring_slots`` is how many ring descriptors it took.
         """
         if self.broken:
             raise VirtqueueError("packed virtqueue is broken; the device needs a reset")
-        pos = self._next_avail
-        # Flags first: they publish the rest of the descriptor.
-        flags = self._d16[pos * 8 + 7]
-        expect = self._avail_expect
-        if flags == expect or flags == expect + 2:  # + DESC_F_WRITE
-            # Fast path: one plain descriptor, read whole after its flags.
-            addr, length, bid, _ = _unpack_desc(self._ring, pos * 16)
-            mem = self._mem
-            # mem._regions backs mem.regions; read directly, it saves a call.
-            if not (
-                self._lo <= addr
-                and addr + length <= self._hi
-                and mem._regions is self._regions_seen
-            ):
-                self._check_range(addr, length, pos)
-            if INLINE_CHAIN:
-                chain = _new_object(DescriptorChain)
-                chain.mem = mem
-                chain.head = bid
-                chain.ring_slots = 1
-                if flags == expect:
-                    chain.readable = [(addr, length)]
-                    chain.writable = []
-                    chain.readable_len = length
-                    chain.writable_len = 0
-                else:
-                    chain.readable = []
-                    chain.writable = [(addr, length)]
-                    chain.readable_len = 0
-                    chain.writable_len = length
-            elif flags == expect:
-                chain = DescriptorChain(mem, bid, [(addr, length)], [], length, 0)
-            else:
-                chain = DescriptorChain(mem, bid, [], [(addr, length)], 0, length)
-            pos += 1
-        elif (flags & _AVAIL_USED) != expect:
-            return None
-        else:
-            chain = self._pop_chain(pos, flags, expect)
-            pos += chain.ring_slots
-        if pos >= self.size:
-            self._set_avail(pos - self.size, self._avail_wrap ^ 1)
-        else:
-            self._next_avail = pos
-        if self._track_avail_event:
-            # Keep asking for the descriptor after the ones consumed, or the
-            # driver's next additions would pass the old offset unnoticed.
-            self._dev16[0] = self._next_avail + self._avail_wrap * 0x8000
-        return chain
-
-    def pop_batch(self, limit: int | None = None) -> list[DescriptorChain]:
-        """Every available chain (at most ``limit``), in ring order.
-
-        What calling :meth:`pop` until it returns None gives, for less work
-        per chain: a device that serves all available buffers on each
-        notification (the block device does) can take them in one call.
-        Each chain is parsed and checked exactly as by :meth:`pop`.  With
-        DESC event suppression, the event offset is stored once, past the
-        chains taken, and the next descriptor is looked at again afterwards,
-        so a buffer made available meanwhile is either taken or notified.  A
-        malformed chain raises VirtqueueError and breaks the queue, as
-        :meth:`pop` does; the chains taken before it in the same call are
-        consumed with the queue.
-        """
-        if self.broken:
-            raise VirtqueueError("packed virtqueue is broken; the device needs a reset")
-        chains: list[DescriptorChain] = []
-        if not INLINE_CHAIN:  # DescriptorChain changed: let pop build each chain
-            while (limit is None or len(chains) < limit) and (chain := self.pop()) is not None:
-                chains.append(chain)
-            return chains
-        room = sys.maxsize if limit is None else limit
-        size = self.size
+        head = self._next_avail
         d16 = self._d16
-        ring = self._ring
-        mem = self._mem
-        pos = self._next_avail
-        wrap = self._avail_wrap
+        # Flags first: they publish the rest of the descriptor.
+        flags = d16[head * 8 + 7]
         expect = self._avail_expect
-        # The event offset (position and wrap counter) as this call last
-        # stored it; the starting one stands for "nothing taken yet".
-        published = pos + wrap * 0x8000
-        # The cached region is made current once per call (pop checks it per
-        # chain): a table replaced later in the call is like one replaced
-        # just after it.
-        if mem._regions is not self._regions_seen:
-            self._regions_seen = mem._regions
-            self._lo, self._hi, self._view = _largest_region(self._regions_seen)
-        lo = self._lo
-        hi = self._hi
-        try:
-            while room > 0:
-                # Flags first: they publish the rest of the descriptor.
-                flags = d16[pos * 8 + 7]
-                if flags == expect or flags == expect + 2:  # + DESC_F_WRITE
-                    # The fast path of pop, inline: see there.
-                    addr, length, bid, _ = _unpack_desc(ring, pos * 16)
-                    if not (lo <= addr and addr + length <= hi):
-                        self._check_range(addr, length, pos)
-                        lo = self._lo
-                        hi = self._hi
-                    chain = _new_object(DescriptorChain)
-                    chain.mem = mem
-                    chain.head = bid
-                    chain.ring_slots = 1
-                    if flags == expect:
-                        chain.readable = [(addr, length)]
-                        chain.writable = []
-                        chain.readable_len = length
-                        chain.writable_len = 0
-                    else:
-                        chain.readable = []
-                        chain.writable = [(addr, length)]
-                        chain.readable_len = 0
-                        chain.writable_len = length
-                    pos += 1
-                elif (flags & _AVAIL_USED) != expect:
-                    if not self._track_avail_event or pos + wrap * 0x8000 == published:
-                        break
-                    # As pop does: ask for a notification past what was taken,
-                    # then look at the next descriptor once more.
-                    published = pos + wrap * 0x8000
-                    self._dev16[0] = published
-                    continue
-                else:
-                    chain = self._pop_chain(pos, flags, expect)
-                    pos += chain.ring_slots
-                chains.append(chain)
-                room -= 1
-                if pos >= size:
-                    pos -= size
-                    wrap ^= 1
-                    expect = DESC_F_AVAIL if wrap else DESC_F_USED
-        except VirtqueueError:
-            self._set_avail(pos, wrap)  # past the chains taken, as pop would be
-            raise
-        self._set_avail(pos, wrap)
-        if self._track_avail_event and pos + wrap * 0x8000 != published:
-            self._dev16[0] = pos + wrap * 0x8000  # stopped by ``limit``
-        return chains
-
-    def _fail(self, message: str) -> VirtqueueError:
-        self.broken = True
-        return VirtqueueError(message)
-
-    def _check_range(self, addr: int, length: int, pos: int) -> None:
-        """Slow path of the buffer bounds check: refresh the cache, then look up.
-
-        The inline check compares against the largest region and the
-        identity of the region table, so it never accepts a range a fresh
-        look-up would refuse; ranges elsewhere (or spanning two contiguous
-        regions) come here.
-        """
-        mem = self._mem
-        regions = mem.regions
-        if regions is not self._regions_seen:
-            self._regions_seen = regions
-            self._lo, self._hi, self._view = _largest_region(regions)
-            if self._lo <= addr and addr + length <= self._hi:
-                return
-        end = addr + length
-        if end > _U64_LIMIT:
-            raise self._fail(
-                f"descriptor {pos}: buffer {addr:#x}+{length:#x} overflows the address space"
-            )
-        if not mem.is_valid(addr, length):
-            raise self._fail(
-                f"descriptor {pos}: buffer [{addr:#x}, {end:#x}) is outside guest memory"
-            )
-
-    def _pop_chain(self, head: int, flags: int, expect: int) -> DescriptorChain:
-        """Walk a chain of several descriptors, or one indirect descriptor.
-
-        ``expect`` is the AVAIL/USED pattern of an available descriptor at
-        ``head`` (see :meth:`_set_avail`).  Any fault becomes a
-        :class:`VirtqueueError` and breaks the queue.
-        """
+        if (flags & _AVAIL_USED) != expect:
+            return None
         try:
             size = self.size
-            d16 = self._d16
             ring = self._ring
             mem = self._mem
-            fresh = mem._regions is self._regions_seen
-            lo = self._lo
-            hi = self._hi
+            # Buffers inside the largest region are checked inline against
+            # its window, while the window is current (GuestMemory.window).
+            window = self._window
+            if window.table is not mem.regions:
+                window = self._window = mem.largest_window()
+            lo = window.base
+            hi = window.end
             readable: list[tuple[int, int]] = []
             writable: list[tuple[int, int]] = []
             readable_len = 0
@@ -616,17 +382,15 @@ class PackedDeviceQueue:
             slots = 1
             while True:
                 # The flags were read (and found available) first.
-                addr, length, bid, _ = _unpack_desc(ring, pos * 16)
-                # NEXT 1, WRITE 2, INDIRECT 4, compared as literals below
-                # (CPython 3.11 specialises int compares, not ``&``).
-                kind = flags & 7
-                if kind >= 4:  # DESC_F_INDIRECT
+                addr, length, bid, _ = _unpack_desc(ring, pos * DESC_SIZE)
+                kind = flags & _KIND_MASK
+                if kind > _WRITE_MORE:  # DESC_F_INDIRECT
                     if not self.indirect:
                         raise self._fail(
                             f"descriptor {pos}: INDIRECT flag but VIRTIO_F_INDIRECT_DESC "
                             "was not negotiated"
                         )
-                    if slots > 1 or kind in {5, 7}:  # ... or DESC_F_NEXT
+                    if slots > 1 or kind & DESC_F_NEXT:
                         raise self._fail(
                             f"descriptor {pos}: INDIRECT descriptor in a NEXT-linked chain"
                         )
@@ -634,15 +398,12 @@ class PackedDeviceQueue:
                         pos, addr, length, readable, writable
                     )
                     break
-                if not (fresh and lo <= addr and addr + length <= hi):
+                if addr < lo or addr + length > hi:
                     self._check_range(addr, length, pos)
-                    fresh = True
-                    lo = self._lo
-                    hi = self._hi
-                if kind >= 2:  # DESC_F_WRITE
+                if kind >= _WRITE_LAST:
                     writable.append((addr, length))
                     writable_len += length
-                    if kind == 2:  # no DESC_F_NEXT: the end
+                    if kind == _WRITE_LAST:
                         break
                 elif writable:
                     raise self._fail(
@@ -652,7 +413,7 @@ class PackedDeviceQueue:
                 else:
                     readable.append((addr, length))
                     readable_len += length
-                    if kind == 0:
+                    if kind == _READ_LAST:
                         break
                 if slots >= size:
                     raise self._fail(
@@ -672,13 +433,38 @@ class PackedDeviceQueue:
                         f"chain but is not available (flags {flags:#06x})"
                     )
                 slots += 1
-            # The buffer ID is in the last descriptor of the list.
-            return make_chain(mem, bid, readable, writable, readable_len, writable_len, slots)
         except VirtqueueError:
             self.broken = True
             raise
         except (GuestMemoryError, struct.error, IndexError, ValueError, OverflowError) as exc:
             raise self._fail(f"descriptor chain at {head}: {exc}") from exc
+        pos = head + slots
+        if pos >= size:
+            self._set_avail(pos - size, self._avail_wrap ^ 1)
+        else:
+            self._next_avail = pos
+        if self._track_avail_event:
+            # Keep asking for the descriptor after the ones consumed, or the
+            # driver's next additions would pass the old offset unnoticed.
+            self._dev16[0] = self._next_avail + self._avail_wrap * _WRAP_BIT
+        # The buffer ID is in the last descriptor of the list.
+        return DescriptorChain(mem, bid, readable, writable, readable_len, writable_len, slots)
+
+    def _fail(self, message: str) -> VirtqueueError:
+        self.broken = True
+        return VirtqueueError(message)
+
+    def _check_range(self, addr: int, length: int, pos: int) -> None:
+        """The slow bounds check, for buffers outside the cached region window."""
+        end = addr + length
+        if end > U64_LIMIT:
+            raise self._fail(
+                f"descriptor {pos}: buffer {addr:#x}+{length:#x} overflows the address space"
+            )
+        if not self._mem.is_valid(addr, length):
+            raise self._fail(
+                f"descriptor {pos}: buffer [{addr:#x}, {end:#x}) is outside guest memory"
+            )
 
     def _walk_indirect(
         self,
@@ -700,13 +486,13 @@ class PackedDeviceQueue:
                 f"the limit of {MAX_INDIRECT_ENTRIES}"
             )
         mem = self._mem
-        fresh = mem._regions is self._regions_seen
-        lo = self._lo
-        hi = self._hi
+        window = self._window  # made current by pop
+        lo = window.base
+        hi = window.end
         table: bytes | memoryview
-        if fresh and lo <= addr and addr + length <= hi:
-            # Zero copy from the cached region; each entry is read once.
-            table = self._view[addr - lo : addr - lo + length]
+        if lo <= addr and addr + length <= hi:
+            # Zero copy from the window's region; each entry is read once.
+            table = window.view[addr - lo : addr - lo + length]
         else:
             try:
                 table = mem.read(addr, length)
@@ -717,17 +503,14 @@ class PackedDeviceQueue:
                 ) from exc
         readable_len = 0
         writable_len = 0
-        for index, (baddr, blen, _id, bflags) in enumerate(_DESC.iter_unpack(table)):
+        for index, (baddr, blen, _id, bflags) in enumerate(DESC.iter_unpack(table)):
             # Only WRITE is valid in a table entry; NEXT and the ID are ignored.
             if bflags & DESC_F_INDIRECT:
                 raise self._fail(
                     f"descriptor {pos}: indirect table entry {index} is itself INDIRECT"
                 )
-            if not (fresh and lo <= baddr and baddr + blen <= hi):
+            if baddr < lo or baddr + blen > hi:
                 self._check_range(baddr, blen, pos)
-                fresh = True
-                lo = self._lo
-                hi = self._hi
             if bflags & DESC_F_WRITE:
                 writable.append((baddr, blen))
                 writable_len += blen
@@ -903,7 +686,7 @@ class PackedDeviceQueue:
         Reads the driver event suppression structure (packed-ring.tex, "Event
         Suppression Structure Format"): see :func:`_need_event`.
         """
-        _full_barrier()  # used descriptors visible before reading the driver's area
+        full_barrier()  # used descriptors visible before reading the driver's area
         drv16 = self._drv16
         flags = drv16[1]
         off_wrap = drv16[0]  # after flags: at least as new as the DESC it goes with
@@ -924,19 +707,59 @@ class PackedDeviceQueue:
         """
         dev16 = self._dev16
         if self.event_idx:
-            dev16[0] = self._next_avail + self._avail_wrap * 0x8000
+            dev16[0] = self._next_avail + self._avail_wrap * _WRAP_BIT
             dev16[1] = RING_EVENT_FLAGS_DESC
             self._set_notify_flags(RING_EVENT_FLAGS_DESC)
         else:
             dev16[1] = RING_EVENT_FLAGS_ENABLE
             self._set_notify_flags(RING_EVENT_FLAGS_ENABLE)
-        _full_barrier()
+        full_barrier()
         return self.has_available()
 
     def disable_notifications(self) -> None:
         """Tell the driver not to send available buffer notifications (a hint)."""
         self._dev16[1] = RING_EVENT_FLAGS_DISABLE
         self._set_notify_flags(RING_EVENT_FLAGS_DISABLE)
+
+    # -- ring positions, for hosts (vhost-user SET_VRING_BASE / GET_VRING_BASE) --
+
+    @property
+    def next_avail(self) -> int:
+        """Ring position of the next descriptor :meth:`pop` will look at."""
+        return self._next_avail
+
+    @property
+    def avail_wrap_counter(self) -> bool:
+        """The driver ring wrap counter as the device tracks it (starts True)."""
+        return bool(self._avail_wrap)
+
+    @property
+    def next_used(self) -> int:
+        """Ring position the next used descriptor will be written to."""
+        return self._next_used
+
+    @property
+    def used_wrap_counter(self) -> bool:
+        """The device ring wrap counter (starts True)."""
+        return bool(self._used_wrap)
+
+    def set_next_avail(self, position: int, wrap_counter: bool) -> None:
+        """Resume popping at ring ``position`` with the driver wrap counter ``wrap_counter``.
+
+        What a host does when told where the driver's buffers continue
+        (vhost-user SET_VRING_BASE: position in bits 0..14, wrap counter in
+        bit 15 for packed rings).  ValueError for a position outside the ring.
+        """
+        self._set_avail(_ring_position(position, self.size, "next_avail"), int(bool(wrap_counter)))
+
+    def set_next_used(self, position: int, wrap_counter: bool) -> None:
+        """Resume completing at ring ``position`` with device wrap counter ``wrap_counter``.
+
+        The notification count restarts there.
+        """
+        self._next_used = _ring_position(position, self.size, "next_used")
+        self._used_wrap = int(bool(wrap_counter))
+        self._used_since_signal = 0
 
     # -- state ----------------------------------------------------------------
 
@@ -971,28 +794,26 @@ class PackedDeviceQueue:
         Nothing is written to guest memory.  An inconsistent state raises
         :class:`VirtqueueError`.
         """
-        try:
-            if state.get("format", "packed") != "packed":
-                raise ValueError(f"format {state['format']!r}")
-            queue = cls(
-                mem,
-                _as_int(state["size"]),
-                _as_int(state["desc_addr"]),
-                _as_int(state["driver_addr"]),
-                _as_int(state["device_addr"]),
-                event_idx=_as_bool(state["event_idx"]),
-                indirect=_as_bool(state["indirect"]),
-            )
-            size = queue.size
-            next_avail = _as_int(state["next_avail"])
-            next_used = _as_int(state["next_used"])
-            avail_wrap = int(_as_bool(state["avail_wrap_counter"]))
-            used_wrap = int(_as_bool(state["used_wrap_counter"]))
-            used_since_signal = _as_int(state["used_since_signal"])
-            notify_flags = _as_int(state["notify_flags"])
-            broken = _as_bool(state["broken"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise VirtqueueError(f"invalid packed queue state: {exc!r}") from exc
+        fields = StateReader(state)
+        if state.get("format", "packed") != "packed":
+            raise VirtqueueError(f"invalid packed queue state: format {state['format']!r}")
+        queue = cls(
+            mem,
+            fields.integer("size"),
+            fields.integer("desc_addr"),
+            fields.integer("driver_addr"),
+            fields.integer("device_addr"),
+            event_idx=fields.flag("event_idx"),
+            indirect=fields.flag("indirect"),
+        )
+        size = queue.size
+        next_avail = fields.integer("next_avail")
+        next_used = fields.integer("next_used")
+        avail_wrap = int(fields.flag("avail_wrap_counter"))
+        used_wrap = int(fields.flag("used_wrap_counter"))
+        used_since_signal = fields.integer("used_since_signal")
+        notify_flags = fields.integer("notify_flags")
+        broken = fields.flag("broken")
         if not (0 <= next_avail < size and 0 <= next_used < size):
             raise VirtqueueError(
                 f"invalid packed queue state: positions {next_avail}/{next_used} for size {size}"
@@ -1010,18 +831,6 @@ class PackedDeviceQueue:
         queue._set_notify_flags(notify_flags)
         queue.broken = broken
         return queue
-
-
-def _as_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an int, got {value!r}")
-    return value
-
-
-def _as_bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected a bool, got {value!r}")
-    return value
 
 
 # -- driver side -----------------------------------------------------------------
@@ -1089,6 +898,79 @@ class PackedDriverQueue:
         indirect_addr: int | None = None,
         max_indirect: int = 0,
     ) -> None:
+        self._setup(
+            mem,
+            size,
+            desc_addr,
+            driver_addr,
+            device_addr,
+            event_idx=event_idx,
+            indirect=indirect,
+            indirect_addr=indirect_addr,
+            max_indirect=max_indirect,
+        )
+        # "The descriptor ring is zero-initialized" (packed-ring.tex, "The
+        # Virtqueue Descriptor Format"); zeroed event areas mean ENABLE.
+        for addr, length in zip(
+            (desc_addr, driver_addr, device_addr), area_sizes(size), strict=True
+        ):
+            mem.fill(addr, length, 0)
+
+    @classmethod
+    def from_state(cls, mem: GuestMemory, state: QueueState) -> PackedDriverQueue:
+        """Rebuild an idle queue (nothing in flight) from :meth:`state`.
+
+        Guest memory is not touched, unlike the constructor, which zeroes the
+        ring: the ring is expected to be where the state says.  Tokens are
+        arbitrary objects and not part of the state, hence the idle rule.
+        """
+        fields = StateReader(state)
+        if state.get("format", "packed") != "packed":
+            raise VirtqueueError(f"invalid packed queue state: format {state['format']!r}")
+        if fields.integer("in_flight") != 0:
+            raise ValueError("only a queue with nothing in flight can be rebuilt from state")
+        indirect = fields.flag("indirect")
+        max_indirect = fields.integer("max_indirect")
+        queue = cls.__new__(cls)
+        queue._setup(
+            mem,
+            fields.integer("size"),
+            fields.integer("desc_addr"),
+            fields.integer("driver_addr"),
+            fields.integer("device_addr"),
+            event_idx=fields.flag("event_idx"),
+            indirect=indirect,
+            indirect_addr=fields.integer("indirect_addr") if indirect and max_indirect else None,
+            max_indirect=max_indirect,
+        )
+        size = queue.size
+        queue._next_avail = _ring_position(fields.integer("next_avail"), size, "next_avail")
+        queue._avail_wrap = int(fields.flag("avail_wrap_counter"))
+        queue._avail_flags = DESC_F_AVAIL if queue._avail_wrap else DESC_F_USED
+        queue._next_used = _ring_position(fields.integer("next_used"), size, "next_used")
+        queue._used_wrap = int(fields.flag("used_wrap_counter"))
+        queue._used_expect = _AVAIL_USED if queue._used_wrap else 0
+        if (queue._next_avail, queue._avail_wrap) != (queue._next_used, queue._used_wrap):
+            raise ValueError("queue state has next_avail != next_used but nothing in flight")
+        queue._added_since_kick = fields.integer("added_since_kick", 0, size)
+        irq_flags = fields.integer("interrupt_flags", 0, RING_EVENT_FLAGS_DESC)
+        queue._set_irq_flags(irq_flags)
+        queue.broken = fields.flag("broken")
+        return queue
+
+    def _setup(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        indirect_addr: int | None,
+        max_indirect: int,
+    ) -> None:
         ring, drv, dev = _check_geometry(mem, size, desc_addr, driver_addr, device_addr)
         self.size = size
         self.desc_addr = desc_addr
@@ -1104,29 +986,28 @@ class PackedDriverQueue:
         self.max_indirect = max_indirect
         self.indirect_addr = indirect_addr if max_indirect else None
         self._indirect_base = indirect_addr if indirect_addr is not None and max_indirect else 0
-        self._t16: _Words | None = None
-        self._t32: _Words | None = None
-        self._t64: _Words | None = None
+        self._t16: Words | None = None
+        self._t32: Words | None = None
+        self._t64: Words | None = None
         if max_indirect:
             if indirect_addr is None:
                 raise VirtqueueError("indirect tables need indirect_addr")
-            table = _ring_view(
-                mem, indirect_addr, indirect_area_size(size, max_indirect), "indirect table area"
+            table = area_view(
+                mem,
+                "indirect table area",
+                indirect_addr,
+                indirect_area_size(size, max_indirect),
+                DESC_ALIGN,
             )
-            self._t16 = _words(table, "H")
-            self._t32 = _words(table, "I")
-            self._t64 = _words(table, "Q")
-        # "The descriptor ring is zero-initialized" (packed-ring.tex, "The
-        # Virtqueue Descriptor Format"); zeroed event areas mean ENABLE.
-        ring[:] = bytes(len(ring))
-        drv[:] = bytes(EVENT_SIZE)
-        dev[:] = bytes(EVENT_SIZE)
+            self._t16 = words(table, "H")
+            self._t32 = words(table, "I")
+            self._t64 = words(table, "Q")
         self._ring = ring  # bytes, for packing a descriptor's fields at once
-        self._d16 = _words(ring, "H")
-        self._d32 = _words(ring, "I")
-        self._d64 = _words(ring, "Q")
-        self._drv16 = _words(drv, "H")  # written by us: [0] off_wrap, [1] flags
-        self._dev16 = _words(dev, "H")  # read only
+        self._d16 = words(ring, "H")
+        self._d32 = words(ring, "I")
+        self._d64 = words(ring, "Q")
+        self._drv16 = words(drv, "H")  # written by us: [0] off_wrap, [1] flags
+        self._dev16 = words(dev, "H")  # read only
         # Driver ring wrap counter starts at 1: available descriptors carry
         # AVAIL = counter and USED = !counter (packed-ring.tex, "Driver and
         # Device Ring Wrap Counters").
@@ -1183,150 +1064,35 @@ class PackedDriverQueue:
         Descriptor Ring": every descriptor but the head is written completely,
         the buffer ID goes in each (the device reads it from the last), and
         the head's flags are stored last so the device never sees a partial
-        chain.  Raises QueueFullError when the ring lacks room, ValueError for
-        an empty request, one that could never fit, or out-of-range fields.
-        """
-        if len(readable) + len(writable) == 1 and self._num_free:
-            # Fast path: one direct descriptor.
-            if readable:
-                addr, length = readable[0]
-                flags = self._avail_flags
-                wlen = 0
-            else:
-                addr, length = writable[0]
-                flags = self._avail_flags + DESC_F_WRITE
-                wlen = length
-            pos = self._next_avail
-            bid = self._free_ids.pop()
-            try:
-                # addr, len and id in one call; the flags go after them.
-                _pack_desc_head(self._ring, pos * 16, addr, length, bid)
-            except struct.error as exc:
-                self._free_ids.append(bid)
-                raise ValueError(f"invalid buffer ({addr!r}, {length!r}): {exc}") from exc
-            self._tokens[bid] = token
-            self._slots[bid] = 1
-            self._wlen[bid] = wlen
-            self._d16[pos * 8 + 7] = flags  # publishes the descriptor
-            pos += 1
-            if pos == self.size:
-                pos = 0
-                self._avail_wrap ^= 1
-                self._avail_flags ^= _AVAIL_USED
-            self._next_avail = pos
-            self._num_free -= 1
-            self._added_since_kick += 1
-            return
-        self._add_slow(readable, writable, token)
-
-    def add_batch(
-        self,
-        requests: Iterable[tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]], object]],
-    ) -> int:
-        """Make several ``(readable, writable, token)`` requests available, in order.
-
-        What calling :meth:`add` for each gives (each request's head flags
-        are stored last, publishing it), for less work per request: a driver
-        with several requests queued adds them at once, then asks
-        :meth:`kick_needed`.  Returns how many were added: all of them, or
-        fewer when the next did not fit (it and the rest were not touched).
-        A malformed request raises ValueError, the ones before it added.
-        """
-        ring = self._ring
-        d16 = self._d16
-        free_ids = self._free_ids
-        tokens = self._tokens
-        slots = self._slots
-        wlens = self._wlen
-        size = self.size
-        pos = self._next_avail
-        avail_flags = self._avail_flags
-        num_free = start_free = self._num_free  # slots added = start_free - num_free
-        count = 0
-        try:
-            for readable, writable, token in requests:
-                if len(readable) + len(writable) == 1 and num_free:
-                    # The fast path of add, inline: see there.
-                    if readable:
-                        addr, length = readable[0]
-                        flags = avail_flags
-                        wlen = 0
-                    else:
-                        addr, length = writable[0]
-                        flags = avail_flags + DESC_F_WRITE
-                        wlen = length
-                    bid = free_ids.pop()
-                    try:
-                        _pack_desc_head(ring, pos * 16, addr, length, bid)
-                    except struct.error as exc:
-                        free_ids.append(bid)
-                        raise ValueError(f"invalid buffer ({addr!r}, {length!r}): {exc}") from exc
-                    tokens[bid] = token
-                    slots[bid] = 1
-                    wlens[bid] = wlen
-                    d16[pos * 8 + 7] = flags  # publishes the descriptor
-                    pos += 1
-                    if pos == size:
-                        pos = 0
-                        avail_flags ^= _AVAIL_USED
-                    num_free -= 1
-                else:
-                    # Chains, indirect tables and errors: as add does.
-                    self._next_avail = pos
-                    if avail_flags != self._avail_flags:
-                        self._avail_flags = avail_flags
-                        self._avail_wrap ^= 1
-                    self._num_free = num_free
-                    self._added_since_kick += start_free - num_free
-                    start_free = num_free
-                    try:
-                        self._add_slow(readable, writable, token)
-                    except QueueFullError:
-                        break
-                    pos = self._next_avail
-                    avail_flags = self._avail_flags
-                    num_free = start_free = self._num_free
-                count += 1
-        finally:
-            self._next_avail = pos
-            if avail_flags != self._avail_flags:
-                self._avail_flags = avail_flags
-                self._avail_wrap ^= 1
-            self._num_free = num_free
-            self._added_since_kick += start_free - num_free
-        return count
-
-    def _add_slow(
-        self,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
-        token: object,
-    ) -> None:
-        """Several elements (a chain or an indirect table), or the error cases.
-
-        Nothing the device can see changes until the head's flags are
-        stored, so a bad element found midway leaves the queue as it was.
+        chain.  A request of 2..``max_indirect`` elements takes one ring slot
+        and its buffer ID's indirect table instead.  Raises QueueFullError
+        when the ring lacks room, ValueError for an empty request, one that
+        could never fit, or out-of-range fields; nothing the device can see
+        changes then.
         """
         n = len(readable) + len(writable)
-        if n == 0:
-            raise ValueError("a buffer needs at least one element")
         indirect = 1 < n <= self.max_indirect
         slots = 1 if indirect else n
-        if slots > self.size:
-            raise ValueError(f"{n} descriptors can never fit a queue of size {self.size}")
-        if slots > self._num_free:
+        if slots > self._num_free or not n:
+            if not n:
+                raise ValueError("a buffer needs at least one element")
+            if slots > self.size:
+                raise ValueError(f"{n} descriptors can never fit a queue of size {self.size}")
             raise QueueFullError(f"{slots} ring descriptors needed, {self._num_free} free")
         size = self.size
-        d16, d32, d64 = self._d16, self._d32, self._d64
         bid = self._free_ids[-1]
         head = self._next_avail
         head_flags = self._avail_flags
         try:
             if indirect:
                 wlen = self._write_table(bid, readable, writable)
-                d64[head * 2] = self._indirect_base + bid * self.max_indirect * DESC_SIZE
-                d32[head * 4 + 2] = n * DESC_SIZE
-                d16[head * 8 + 6] = bid
+                _pack_desc_head(
+                    self._ring,
+                    head * DESC_SIZE,
+                    self._indirect_base + bid * self.max_indirect * DESC_SIZE,
+                    n * DESC_SIZE,
+                    bid,
+                )
                 avail_flags = head_flags
                 head_flags += DESC_F_INDIRECT
                 pos = head + 1
@@ -1337,7 +1103,6 @@ class PackedDriverQueue:
                 # packed-ring.tex, "Placing Available Buffers Into The
                 # Descriptor Ring": all but the head are written whole, each
                 # with NEXT but the last; the head's flags wait for the end.
-                # Flags as literals: 1 NEXT, 2 WRITE, 3 WRITE|NEXT.
                 ring = self._ring
                 wlen = 0
                 pos = head
@@ -1346,10 +1111,12 @@ class PackedDriverQueue:
                 for addr, length in readable:
                     remaining -= 1
                     if pos == head:
-                        _pack_desc_head(ring, pos * 16, addr, length, bid)
+                        _pack_desc_head(ring, pos * DESC_SIZE, addr, length, bid)
+                        if remaining:
+                            head_flags += _READ_MORE
                     else:
-                        flags = avail_flags + 1 if remaining else avail_flags
-                        _pack_desc(ring, pos * 16, addr, length, bid, flags)
+                        flags = avail_flags + _READ_MORE if remaining else avail_flags
+                        _pack_desc(ring, pos * DESC_SIZE, addr, length, bid, flags)
                     pos += 1
                     if pos == size:
                         pos = 0
@@ -1357,16 +1124,16 @@ class PackedDriverQueue:
                 for addr, length in writable:
                     remaining -= 1
                     if pos == head:
-                        _pack_desc_head(ring, pos * 16, addr, length, bid)
+                        _pack_desc_head(ring, pos * DESC_SIZE, addr, length, bid)
+                        head_flags += _WRITE_MORE if remaining else _WRITE_LAST
                     else:
-                        flags = avail_flags + 3 if remaining else avail_flags + 2
-                        _pack_desc(ring, pos * 16, addr, length, bid, flags)
+                        flags = avail_flags + (_WRITE_MORE if remaining else _WRITE_LAST)
+                        _pack_desc(ring, pos * DESC_SIZE, addr, length, bid, flags)
                     wlen += length
                     pos += 1
                     if pos == size:
                         pos = 0
                         avail_flags ^= _AVAIL_USED
-                head_flags += DESC_F_NEXT if readable else DESC_F_NEXT + DESC_F_WRITE
         except (ValueError, OverflowError, TypeError, struct.error) as exc:
             raise ValueError(f"invalid buffer element: {exc}") from exc
         self._free_ids.pop()
@@ -1374,7 +1141,7 @@ class PackedDriverQueue:
         self._slots[bid] = slots
         self._wlen[bid] = wlen
         # packed-ring.tex, "Updating flags": the head's flags go last.
-        d16[head * 8 + 7] = head_flags
+        self._d16[head * 8 + 7] = head_flags
         self._next_avail = pos
         if avail_flags != self._avail_flags:
             self._avail_flags = avail_flags
@@ -1419,7 +1186,7 @@ class PackedDriverQueue:
         (packed-ring.tex, "Sending Available Buffer Notifications"); see
         :func:`_need_event` for the DESC comparison.
         """
-        _full_barrier()
+        full_barrier()
         dev16 = self._dev16
         flags = dev16[1]
         off_wrap = dev16[0]  # after flags: at least as new as the DESC it goes with
@@ -1434,6 +1201,10 @@ class PackedDriverQueue:
     def _fail(self, message: str) -> VirtqueueError:
         self.broken = True
         return VirtqueueError(message)
+
+    def has_used(self) -> bool:
+        """Whether :meth:`used` would yield something (or raise)."""
+        return self.broken or self._used_ready()
 
     def _used_ready(self) -> bool:
         if self._num_free == self.size:
@@ -1506,7 +1277,7 @@ class PackedDriverQueue:
             if self._track_used_event:
                 # Move the event to the next used descriptor we expect, or the
                 # device would never pass it again (Linux does the same).
-                self._drv16[0] = pos + self._used_wrap * 0x8000
+                self._drv16[0] = pos + self._used_wrap * _WRAP_BIT
             yield token, written
 
     def enable_interrupts(self) -> bool:
@@ -1519,13 +1290,13 @@ class PackedDriverQueue:
         """
         drv16 = self._drv16
         if self.event_idx:
-            drv16[0] = self._next_used + self._used_wrap * 0x8000
+            drv16[0] = self._next_used + self._used_wrap * _WRAP_BIT
             drv16[1] = RING_EVENT_FLAGS_DESC
             self._set_irq_flags(RING_EVENT_FLAGS_DESC)
         else:
             drv16[1] = RING_EVENT_FLAGS_ENABLE
             self._set_irq_flags(RING_EVENT_FLAGS_ENABLE)
-        _full_barrier()
+        full_barrier()
         return self._used_ready()
 
     def disable_interrupts(self) -> None:

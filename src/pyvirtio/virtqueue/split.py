@@ -30,31 +30,39 @@ write ring entries before the index that publishes them and to read an index
 before the entries it covers.  The one reordering x86 allows, a later load
 passing an earlier store, matters where the spec asks for a full barrier
 (publishing an index, then reading the other side's suppression fields);
-there :func:`_full_barrier` is used.
+there :func:`~pyvirtio.virtqueue.ring.full_barrier` is used.
 """
 
 from __future__ import annotations
 
-import array
 import struct
-import sys
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Literal, Protocol
+from collections.abc import Iterator, Sequence
 
-from pyvirtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
-    INLINE_CHAIN,
     MAX_QUEUE_SIZE,
     DescriptorChain,
     QueueFullError,
     QueueState,
     VirtqueueError,
-    make_chain,
     ring_need_event,
+)
+from pyvirtio.virtqueue.ring import (
+    CHAIN_BYTES_LIMIT,
+    DESC,
+    DESC_SIZE,
+    U64_LIMIT,
+    StateReader,
+    Words,
+    area_view,
+    check_queue_size,
+    full_barrier,
+    read_span,
+    words,
+    write_span,
 )
 
 __all__ = [
@@ -79,28 +87,23 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 #: Used ring flag: the device asks for no available-buffer notifications.
 VIRTQ_USED_F_NO_NOTIFY = 1
 
-_DESC_SIZE = 16
-#: ``struct virtq_desc``: le64 addr, le32 len, le16 flags, le16 next.
-_DESC = struct.Struct("<QIHH")
-_unpack_desc = _DESC.unpack_from
-_pack_desc = _DESC.pack_into
-_U64_LIMIT = 1 << 64
-#: split-ring.tex, "The Virtqueue Descriptor Table": a chain is at most 2**32 bytes.
-_CHAIN_BYTES_LIMIT = 1 << 32
+_unpack_desc = DESC.unpack_from
+_pack_desc = DESC.pack_into
 #: Most descriptors an indirect table may hold (as many as the largest queue).
 _MAX_INDIRECT_DESCS = MAX_QUEUE_SIZE
 
-_new_object = object.__new__  # the inline fast paths (see common.INLINE_CHAIN)
+#: The four values of a descriptor's NEXT and WRITE bits.  Hot loops compare
+#: flags with these (CPython 3.11 specialises int compares, not ``&``) after
+#: INDIRECT and the reserved bits are dealt with.
+_READ_LAST = 0
+_READ_MORE = DESC_F_NEXT
+_WRITE_LAST = DESC_F_WRITE
+_WRITE_MORE = DESC_F_WRITE | DESC_F_NEXT
 
 #: Batches of at least this many used elements are read or written with one
 #: slice per lap of the ring; below it, the slice's fixed cost outweighs a
 #: store or load per element.
 _BULK_MIN = 8
-
-#: Ring areas are read through native-order memoryview casts on little-endian
-#: hosts; elsewhere through a slower struct-based stand-in with the same
-#: indexing.  A module variable so tests can exercise the fallback.
-_NATIVE_LITTLE = sys.byteorder == "little"
 
 
 def area_sizes(size: int) -> tuple[int, int, int]:
@@ -110,7 +113,7 @@ def area_sizes(size: int) -> tuple[int, int, int]:
     or not VIRTIO_F_EVENT_IDX is negotiated, as the spec's table does
     (split-ring.tex, "Split Virtqueues").
     """
-    return _DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
+    return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
 
 
 def indirect_area_size(size: int, max_indirect: int) -> int:
@@ -119,156 +122,37 @@ def indirect_area_size(size: int, max_indirect: int) -> int:
     One table of ``max_indirect`` descriptors per head slot, so a table is
     owned by exactly one in-flight request and needs no allocator.
     """
-    return size * max_indirect * _DESC_SIZE
-
-
-# -- ring area access -----------------------------------------------------------
-
-
-class _IntArray(Protocol):
-    """What the ring code needs of a memoryview cast: int slots by index."""
-
-    def __getitem__(self, index: int, /) -> int: ...
-
-    def __setitem__(self, index: int, value: int, /) -> None: ...
-
-    def __len__(self) -> int: ...
-
-
-class _LittleEndianArray:
-    """Little-endian integer slots over a byte view, for big-endian hosts."""
-
-    __slots__ = ("_count", "_fmt", "_view", "_width")
-
-    def __init__(self, view: memoryview, code: str) -> None:
-        self._fmt = struct.Struct("<" + code)
-        self._width = self._fmt.size
-        self._view = view
-        self._count = len(view) // self._width
-
-    def __getitem__(self, index: int, /) -> int:
-        if not 0 <= index < self._count:
-            raise IndexError("ring slot out of range")
-        value: int = self._fmt.unpack_from(self._view, index * self._width)[0]
-        return value
-
-    def __setitem__(self, index: int, value: int, /) -> None:
-        if not 0 <= index < self._count:
-            raise IndexError("ring slot out of range")
-        try:
-            self._fmt.pack_into(self._view, index * self._width, value)
-        except struct.error as exc:
-            raise ValueError(str(exc)) from exc
-
-    def __len__(self) -> int:
-        return self._count
-
-
-def _int_array(view: memoryview, code: Literal["H", "I"]) -> _IntArray:
-    """Integer slots (``code`` "H" or "I") over ``view``, little-endian."""
-    if _NATIVE_LITTLE:
-        return view.cast(code)
-    return _LittleEndianArray(view, code)
-
-
-def _read_span(words: _IntArray, start: int, stop: int) -> list[int]:
-    """Slots ``[start, stop)`` of ``words`` as a list, in one call where possible."""
-    if isinstance(words, memoryview):
-        return words[start:stop].tolist()
-    return [words[index] for index in range(start, stop)]
-
-
-def _write_u32_span(words: _IntArray, start: int, values: list[int]) -> None:
-    """Store ``values`` in the u32 slots from ``start``; ValueError if one is out of range.
-
-    One slice assignment on native views: a fraction of the cost of a store
-    per slot.
-    """
-    if isinstance(words, memoryview):
-        try:
-            packed = array.array("I", values)
-        except OverflowError as exc:
-            raise ValueError(f"value out of range for a 32-bit field: {exc}") from exc
-        words[start : start + len(values)] = packed
-    else:
-        for offset, value in enumerate(values):
-            words[start + offset] = value
-
-
-def _full_barrier(lock: threading.Lock) -> None:
-    """A store-load barrier, as far as CPython can give one.
-
-    The spec asks for a full barrier between publishing an index and reading
-    the other side's suppression fields (split-ring.tex, "Notifying The
-    Device" and "Used Buffer Notification Suppression"), or a notification
-    can be lost.  Python has no fence primitive; an uncontended lock round
-    trip runs locked read-modify-write instructions (sem_wait/sem_post on
-    Linux), which x86 orders as full fences.
-    """
-    lock.acquire()
-    lock.release()
+    return size * max_indirect * DESC_SIZE
 
 
 def _check_layout(
     mem: GuestMemory, size: int, desc_addr: int, driver_addr: int, device_addr: int
 ) -> tuple[memoryview, memoryview, memoryview]:
-    """Validate queue geometry; return byte views of the three areas.
-
-    Each area has to lie inside one guest region, since it is accessed
-    through a single zero-copy view.
-    """
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise VirtqueueError(f"queue size {size!r} is not an integer")
-    if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
-        raise VirtqueueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+    """Validate queue geometry; return byte views of the three areas."""
+    check_queue_size(size, power_of_two=True)
     desc_bytes, avail_bytes, used_bytes = area_sizes(size)
-    views: list[memoryview] = []
-    for name, addr, length, align in (
-        ("descriptor table", desc_addr, desc_bytes, DESC_ALIGN),
-        ("available ring", driver_addr, avail_bytes, AVAIL_ALIGN),
-        ("used ring", device_addr, used_bytes, USED_ALIGN),
-    ):
-        if isinstance(addr, bool) or not isinstance(addr, int):
-            raise VirtqueueError(f"{name} address {addr!r} is not an integer")
-        if addr % align:
-            raise VirtqueueError(f"{name} address {addr:#x} is not {align}-byte aligned")
-        try:
-            views.append(mem.view(addr, length))
-        except GuestMemoryError as exc:
-            raise VirtqueueError(
-                f"{name} [{addr:#x}, {addr + length:#x}) is not inside one guest memory "
-                f"region: {exc}"
-            ) from exc
-    return views[0], views[1], views[2]
+    return (
+        area_view(mem, "descriptor table", desc_addr, desc_bytes, DESC_ALIGN),
+        area_view(mem, "available ring", driver_addr, avail_bytes, AVAIL_ALIGN),
+        area_view(mem, "used ring", device_addr, used_bytes, USED_ALIGN),
+    )
 
 
-def _fast_region(regions: tuple[MemoryRegion, ...]) -> tuple[int, int, memoryview | None]:
-    """``(base, end, view)`` of the largest region, for the inline bounds check."""
-    if not regions:
-        return 1, 0, None  # an empty range: every check takes the slow path
-    region = max(regions, key=lambda r: r.size)
-    return region.guest_base, region.guest_end, region.view
+def _ring_index(index: object, what: str) -> int:
+    """``index`` as a 16-bit ring index; ValueError otherwise."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 0xFFFF:
+        raise ValueError(f"{what} {index!r} is not a 16-bit ring index")
+    return index
 
 
-def _require(state: QueueState, key: str, kind: type) -> int:
-    """One typed field of a state dict, or VirtqueueError naming it."""
-    try:
-        value = state[key]
-    except (KeyError, TypeError) as exc:
-        raise VirtqueueError(f"queue state lacks {key!r}") from exc
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise VirtqueueError(f"queue state {key!r} is not a bool: {value!r}")
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise VirtqueueError(f"queue state {key!r} is not an int: {value!r}")
-    return int(value)
-
-
-def _require_u16(state: QueueState, key: str) -> int:
-    value = _require(state, key, int)
-    if not 0 <= value <= 0xFFFF:
-        raise VirtqueueError(f"queue state {key!r} = {value} is not a 16-bit index")
-    return value
+def _check_buffer(mem: GuestMemory, addr: int, length: int, where: int | str) -> None:
+    """The slow bounds check, for buffers outside the cached region window."""
+    if addr + length > U64_LIMIT:
+        raise VirtqueueError(f"descriptor {where}: buffer {addr:#x}+{length:#x} overflows 2**64")
+    if length and not mem.is_valid(addr, length):
+        raise VirtqueueError(
+            f"descriptor {where}: buffer [{addr:#x}, {addr + length:#x}) is outside guest memory"
+        )
 
 
 # -- device side ----------------------------------------------------------------
@@ -298,20 +182,16 @@ class SplitDeviceQueue:
         "_avail_event",
         "_avail_ring",
         "_desc",
-        "_fast_base",
-        "_fast_end",
-        "_fast_view",
-        "_fence",
         "_heads",
         "_mask",
         "_next_avail",
         "_next_used",
         "_notify_enabled",
-        "_regions",
         "_signalled_used",
         "_track_avail_event",
         "_used",
         "_used_ring",
+        "_window",
         "broken",
         "desc_addr",
         "device_addr",
@@ -346,13 +226,13 @@ class SplitDeviceQueue:
         self._desc = desc
         # Available ring as u16 slots: flags 0, idx 1, ring 2.., used_event 2+size;
         # the ring entries alone, indexed by ``idx & mask``.
-        self._avail = _int_array(avail, "H")
-        self._avail_ring = _int_array(avail[4 : 4 + 2 * size], "H")
+        self._avail = words(avail, "H")
+        self._avail_ring = words(avail[4 : 4 + 2 * size], "H")
         # Used ring as u16 slots (flags 0, idx 1, avail_event 2+4*size), its
         # elements as u32 pairs (id, len) from byte 4, and avail_event alone.
-        self._used = _int_array(used, "H")
-        self._used_ring = _int_array(used[4 : 4 + 8 * size], "I")
-        self._avail_event = _int_array(used[4 + 8 * size : 6 + 8 * size], "H")
+        self._used = words(used, "H")
+        self._used_ring = words(used[4 : 4 + 8 * size], "I")
+        self._avail_event = words(used[4 + 8 * size : 6 + 8 * size], "H")
         self._next_avail = 0
         # Available ring entries read ahead by pop, the next one last.
         self._heads: list[int] = []
@@ -361,9 +241,8 @@ class SplitDeviceQueue:
         self._notify_enabled = True
         # pop keeps avail_event current while this is set.
         self._track_avail_event = self.event_idx
-        self._fence = threading.Lock()
-        self._regions: tuple[MemoryRegion, ...] = ()
-        self._fast_base, self._fast_end, self._fast_view = _fast_region(())
+        # Buffers are checked inline against the largest region (walk).
+        self._window = GuestMemory.NO_WINDOW
 
     def __repr__(self) -> str:
         return (
@@ -396,32 +275,56 @@ class SplitDeviceQueue:
         Guest memory is not touched: the rings are wherever the snapshot left
         them.  A malformed state raises VirtqueueError.
         """
+        fields = StateReader(state)
         queue = cls(
             mem,
-            _require(state, "size", int),
-            _require(state, "desc_addr", int),
-            _require(state, "driver_addr", int),
-            _require(state, "device_addr", int),
-            event_idx=bool(_require(state, "event_idx", bool)),
-            indirect=bool(_require(state, "indirect", bool)),
+            fields.integer("size"),
+            fields.integer("desc_addr"),
+            fields.integer("driver_addr"),
+            fields.integer("device_addr"),
+            event_idx=fields.flag("event_idx"),
+            indirect=fields.flag("indirect"),
         )
-        queue._next_avail = _require_u16(state, "next_avail")
-        queue._next_used = _require_u16(state, "next_used")
-        queue._signalled_used = _require_u16(state, "signalled_used")
-        queue._notify_enabled = bool(_require(state, "notifications_enabled", bool))
+        queue._next_avail = fields.u16("next_avail")
+        queue._next_used = fields.u16("next_used")
+        queue._signalled_used = fields.u16("signalled_used")
+        queue._notify_enabled = fields.flag("notifications_enabled")
         queue._track_avail_event = queue.event_idx and queue._notify_enabled
-        queue.broken = bool(_require(state, "broken", bool))
+        queue.broken = fields.flag("broken")
         return queue
+
+    # -- ring positions, for hosts (vhost-user SET_VRING_BASE / GET_VRING_BASE) --
 
     @property
     def next_avail(self) -> int:
         """Available-ring index of the next chain :meth:`pop` will take."""
         return self._next_avail
 
+    @next_avail.setter
+    def next_avail(self, index: int) -> None:
+        """Resume popping at available-ring index ``index`` (0..65535).
+
+        What a host does when the ring's owner tells it where the driver's
+        buffers continue (vhost-user SET_VRING_BASE).  Chains read ahead from
+        the old position are forgotten.
+        """
+        self._next_avail = _ring_index(index, "next_avail")
+        self._heads = []
+
     @property
     def next_used(self) -> int:
         """Used-ring index the next :meth:`add_used` will fill."""
         return self._next_used
+
+    @next_used.setter
+    def next_used(self, index: int) -> None:
+        """Resume completing at used-ring index ``index`` (0..65535).
+
+        The notification marker moves with it, so the first completion
+        after the move is judged against ``index`` (split-ring.tex, "Used
+        Buffer Notification Suppression").
+        """
+        self._next_used = self._signalled_used = _ring_index(index, "next_used")
 
     # -- available ring ---------------------------------------------------------
 
@@ -432,9 +335,11 @@ class SplitDeviceQueue:
     def pop(self) -> DescriptorChain | None:
         """The next available descriptor chain, or None if there is none.
 
-        Walks the chain (split-ring.tex, "The Virtqueue Descriptor Table" and
-        "Indirect Descriptors") and checks every field the driver controls;
-        any malformation raises VirtqueueError and breaks the queue.
+        The one descriptor walker of the split format: it follows the chain
+        from its head (split-ring.tex, "The Virtqueue Descriptor Table"),
+        into an indirect table where one ends it ("Indirect Descriptors"),
+        and checks every field the driver controls; any malformation raises
+        VirtqueueError and breaks the queue.  Reserved flag bits are ignored.
         """
         if self.broken:
             raise VirtqueueError("queue is broken: an earlier malformed chain was reported")
@@ -460,43 +365,78 @@ class SplitDeviceQueue:
                     head = self._avail_ring[next_avail & self._mask]
                 else:
                     head = self._read_ahead(next_avail, pending)
-            if head >= self.size:
-                raise VirtqueueError(f"available ring head {head} >= queue size {self.size}")
-            addr, length, flags, nxt = _unpack_desc(self._desc, head * 16)
+            size = self.size
+            if head >= size:
+                raise VirtqueueError(f"available ring head {head} >= queue size {size}")
             mem = self.mem
-            # Fast path: one direct descriptor (flags 0, or 2 = WRITE) inside
-            # the cached region, while the region table is the one cached (it
-            # is replaced as a whole on any change).  Everything else,
-            # including a stale cache, goes to _walk.
-            if (
-                flags in {0, 2}
-                and self._fast_base <= addr
-                and addr + length <= self._fast_end
-                and mem._regions is self._regions
-            ):
-                if INLINE_CHAIN:
-                    # The chain's slots are filled directly: a third cheaper
-                    # than the constructor call, and this runs once per request.
-                    chain = _new_object(DescriptorChain)
-                    chain.mem = mem
-                    chain.head = head
-                    chain.ring_slots = 1
-                    if flags:
-                        chain.readable = []
-                        chain.writable = [(addr, length)]
-                        chain.readable_len = 0
-                        chain.writable_len = length
-                    else:
-                        chain.readable = [(addr, length)]
-                        chain.writable = []
-                        chain.readable_len = length
-                        chain.writable_len = 0
-                elif flags:
-                    chain = DescriptorChain(mem, head, [], [(addr, length)], 0, length)
+            # Buffers inside the largest region are checked inline against
+            # its window, while the window is current (GuestMemory.window).
+            window = self._window
+            if window.table is not mem.regions:
+                window = self._window = mem.largest_window()
+            lo = window.base
+            hi = window.end
+            table: memoryview | bytes = self._desc
+            entries = size  # descriptors in ``table``, the bound of ``next``
+            in_indirect = False
+            readable: list[tuple[int, int]] = []
+            writable: list[tuple[int, int]] = []
+            rlen = 0
+            wlen = 0
+            index = head
+            count = 1
+            addr, length, flags, nxt = _unpack_desc(table, head * DESC_SIZE)
+            while True:
+                if flags > _WRITE_MORE:
+                    if flags & DESC_F_INDIRECT:
+                        # The table ends the chain; walk it in place of the ring's.
+                        table = self._indirect_table(addr, length, flags, index, in_indirect)
+                        entries = length // DESC_SIZE
+                        in_indirect = True
+                        index = 0
+                        count = 1
+                        addr, length, flags, nxt = _unpack_desc(table, 0)
+                        continue
+                    flags &= _WRITE_MORE
+                if addr < lo or addr + length > hi:
+                    _check_buffer(mem, addr, length, f"indirect {index}" if in_indirect else index)
+                if flags >= _WRITE_LAST:
+                    writable.append((addr, length))
+                    wlen += length
+                    if flags == _WRITE_LAST:
+                        break
+                elif writable:
+                    raise VirtqueueError(
+                        f"{'indirect ' if in_indirect else ''}descriptor {index}: "
+                        "device-readable buffer after a device-writable one"
+                    )
                 else:
-                    chain = DescriptorChain(mem, head, [(addr, length)], [], length, 0)
-            else:
-                chain = self._walk(head, addr, length, flags, nxt)
+                    readable.append((addr, length))
+                    rlen += length
+                    if flags == _READ_LAST:
+                        break
+                if nxt >= entries:
+                    if in_indirect:
+                        raise VirtqueueError(
+                            f"indirect descriptor {index}: next {nxt} >= table size {entries}"
+                        )
+                    raise VirtqueueError(f"descriptor {index}: next {nxt} >= queue size {size}")
+                count += 1
+                if count > entries:
+                    if in_indirect:
+                        raise VirtqueueError(
+                            f"indirect chain is longer than its table of {entries} (a loop?)"
+                        )
+                    raise VirtqueueError(
+                        f"descriptor chain from head {head} is longer than the queue size "
+                        f"{size} (a loop?)"
+                    )
+                index = nxt
+                addr, length, flags, nxt = _unpack_desc(table, nxt * DESC_SIZE)
+            if rlen + wlen > CHAIN_BYTES_LIMIT:
+                raise VirtqueueError(
+                    f"descriptor chain from head {head} totals {rlen + wlen} bytes, more than 2**32"
+                )
             next_avail += 1
             if next_avail == 0x10000:
                 next_avail = 0
@@ -512,7 +452,7 @@ class SplitDeviceQueue:
         except (GuestMemoryError, struct.error, IndexError, ValueError, OverflowError) as exc:
             self.broken = True
             raise VirtqueueError(f"malformed virtqueue: {exc}") from exc
-        return chain
+        return DescriptorChain(mem, head, readable, writable, rlen, wlen)
 
     def _read_ahead(self, next_avail: int, pending: int) -> int:
         """Read the ``pending`` ring entries from ``next_avail``; return the first.
@@ -522,262 +462,44 @@ class SplitDeviceQueue:
         the ring rather than two loads per chain; the idx is read again once
         they are used up.  Each head is still checked when it is popped.
         """
-        heads = self._avail_entries(next_avail, pending)
+        start = next_avail & self._mask
+        stop = start + pending
+        ring = self._avail_ring
+        if stop <= self.size:
+            heads = read_span(ring, start, stop)
+        else:  # wraps around the end of the ring
+            heads = read_span(ring, start, self.size) + read_span(ring, 0, stop - self.size)
         heads.reverse()
         head = heads.pop()
         self._heads = heads
         return head
 
-    def _avail_entries(self, next_avail: int, count: int) -> list[int]:
-        """The ``count`` available ring entries from index ``next_avail``, in order."""
-        start = next_avail & self._mask
-        stop = start + count
-        ring = self._avail_ring
-        if count == 1:
-            return [ring[start]]
-        if stop <= self.size:
-            return _read_span(ring, start, stop)
-        # Wraps around the end of the ring.
-        return _read_span(ring, start, self.size) + _read_span(ring, 0, stop - self.size)
+    def _indirect_table(
+        self, addr: int, length: int, flags: int, index: int, in_indirect: bool
+    ) -> memoryview | bytes:
+        """The bytes of the indirect table a descriptor points at, after its checks.
 
-    def pop_batch(self, limit: int | None = None) -> list[DescriptorChain]:
-        """Every available chain (at most ``limit``), in ring order.
-
-        What calling :meth:`pop` until it returns None gives, for less work
-        per chain: a device that serves all available buffers on each
-        notification (the block device does) can take them in one call.
-        Each chain is parsed and checked exactly as by :meth:`pop`.  With
-        EVENT_IDX, avail_event is stored once per avail idx read, just past
-        the chains it covered, before the idx is read again: a buffer added
-        meanwhile is either taken or notified (split-ring.tex, "Available
-        Buffer Notification Suppression").  A malformed chain raises
-        VirtqueueError and breaks the queue, as :meth:`pop` does; the chains
-        taken before it in the same call are consumed with the queue.
+        split-ring.tex, "Indirect Descriptors": only with
+        VIRTIO_F_INDIRECT_DESC, never with NEXT, never nested, a non-zero
+        multiple of 16 bytes.
         """
-        if self.broken:
-            raise VirtqueueError("queue is broken: an earlier malformed chain was reported")
-        chains: list[DescriptorChain] = []
-        if not INLINE_CHAIN:  # DescriptorChain changed: let pop build each chain
-            while (limit is None or len(chains) < limit) and (chain := self.pop()) is not None:
-                chains.append(chain)
-            return chains
-        size = self.size
-        room = sys.maxsize if limit is None else limit
-        start = next_avail = self._next_avail
-        self._heads = []  # pop's read-ahead: the same entries are read again below
-        avail = self._avail
-        desc = self._desc
-        mem = self.mem
-        # The cached region is made current once per call (pop checks it per
-        # chain): a table replaced later in the call is like one replaced
-        # just after it.
-        if mem._regions is not self._regions:
-            self._refresh_region()
-        lo = self._fast_base
-        hi = self._fast_end
-        try:
-            while room > 0:
-                # The index is read before the ring entries it covers.
-                avail_idx = avail[1]
-                pending = (avail_idx - next_avail) & 0xFFFF
-                if not pending:
-                    break
-                if pending > size:
-                    raise VirtqueueError(
-                        f"available idx {avail_idx} is more than the queue size {size} "
-                        f"ahead of the last seen idx {next_avail}"
-                    )
-                pending = min(pending, room)
-                for head in self._avail_entries(next_avail, pending):
-                    if head >= size:
-                        raise VirtqueueError(f"available ring head {head} >= queue size {size}")
-                    addr, length, flags, nxt = _unpack_desc(desc, head * 16)
-                    # The fast path of pop, inline: see there.
-                    if flags in {0, 2} and lo <= addr and addr + length <= hi:
-                        chain = _new_object(DescriptorChain)
-                        chain.mem = mem
-                        chain.head = head
-                        chain.ring_slots = 1
-                        if flags:
-                            chain.readable = []
-                            chain.writable = [(addr, length)]
-                            chain.readable_len = 0
-                            chain.writable_len = length
-                        else:
-                            chain.readable = [(addr, length)]
-                            chain.writable = []
-                            chain.readable_len = length
-                            chain.writable_len = 0
-                    else:
-                        chain = self._walk(head, addr, length, flags, nxt)
-                        # _walk refreshes the cached region if the table changed.
-                        lo = self._fast_base
-                        hi = self._fast_end
-                    chains.append(chain)
-                next_avail = (next_avail + pending) & 0xFFFF
-                room -= pending
-                if self._track_avail_event:
-                    # As pop does: ask for a notification past what was taken,
-                    # before looking at the idx again.
-                    self._avail_event[0] = next_avail
-        except VirtqueueError:
-            self._next_avail = (start + len(chains)) & 0xFFFF
-            self.broken = True
-            raise
-        except (GuestMemoryError, struct.error, IndexError, ValueError, OverflowError) as exc:
-            self._next_avail = (start + len(chains)) & 0xFFFF
-            self.broken = True
-            raise VirtqueueError(f"malformed virtqueue: {exc}") from exc
-        self._next_avail = next_avail
-        return chains
-
-    def _walk(self, head: int, addr: int, length: int, flags: int, nxt: int) -> DescriptorChain:
-        """Parse the chain at ``head`` whose first descriptor is already unpacked.
-
-        This loop runs once per descriptor, so flags are tested by comparing
-        with literals (CPython 3.11 specialises int compares, not ``&``):
-        after the rare INDIRECT/reserved bits are handled, 0 is readable,
-        1 readable+NEXT, 2 writable, 3 writable+NEXT.  Reserved flag bits are
-        ignored.
-        """
-        if self.mem._regions is not self._regions:
-            self._refresh_region()
-        mem = self.mem
-        size = self.size
-        lo = self._fast_base
-        hi = self._fast_end
-        readable: list[tuple[int, int]] = []
-        writable: list[tuple[int, int]] = []
-        rlen = 0
-        wlen = 0
-        desc = self._desc
-        index = head
-        count = 1
-        while True:
-            if flags > 3:
-                if flags & DESC_F_INDIRECT:  # the table ends the chain
-                    if flags & DESC_F_NEXT:
-                        raise VirtqueueError(f"descriptor {index} has both INDIRECT and NEXT flags")
-                    rlen, wlen = self._walk_indirect(addr, length, readable, writable, rlen, wlen)
-                    break
-                flags &= DESC_F_NEXT | DESC_F_WRITE
-            if addr < lo or addr + length > hi:
-                self._check_buffer(addr, length, index)
-            if flags >= 2:  # DESC_F_WRITE
-                writable.append((addr, length))
-                wlen += length
-                if flags == 2:  # no DESC_F_NEXT: end of chain
-                    break
-            elif writable:
-                raise VirtqueueError(
-                    f"descriptor {index}: device-readable buffer after a device-writable one"
-                )
-            else:
-                readable.append((addr, length))
-                rlen += length
-                if flags == 0:
-                    break
-            if nxt >= size:
-                raise VirtqueueError(f"descriptor {index}: next {nxt} >= queue size {size}")
-            count += 1
-            if count > size:
-                raise VirtqueueError(
-                    f"descriptor chain from head {head} is longer than the queue size "
-                    f"{size} (a loop?)"
-                )
-            index = nxt
-            addr, length, flags, nxt = _unpack_desc(desc, nxt * 16)
-        if rlen + wlen > _CHAIN_BYTES_LIMIT:
-            raise VirtqueueError(
-                f"descriptor chain from head {head} totals {rlen + wlen} bytes, more than 2**32"
-            )
-        return make_chain(mem, head, readable, writable, rlen, wlen)
-
-    def _refresh_region(self) -> None:
-        """The region table changed: cache the new one and its largest region."""
-        self._regions = self.mem._regions
-        self._fast_base, self._fast_end, self._fast_view = _fast_region(self._regions)
-
-    def _check_buffer(self, addr: int, length: int, where: int | str) -> None:
-        """The slow bounds check, for buffers outside the cached region."""
-        if addr + length > _U64_LIMIT:
-            raise VirtqueueError(
-                f"descriptor {where}: buffer {addr:#x}+{length:#x} overflows 2**64"
-            )
-        if length and not self.mem.is_valid(addr, length):
-            raise VirtqueueError(
-                f"descriptor {where}: buffer [{addr:#x}, {addr + length:#x}) is outside "
-                "guest memory"
-            )
-
-    def _walk_indirect(
-        self,
-        addr: int,
-        length: int,
-        readable: list[tuple[int, int]],
-        writable: list[tuple[int, int]],
-        rlen: int,
-        wlen: int,
-    ) -> tuple[int, int]:
-        """Append an indirect table's buffers; return the new (rlen, wlen).
-
-        split-ring.tex, "Indirect Descriptors": the table is ``len / 16``
-        descriptors chained by ``next`` from entry 0; it may not contain
-        another INDIRECT descriptor.
-        """
+        if in_indirect:
+            raise VirtqueueError(f"indirect descriptor {index} is itself INDIRECT (nested)")
+        if flags & DESC_F_NEXT:
+            raise VirtqueueError(f"descriptor {index} has both INDIRECT and NEXT flags")
         if not self.indirect:
             raise VirtqueueError("INDIRECT descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
-        if length == 0 or length % _DESC_SIZE:
+        if length == 0 or length % DESC_SIZE:
             raise VirtqueueError(f"indirect table length {length} is not a non-zero multiple of 16")
-        entries = length // _DESC_SIZE
-        if entries > _MAX_INDIRECT_DESCS:
+        if length // DESC_SIZE > _MAX_INDIRECT_DESCS:
             raise VirtqueueError(
-                f"indirect table of {entries} descriptors exceeds {_MAX_INDIRECT_DESCS}"
+                f"indirect table of {length // DESC_SIZE} descriptors exceeds {_MAX_INDIRECT_DESCS}"
             )
-        lo = self._fast_base
-        hi = self._fast_end
-        table: memoryview | bytes
-        fast_view = self._fast_view
-        if fast_view is not None and lo <= addr and addr + length <= hi:
-            table = fast_view[addr - lo : addr - lo + length]
-        else:
-            self._check_buffer(addr, length, "(indirect table)")
-            table = self.mem.read(addr, length)
-        index = 0
-        count = 1
-        while True:
-            daddr, dlen, flags, nxt = _unpack_desc(table, index * 16)
-            if flags > 3:  # flag tests as in _walk
-                if flags & DESC_F_INDIRECT:
-                    raise VirtqueueError(f"indirect descriptor {index} is itself INDIRECT (nested)")
-                flags &= DESC_F_NEXT | DESC_F_WRITE
-            if daddr < lo or daddr + dlen > hi:
-                self._check_buffer(daddr, dlen, f"indirect {index}")
-            if flags >= 2:  # DESC_F_WRITE
-                writable.append((daddr, dlen))
-                wlen += dlen
-                if flags == 2:  # no DESC_F_NEXT
-                    return rlen, wlen
-            elif writable:
-                raise VirtqueueError(
-                    f"indirect descriptor {index}: device-readable buffer after a "
-                    "device-writable one"
-                )
-            else:
-                readable.append((daddr, dlen))
-                rlen += dlen
-                if flags == 0:
-                    return rlen, wlen
-            if nxt >= entries:
-                raise VirtqueueError(
-                    f"indirect descriptor {index}: next {nxt} >= table size {entries}"
-                )
-            count += 1
-            if count > entries:
-                raise VirtqueueError(
-                    f"indirect chain is longer than its table of {entries} (a loop?)"
-                )
-            index = nxt
+        window = self._window
+        if window.covers(self.mem, addr, length):
+            return window.view[addr - window.base : addr - window.base + length]
+        _check_buffer(self.mem, addr, length, "(indirect table)")
+        return self.mem.read(addr, length)
 
     # -- used ring --------------------------------------------------------------
 
@@ -855,10 +577,10 @@ class SplitDeviceQueue:
                 values.append(written)
             room = 2 * size - pos
             if len(values) <= room:
-                _write_u32_span(ring, pos, values)
+                write_span(ring, pos, values)
             else:
-                _write_u32_span(ring, pos, values[:room])
-                _write_u32_span(ring, 0, values[room:])
+                write_span(ring, pos, values[:room])
+                write_span(ring, 0, values[room:])
         used_idx = (used_idx + count) & 0xFFFF
         self._next_used = used_idx
         self._used[1] = used_idx
@@ -872,7 +594,7 @@ class SplitDeviceQueue:
         VIRTQ_AVAIL_F_NO_INTERRUPT.  False when nothing was used since the
         last check.  Records the used idx as checked.
         """
-        _full_barrier(self._fence)  # publish used idx before reading the driver's fields
+        full_barrier()  # publish used idx before reading the driver's fields
         new = self._next_used
         old = self._signalled_used
         self._signalled_used = new
@@ -895,7 +617,7 @@ class SplitDeviceQueue:
             self._avail_event[0] = self._next_avail
         else:
             self._used[0] = 0
-        _full_barrier(self._fence)
+        full_barrier()
         return self._avail[1] != self._next_avail
 
     def disable_notifications(self) -> None:
@@ -932,7 +654,6 @@ class SplitDriverQueue:
         "_avail_idx",
         "_avail_ring",
         "_desc",
-        "_fence",
         "_free_head",
         "_ind_cache",
         "_ind_stride",
@@ -1015,11 +736,11 @@ class SplitDriverQueue:
         self.broken = False
         self._mask = size - 1
         self._desc = desc
-        self._avail = _int_array(avail, "H")
-        self._avail_ring = _int_array(avail[4 : 4 + 2 * size], "H")
-        self._used_event = _int_array(avail[4 + 2 * size : 6 + 2 * size], "H")
-        self._used = _int_array(used, "H")
-        self._used_ring = _int_array(used[4 : 4 + 8 * size], "I")
+        self._avail = words(avail, "H")
+        self._avail_ring = words(avail[4 : 4 + 2 * size], "H")
+        self._used_event = words(avail[4 + 2 * size : 6 + 2 * size], "H")
+        self._used = words(used, "H")
+        self._used_ring = words(used[4 : 4 + 8 * size], "I")
         self._ind_view: memoryview | None = None
         self._ind_stride = 0
         self.indirect_addr = 0
@@ -1041,7 +762,7 @@ class SplitDriverQueue:
                 ) from exc
             self.indirect_addr = indirect_addr
             self.max_indirect = max_indirect
-            self._ind_stride = max_indirect * _DESC_SIZE
+            self._ind_stride = max_indirect * DESC_SIZE
         # Free descriptors form a private singly linked list; a chain is always
         # taken from its front, so the chain's next links are the list's.
         self._next = [*range(1, size), 0]
@@ -1057,7 +778,6 @@ class SplitDriverQueue:
         self._interrupts_enabled = True
         # used() keeps used_event current while this is set.
         self._track_used_event = self.event_idx
-        self._fence = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -1110,27 +830,28 @@ class SplitDriverQueue:
         Guest memory is not touched, unlike the constructor, which zeroes the
         rings: the rings' indices are expected to be where the state says.
         """
-        if _require(state, "in_flight", int) != 0:
+        fields = StateReader(state)
+        if fields.integer("in_flight") != 0:
             raise ValueError("only a queue with nothing in flight can be rebuilt from state")
-        indirect = bool(_require(state, "indirect", bool))
+        indirect = fields.flag("indirect")
         queue = cls.__new__(cls)
         queue._setup(
             mem,
-            _require(state, "size", int),
-            _require(state, "desc_addr", int),
-            _require(state, "driver_addr", int),
-            _require(state, "device_addr", int),
-            event_idx=bool(_require(state, "event_idx", bool)),
+            fields.integer("size"),
+            fields.integer("desc_addr"),
+            fields.integer("driver_addr"),
+            fields.integer("device_addr"),
+            event_idx=fields.flag("event_idx"),
             indirect=indirect,
-            indirect_addr=_require(state, "indirect_addr", int) if indirect else None,
-            max_indirect=_require(state, "max_indirect", int) if indirect else 0,
+            indirect_addr=fields.integer("indirect_addr") if indirect else None,
+            max_indirect=fields.integer("max_indirect") if indirect else 0,
         )
-        queue._avail_idx = _require_u16(state, "avail_idx")
-        queue._last_used = _require_u16(state, "last_used")
-        queue._kick_marker = _require_u16(state, "kick_marker")
-        queue._interrupts_enabled = bool(_require(state, "interrupts_enabled", bool))
+        queue._avail_idx = fields.u16("avail_idx")
+        queue._last_used = fields.u16("last_used")
+        queue._kick_marker = fields.u16("kick_marker")
+        queue._interrupts_enabled = fields.flag("interrupts_enabled")
         queue._track_used_event = queue.event_idx and queue._interrupts_enabled
-        queue.broken = bool(_require(state, "broken", bool))
+        queue.broken = fields.flag("broken")
         if queue.in_flight:
             raise ValueError("queue state has avail_idx != last_used but nothing in flight")
         return queue
@@ -1147,62 +868,61 @@ class SplitDriverQueue:
 
         ``readable`` and ``writable`` are ``(guest address, length)`` lists.
         Raises QueueFullError when too few descriptors are free, ValueError
-        for an empty request or a length/address out of range.  The
+        for an empty request or a length/address out of range.  A request of
+        2..``max_indirect`` buffers takes one ring descriptor and its head's
+        indirect table, any other a direct chain along the free list.  The
         descriptors and ring entry are written before the available idx that
         publishes them (split-ring.tex, "Supplying Buffers to The Device",
         "Updating idx").
         """
-        nread = len(readable)
-        total = nread + len(writable)
+        total = len(readable) + len(writable)
         head = self._free_head
-        if total == 1 and self._num_free:
-            # Fast path: one direct descriptor, published at once.
-            try:
-                if nread:
-                    addr, length = readable[0]
-                    _pack_desc(self._desc, head * 16, addr, length, 0, 0)
-                    wlen = 0
-                else:
-                    addr, length = writable[0]
-                    _pack_desc(self._desc, head * 16, addr, length, DESC_F_WRITE, 0)
-                    wlen = length
-            except struct.error as exc:
-                raise ValueError(f"buffer address or length out of range: {exc}") from exc
-            self._free_head = self._next[head]
-            self._num_free -= 1
-            self._info[head] = (token, head, 1, wlen)
-            avail_idx = self._avail_idx
-            self._avail_ring[avail_idx & self._mask] = head
-            avail_idx += 1
-            if avail_idx == 0x10000:
-                avail_idx = 0
-            self._avail_idx = avail_idx
-            # Publish only after the descriptor and ring entry are written
-            # (split-ring.tex, "Updating idx": barrier before the idx update).
-            self._avail[1] = avail_idx
-            return
         try:
-            if total == 1:
-                raise QueueFullError(f"no free descriptor (queue size {self.size})")
-            elif total == 0:
-                raise ValueError("a request needs at least one buffer")
-            elif total <= self.max_indirect:
+            if 1 < total <= self.max_indirect:
                 if not self._num_free:
                     raise QueueFullError(f"no free descriptor (queue size {self.size})")
                 wlen = self._fill_indirect(head, readable, writable, total)
                 last = head
                 ndescs = 1
             else:
-                if total > self.size:
-                    raise ValueError(
-                        f"{total} buffers can never fit a queue of {self.size} descriptors"
-                    )
                 if self._num_free < total:
+                    if total > self.size:
+                        raise ValueError(
+                            f"{total} buffers can never fit a queue of {self.size} descriptors"
+                        )
                     raise QueueFullError(
                         f"{total} descriptors needed, {self._num_free} free "
                         f"(queue size {self.size})"
                     )
-                last, wlen = self._write_chain(head, readable, writable, total)
+                if not total:
+                    raise ValueError("a request needs at least one buffer")
+                pack = _pack_desc
+                links = self._next
+                desc = self._desc
+                last = head
+                remaining = total
+                rlen = 0
+                wlen = 0
+                for addr, length in readable:
+                    remaining -= 1
+                    rlen += length
+                    if remaining:
+                        nxt = links[last]
+                        pack(desc, last * DESC_SIZE, addr, length, _READ_MORE, nxt)
+                        last = nxt
+                    else:
+                        pack(desc, last * DESC_SIZE, addr, length, _READ_LAST, 0)
+                for addr, length in writable:
+                    remaining -= 1
+                    wlen += length
+                    if remaining:
+                        nxt = links[last]
+                        pack(desc, last * DESC_SIZE, addr, length, _WRITE_MORE, nxt)
+                        last = nxt
+                    else:
+                        pack(desc, last * DESC_SIZE, addr, length, _WRITE_LAST, 0)
+                if rlen + wlen > CHAIN_BYTES_LIMIT:
+                    raise ValueError(f"request of {rlen + wlen} bytes exceeds 2**32")
                 ndescs = total
         except struct.error as exc:
             raise ValueError(f"buffer address or length out of range: {exc}") from exc
@@ -1220,132 +940,6 @@ class SplitDriverQueue:
         # Publish only after the descriptors and ring entry are written
         # (split-ring.tex, "Updating idx": barrier before the idx update).
         self._avail[1] = avail_idx
-
-    def add_batch(
-        self,
-        requests: Iterable[tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]], object]],
-    ) -> int:
-        """Expose several ``(readable, writable, token)`` requests with one avail idx store.
-
-        What calling :meth:`add` for each gives, for less work per request:
-        a driver with several requests queued adds them at once, then asks
-        :meth:`kick_needed`.  Returns how many were added, in order: all of
-        them, or fewer when the next did not fit (it and the rest were not
-        touched).  A malformed request raises ValueError once the ones
-        before it are published.
-        """
-        desc = self._desc
-        links = self._next
-        infos = self._info
-        ring = self._avail_ring
-        mask = self._mask
-        direct_min = self.max_indirect + 1  # requests this long are direct chains
-        head = self._free_head
-        num_free = self._num_free
-        avail_idx = self._avail_idx
-        count = 0
-        try:
-            for readable, writable, token in requests:
-                total = len(readable) + len(writable)
-                if total == 1 and num_free:
-                    # The fast path of add, inline: see there.
-                    try:
-                        if readable:
-                            addr, length = readable[0]
-                            _pack_desc(desc, head * 16, addr, length, 0, 0)
-                            wlen = 0
-                        else:
-                            addr, length = writable[0]
-                            _pack_desc(desc, head * 16, addr, length, DESC_F_WRITE, 0)
-                            wlen = length
-                    except struct.error as exc:
-                        raise ValueError(f"buffer address or length out of range: {exc}") from exc
-                    infos[head] = (token, head, 1, wlen)
-                    ring[avail_idx & mask] = head
-                    avail_idx += 1
-                    if avail_idx == 0x10000:
-                        avail_idx = 0
-                    head = links[head]
-                    num_free -= 1
-                elif direct_min <= total <= num_free and total > 1:
-                    # A direct chain, as add writes it.
-                    try:
-                        last, wlen = self._write_chain(head, readable, writable, total)
-                    except struct.error as exc:
-                        raise ValueError(f"buffer address or length out of range: {exc}") from exc
-                    infos[head] = (token, last, total, wlen)
-                    ring[avail_idx & mask] = head
-                    avail_idx += 1
-                    if avail_idx == 0x10000:
-                        avail_idx = 0
-                    head = links[last]
-                    num_free -= total
-                else:
-                    # Indirect tables, a full ring and errors: add itself
-                    # (which publishes what came before this request too).
-                    self._free_head = head
-                    self._num_free = num_free
-                    self._avail_idx = avail_idx
-                    try:
-                        self.add(readable, writable, token)
-                    except QueueFullError:
-                        break
-                    head = self._free_head
-                    num_free = self._num_free
-                    avail_idx = self._avail_idx
-                count += 1
-        finally:
-            self._free_head = head
-            self._num_free = num_free
-            self._avail_idx = avail_idx
-            if count:
-                # One store publishes them all, after every descriptor and ring
-                # entry (split-ring.tex, "Updating idx").
-                self._avail[1] = avail_idx
-        return count
-
-    def _write_chain(
-        self,
-        head: int,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
-        total: int,
-    ) -> tuple[int, int]:
-        """Write ``total`` descriptors chained from ``head`` along the free list.
-
-        Returns (last descriptor, writable bytes); ValueError (or
-        struct.error) for a request the ring cannot describe.  Nothing is
-        committed: the caller updates the free list.
-        """
-        pack = _DESC.pack_into
-        links = self._next
-        desc = self._desc
-        index = head
-        remaining = total
-        rlen = 0
-        wlen = 0
-        # Flags as literals: 1 NEXT, 2 WRITE, 3 WRITE|NEXT (once per buffer).
-        for addr, length in readable:
-            remaining -= 1
-            rlen += length
-            if remaining:
-                nxt = links[index]
-                pack(desc, index * 16, addr, length, 1, nxt)
-                index = nxt
-            else:
-                pack(desc, index * 16, addr, length, 0, 0)
-        for addr, length in writable:
-            remaining -= 1
-            wlen += length
-            if remaining:
-                nxt = links[index]
-                pack(desc, index * 16, addr, length, 3, nxt)
-                index = nxt
-            else:
-                pack(desc, index * 16, addr, length, 2, 0)
-        if rlen + wlen > _CHAIN_BYTES_LIMIT:
-            raise ValueError(f"request of {rlen + wlen} bytes exceeds 2**32")
-        return index, wlen
 
     def _fill_indirect(
         self,
@@ -1370,7 +964,7 @@ class SplitDriverQueue:
         """
         table = self._ind_view
         assert table is not None
-        pack = _DESC.pack_into
+        pack = DESC.pack_into
         base = head * self._ind_stride
         cache = self._ind_cache
         nread = len(readable)
@@ -1378,52 +972,51 @@ class SplitDriverQueue:
             if nread == 1:
                 first = readable[0]
                 data, last = writable
-                data_flags = 3  # WRITE | NEXT
+                data_flags = _WRITE_MORE
                 wlen = data[1] + last[1]
             else:
                 first, data = readable
                 last = writable[0]
-                data_flags = 1  # NEXT
+                data_flags = _READ_MORE
                 wlen = last[1]
-            if first[1] + data[1] + last[1] > _CHAIN_BYTES_LIMIT:
+            if first[1] + data[1] + last[1] > CHAIN_BYTES_LIMIT:
                 raise ValueError(f"request of {first[1] + data[1] + last[1]} bytes exceeds 2**32")
             if cache[head] != (first, last):
                 cache[head] = None  # until both are written
-                pack(table, base, first[0], first[1], 1, 1)
-                pack(table, base + 32, last[0], last[1], 2, 0)
+                pack(table, base, first[0], first[1], _READ_MORE, 1)
+                pack(table, base + 32, last[0], last[1], _WRITE_LAST, 0)
                 cache[head] = (first, last)
             pack(table, base + 16, data[0], data[1], data_flags, 2)
-            pack(self._desc, head * 16, self.indirect_addr + base, 48, DESC_F_INDIRECT, 0)
+            pack(self._desc, head * DESC_SIZE, self.indirect_addr + base, 48, DESC_F_INDIRECT, 0)
             return wlen
         cache[head] = None  # the entries are rewritten below
         offset = base
         position = 0
         rlen = 0
         wlen = 0
-        # Flags as literals: 1 NEXT, 2 WRITE, 3 WRITE|NEXT (once per buffer).
         for addr, length in readable:
             position += 1
             rlen += length
             if position < total:
-                pack(table, offset, addr, length, 1, position)
+                pack(table, offset, addr, length, _READ_MORE, position)
             else:
-                pack(table, offset, addr, length, 0, 0)
+                pack(table, offset, addr, length, _READ_LAST, 0)
             offset += 16
         for addr, length in writable:
             position += 1
             wlen += length
             if position < total:
-                pack(table, offset, addr, length, 3, position)
+                pack(table, offset, addr, length, _WRITE_MORE, position)
             else:
-                pack(table, offset, addr, length, 2, 0)
+                pack(table, offset, addr, length, _WRITE_LAST, 0)
             offset += 16
-        if rlen + wlen > _CHAIN_BYTES_LIMIT:
+        if rlen + wlen > CHAIN_BYTES_LIMIT:
             raise ValueError(f"request of {rlen + wlen} bytes exceeds 2**32")
         pack(
             self._desc,
             head * 16,
             self.indirect_addr + base,
-            total * _DESC_SIZE,
+            total * DESC_SIZE,
             DESC_F_INDIRECT,
             0,
         )
@@ -1439,7 +1032,7 @@ class SplitDriverQueue:
         """
         # "Notifying The Device": barrier between the idx store and reading
         # flags/avail_event.
-        _full_barrier(self._fence)
+        full_barrier()
         new = self._avail_idx
         old = self._kick_marker
         self._kick_marker = new
@@ -1487,13 +1080,13 @@ class SplitDriverQueue:
             # ring itself for a few elements, else a copy of all of them made
             # with one slice per lap (cheaper per element, dearer per call).
             k = (last & mask) * 2
-            source: _IntArray | list[int] = ring
+            source: Words | list[int] = ring
             if count >= _BULK_MIN:
                 stop = k + 2 * count
                 if stop <= slots:
-                    source = _read_span(ring, k, stop)
+                    source = read_span(ring, k, stop)
                 else:  # wraps around the end of the ring
-                    source = _read_span(ring, k, slots) + _read_span(ring, 0, stop - slots)
+                    source = read_span(ring, k, slots) + read_span(ring, 0, stop - slots)
                 k = 0
             while last != used_idx:
                 head = source[k]
@@ -1546,7 +1139,7 @@ class SplitDriverQueue:
             self._used_event[0] = self._last_used
         else:
             self._avail[0] = 0
-        _full_barrier(self._fence)
+        full_barrier()
         return self._used[1] != self._last_used
 
     def disable_interrupts(self) -> None:
