@@ -78,7 +78,7 @@ from typing import Any, Literal
 from pyvirtio.constants import DeviceId
 from pyvirtio.device import COMMON_FEATURES, QueueResources, VirtioDevice
 from pyvirtio.irq import DeviceInterrupt
-from pyvirtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, VirtqueueError
 from pyvirtio.workers import IoWorkers, Outcome
 
@@ -524,7 +524,7 @@ class Block(VirtioDevice):
         self._writeback = False
         self._reset_cache_mode()
         #: (region table, base, end, view) of the guest region last touched.
-        self._region_cache: tuple[tuple[MemoryRegion, ...], int, int, memoryview] | None = None
+        self._region_cache = GuestMemory.NO_WINDOW
         #: Statistics.
         self.requests = 0
         self.bad_requests = 0
@@ -961,23 +961,13 @@ class Block(VirtioDevice):
         """(region view, offset) of a small range inside one region.
 
         The header and status byte of every request go through here, so the
-        last region used is cached (keyed by the identity of the region
-        table, which GuestMemory replaces whole on any change) instead of
+        last region used is kept as a GuestMemory.RegionWindow instead of
         searching the table each time.
         """
-        regions = mem.regions
-        cached = self._region_cache
-        if (
-            cached is None
-            or cached[0] is not regions
-            or not (cached[1] <= addr and addr + length <= cached[2])
-        ):
-            region = mem.region_at(addr)
-            if addr + length > region.guest_end:
-                raise GuestMemoryError(f"range {addr:#x}+{length} leaves its region")
-            cached = (regions, region.guest_base, region.guest_end, region.view)
-            self._region_cache = cached
-        return cached[3], addr - cached[1]
+        window = self._region_cache
+        if not window.covers(mem, addr, length):
+            window = self._region_cache = mem.window(addr, length)
+        return window.view, addr - window.base
 
     def _bad(self, chain: DescriptorChain, reason: str) -> None:
         """Log a driver error (first one loudly, the rest at debug level)."""

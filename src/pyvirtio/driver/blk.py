@@ -71,6 +71,7 @@ from pyvirtio.devices.block import (
     Status,
 )
 from pyvirtio.driver.transport import DriverTransport
+from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DriverQueue, QueueFullError
 
 __all__ = [
@@ -196,8 +197,8 @@ class BlkDriver:
         # Whether the queues ask for used-buffer notifications (they start so);
         # polling turns them off, and every sleep needs them on.
         self._notifying = True
-        # (region table, base, end) of the region last checked, for _in_memory.
-        self._fast_range: tuple[object, int, int] = ((), 0, 0)
+        # The window of the region last checked, for _in_memory.
+        self._fast_range = GuestMemory.NO_WINDOW
         wanted = Feature.VERSION_1.mask | _BLK_FEATURES
         for choice, feature in (
             (packed, Feature.RING_PACKED),
@@ -375,13 +376,11 @@ class BlkDriver:
 
     def _in_memory(self, addr: int, length: int) -> bool:
         """Whether a buffer lies in guest memory (the last region seen is cached)."""
-        regions, lo, hi = self._fast_range
-        if regions is self.mem.regions and lo <= addr and addr + length <= hi:
+        if self._fast_range.covers(self.mem, addr, length):
             return True
         if not self.mem.is_valid(addr, length):
             return False
-        region = self.mem.region_at(addr)
-        self._fast_range = (self.mem.regions, region.guest_base, region.guest_end)
+        self._fast_range = self.mem.window(addr)
         return True
 
     def _check_range(self, offset: int, length: int, what: str) -> None:
@@ -490,7 +489,7 @@ class BlkDriver:
         the general way, which raises the precise error.
         """
         write = req_type == _OUT
-        regions, lo, hi = self._fast_range
+        window = self._fast_range
         config = self.config
         if (
             0 < length <= self._one_segment
@@ -498,9 +497,9 @@ class BlkDriver:
             and not (offset | length) % config.blk_size
             and offset + length <= config.capacity * SECTOR_SIZE
             and 0 <= queue < self.num_queues
-            and regions is self.mem.regions
-            and lo <= addr
-            and addr + length <= hi
+            and window.table is self.mem.regions
+            and window.base <= addr
+            and addr + length <= window.end
             and not (write and self.features & _RO_MASK)
         ):
             q = self._queues[queue]

@@ -394,8 +394,8 @@ class Net(VirtioDevice):
         self._tx_blocked: tuple[int, DescriptorChain] | None = None
         #: flow key -> pair whose transmitq the flow last used (MQ steering).
         self._flows: dict[bytes, int] = {}
-        #: (region table, base, end, view) of the region last used by _guest_view.
-        self._region_cache: tuple[object, int, int, memoryview] = ((), 0, 0, memoryview(b""))
+        #: The window of the region last used by _guest_view.
+        self._region_cache = GuestMemory.NO_WINDOW
 
     def __repr__(self) -> str:
         return f"Net({self.backend!r}, mac={format_mac(self.mac)})"
@@ -766,24 +766,21 @@ class Net(VirtioDevice):
         """A view of ``[addr, addr + length)``; None when it spans regions.
 
         Frames of one-buffer chains go through here instead of
-        ``GuestMemory.views``, with the last region used cached (keyed by the
-        identity of the region table, which GuestMemory replaces whole on any
-        change), as ``Block._locate`` does for request headers.  A buffer
+        ``GuestMemory.views``, with the last region used kept as a
+        ``GuestMemory.RegionWindow``, as ``Block._locate`` does for headers.  A buffer
         across two regions (allowed, and rare) takes the general path.
         """
-        regions = mem.regions
-        cached = self._region_cache
-        if cached[0] is not regions or not (cached[1] <= addr and addr + length <= cached[2]):
+        window = self._region_cache
+        if not window.covers(mem, addr, length):
             try:
-                region = mem.region_at(addr)
+                window = mem.window(addr)
             except GuestMemoryError as exc:  # regions removed since the chain was parsed
                 raise VirtqueueError(str(exc)) from exc
-            if addr + length > region.guest_end:
+            if addr + length > window.end:
                 return None
-            cached = (regions, region.guest_base, region.guest_end, region.view)
-            self._region_cache = cached
-        offset = addr - cached[1]
-        return cached[3][offset : offset + length]
+            self._region_cache = window
+        offset = addr - window.base
+        return window.view[offset : offset + length]
 
     # -- receive -------------------------------------------------------------------------------
 
