@@ -1065,16 +1065,21 @@ def test_struct_fallback_for_big_endian_hosts(
     assert get_event(mem, DEV) == (1, RING_EVENT_FLAGS_DESC)
 
 
-def test_chains_of_every_shape_carry_their_lengths_and_slots(mem: GuestMemory) -> None:
+def test_popped_chains_match_the_constructor_in_every_slot(mem: GuestMemory) -> None:
+    # pop fills a DescriptorChain's slots directly: every one must be set.
     drv, dev = pair(mem)
     drv.add([(DATA, 4)], [], "r")
     drv.add([], [(DATA, 4)], "w")
     drv.add([(DATA, 4)], [(DATA + 16, 4)], "rw")
     chains = list(iter(dev.pop, None))
-    assert [(c.readable_len, c.writable_len, c.ring_slots) for c in chains] == [
-        (4, 0, 1),
-        (0, 4, 1),
-        (4, 4, 2),
+    expected = [
+        DescriptorChain(mem, 0, [(DATA, 4)], [], 4, 0, 1),
+        DescriptorChain(mem, 1, [], [(DATA, 4)], 0, 4, 1),
+        DescriptorChain(mem, 2, [(DATA, 4)], [(DATA + 16, 4)], 4, 4, 2),
     ]
+    for chain, want in zip(chains, expected, strict=True):
+        assert type(chain) is DescriptorChain
+        for slot in DescriptorChain.__slots__:
+            assert getattr(chain, slot) == getattr(want, slot), slot
     dev.add_used_batch([(c, c.writable_len) for c in chains])
     assert list(drv.used()) == [("r", 0), ("w", 4), ("rw", 4)]

@@ -176,9 +176,16 @@ class GuestMemory:
     carry no locking, as in hardware.
     """
 
+    #: The region table, sorted by guest address.  Read-only for users: it
+    #: is replaced as a whole (never edited in place) whenever a region is
+    #: added or removed, and emptied on close, which is what makes a
+    #: :class:`RegionWindow` checkable by identity.  A plain attribute, not a
+    #: property, because ring code compares it on every descriptor chain.
+    regions: tuple[MemoryRegion, ...]
+
     def __init__(self, regions: Iterable[MemoryRegion] = ()) -> None:
         self._lock = threading.Lock()
-        self._regions: tuple[MemoryRegion, ...] = ()
+        self.regions = ()
         self._bases: tuple[int, ...] = ()
         for region in regions:
             self.add_region(region)
@@ -315,8 +322,13 @@ class GuestMemory:
     # -- look-up ------------------------------------------------------------
 
     @property
-    def regions(self) -> tuple[MemoryRegion, ...]:
-        return self._regions
+    def _regions(self) -> tuple[MemoryRegion, ...]:
+        """The table under its internal name: every change goes through here."""
+        return self.regions
+
+    @_regions.setter
+    def _regions(self, table: tuple[MemoryRegion, ...]) -> None:
+        self.regions = table
 
     @property
     def size(self) -> int:
@@ -328,7 +340,7 @@ class GuestMemory:
         bases = self._bases
         index = bisect.bisect_right(bases, addr) - 1
         if index >= 0:
-            region = self._regions[index]
+            region = self.regions[index]
             if addr < region.guest_end:
                 return region
         raise GuestMemoryError(f"address {addr:#x} is not in guest memory")
@@ -347,7 +359,7 @@ class GuestMemory:
         (``window.table is mem.regions``); adding or removing any region
         replaces the table, after which the caller takes a new window.
         """
-        regions = self._regions
+        regions = self.regions
         region = self.region_at(addr)
         if length < 0 or addr + length > region.guest_end:
             raise GuestMemoryError(
@@ -362,7 +374,7 @@ class GuestMemory:
         What a ring keeps to check descriptor buffers inline: most buffers
         of a VM lie in its main RAM region.
         """
-        regions = self._regions
+        regions = self.regions
         if not regions:
             return RegionWindow(regions, 1, 0, _NO_VIEW)
         region = max(regions, key=lambda r: r.size)

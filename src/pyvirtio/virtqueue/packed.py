@@ -124,6 +124,7 @@ _WRITE_MORE = DESC_F_WRITE | DESC_F_NEXT
 
 #: One ``struct pvirtq_desc`` (packed-ring.tex, "The Virtqueue Descriptor Format").
 _unpack_desc = DESC.unpack_from
+_new_object = object.__new__
 _pack_desc = DESC.pack_into
 #: A descriptor's ``addr``, ``len`` and ``id``: everything but the flags that publish it.
 _pack_desc_head = struct.Struct("<QIH").pack_into
@@ -256,6 +257,8 @@ class PackedDeviceQueue:
         "_d64",
         "_dev16",
         "_drv16",
+        "_hi",
+        "_lo",
         "_mem",
         "_next_avail",
         "_next_used",
@@ -265,6 +268,7 @@ class PackedDeviceQueue:
         "_used_since_signal",
         "_used_wrap",
         "_window",
+        "_window_table",
         "broken",
         "desc_addr",
         "device_addr",
@@ -307,6 +311,10 @@ class PackedDeviceQueue:
         self._set_notify_flags(RING_EVENT_FLAGS_ENABLE)
         # Buffers are checked inline against the largest region (pop).
         self._window = GuestMemory.NO_WINDOW
+        # Its fields, in slots for the hot path (NamedTuple fields load slower).
+        self._window_table: object = None
+        self._lo = 1
+        self._hi = 0
 
     def _set_avail(self, pos: int, wrap: int) -> None:
         """Set the next available position and the device's view of the driver wrap counter.
@@ -369,11 +377,10 @@ class PackedDeviceQueue:
             mem = self._mem
             # Buffers inside the largest region are checked inline against
             # its window, while the window is current (GuestMemory.window).
-            window = self._window
-            if window.table is not mem.regions:
-                window = self._window = mem.largest_window()
-            lo = window.base
-            hi = window.end
+            if self._window_table is not mem.regions:
+                self._take_window()
+            lo = self._lo
+            hi = self._hi
             readable: list[tuple[int, int]] = []
             writable: list[tuple[int, int]] = []
             readable_len = 0
@@ -447,8 +454,26 @@ class PackedDeviceQueue:
             # Keep asking for the descriptor after the ones consumed, or the
             # driver's next additions would pass the old offset unnoticed.
             self._dev16[0] = self._next_avail + self._avail_wrap * _WRAP_BIT
-        # The buffer ID is in the last descriptor of the list.
-        return DescriptorChain(mem, bid, readable, writable, readable_len, writable_len, slots)
+        # The chain builder: slots filled directly (the buffer ID is in the
+        # last descriptor of the list); a Python-level __init__ call costs as
+        # much as the rest of a one-descriptor pop.  The chain-shape tests
+        # keep this in step with DescriptorChain.__slots__.
+        chain: DescriptorChain = _new_object(DescriptorChain)
+        chain.mem = mem
+        chain.head = bid
+        chain.readable = readable
+        chain.writable = writable
+        chain.readable_len = readable_len
+        chain.writable_len = writable_len
+        chain.ring_slots = slots
+        return chain
+
+    def _take_window(self) -> None:
+        """The region table changed: check buffers against its largest region from now on."""
+        window = self._window = self._mem.largest_window()
+        self._window_table = window.table
+        self._lo = window.base
+        self._hi = window.end
 
     def _fail(self, message: str) -> VirtqueueError:
         self.broken = True

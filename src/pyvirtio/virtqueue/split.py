@@ -88,6 +88,7 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
 _unpack_desc = DESC.unpack_from
+_new_object = object.__new__
 _pack_desc = DESC.pack_into
 #: Most descriptors an indirect table may hold (as many as the largest queue).
 _MAX_INDIRECT_DESCS = MAX_QUEUE_SIZE
@@ -183,6 +184,8 @@ class SplitDeviceQueue:
         "_avail_ring",
         "_desc",
         "_heads",
+        "_hi",
+        "_lo",
         "_mask",
         "_next_avail",
         "_next_used",
@@ -192,6 +195,7 @@ class SplitDeviceQueue:
         "_used",
         "_used_ring",
         "_window",
+        "_window_table",
         "broken",
         "desc_addr",
         "device_addr",
@@ -243,6 +247,10 @@ class SplitDeviceQueue:
         self._track_avail_event = self.event_idx
         # Buffers are checked inline against the largest region (walk).
         self._window = GuestMemory.NO_WINDOW
+        # Its fields, in slots for the hot path (NamedTuple fields load slower).
+        self._window_table: object = None
+        self._lo = 1
+        self._hi = 0
 
     def __repr__(self) -> str:
         return (
@@ -371,11 +379,10 @@ class SplitDeviceQueue:
             mem = self.mem
             # Buffers inside the largest region are checked inline against
             # its window, while the window is current (GuestMemory.window).
-            window = self._window
-            if window.table is not mem.regions:
-                window = self._window = mem.largest_window()
-            lo = window.base
-            hi = window.end
+            if self._window_table is not mem.regions:
+                self._take_window()
+            lo = self._lo
+            hi = self._hi
             table: memoryview | bytes = self._desc
             entries = size  # descriptors in ``table``, the bound of ``next``
             in_indirect = False
@@ -452,7 +459,26 @@ class SplitDeviceQueue:
         except (GuestMemoryError, struct.error, IndexError, ValueError, OverflowError) as exc:
             self.broken = True
             raise VirtqueueError(f"malformed virtqueue: {exc}") from exc
-        return DescriptorChain(mem, head, readable, writable, rlen, wlen)
+        # The chain builder: slots filled directly, a Python-level __init__
+        # call costs as much as the rest of a one-descriptor pop.
+        # test_popped_chains_match_the_constructor_in_every_slot keeps this
+        # in step with DescriptorChain.__slots__.
+        chain: DescriptorChain = _new_object(DescriptorChain)
+        chain.mem = mem
+        chain.head = head
+        chain.readable = readable
+        chain.writable = writable
+        chain.readable_len = rlen
+        chain.writable_len = wlen
+        chain.ring_slots = 1
+        return chain
+
+    def _take_window(self) -> None:
+        """The region table changed: check buffers against its largest region from now on."""
+        window = self._window = self.mem.largest_window()
+        self._window_table = window.table
+        self._lo = window.base
+        self._hi = window.end
 
     def _read_ahead(self, next_avail: int, pending: int) -> int:
         """Read the ``pending`` ring entries from ``next_avail``; return the first.
@@ -884,46 +910,44 @@ class SplitDriverQueue:
                 wlen = self._fill_indirect(head, readable, writable, total)
                 last = head
                 ndescs = 1
-            else:
-                if self._num_free < total:
-                    if total > self.size:
-                        raise ValueError(
-                            f"{total} buffers can never fit a queue of {self.size} descriptors"
-                        )
-                    raise QueueFullError(
-                        f"{total} descriptors needed, {self._num_free} free "
-                        f"(queue size {self.size})"
-                    )
-                if not total:
-                    raise ValueError("a request needs at least one buffer")
-                pack = _pack_desc
-                links = self._next
-                desc = self._desc
+            elif 0 < total <= self._num_free:
+                # A direct chain along the free list, each descriptor but the
+                # last with NEXT and its link.
                 last = head
-                remaining = total
-                rlen = 0
+                more = total  # descriptors left to write, this one included
+                nbytes = 0
                 wlen = 0
                 for addr, length in readable:
-                    remaining -= 1
-                    rlen += length
-                    if remaining:
-                        nxt = links[last]
-                        pack(desc, last * DESC_SIZE, addr, length, _READ_MORE, nxt)
+                    more -= 1
+                    nbytes += length
+                    if more:
+                        nxt = self._next[last]
+                        _pack_desc(self._desc, last * DESC_SIZE, addr, length, _READ_MORE, nxt)
                         last = nxt
                     else:
-                        pack(desc, last * DESC_SIZE, addr, length, _READ_LAST, 0)
+                        _pack_desc(self._desc, last * DESC_SIZE, addr, length, _READ_LAST, 0)
                 for addr, length in writable:
-                    remaining -= 1
+                    more -= 1
                     wlen += length
-                    if remaining:
-                        nxt = links[last]
-                        pack(desc, last * DESC_SIZE, addr, length, _WRITE_MORE, nxt)
+                    if more:
+                        nxt = self._next[last]
+                        _pack_desc(self._desc, last * DESC_SIZE, addr, length, _WRITE_MORE, nxt)
                         last = nxt
                     else:
-                        pack(desc, last * DESC_SIZE, addr, length, _WRITE_LAST, 0)
-                if rlen + wlen > CHAIN_BYTES_LIMIT:
-                    raise ValueError(f"request of {rlen + wlen} bytes exceeds 2**32")
+                        _pack_desc(self._desc, last * DESC_SIZE, addr, length, _WRITE_LAST, 0)
+                if nbytes + wlen > CHAIN_BYTES_LIMIT:
+                    raise ValueError(f"request of {nbytes + wlen} bytes exceeds 2**32")
                 ndescs = total
+            elif not total:
+                raise ValueError("a request needs at least one buffer")
+            elif total > self.size:
+                raise ValueError(
+                    f"{total} buffers can never fit a queue of {self.size} descriptors"
+                )
+            else:
+                raise QueueFullError(
+                    f"{total} descriptors needed, {self._num_free} free (queue size {self.size})"
+                )
         except struct.error as exc:
             raise ValueError(f"buffer address or length out of range: {exc}") from exc
 
