@@ -259,3 +259,51 @@ def _merged(mem: GuestMemory) -> list[range]:
         else:
             runs.append([r.guest_base, r.guest_end])
     return [range(a, b) for a, b in runs]
+
+
+# -- region windows ------------------------------------------------------------------------
+
+
+def test_window_covers_its_region_while_the_table_is_unchanged() -> None:
+    with GuestMemory.anonymous(0x2000) as mem:
+        window = mem.window(0x100, 0x10)
+        assert (window.base, window.end) == (0, 0x2000)
+        assert window.covers(mem, 0, 0x2000)
+        assert not window.covers(mem, 0x1FFF, 2)
+        window.view[0x100] = 7
+        assert mem.read_u8(0x100) == 7
+
+
+def test_adding_or_removing_a_region_invalidates_every_window() -> None:
+    with GuestMemory.anonymous(0x1000) as mem:
+        window = mem.window(0)
+        mem.add_anonymous(0x10000, 0x1000)
+        assert not window.covers(mem, 0, 1)  # table replaced, even though region 0 stayed
+        window = mem.window(0x10000)
+        mem.remove_region(0x10000)
+        assert not window.covers(mem, 0x10000, 1)
+        with pytest.raises(GuestMemoryError):
+            mem.window(0x10000)
+
+
+def test_window_refuses_a_range_that_leaves_its_region() -> None:
+    with GuestMemory() as mem:
+        mem.add_anonymous(0, 0x1000)
+        mem.add_anonymous(0x1000, 0x1000)  # contiguous, but a window is one region
+        with pytest.raises(GuestMemoryError, match="leaves region"):
+            mem.window(0xFF0, 0x20)
+        with pytest.raises(GuestMemoryError):
+            mem.window(0x5000)
+
+
+def test_largest_window_and_the_empty_window() -> None:
+    with GuestMemory() as mem:
+        assert not mem.largest_window().covers(mem, 0, 0)
+        assert not GuestMemory.NO_WINDOW.covers(mem, 0, 0)
+        mem.add_anonymous(0, 0x1000)
+        mem.add_anonymous(0x100000, 0x4000)
+        window = mem.largest_window()
+        assert (window.base, window.end) == (0x100000, 0x104000)
+        assert window.covers(mem, 0x100000, 0x4000)
+        mem.close()
+        assert not window.covers(mem, 0x100000, 1)

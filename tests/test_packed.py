@@ -1083,3 +1083,86 @@ def test_popped_chains_match_the_constructor_in_every_slot(mem: GuestMemory) -> 
             assert getattr(chain, slot) == getattr(want, slot), slot
     dev.add_used_batch([(c, c.writable_len) for c in chains])
     assert list(drv.used()) == [("r", 0), ("w", 4), ("rw", 4)]
+
+
+# -- ring positions, for hosts ---------------------------------------------------------------
+
+
+def test_device_resumes_at_positions_and_wrap_counters_a_host_sets(mem: GuestMemory) -> None:
+    # Ten round trips on a ring of eight: both wrap counters have flipped.
+    drv, dev = pair(mem, size=8, event_idx=True)
+    for token in range(10):
+        round_trip(drv, dev, token)
+    assert (dev.next_avail, dev.avail_wrap_counter) == (2, False)
+    assert (dev.next_used, dev.used_wrap_counter) == (2, False)
+    resumed = device(mem, 8, event_idx=True)
+    resumed.set_next_avail(dev.next_avail, dev.avail_wrap_counter)
+    resumed.set_next_used(dev.next_used, dev.used_wrap_counter)
+    assert resumed.state() == {**dev.state(), "used_since_signal": 0}
+    drv.add([(DATA, 4)], [], "after")
+    chain = resumed.pop()
+    assert chain is not None and chain.readable == [(DATA, 4)]
+    resumed.add_used(chain, 0)
+    assert list(drv.used()) == [("after", 0)]
+
+
+def test_a_fresh_device_sees_nothing_at_a_wrong_wrap_counter(mem: GuestMemory) -> None:
+    drv, _ = pair(mem)
+    drv.add([(DATA, 4)], [], "lap 1")
+    dev = device(mem)
+    dev.set_next_avail(0, False)  # expects the second lap's flags
+    assert dev.pop() is None
+
+
+@pytest.mark.parametrize("bad", [-1, 8, True, 2.0])
+def test_ring_positions_must_lie_in_the_ring(mem: GuestMemory, bad: object) -> None:
+    dev = device(mem, 8)
+    with pytest.raises(ValueError, match="not a position in a ring of 8"):
+        dev.set_next_avail(bad, True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a position in a ring of 8"):
+        dev.set_next_used(bad, True)  # type: ignore[arg-type]
+    assert (dev.next_avail, dev.next_used) == (0, 0)
+
+
+# -- driver: has_used and from_state, as the split driver has them ---------------------------
+
+
+def test_driver_has_used_reports_a_returned_buffer(mem: GuestMemory) -> None:
+    drv, dev = pair(mem)
+    assert not drv.has_used()
+    drv.add([], [(DATA, 8)], "t")
+    assert not drv.has_used()
+    chain = dev.pop()
+    assert chain is not None
+    dev.add_used(chain, 5)
+    assert drv.has_used()
+    assert list(drv.used()) == [("t", 5)]
+    assert not drv.has_used()
+
+
+def test_idle_driver_rebuilt_from_state_carries_on(mem: GuestMemory) -> None:
+    drv, dev = pair(mem, size=4, event_idx=True, indirect=True)
+    for token in range(6):
+        round_trip(drv, dev, token)
+    drv.disable_interrupts()
+    state = json.loads(json.dumps(drv.state()))
+    rebuilt = PackedDriverQueue.from_state(mem, state)
+    assert rebuilt.state() == drv.state()
+    rebuilt.add([(DATA, 4)], [(DATA + 64, 4), (DATA + 128, 4)], "indirect")
+    chain = dev.pop()
+    assert chain is not None and chain.writable_len == 8
+    dev.add_used(chain, 8)
+    assert rebuilt.has_used()
+    assert list(rebuilt.used()) == [("indirect", 8)]
+
+
+def test_driver_from_state_refuses_requests_in_flight(mem: GuestMemory) -> None:
+    drv, _ = pair(mem)
+    drv.add([(DATA, 4)], [], "pending")
+    with pytest.raises(ValueError, match="nothing in flight"):
+        PackedDriverQueue.from_state(mem, drv.state())
+    idle = pair(mem)[0].state()
+    with pytest.raises(ValueError, match="nothing in flight"):
+        PackedDriverQueue.from_state(mem, {**idle, "next_used": 3})
+    with pytest.raises(VirtqueueError, match="lacks 'broken'"):
+        PackedDriverQueue.from_state(mem, {k: v for k, v in idle.items() if k != "broken"})

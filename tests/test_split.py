@@ -1235,3 +1235,66 @@ def test_nested_used_iterations_do_not_double_return(mem: GuestMemory) -> None:
     assert next(drv.used()) == ("b", 0)  # a second iterator takes the next one
     assert [t for t, _ in outer] == ["c", "d"]
     assert drv.num_free == 4
+
+
+# -- ring positions, for hosts ---------------------------------------------------------------
+
+
+def test_device_resumes_at_positions_a_host_sets(mem: GuestMemory) -> None:
+    # A host that learns where the rings stand (vhost-user SET_VRING_BASE)
+    # moves a fresh queue there instead of editing its state dict.
+    size = 8
+    drv = driver(mem, size, event_idx=True)
+    dev = device(mem, size, event_idx=True)
+    for token in range(5):
+        drv.add([(DATA + token, 1)], [], token)
+    for chain in list(iter(dev.pop, None)):
+        dev.add_used(chain, 0)
+    assert [t for t, _ in drv.used()] == [0, 1, 2, 3, 4]
+    drv.add([], [(DATA, 4)], "next")
+    resumed = device(mem, size, event_idx=True)
+    resumed.next_avail = dev.next_avail
+    resumed.next_used = dev.next_used
+    assert (resumed.next_avail, resumed.next_used) == (5, 5)
+    chain = resumed.pop()
+    assert chain is not None and chain.writable == [(DATA, 4)]
+    assert resumed.pop() is None
+    resumed.add_used(chain, 4)
+    # The notification marker moved with next_used: the completion at 5 counts.
+    assert resumed.needs_notification()
+    assert list(drv.used()) == [("next", 4)]
+
+
+def test_moving_next_avail_forgets_chains_read_ahead(mem: GuestMemory) -> None:
+    for index in range(16):
+        write_desc(mem, index, DATA, index + 1)
+    make_available(mem, 16, list(range(12)))  # enough to be read ahead
+    queue = device(mem, 16)
+    first = queue.pop()
+    assert first is not None and first.head == 0
+    queue.next_avail = 0
+    again = queue.pop()
+    assert again is not None and again.head == 0 and queue.next_avail == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 0x10000, True, 1.0])
+def test_ring_positions_must_be_16_bit_indices(mem: GuestMemory, bad: object) -> None:
+    queue = device(mem)
+    with pytest.raises(ValueError, match="16-bit ring index"):
+        queue.next_avail = bad  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="16-bit ring index"):
+        queue.next_used = bad  # type: ignore[assignment]
+    assert (queue.next_avail, queue.next_used) == (0, 0)
+
+
+def test_region_removed_after_a_pop_is_refused_on_the_next(mem: GuestMemory) -> None:
+    # The ring's cached region window is dropped when the table changes.
+    extra = 0x100000
+    mem.add_anonymous(extra, 0x10000)
+    drv = driver(mem)
+    dev = device(mem)
+    drv.add([(extra, 16)], [], "big")
+    assert dev.pop() is not None
+    mem.remove_region(extra)
+    drv.add([(extra, 16)], [], "gone")
+    pop_error(dev, "outside guest memory")

@@ -977,7 +977,7 @@ class PackedDriverQueue:
         queue._used_expect = _AVAIL_USED if queue._used_wrap else 0
         if (queue._next_avail, queue._avail_wrap) != (queue._next_used, queue._used_wrap):
             raise ValueError("queue state has next_avail != next_used but nothing in flight")
-        queue._added_since_kick = fields.integer("added_since_kick", 0, size)
+        queue._added_since_kick = fields.integer("added_since_kick")
         irq_flags = fields.integer("interrupt_flags", 0, RING_EVENT_FLAGS_DESC)
         queue._set_irq_flags(irq_flags)
         queue.broken = fields.flag("broken")
