@@ -203,6 +203,22 @@ def _need_event(
     return ((new - off - 1) & 0xFFFF) < count
 
 
+def _enable_events(area: Words, event_idx: bool, position: int, wrap: int) -> int:
+    """Ask the other side for notifications through an event suppression ``area``.
+
+    With EVENT_IDX, DESC at ``position`` and ``wrap`` (the offset stored
+    before the flags that make it count); otherwise ENABLE
+    (packed-ring.tex, "Event Suppression Structure Format").  Returns the
+    flags written.
+    """
+    if event_idx:
+        area[0] = position + wrap * _WRAP_BIT
+        area[1] = RING_EVENT_FLAGS_DESC
+        return RING_EVENT_FLAGS_DESC
+    area[1] = RING_EVENT_FLAGS_ENABLE
+    return RING_EVENT_FLAGS_ENABLE
+
+
 def _store_used_run(
     d16: memoryview,
     d32: memoryview,
@@ -730,14 +746,9 @@ class PackedDeviceQueue:
         with a driver that added a chain while notifications were off, as in
         packed-ring.tex, "Receiving Used Buffers From The Device".
         """
-        dev16 = self._dev16
-        if self.event_idx:
-            dev16[0] = self._next_avail + self._avail_wrap * _WRAP_BIT
-            dev16[1] = RING_EVENT_FLAGS_DESC
-            self._set_notify_flags(RING_EVENT_FLAGS_DESC)
-        else:
-            dev16[1] = RING_EVENT_FLAGS_ENABLE
-            self._set_notify_flags(RING_EVENT_FLAGS_ENABLE)
+        self._set_notify_flags(
+            _enable_events(self._dev16, self.event_idx, self._next_avail, self._avail_wrap)
+        )
         full_barrier()
         return self.has_available()
 
@@ -1313,14 +1324,9 @@ class PackedDriverQueue:
         after a full barrier is the spec's guard against a lost notification
         (packed-ring.tex, "Receiving Used Buffers From The Device").
         """
-        drv16 = self._drv16
-        if self.event_idx:
-            drv16[0] = self._next_used + self._used_wrap * _WRAP_BIT
-            drv16[1] = RING_EVENT_FLAGS_DESC
-            self._set_irq_flags(RING_EVENT_FLAGS_DESC)
-        else:
-            drv16[1] = RING_EVENT_FLAGS_ENABLE
-            self._set_irq_flags(RING_EVENT_FLAGS_ENABLE)
+        self._set_irq_flags(
+            _enable_events(self._drv16, self.event_idx, self._next_used, self._used_wrap)
+        )
         full_barrier()
         return self._used_ready()
 
