@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue import ring, split
+from pyvirtio.virtqueue import ring, split, split_device
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -1177,7 +1177,7 @@ def test_unexpected_parse_failures_become_virtqueue_errors(
     def broken_unpack(buffer: object, offset: int = 0) -> tuple[int, int, int, int]:
         raise struct.error("unpack_from requires a buffer of at least 16 bytes")
 
-    monkeypatch.setattr(split, "_unpack_desc", broken_unpack)
+    monkeypatch.setattr(split_device, "_unpack_desc", broken_unpack)
     make_available(mem, 8, [0])
     pop_error(device(mem), "malformed virtqueue: unpack_from")
 

@@ -1,0 +1,558 @@
+"""The device side of the split ring: :class:`SplitDeviceQueue` (see :mod:`.split`)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.virtqueue.common import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DescriptorChain,
+    QueueState,
+    VirtqueueError,
+    ring_need_event,
+)
+from pyvirtio.virtqueue.ring import (
+    CHAIN_BYTES_LIMIT,
+    DESC,
+    DESC_SIZE,
+    U64_LIMIT,
+    StateReader,
+    full_barrier,
+    read_span,
+    words,
+    write_span,
+)
+from pyvirtio.virtqueue.split_layout import (
+    BULK_MIN,
+    MAX_INDIRECT_DESCS,
+    READ_LAST,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_USED_F_NO_NOTIFY,
+    WRITE_LAST,
+    WRITE_MORE,
+    check_layout,
+)
+
+__all__ = ["SplitDeviceQueue"]
+
+_unpack_desc = DESC.unpack_from
+_new_object = object.__new__
+
+
+def _ring_index(index: object, what: str) -> int:
+    """``index`` as a 16-bit ring index; ValueError otherwise."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 0xFFFF:
+        raise ValueError(f"{what} {index!r} is not a 16-bit ring index")
+    return index
+
+
+def _check_buffer(mem: GuestMemory, addr: int, length: int, where: int | str) -> None:
+    """The slow bounds check, for buffers outside the cached region window."""
+    if addr + length > U64_LIMIT:
+        raise VirtqueueError(f"descriptor {where}: buffer {addr:#x}+{length:#x} overflows 2**64")
+    if length and not mem.is_valid(addr, length):
+        raise VirtqueueError(
+            f"descriptor {where}: buffer [{addr:#x}, {addr + length:#x}) is outside guest memory"
+        )
+
+
+class SplitDeviceQueue:
+    """The device side of a split virtqueue.
+
+    Reads the descriptor table and available ring, writes the used ring
+    (split-ring.tex, "The Virtqueue Used Ring").  Sans-IO: the owner turns
+    :meth:`needs_notification` into an interrupt and calls :meth:`pop` when
+    the driver notifies.
+
+    ``event_idx`` and ``indirect`` are the negotiated VIRTIO_F_EVENT_IDX and
+    VIRTIO_F_INDIRECT_DESC features (content.tex, "Reserved Feature Bits").
+    Each ring area must lie inside one guest memory region (it is accessed
+    through one view); buffers may be anywhere in guest memory, even across
+    contiguous regions.
+
+    With EVENT_IDX, :meth:`pop` keeps ``avail_event`` just past the last
+    chain taken (as QEMU does) while notifications are enabled, so a device
+    that simply pops on every notification never misses one.
+    """
+
+    __slots__ = (
+        "_avail",
+        "_avail_event",
+        "_avail_ring",
+        "_desc",
+        "_heads",
+        "_hi",
+        "_lo",
+        "_mask",
+        "_next_avail",
+        "_next_used",
+        "_notify_enabled",
+        "_signalled_used",
+        "_track_avail_event",
+        "_used",
+        "_used_ring",
+        "_window",
+        "_window_table",
+        "broken",
+        "desc_addr",
+        "device_addr",
+        "driver_addr",
+        "event_idx",
+        "indirect",
+        "mem",
+        "size",
+    )
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+    ) -> None:
+        desc, avail, used = check_layout(mem, size, desc_addr, driver_addr, device_addr)
+        self.mem = mem
+        self.size = size
+        self.desc_addr = desc_addr
+        self.driver_addr = driver_addr
+        self.device_addr = device_addr
+        self.event_idx = bool(event_idx)
+        self.indirect = bool(indirect)
+        self.broken = False
+        self._mask = size - 1
+        self._desc = desc
+        # Available ring as u16 slots: flags 0, idx 1, ring 2.., used_event 2+size;
+        # the ring entries alone, indexed by ``idx & mask``.
+        self._avail = words(avail, "H")
+        self._avail_ring = words(avail[4 : 4 + 2 * size], "H")
+        # Used ring as u16 slots (flags 0, idx 1, avail_event 2+4*size), its
+        # elements as u32 pairs (id, len) from byte 4, and avail_event alone.
+        self._used = words(used, "H")
+        self._used_ring = words(used[4 : 4 + 8 * size], "I")
+        self._avail_event = words(used[4 + 8 * size : 6 + 8 * size], "H")
+        self._next_avail = 0
+        # Available ring entries read ahead by pop, the next one last.
+        self._heads: list[int] = []
+        self._next_used = 0
+        self._signalled_used = 0
+        self._notify_enabled = True
+        # pop keeps avail_event current while this is set.
+        self._track_avail_event = self.event_idx
+        # Buffers are checked inline against the largest region (walk).
+        self._window = GuestMemory.NO_WINDOW
+        # Its fields, in slots for the hot path (NamedTuple fields load slower).
+        self._window_table: object = None
+        self._lo = 1
+        self._hi = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"SplitDeviceQueue(size={self.size}, next_avail={self._next_avail}, "
+            f"next_used={self._next_used}, broken={self.broken})"
+        )
+
+    # -- state ------------------------------------------------------------------
+
+    def state(self) -> QueueState:
+        """Everything needed to rebuild this queue over the same guest memory."""
+        return {
+            "size": self.size,
+            "desc_addr": self.desc_addr,
+            "driver_addr": self.driver_addr,
+            "device_addr": self.device_addr,
+            "next_avail": self._next_avail,
+            "next_used": self._next_used,
+            "signalled_used": self._signalled_used,
+            "notifications_enabled": self._notify_enabled,
+            "event_idx": self.event_idx,
+            "indirect": self.indirect,
+            "broken": self.broken,
+        }
+
+    @classmethod
+    def from_state(cls, mem: GuestMemory, state: QueueState) -> SplitDeviceQueue:
+        """Rebuild a queue from :meth:`state` (e.g. after migration or snapshot).
+
+        Guest memory is not touched: the rings are wherever the snapshot left
+        them.  A malformed state raises VirtqueueError.
+        """
+        fields = StateReader(state)
+        queue = cls(
+            mem,
+            fields.integer("size"),
+            fields.integer("desc_addr"),
+            fields.integer("driver_addr"),
+            fields.integer("device_addr"),
+            event_idx=fields.flag("event_idx"),
+            indirect=fields.flag("indirect"),
+        )
+        queue._next_avail = fields.u16("next_avail")
+        queue._next_used = fields.u16("next_used")
+        queue._signalled_used = fields.u16("signalled_used")
+        queue._notify_enabled = fields.flag("notifications_enabled")
+        queue._track_avail_event = queue.event_idx and queue._notify_enabled
+        queue.broken = fields.flag("broken")
+        return queue
+
+    # -- ring positions, for hosts (vhost-user SET_VRING_BASE / GET_VRING_BASE) --
+
+    @property
+    def next_avail(self) -> int:
+        """Available-ring index of the next chain :meth:`pop` will take."""
+        return self._next_avail
+
+    @next_avail.setter
+    def next_avail(self, index: int) -> None:
+        """Resume popping at available-ring index ``index`` (0..65535).
+
+        What a host does when the ring's owner tells it where the driver's
+        buffers continue (vhost-user SET_VRING_BASE).  Chains read ahead from
+        the old position are forgotten.
+        """
+        self._next_avail = _ring_index(index, "next_avail")
+        self._heads = []
+
+    @property
+    def next_used(self) -> int:
+        """Used-ring index the next :meth:`add_used` will fill."""
+        return self._next_used
+
+    @next_used.setter
+    def next_used(self, index: int) -> None:
+        """Resume completing at used-ring index ``index`` (0..65535).
+
+        The notification marker moves with it, so the first completion
+        after the move is judged against ``index`` (split-ring.tex, "Used
+        Buffer Notification Suppression").
+        """
+        self._next_used = self._signalled_used = _ring_index(index, "next_used")
+
+    # -- available ring ---------------------------------------------------------
+
+    def has_available(self) -> bool:
+        """Whether :meth:`pop` would return a chain (or raise), without consuming it."""
+        return self.broken or self._avail[1] != self._next_avail
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available descriptor chain, or None if there is none.
+
+        The one descriptor walker of the split format: it follows the chain
+        from its head (split-ring.tex, "The Virtqueue Descriptor Table"),
+        into an indirect table where one ends it ("Indirect Descriptors"),
+        and checks every field the driver controls; any malformation raises
+        VirtqueueError and breaks the queue.  Reserved flag bits are ignored.
+        """
+        if self.broken:
+            raise VirtqueueError("queue is broken: an earlier malformed chain was reported")
+        try:
+            next_avail = self._next_avail
+            heads = self._heads
+            if heads:
+                head = heads.pop()
+            else:
+                # The index is read before the ring entries it covers; x86 does
+                # not reorder loads with loads (split-ring.tex, "The Virtqueue
+                # Available Ring").
+                avail_idx = self._avail[1]
+                if avail_idx == next_avail:
+                    return None
+                pending = (avail_idx - next_avail) & 0xFFFF
+                if pending > self.size:
+                    raise VirtqueueError(
+                        f"available idx {avail_idx} is more than the queue size {self.size} "
+                        f"ahead of the last seen idx {next_avail}"
+                    )
+                if pending < BULK_MIN:
+                    head = self._avail_ring[next_avail & self._mask]
+                else:
+                    head = self._read_ahead(next_avail, pending)
+            size = self.size
+            if head >= size:
+                raise VirtqueueError(f"available ring head {head} >= queue size {size}")
+            mem = self.mem
+            # Buffers inside the largest region are checked inline against
+            # its window, while the window is current (GuestMemory.window).
+            if self._window_table is not mem.regions:
+                self._take_window()
+            lo = self._lo
+            hi = self._hi
+            table: memoryview | bytes = self._desc
+            entries = size  # descriptors in ``table``, the bound of ``next``
+            in_indirect = False
+            readable: list[tuple[int, int]] = []
+            writable: list[tuple[int, int]] = []
+            rlen = 0
+            wlen = 0
+            index = head
+            count = 1
+            addr, length, flags, nxt = _unpack_desc(table, head * DESC_SIZE)
+            while True:
+                if flags > WRITE_MORE:
+                    if flags & DESC_F_INDIRECT:
+                        # The table ends the chain; walk it in place of the ring's.
+                        table = self._indirect_table(addr, length, flags, index, in_indirect)
+                        entries = length // DESC_SIZE
+                        in_indirect = True
+                        index = 0
+                        count = 1
+                        addr, length, flags, nxt = _unpack_desc(table, 0)
+                        continue
+                    flags &= WRITE_MORE
+                if addr < lo or addr + length > hi:
+                    _check_buffer(mem, addr, length, f"indirect {index}" if in_indirect else index)
+                if flags >= WRITE_LAST:
+                    writable.append((addr, length))
+                    wlen += length
+                    if flags == WRITE_LAST:
+                        break
+                elif writable:
+                    raise VirtqueueError(
+                        f"{'indirect ' if in_indirect else ''}descriptor {index}: "
+                        "device-readable buffer after a device-writable one"
+                    )
+                else:
+                    readable.append((addr, length))
+                    rlen += length
+                    if flags == READ_LAST:
+                        break
+                if nxt >= entries:
+                    if in_indirect:
+                        raise VirtqueueError(
+                            f"indirect descriptor {index}: next {nxt} >= table size {entries}"
+                        )
+                    raise VirtqueueError(f"descriptor {index}: next {nxt} >= queue size {size}")
+                count += 1
+                if count > entries:
+                    if in_indirect:
+                        raise VirtqueueError(
+                            f"indirect chain is longer than its table of {entries} (a loop?)"
+                        )
+                    raise VirtqueueError(
+                        f"descriptor chain from head {head} is longer than the queue size "
+                        f"{size} (a loop?)"
+                    )
+                index = nxt
+                addr, length, flags, nxt = _unpack_desc(table, nxt * DESC_SIZE)
+            if rlen + wlen > CHAIN_BYTES_LIMIT:
+                raise VirtqueueError(
+                    f"descriptor chain from head {head} totals {rlen + wlen} bytes, more than 2**32"
+                )
+            next_avail += 1
+            if next_avail == 0x10000:
+                next_avail = 0
+            self._next_avail = next_avail
+            if self._track_avail_event:
+                # Keep avail_event just past what we consumed, so the driver
+                # notifies for its next buffer (split-ring.tex, "Available
+                # Buffer Notification Suppression").
+                self._avail_event[0] = next_avail
+        except VirtqueueError:
+            self.broken = True
+            raise
+        except (GuestMemoryError, struct.error, IndexError, ValueError, OverflowError) as exc:
+            self.broken = True
+            raise VirtqueueError(f"malformed virtqueue: {exc}") from exc
+        # The chain builder: slots filled directly, a Python-level __init__
+        # call costs as much as the rest of a one-descriptor pop.
+        # test_popped_chains_match_the_constructor_in_every_slot keeps this
+        # in step with DescriptorChain.__slots__.
+        chain: DescriptorChain = _new_object(DescriptorChain)
+        chain.mem = mem
+        chain.head = head
+        chain.readable = readable
+        chain.writable = writable
+        chain.readable_len = rlen
+        chain.writable_len = wlen
+        chain.ring_slots = 1
+        return chain
+
+    def _take_window(self) -> None:
+        """The region table changed: check buffers against its largest region from now on."""
+        window = self._window = self.mem.largest_window()
+        self._window_table = window.table
+        self._lo = window.base
+        self._hi = window.end
+
+    def _read_ahead(self, next_avail: int, pending: int) -> int:
+        """Read the ``pending`` ring entries from ``next_avail``; return the first.
+
+        The others wait in ``_heads`` (next one last) for the following
+        pops, so a batch costs one avail idx load and one slice per lap of
+        the ring rather than two loads per chain; the idx is read again once
+        they are used up.  Each head is still checked when it is popped.
+        """
+        start = next_avail & self._mask
+        stop = start + pending
+        ring = self._avail_ring
+        if stop <= self.size:
+            heads = read_span(ring, start, stop)
+        else:  # wraps around the end of the ring
+            heads = read_span(ring, start, self.size) + read_span(ring, 0, stop - self.size)
+        heads.reverse()
+        head = heads.pop()
+        self._heads = heads
+        return head
+
+    def _indirect_table(
+        self, addr: int, length: int, flags: int, index: int, in_indirect: bool
+    ) -> memoryview | bytes:
+        """The bytes of the indirect table a descriptor points at, after its checks.
+
+        split-ring.tex, "Indirect Descriptors": only with
+        VIRTIO_F_INDIRECT_DESC, never with NEXT, never nested, a non-zero
+        multiple of 16 bytes.
+        """
+        if in_indirect:
+            raise VirtqueueError(f"indirect descriptor {index} is itself INDIRECT (nested)")
+        if flags & DESC_F_NEXT:
+            raise VirtqueueError(f"descriptor {index} has both INDIRECT and NEXT flags")
+        if not self.indirect:
+            raise VirtqueueError("INDIRECT descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
+        if length == 0 or length % DESC_SIZE:
+            raise VirtqueueError(f"indirect table length {length} is not a non-zero multiple of 16")
+        if length // DESC_SIZE > MAX_INDIRECT_DESCS:
+            raise VirtqueueError(
+                f"indirect table of {length // DESC_SIZE} descriptors exceeds {MAX_INDIRECT_DESCS}"
+            )
+        window = self._window
+        if window.covers(self.mem, addr, length):
+            return window.view[addr - window.base : addr - window.base + length]
+        _check_buffer(self.mem, addr, length, "(indirect table)")
+        return self.mem.read(addr, length)
+
+    # -- used ring --------------------------------------------------------------
+
+    def add_used(self, chain: DescriptorChain, written: int) -> None:
+        """Return ``chain`` with ``written`` bytes written into its writable part.
+
+        The element is stored before the used idx that publishes it
+        (split-ring.tex, "The Virtqueue Used Ring": "The device MUST set len
+        prior to updating the used idx").
+        """
+        head = chain.head
+        if not 0 <= written <= chain.writable_len:
+            raise ValueError(
+                f"written {written} outside 0..{chain.writable_len} (the chain's writable bytes)"
+            )
+        if not 0 <= head < self.size:
+            raise ValueError(f"chain head {head} is not a descriptor of this queue")
+        used_idx = self._next_used
+        pos = (used_idx & self._mask) * 2
+        ring = self._used_ring
+        ring[pos] = head
+        ring[pos + 1] = written
+        used_idx += 1
+        if used_idx == 0x10000:
+            used_idx = 0
+        self._next_used = used_idx
+        self._used[1] = used_idx
+
+    def add_used_batch(self, completions: Sequence[tuple[DescriptorChain, int]]) -> None:
+        """Return several chains, publishing them with one used idx store.
+
+        All elements are validated and written first; if one is invalid
+        (ValueError) nothing is published.
+        """
+        count = len(completions)
+        if not count:
+            return
+        size = self.size
+        if count > size:
+            raise ValueError(f"{count} chains returned at once to a queue of {size}")
+        used_idx = self._next_used
+        ring = self._used_ring
+        pos = (used_idx & self._mask) * 2
+        if count < BULK_MIN:
+            # A few elements: store each in place.
+            end = 2 * size
+            for chain, written in completions:
+                head = chain.head
+                if not 0 <= written <= chain.writable_len:
+                    raise ValueError(
+                        f"written {written} outside 0..{chain.writable_len} "
+                        "(the chain's writable bytes)"
+                    )
+                if not 0 <= head < size:
+                    raise ValueError(f"chain head {head} is not a descriptor of this queue")
+                ring[pos] = head
+                ring[pos + 1] = written
+                pos += 2
+                if pos == end:
+                    pos = 0
+        else:
+            # Many: gather the (id, len) u32 pairs, then store them with one
+            # slice assignment per lap of the ring.
+            values: list[int] = []
+            for chain, written in completions:
+                head = chain.head
+                if not 0 <= written <= chain.writable_len:
+                    raise ValueError(
+                        f"written {written} outside 0..{chain.writable_len} "
+                        "(the chain's writable bytes)"
+                    )
+                if not 0 <= head < size:
+                    raise ValueError(f"chain head {head} is not a descriptor of this queue")
+                values.append(head)
+                values.append(written)
+            room = 2 * size - pos
+            if len(values) <= room:
+                write_span(ring, pos, values)
+            else:
+                write_span(ring, pos, values[:room])
+                write_span(ring, 0, values[room:])
+        used_idx = (used_idx + count) & 0xFFFF
+        self._next_used = used_idx
+        self._used[1] = used_idx
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used-buffer notification now.
+
+        split-ring.tex, "Used Buffer Notification Suppression": with
+        EVENT_IDX, notify when the used idx moved past ``used_event`` since
+        the last check; without it, unless the driver set
+        VIRTQ_AVAIL_F_NO_INTERRUPT.  False when nothing was used since the
+        last check.  Records the used idx as checked.
+        """
+        full_barrier()  # publish used idx before reading the driver's fields
+        new = self._next_used
+        old = self._signalled_used
+        self._signalled_used = new
+        if new == old:
+            return False
+        if self.event_idx:
+            return ring_need_event(self._avail[2 + self.size], new, old)
+        return not self._avail[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver for available-buffer notifications again.
+
+        Returns True if unconsumed buffers are already available, which the
+        caller must process since no notification will come for them
+        (split-ring.tex, "Available Buffer Notification Suppression").
+        """
+        self._notify_enabled = True
+        self._track_avail_event = self.event_idx
+        if self.event_idx:
+            self._avail_event[0] = self._next_avail
+        else:
+            self._used[0] = 0
+        full_barrier()
+        return self._avail[1] != self._next_avail
+
+    def disable_notifications(self) -> None:
+        """Tell the driver that available-buffer notifications are not needed.
+
+        Without EVENT_IDX this sets VIRTQ_USED_F_NO_NOTIFY; with it the flags
+        must stay 0, so ``avail_event`` is simply no longer advanced.
+        """
+        self._notify_enabled = False
+        self._track_avail_event = False
+        if not self.event_idx:
+            self._used[0] = VIRTQ_USED_F_NO_NOTIFY

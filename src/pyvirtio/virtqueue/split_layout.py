@@ -1,0 +1,96 @@
+"""The split ring's layout, shared by its two sides (split-ring.tex, "Split Virtqueues").
+
+Area sizes and alignments, flag values, and the geometry check; the device
+side is in :mod:`.split_device`, the driver side in :mod:`.split_driver`, and
+:mod:`.split` gathers the public names.
+"""
+
+from __future__ import annotations
+
+from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue.common import (
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    MAX_QUEUE_SIZE,
+)
+from pyvirtio.virtqueue.ring import (
+    DESC_SIZE,
+    area_view,
+    check_queue_size,
+)
+
+__all__ = [
+    "AVAIL_ALIGN",
+    "BULK_MIN",
+    "DESC_ALIGN",
+    "MAX_INDIRECT_DESCS",
+    "READ_LAST",
+    "READ_MORE",
+    "USED_ALIGN",
+    "VIRTQ_AVAIL_F_NO_INTERRUPT",
+    "VIRTQ_USED_F_NO_NOTIFY",
+    "WRITE_LAST",
+    "WRITE_MORE",
+    "area_sizes",
+    "check_layout",
+    "indirect_area_size",
+]
+
+
+#: Alignment of each area (split-ring.tex, "Split Virtqueues", alignment table).
+DESC_ALIGN = 16
+AVAIL_ALIGN = 2
+USED_ALIGN = 4
+
+#: Available ring flag: the driver asks for no used-buffer notifications.
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+#: Used ring flag: the device asks for no available-buffer notifications.
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+#: Most descriptors an indirect table may hold (as many as the largest queue).
+MAX_INDIRECT_DESCS = MAX_QUEUE_SIZE
+
+#: The four values of a descriptor's NEXT and WRITE bits.  Hot loops compare
+#: flags with these (CPython 3.11 specialises int compares, not ``&``) after
+#: INDIRECT and the reserved bits are dealt with.
+READ_LAST = 0
+READ_MORE = DESC_F_NEXT
+WRITE_LAST = DESC_F_WRITE
+WRITE_MORE = DESC_F_WRITE | DESC_F_NEXT
+
+#: Batches of at least this many used elements are read or written with one
+#: slice per lap of the ring; below it, the slice's fixed cost outweighs a
+#: store or load per element.
+BULK_MIN = 8
+
+
+def area_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, available ring and used ring for ``size``.
+
+    The ring sizes include the ``used_event``/``avail_event`` trailer whether
+    or not VIRTIO_F_EVENT_IDX is negotiated, as the spec's table does
+    (split-ring.tex, "Split Virtqueues").
+    """
+    return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
+
+
+def indirect_area_size(size: int, max_indirect: int) -> int:
+    """Bytes a :class:`SplitDriverQueue` needs for its indirect tables.
+
+    One table of ``max_indirect`` descriptors per head slot, so a table is
+    owned by exactly one in-flight request and needs no allocator.
+    """
+    return size * max_indirect * DESC_SIZE
+
+
+def check_layout(
+    mem: GuestMemory, size: int, desc_addr: int, driver_addr: int, device_addr: int
+) -> tuple[memoryview, memoryview, memoryview]:
+    """Validate queue geometry; return byte views of the three areas."""
+    check_queue_size(size, power_of_two=True)
+    desc_bytes, avail_bytes, used_bytes = area_sizes(size)
+    return (
+        area_view(mem, "descriptor table", desc_addr, desc_bytes, DESC_ALIGN),
+        area_view(mem, "available ring", driver_addr, avail_bytes, AVAIL_ALIGN),
+        area_view(mem, "used ring", device_addr, used_bytes, USED_ALIGN),
+    )
