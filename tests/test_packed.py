@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue import packed, ring
+from pyvirtio.virtqueue import packed, packed_layout, ring
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -912,7 +912,7 @@ def test_need_event_matches_brute_force(size: int) -> None:
             for off in range(size):
                 for off_wrap in (0, 1):
                     new, wrap, expected = brute_force_need_event(size, start, count, off, off_wrap)
-                    got = packed._need_event(
+                    got = packed_layout.need_event(
                         RING_EVENT_FLAGS_DESC, off | off_wrap << 15, True, new, wrap, count, size
                     )
                     assert got == expected, (size, start, count, off, off_wrap)

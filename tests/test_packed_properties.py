@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue import packed
+from pyvirtio.virtqueue import packed_layout
 from pyvirtio.virtqueue.common import DescriptorChain, QueueFullError
 from pyvirtio.virtqueue.packed import PackedDeviceQueue, PackedDriverQueue
 
@@ -321,7 +321,7 @@ def test_need_event_against_positions(
     new, wrap = end % size, 1 - (end // size) % 2
     # Exact up to one lap; beyond that the one wrap bit cannot tell, so notify.
     expected = count > size or (event - start) % (2 * size) < count
-    got = packed._need_event(
-        packed.RING_EVENT_FLAGS_DESC, off | off_wrap << 15, event_idx, new, wrap, count, size
+    got = packed_layout.need_event(
+        packed_layout.RING_EVENT_FLAGS_DESC, off | off_wrap << 15, event_idx, new, wrap, count, size
     )
     assert got == (expected if event_idx else True)
