@@ -297,26 +297,30 @@ class SplitDriverQueue:
                 # last with NEXT and its link.
                 last = head
                 more = total  # descriptors left to write, this one included
+                # (Each loop only when it has something to do: a one-buffer
+                # request skips the other's iterator.)
                 nbytes = 0
                 wlen = 0
-                for addr, length in readable:
-                    more -= 1
-                    nbytes += length
-                    if more:
-                        nxt = self._next[last]
-                        _pack_desc(self._desc, last * DESC_SIZE, addr, length, READ_MORE, nxt)
-                        last = nxt
-                    else:
-                        _pack_desc(self._desc, last * DESC_SIZE, addr, length, READ_LAST, 0)
-                for addr, length in writable:
-                    more -= 1
-                    wlen += length
-                    if more:
-                        nxt = self._next[last]
-                        _pack_desc(self._desc, last * DESC_SIZE, addr, length, WRITE_MORE, nxt)
-                        last = nxt
-                    else:
-                        _pack_desc(self._desc, last * DESC_SIZE, addr, length, WRITE_LAST, 0)
+                if readable:
+                    for addr, length in readable:
+                        more -= 1
+                        nbytes += length
+                        if more:
+                            nxt = self._next[last]
+                            _pack_desc(self._desc, last * DESC_SIZE, addr, length, READ_MORE, nxt)
+                            last = nxt
+                        else:
+                            _pack_desc(self._desc, last * DESC_SIZE, addr, length, READ_LAST, 0)
+                if writable:
+                    for addr, length in writable:
+                        more -= 1
+                        wlen += length
+                        if more:
+                            nxt = self._next[last]
+                            _pack_desc(self._desc, last * DESC_SIZE, addr, length, WRITE_MORE, nxt)
+                            last = nxt
+                        else:
+                            _pack_desc(self._desc, last * DESC_SIZE, addr, length, WRITE_LAST, 0)
                 if nbytes + wlen > CHAIN_BYTES_LIMIT:
                     raise ValueError(f"request of {nbytes + wlen} bytes exceeds 2**32")
                 ndescs = total
