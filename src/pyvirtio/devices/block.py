@@ -653,7 +653,7 @@ class Block(VirtioDevice):
         super().reset()
         self._reset_cache_mode()
         # The cached region belongs to memory the host may now unmap.
-        self._region_cache = None
+        self._region_cache = GuestMemory.NO_WINDOW
 
     def config(self) -> BlkConfig:
         """The configuration space as fields."""
