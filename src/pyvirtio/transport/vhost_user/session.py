@@ -1,0 +1,957 @@
+"""The back-end side of one vhost-user connection, as a sans-IO state machine.
+
+A :class:`VhostUserSession` is what one front end negotiated with a
+:class:`~pyvirtio.device.VirtioDevice`: features, protocol features, the
+memory table, the rings, the status byte.  It is fed what the connection
+received (bytes and the fds that came with them, :meth:`receive_data`, or
+whole messages, :meth:`receive`) and answers with *actions* for its host to
+carry out: a :class:`Reply` to send, a kick fd to watch (:class:`WatchKick`),
+a call or err fd to signal from now on (:class:`SetNotifyFd`), a back-end
+channel (:class:`SetBackendChannel`), fds to close (:class:`CloseFds`), the
+connection to drop (:class:`Disconnect`).  It never touches a socket or an
+eventfd and never blocks; the host (:class:`~.backend.VhostUserBackend`'s
+event loop, a test, a fuzz target) owns those.  What it does itself is
+the device's lifecycle (ack_features, activate, sleep/wake, reset,
+queue_notify) and the memory table, through
+:class:`~pyvirtio.memory.GuestMemory` (which maps the region fds it is given).
+
+Ring states ("Ring states").  A ring is *started* by SET_VRING_KICK and
+stopped by GET_VRING_BASE; with VHOST_USER_F_PROTOCOL_FEATURES negotiated it
+is also *enabled* only by SET_VRING_ENABLE 1 (else it starts enabled).  A
+ring is *ready* when it has a size, addresses, is started and enabled.
+
+Activation policy.  A VirtioDevice is activated once with all its queues,
+but QEMU configures and enables rings one message at a time and never says
+"done" (unless STATUS is negotiated).  The device is activated when ring 0
+is ready and every other *started* ring is ready too: QEMU sends every
+SET_VRING_KICK before the first SET_VRING_ENABLE, so activation waits for the
+last enable.  Rings never started are passed as
+:class:`~pyvirtio.virtqueue.disabled.DisabledQueue`; one that becomes ready
+later replaces its placeholder in the running device (as virtio-MMIO's
+QueueReady after DRIVER_OK does).  If the device refuses (ActivationError,
+e.g. a device that needs all its queues), activation is retried at the next
+ring that becomes ready.  SET_STATUS with DRIVER_OK (STATUS negotiated) also
+triggers an attempt with whatever rings are ready.
+
+Stopping.  GET_VRING_BASE on a ring of a running device (and SET_STATUS 0,
+RESET_OWNER, RESET_DEVICE, a new SET_MEM_TABLE or :meth:`close`) stops the
+whole device: it is put to sleep (finishing in-flight requests), woken and
+reset, its negotiated features re-acked, and every ring's next available
+index is saved as that ring's base, so the GET_VRING_BASE replies (QEMU asks
+for each ring in turn) report where each ring really is and a restart
+without a new SET_VRING_BASE resumes there (:mod:`.rings` encodes packed
+positions).
+
+Addresses.  Regions are mapped into one GuestMemory keyed by guest-physical
+address, which is what descriptors hold ("Memory access"); SET_VRING_ADDR
+gives ring addresses as front-end user addresses, translated through the
+region table (user base -> guest base) when the queue is built.
+
+Hostile input.  A malformed message ends the session (one Disconnect).  A
+well-formed request that cannot be honoured is refused: nothing changes,
+its fds are closed, the front end gets a non-zero REPLY_ACK status if it
+asked, and a log line, rate-limited per session.  Feature changes under
+running rings, ring sizes past the maximum, bases outside the ring, user
+ranges that overlap, memory that cannot be sealed against shrinking (unless
+``unsealed_memory`` allows it) and slots past ``max_mem_slots`` are refused.
+A request that defines a reply and fails ends the session (its reply cannot
+say "error").
+
+New requests get a handler in :meth:`VhostUserSession._build_handlers`.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyvirtio.constants import DeviceStatus, Feature
+from pyvirtio.device import DeviceState, VirtioDevice
+from pyvirtio.irq import DeviceInterrupt
+from pyvirtio.memory import GuestMemory, GuestMemoryError, UnsealedMemoryError
+from pyvirtio.ratelimit import RateLimitedLog
+from pyvirtio.transport.vhost_user.protocol import (
+    FLAG_REPLY,
+    VERSION,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VRING_FD_INDEX_MASK,
+    VRING_FD_NOFD,
+    ConfigSpace,
+    FrontendRequest,
+    MemoryRegionDesc,
+    MemoryTable,
+    Message,
+    MessageParser,
+    Payload,
+    ProtocolError,
+    ProtocolFeature,
+    SingleMemoryRegion,
+    VringAddr,
+    VringState,
+    encode,
+    has_explicit_reply,
+)
+from pyvirtio.transport.vhost_user.rings import (
+    RingError,
+    Vring,
+    build_queue,
+    check_base,
+    ring_position,
+)
+from pyvirtio.virtqueue.common import MAX_QUEUE_SIZE, DeviceQueue, VirtqueueError
+from pyvirtio.virtqueue.disabled import DisabledQueue
+
+__all__ = [
+    "DEFAULT_MAX_MEM_SLOTS",
+    "DEFAULT_PROTOCOL_FEATURES",
+    "QEMU_MAX_RING_SIZE",
+    "Action",
+    "CloseFds",
+    "Disconnect",
+    "NotifyKind",
+    "Reply",
+    "SetBackendChannel",
+    "SetNotifyFd",
+    "UnsealedMemory",
+    "VhostUserSession",
+    "WatchKick",
+    "check_queue_count",
+    "max_ring_size",
+]
+
+log = logging.getLogger(__name__)
+
+#: Protocol features offered by default (vhost-user.rst "Protocol features").
+DEFAULT_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ.mask
+    | ProtocolFeature.REPLY_ACK.mask
+    | ProtocolFeature.BACKEND_REQ.mask
+    | ProtocolFeature.CONFIG.mask
+    | ProtocolFeature.RESET_DEVICE.mask
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
+    | ProtocolFeature.STATUS.mask
+)
+#: Protocol features a session can honour at all.
+SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES
+#: Answer to GET_MAX_MEM_SLOTS (QEMU caps it to what the platform supports).
+DEFAULT_MAX_MEM_SLOTS = 32
+#: QEMU's VIRTQUEUE_MAX_SIZE: the largest ring QEMU's device models configure.
+QEMU_MAX_RING_SIZE = 1024
+#: A repeated error of one kind is logged at most once per this many seconds.
+LOG_INTERVAL = 30.0
+
+F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
+#: VHOST_F_LOG_ALL: QEMU re-sends SET_FEATURES with it set or cleared while
+#: migrating; the only feature change allowed on running rings.
+_F_LOG_ALL = 1 << 26
+#: REPLY_ACK status values (vhost-user.rst "REPLY_ACK": zero is success).
+_ACK = 0
+_NACK = 1
+
+
+class UnsealedMemory(enum.Enum):
+    """What the back end does with shared memory it cannot seal against shrinking.
+
+    A front end that truncates such memory makes the back end's next access
+    raise SIGBUS, which kills a Python process (see :mod:`pyvirtio.memory`).
+    """
+
+    #: Refuse the region (NACK) with a log line saying why: the default.
+    REFUSE = "refuse"
+    #: Map it anyway, with a warning: for trusted front ends whose memory
+    #: cannot be sealed (DPDK's virtio-user, hugetlbfs files).
+    ALLOW = "allow"
+
+
+class NotifyKind(enum.Enum):
+    """The two fds a session signals the front end through, per ring."""
+
+    #: SET_VRING_CALL: used buffers.
+    CALL = "call"
+    #: SET_VRING_ERR: the device needs a reset.
+    ERR = "err"
+
+
+# -- actions: what the host carries out, in order ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send these bytes (one encoded reply) to the front end."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WatchKick:
+    """Ring ``index``'s kick fd is now ``fd`` (None: none); close the one it replaces.
+
+    When ``fd`` is readable the host drains it and calls :meth:`VhostUserSession.kick`.
+    """
+
+    index: int
+    fd: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetNotifyFd:
+    """Ring ``index``'s call or err fd is now ``fd`` (None: none); close the one it replaces."""
+
+    index: int
+    kind: NotifyKind
+    fd: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetBackendChannel:
+    """``fd`` is the back-end channel socket (CONFIG_CHANGE_MSG goes there); close the old one."""
+
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseFds:
+    """Close these fds (received with a message that did not keep them)."""
+
+    fds: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Drop the connection (log ``reason`` at ``level``), then :meth:`VhostUserSession.close`."""
+
+    reason: str
+    level: int = logging.WARNING
+
+
+Action = Reply | WatchKick | SetNotifyFd | SetBackendChannel | CloseFds | Disconnect
+
+
+def check_queue_count(device: VirtioDevice) -> None:
+    """vhost-user addresses rings by an 8-bit index (VRING_FD_INDEX_MASK)."""
+    if device.num_queues > VRING_FD_INDEX_MASK + 1:
+        raise ValueError(f"{device.name}: {device.num_queues} queues, vhost-user allows 256")
+
+
+def max_ring_size(device: VirtioDevice, index: int) -> int:
+    """The largest SET_VRING_NUM accepted for ring ``index`` of ``device``.
+
+    vhost-user has no message to tell the front end a maximum: QEMU sizes
+    rings from its own device model (virtio-net's tx/rx_queue_size, up to
+    VIRTQUEUE_MAX_SIZE).  So the limit is the device's own maximum or
+    QEMU's, whichever is larger; beyond it a size is refused.
+    """
+    return min(max(device.queue_max_sizes[index], QEMU_MAX_RING_SIZE), MAX_QUEUE_SIZE)
+
+
+class _Refused(Exception):
+    """A well-formed request the session cannot honour (answered with a NACK)."""
+
+
+class _Fatal(Exception):
+    """A request whose failure leaves no way to answer: the connection is dropped."""
+
+
+@dataclass
+class _Region:
+    """One shared memory region: where it is for the guest and for the front end."""
+
+    guest_addr: int
+    size: int
+    user_addr: int
+
+    def contains_user(self, addr: int) -> bool:
+        return self.user_addr <= addr < self.user_addr + self.size
+
+    def overlaps_user(self, other: _Region) -> bool:
+        return (
+            self.user_addr < other.user_addr + other.size
+            and other.user_addr < self.user_addr + self.size
+        )
+
+
+#: Errors that refuse a request (a NACK) rather than end the session.
+_REFUSALS = (_Refused, RingError, GuestMemoryError, VirtqueueError)
+
+
+class VhostUserSession:
+    """One front end's session with ``device`` (see the module docstring).
+
+    ``interrupt`` is what the device signals used buffers and config
+    changes through once activated (the host's call fds and channel).
+    ``device_log`` rate-limits device failures across sessions; refusals
+    are rate-limited per session.  Each request's name is appended to
+    ``received`` when given.
+    """
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        interrupt: DeviceInterrupt,
+        *,
+        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
+        max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
+        unsealed_memory: UnsealedMemory | str = UnsealedMemory.REFUSE,
+        name: str = "vhost-user session",
+        device_log: RateLimitedLog | None = None,
+        received: collections.deque[str] | None = None,
+    ) -> None:
+        check_queue_count(device)
+        self.device = device
+        self.interrupt = interrupt
+        self.protocol_features_offered = protocol_features & SUPPORTED_PROTOCOL_FEATURES
+        self.max_mem_slots = max_mem_slots
+        self.unsealed_memory = UnsealedMemory(unsealed_memory)
+        self.name = name
+        self.parser = MessageParser(FrontendRequest, replies=False)
+        #: Features of the last accepted SET_FEATURES (including bit 30).
+        self.features = 0
+        self.features_set = False
+        #: Protocol features the front end negotiated.
+        self.protocol_features = 0
+        self.owner = False
+        #: The driver's status byte (SET_STATUS).
+        self.status = 0
+        self.memory = GuestMemory()
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        #: True once the session ended (a Disconnect was issued, or close()).
+        self.closed = False
+        self._regions: list[_Region] = []
+        self._received = received
+        self._device_log = device_log or RateLimitedLog(log, name, interval=LOG_INTERVAL)
+        self._refusals = RateLimitedLog(log, name, interval=LOG_INTERVAL)
+        self._warned_unsealed = False
+        self._actions: list[Action] = []
+        self._handlers = self._build_handlers()
+
+    def __repr__(self) -> str:
+        return f"VhostUserSession({self.name})"
+
+    # -- input --------------------------------------------------------------------------------
+
+    def wanted(self) -> int:
+        """Bytes to read next: at most the rest of the current header or payload."""
+        return self.parser.wanted()
+
+    def receive_data(self, data: bytes, fds: list[int]) -> list[Action]:
+        """Bytes (and the fds received with them) from the connection: the actions they need."""
+        if self.closed:
+            return [CloseFds(tuple(fds))] if fds else []
+        try:
+            messages = self.parser.feed(data, fds)
+        except ProtocolError as exc:
+            malformed = self._disconnect(f"malformed message from front end: {exc}")
+            return [CloseFds(tuple(exc.fds)), malformed]
+        actions: list[Action] = []
+        for message in messages:
+            actions += self.receive(message)
+        return actions
+
+    def receive(self, message: Message) -> list[Action]:
+        """One decoded front-end message (it owns ``message.fds``): the actions it needs."""
+        actions: list[Action] = []
+        self._actions = actions
+        if self.closed:
+            if message.fds:
+                actions.append(CloseFds(tuple(message.fds)))
+            return actions
+        request = message.request
+        assert isinstance(request, FrontendRequest)
+        if self._received is not None:
+            self._received.append(request.name)
+        log.debug("%s: <- %r", self, message)
+        handler = self._handlers.get(request)
+        schema_reply = has_explicit_reply(request)
+        try:
+            if handler is None:
+                self._close(message.fds)
+                if schema_reply:
+                    raise _Fatal(f"unsupported request {request.name}")
+                raise _Refused(f"unsupported request {request.name}")
+            reply = handler(message)
+        except _Fatal as exc:
+            actions.append(self._disconnect(f"{request.name} failed: {exc}"))
+            return actions
+        except _REFUSALS as exc:
+            self._refusals.warn("refused", request.name, "%s refused: %s", request.name, exc)
+            if message.need_reply:
+                self._reply(request, _NACK)
+            return actions
+        except Exception:
+            self._device_log.log(
+                logging.ERROR,
+                "device-failed",
+                request.name,
+                "%s failed in the device",
+                request.name,
+                exc_info=True,
+            )
+            if schema_reply:
+                actions.append(self._disconnect(f"{request.name} failed"))
+            elif message.need_reply:
+                self._reply(request, _NACK)
+            return actions
+        if schema_reply:
+            self._reply(request, reply)
+        elif message.need_reply:
+            self._reply(request, _ACK)
+        return actions
+
+    def _reply(self, request: FrontendRequest, payload: Payload) -> None:
+        self._actions.append(Reply(encode(Message(request, payload, VERSION | FLAG_REPLY))))
+
+    def _close(self, fds: tuple[int, ...] | list[int]) -> None:
+        if fds:
+            self._actions.append(CloseFds(tuple(fds)))
+
+    def _disconnect(self, reason: str) -> Disconnect:
+        self.closed = True
+        return Disconnect(reason)
+
+    # -- the host's events --------------------------------------------------------------------
+
+    def kick(self, index: int) -> DeviceQueue | None:
+        """Ring ``index`` was kicked: the device processes it (disabled or not:
+        a disabled ring's kicks reach the device too, which processes them
+        without side effects, vhost-user.rst "Ring states").
+
+        Returns the ring's queue if it runs and is enabled (the host may go
+        on polling it), else None.
+        """
+        vring = self.vrings[index]
+        if vring.queue is None:
+            return None
+        self.notify(index)
+        return vring.queue if vring.enabled else None
+
+    def running_queue(self, index: int) -> DeviceQueue | None:
+        """Ring ``index``'s queue if the device runs on it, it is enabled and sound."""
+        vring = self.vrings[index]
+        if not vring.enabled or self.device.needs_reset:
+            return None
+        return vring.queue
+
+    def notify(self, index: int) -> None:
+        """The device processes ring ``index`` (a device failure is logged, rate-limited)."""
+        try:
+            self.device.queue_notify(index)
+        except Exception:
+            self._device_log.log(
+                logging.ERROR,
+                "queue-failed",
+                index,
+                "device failed processing queue %d",
+                index,
+                exc_info=True,
+            )
+
+    def close(self) -> list[Action]:
+        """End the session: the device stopped and reset, the memory unmapped.
+
+        Returns the fds still held for a message never completed.  Every fd
+        an action handed to the host is the host's to close.
+        """
+        self.closed = True
+        self._stop_device("front end gone")
+        try:
+            self.device.reset()
+        except Exception:
+            log.exception("%s: device reset failed", self)
+        for vring in self.vrings:
+            vring.queue = None
+        self.memory.close()
+        self._regions.clear()
+        fds = self.parser.take_fds()
+        return [CloseFds(tuple(fds))] if fds else []
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _build_handlers(self) -> dict[FrontendRequest, Callable[[Message], Payload]]:
+        r = FrontendRequest
+        return {
+            r.GET_FEATURES: self._get_features,
+            r.SET_FEATURES: self._set_features,
+            r.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            r.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            r.SET_OWNER: self._set_owner,
+            r.RESET_OWNER: self._reset_owner,
+            r.RESET_DEVICE: self._reset_device,
+            r.GET_QUEUE_NUM: self._get_queue_num,
+            r.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            r.SET_MEM_TABLE: self._set_mem_table,
+            r.ADD_MEM_REG: self._add_mem_reg,
+            r.REM_MEM_REG: self._rem_mem_reg,
+            r.SET_VRING_NUM: self._set_vring_num,
+            r.SET_VRING_ADDR: self._set_vring_addr,
+            r.SET_VRING_BASE: self._set_vring_base,
+            r.GET_VRING_BASE: self._get_vring_base,
+            r.SET_VRING_KICK: self._set_vring_kick,
+            r.SET_VRING_CALL: self._set_vring_call,
+            r.SET_VRING_ERR: self._set_vring_err,
+            r.SET_VRING_ENABLE: self._set_vring_enable,
+            r.VRING_KICK: self._vring_kick,
+            r.GET_CONFIG: self._get_config,
+            r.SET_CONFIG: self._set_config,
+            r.SET_STATUS: self._set_status,
+            r.GET_STATUS: self._get_status,
+            r.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+        }
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise _Refused(f"ring {index} does not exist (the device has {len(self.vrings)})")
+        return self.vrings[index]
+
+    def max_ring_size(self, index: int) -> int:
+        return max_ring_size(self.device, index)
+
+    # -- features ------------------------------------------------------------------------------
+
+    def offered_features(self) -> int:
+        return self.device.offered_features | F_PROTOCOL
+
+    def _get_features(self, message: Message) -> Payload:
+        return self.offered_features()
+
+    def _set_features(self, message: Message) -> Payload:
+        """SET_FEATURES: checked whole before anything changes.
+
+        While the device runs, the features its rings were built with stay:
+        only a no-op (or a LOG_ALL-only change, as QEMU sends while
+        migrating) is accepted; a front end must stop the rings first
+        (GET_VRING_BASE) to change anything else.
+        """
+        assert isinstance(message.payload, int)
+        value = message.payload
+        offered = self.offered_features()
+        if value & ~offered:
+            raise _Refused(f"features {value & ~offered:#x} never offered")
+        virtio = value & ~F_PROTOCOL
+        if not self.device.features_acceptable(virtio):
+            raise _Refused(f"the device does not accept features {virtio:#x}")
+        if self.device.state is DeviceState.ACTIVE:
+            changed = (value ^ self.features) & ~_F_LOG_ALL
+            if changed:
+                raise _Refused(
+                    f"features {changed:#x} changed while the rings run (stop them first)"
+                )
+            self.features = value
+            return None
+        self.features = value
+        self.features_set = True
+        self.device.ack_features(virtio)
+        return None
+
+    def _get_protocol_features(self, message: Message) -> Payload:
+        return self.protocol_features_offered
+
+    def _set_protocol_features(self, message: Message) -> Payload:
+        assert isinstance(message.payload, int)
+        value = message.payload
+        if value & ~self.protocol_features_offered:
+            raise _Refused(
+                f"protocol features {value & ~self.protocol_features_offered:#x} never offered"
+            )
+        self.protocol_features = value
+        return None
+
+    def _set_owner(self, message: Message) -> Payload:
+        self.owner = True
+        return None
+
+    def _reset_owner(self, message: Message) -> Payload:
+        # Deprecated; vhost-user.rst recommends treating it as "disable all rings".
+        self._stop_device("RESET_OWNER")
+        self._reset_vrings()
+        return None
+
+    def _reset_device(self, message: Message) -> Payload:
+        """RESET_DEVICE: rings disabled, device state (features included) back to initial."""
+        self._stop_device("RESET_DEVICE")
+        self.device.reset()
+        self._reset_vrings()
+        self.features = 0
+        self.features_set = False
+        self.status = 0
+        return None
+
+    def _reset_vrings(self) -> None:
+        for vring in self.vrings:
+            vring.reset()
+            self._actions.append(WatchKick(vring.index, None))
+
+    def _get_queue_num(self, message: Message) -> Payload:
+        return self.device.num_queues
+
+    def _get_max_mem_slots(self, message: Message) -> Payload:
+        return self.max_mem_slots
+
+    # -- memory --------------------------------------------------------------------------------
+
+    def _map_region(self, mem: GuestMemory, desc: MemoryRegionDesc, fd: int) -> _Region:
+        """Map ``fd`` for ``desc`` into ``mem``, which then owns the fd (else it is closed)."""
+        if desc.memory_size == 0:
+            self._close((fd,))
+            raise _Refused("memory region of size 0")
+        try:
+            region = mem.add_fd(
+                desc.guest_phys_addr,
+                desc.memory_size,
+                fd,
+                desc.mmap_offset,
+                take_ownership=True,
+                allow_unsealed=self.unsealed_memory is UnsealedMemory.ALLOW,
+            )
+        except UnsealedMemoryError as exc:
+            self._close((fd,))
+            raise _Refused(
+                f"memory region at guest {desc.guest_phys_addr:#x}: {exc} (a memfd made "
+                "without MFD_ALLOW_SEALING, or a hugetlbfs or regular file), so the front "
+                "end could truncate it and crash this back end; refused (start with "
+                "--unsealed-memory allow to accept such memory from a trusted front end)"
+            ) from exc
+        except GuestMemoryError as exc:
+            self._close((fd,))
+            raise _Refused(f"cannot map memory region: {exc}") from exc
+        if not region.sealed and not self._warned_unsealed:
+            self._warned_unsealed = True
+            log.warning(
+                "%s: memory region at guest %#x cannot be sealed against shrinking; mapped "
+                "as --unsealed-memory allow says: this front end can crash this back end "
+                "by truncating it",
+                self,
+                desc.guest_phys_addr,
+            )
+        return _Region(desc.guest_phys_addr, desc.memory_size, desc.userspace_addr)
+
+    @staticmethod
+    def _check_user_overlap(regions: list[_Region], new: _Region) -> None:
+        for other in regions:
+            if new.overlaps_user(other):
+                raise _Refused(
+                    f"user range [{new.user_addr:#x}, +{new.size:#x}) overlaps "
+                    f"[{other.user_addr:#x}, +{other.size:#x})"
+                )
+
+    def _set_mem_table(self, message: Message) -> Payload:
+        """SET_MEM_TABLE: replace every region (mapping all new ones before dropping any)."""
+        table = message.payload
+        assert isinstance(table, MemoryTable)
+        staging = GuestMemory()
+        new_regions: list[_Region] = []
+        fds = list(message.fds)
+        try:
+            while fds:
+                fd = fds.pop(0)
+                region = self._map_region(staging, table.regions[len(new_regions)], fd)
+                self._check_user_overlap(new_regions, region)
+                new_regions.append(region)
+        except _Refused:
+            self._close(fds)
+            staging.close()
+            raise
+        # The rings may move with the memory: stop, swap, and restart below.
+        self._stop_device("SET_MEM_TABLE")
+        for old in list(self.memory.regions):
+            self.memory.remove_region(old.guest_base)
+        for mapped in list(staging.regions):
+            self.memory.add_region(staging.remove_region(mapped.guest_base, close=False))
+        self._regions = new_regions
+        self._try_activate()
+        return None
+
+    def _add_mem_reg(self, message: Message) -> Payload:
+        payload = message.payload
+        assert isinstance(payload, SingleMemoryRegion)
+        (fd,) = message.fds
+        desc = payload.region
+        new = _Region(desc.guest_phys_addr, desc.memory_size, desc.userspace_addr)
+        try:
+            if len(self._regions) >= self.max_mem_slots:
+                raise _Refused(f"all {self.max_mem_slots} memory slots are in use")
+            self._check_user_overlap(self._regions, new)
+        except _Refused:
+            self._close((fd,))
+            raise
+        self._regions.append(self._map_region(self.memory, desc, fd))
+        self._try_activate()
+        return None
+
+    def _rem_mem_reg(self, message: Message) -> Payload:
+        """REM_MEM_REG: identified by guest address, user address and size; fd is closed."""
+        self._close(message.fds)
+        payload = message.payload
+        assert isinstance(payload, SingleMemoryRegion)
+        desc = payload.region
+        wanted = _Region(desc.guest_phys_addr, desc.memory_size, desc.userspace_addr)
+        if wanted not in self._regions:
+            raise _Refused(
+                f"no region at guest {desc.guest_phys_addr:#x} / user {desc.userspace_addr:#x} "
+                f"of size {desc.memory_size:#x}"
+            )
+        if any(vring.queue is not None and self._ring_in(vring, wanted) for vring in self.vrings):
+            self._stop_device("REM_MEM_REG of a region holding a ring")
+        self._regions.remove(wanted)
+        self.memory.remove_region(wanted.guest_addr)
+        return None
+
+    @staticmethod
+    def _ring_in(vring: Vring, region: _Region) -> bool:
+        addr = vring.addr
+        if addr is None:
+            return False
+        return any(
+            region.contains_user(a)
+            for a in (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
+        )
+
+    def _user_to_guest(self, addr: int, what: str) -> int:
+        """Translate a front-end user address to guest-physical (vhost-user.rst "Memory access")."""
+        for region in self._regions:
+            if region.contains_user(addr):
+                return region.guest_addr + (addr - region.user_addr)
+        raise _Refused(f"{what} user address {addr:#x} is in no memory region")
+
+    # -- rings ---------------------------------------------------------------------------------
+
+    def _reconfigure(self, vring: Vring, what: str) -> None:
+        """A ring's layout changes while the device runs on it: stop the device first."""
+        if vring.queue is not None:
+            self._stop_device(f"{what} on running ring {vring.index}")
+
+    def _set_vring_num(self, message: Message) -> Payload:
+        state = message.payload
+        assert isinstance(state, VringState)
+        vring = self._vring(state.index)
+        maximum = self.max_ring_size(state.index)
+        if not 1 <= state.num <= maximum:
+            raise _Refused(f"ring {state.index}: size {state.num} not in 1..{maximum}")
+        self._reconfigure(vring, "SET_VRING_NUM")
+        vring.num = state.num
+        return None
+
+    def _set_vring_addr(self, message: Message) -> Payload:
+        addr = message.payload
+        assert isinstance(addr, VringAddr)
+        vring = self._vring(addr.index)
+        self._reconfigure(vring, "SET_VRING_ADDR")
+        vring.addr = addr
+        return None
+
+    def _set_vring_base(self, message: Message) -> Payload:
+        state = message.payload
+        assert isinstance(state, VringState)
+        vring = self._vring(state.index)
+        packed = bool(self.features & Feature.RING_PACKED.mask)
+        check_base(state.index, state.num, vring.num, packed=packed)
+        self._reconfigure(vring, "SET_VRING_BASE")
+        vring.base = state.num
+        return None
+
+    def _get_vring_base(self, message: Message) -> Payload:
+        """GET_VRING_BASE: stop the ring and report where it is ("Ring states")."""
+        state = message.payload
+        assert isinstance(state, VringState)
+        index = state.index
+        if not 0 <= index < len(self.vrings):
+            raise _Fatal(f"ring {index} does not exist")
+        vring = self.vrings[index]
+        if vring.queue is not None:
+            self._stop_device(f"GET_VRING_BASE of ring {index}")
+        vring.started = False
+        self._actions.append(WatchKick(index, None))
+        return VringState(index, vring.base)
+
+    def _vring_fd(self, message: Message) -> tuple[Vring, int | None]:
+        """The ring and fd of SET_VRING_KICK/CALL/ERR (the fd is closed if refused)."""
+        assert isinstance(message.payload, int)
+        value = message.payload
+        fd = None if value & VRING_FD_NOFD else message.fds[0]
+        try:
+            vring = self._vring(value & VRING_FD_INDEX_MASK)
+        except _Refused:
+            self._close(message.fds)
+            raise
+        return vring, fd
+
+    def _set_vring_kick(self, message: Message) -> Payload:
+        vring, fd = self._vring_fd(message)
+        if fd is None:
+            log.warning(
+                "%s: ring %d has no kick fd; it runs only on in-band VRING_KICK", self, vring.index
+            )
+        self._actions.append(WatchKick(vring.index, fd))
+        vring.started = True  # "start ring upon receiving a kick" fd
+        if not self.features & F_PROTOCOL:
+            vring.enabled = True  # without protocol features rings start enabled
+        self._maybe_activate()
+        return None
+
+    def _set_vring_call(self, message: Message) -> Payload:
+        vring, fd = self._vring_fd(message)
+        self._actions.append(SetNotifyFd(vring.index, NotifyKind.CALL, fd))
+        return None
+
+    def _set_vring_err(self, message: Message) -> Payload:
+        vring, fd = self._vring_fd(message)
+        self._actions.append(SetNotifyFd(vring.index, NotifyKind.ERR, fd))
+        return None
+
+    def _set_vring_enable(self, message: Message) -> Payload:
+        state = message.payload
+        assert isinstance(state, VringState)
+        vring = self._vring(state.index)
+        if state.num not in (0, 1):
+            raise _Refused(f"ring {state.index}: enable value {state.num} is not 0 or 1")
+        vring.enabled = bool(state.num)
+        # A started but disabled ring is still processed, without side
+        # effects ("Ring states"): its kicks reach the device, which knows
+        # what that means for its queue (net discards transmit frames).
+        self.device.set_queue_enabled(vring.index, vring.enabled)
+        if vring.enabled:
+            self._maybe_activate()
+            if vring.queue is not None:
+                self.notify(vring.index)  # buffers that came while disabled
+        return None
+
+    def _vring_kick(self, message: Message) -> Payload:
+        state = message.payload
+        assert isinstance(state, VringState)
+        self.kick(self._vring(state.index).index)
+        return None
+
+    # -- activation ----------------------------------------------------------------------------
+
+    def _build_queue(self, vring: Vring) -> DeviceQueue:
+        return build_queue(self.memory, vring, self.device.acked_features, self._user_to_guest)
+
+    def _maybe_activate(self, *, driver_ok: bool = False) -> None:
+        """Apply the activation policy (module docstring) after a ring or memory change."""
+        device = self.device
+        vrings = self.vrings
+        if not self.features_set or not vrings:
+            return
+        if device.state is DeviceState.ACTIVE:
+            for vring in vrings:
+                if vring.queue is None and vring.ready():
+                    queue = self._build_queue(vring)
+                    vring.queue = queue
+                    device.queues[vring.index] = queue
+                    log.info("%s: ring %d added to the running device", self, vring.index)
+                    self.notify(vring.index)
+            return
+        if not vrings[0].ready():
+            return
+        if not device.features_acceptable(device.acked_features):
+            log.warning(
+                "%s: rings are ready but features %#x are not acceptable: not activating",
+                self,
+                device.acked_features,
+            )
+            return
+        if not driver_ok and any(v.started and not v.ready() for v in vrings):
+            return  # more rings are coming (QEMU enables them one by one)
+        queues = [self._build_queue(v) if v.ready() else DisabledQueue() for v in vrings]
+        try:
+            device.activate(self.memory, self.interrupt, queues)
+        except Exception as exc:
+            self._device_log.warn("not-activated", None, "device not activated yet: %s", exc)
+            return
+        for vring, queue in zip(vrings, queues, strict=True):
+            if not isinstance(queue, DisabledQueue):
+                vring.queue = queue
+        log.info(
+            "%s: device activated with rings %s",
+            self,
+            [v.index for v in vrings if v.queue is not None],
+        )
+        for vring in vrings:
+            if vring.queue is not None:
+                self.notify(vring.index)
+
+    def _try_activate(self) -> None:
+        """Activation after a memory change: a ring that cannot be built is only logged."""
+        try:
+            self._maybe_activate()
+        except _REFUSALS as exc:
+            self._device_log.warn("rings-unusable", None, "rings not usable yet: %s", exc)
+
+    def _stop_device(self, why: str) -> None:
+        """Stop a running device and save every ring's position as its base."""
+        device = self.device
+        if device.state is not DeviceState.ACTIVE:
+            return
+        log.info("%s: stopping the device (%s)", self, why)
+        try:
+            resources = device.sleep()  # finishes in-flight requests
+            device.wake(resources)
+        except Exception:
+            log.exception("%s: device sleep/wake failed; resetting it", self)
+        try:
+            device.reset()
+        except Exception:
+            log.exception("%s: device reset failed", self)
+        if self.features_set:
+            device.ack_features(self.features & ~F_PROTOCOL)
+        for vring in self.vrings:
+            queue = vring.queue
+            if queue is None:
+                continue
+            vring.queue = None
+            vring.base = ring_position(queue)
+
+    # -- config, status, back-end channel ------------------------------------------------------
+
+    def _get_config(self, message: Message) -> Payload:
+        request = message.payload
+        assert isinstance(request, ConfigSpace)
+        try:
+            end = len(self.device.config_bytes())
+            if request.offset + request.size > end:
+                raise _Refused(
+                    f"{request.size} bytes at {request.offset} reach beyond config space "
+                    f"({end} bytes)"
+                )
+            data = self.device.read_config(request.offset, request.size)
+        except Exception as exc:
+            self._refusals.warn("get-config", None, "GET_CONFIG refused: %s", exc)
+            return ConfigSpace(request.offset, request.flags, b"")  # size 0: an error
+        return ConfigSpace(request.offset, request.flags, data[: request.size])
+
+    def _set_config(self, message: Message) -> Payload:
+        request = message.payload
+        assert isinstance(request, ConfigSpace)
+        if request.flags not in (0, 1):
+            raise _Refused(f"SET_CONFIG flags {request.flags:#x}")
+        self.device.write_config(request.offset, request.data)
+        return None
+
+    def _set_status(self, message: Message) -> Payload:
+        """SET_STATUS (STATUS): the driver's status byte as QEMU relays it."""
+        assert isinstance(message.payload, int)
+        value = message.payload & 0xFF
+        added = value & ~self.status
+        if value == 0:
+            self._stop_device("SET_STATUS 0")
+        if added & DeviceStatus.FEATURES_OK and not self.device.features_acceptable(
+            self.features & ~F_PROTOCOL
+        ):
+            value &= ~DeviceStatus.FEATURES_OK  # read back without it, as on virtio-MMIO
+        self.status = value
+        if added & DeviceStatus.DRIVER_OK:
+            self._maybe_activate(driver_ok=True)
+        return None
+
+    def _get_status(self, message: Message) -> Payload:
+        status = self.status
+        if self.device.needs_reset:
+            status |= DeviceStatus.DEVICE_NEEDS_RESET
+        return status
+
+    def _set_backend_req_fd(self, message: Message) -> Payload:
+        (fd,) = message.fds
+        self._actions.append(SetBackendChannel(fd))
+        return None
