@@ -3,8 +3,8 @@
 The front end's side is played by the test: its memory is a memfd the
 session maps too (the fd travels in SET_MEM_TABLE as over a socket), its
 ring a SplitDriverQueue in that memory, its kick the session's ``kick``.
-The DeviceInterrupt is a recorder: what the host would signal is what the
-device asked for, which is what these tests check.
+The DeviceInterrupt is queue_harness's recorder: what the host would
+signal is what the device asked for, which is what these tests check.
 """
 
 from __future__ import annotations
@@ -18,6 +18,16 @@ from pyvirtio.constants import Feature
 from pyvirtio.device import DeviceState
 from pyvirtio.devices.entropy import Entropy
 from pyvirtio.memory import GuestMemory
+from pyvirtio.transport.vhost_user.actions import (
+    Action,
+    CloseFds,
+    Disconnect,
+    NotifyKind,
+    Reply,
+    SetBackendChannel,
+    SetNotifyFd,
+    WatchKick,
+)
 from pyvirtio.transport.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     VERSION,
@@ -35,18 +45,9 @@ from pyvirtio.transport.vhost_user.protocol import (
     encode,
     vring_fd_payload,
 )
-from pyvirtio.transport.vhost_user.session import (
-    Action,
-    CloseFds,
-    Disconnect,
-    NotifyKind,
-    Reply,
-    SetBackendChannel,
-    SetNotifyFd,
-    VhostUserSession,
-    WatchKick,
-)
+from pyvirtio.transport.vhost_user.session import VhostUserSession
 from pyvirtio.virtqueue.split import SplitDriverQueue
+from queue_harness import RecordingInterrupt
 
 R = FrontendRequest
 F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
@@ -55,20 +56,6 @@ MEM_SIZE = 1 << 20
 USER_BASE = 0x7F00_0000_0000
 QUEUE_SIZE = 16
 DESC, AVAIL, USED, BUFFER = 0x1000, 0x2000, 0x3000, 0x10000
-
-
-class RecordingInterrupt:
-    """What the device signals (the host would write call fds and the channel)."""
-
-    def __init__(self) -> None:
-        self.used: list[int] = []
-        self.config_changes = 0
-
-    def signal_used_queue(self, queue_index: int) -> None:
-        self.used.append(queue_index)
-
-    def signal_config_change(self) -> None:
-        self.config_changes += 1
 
 
 class FrontEnd:

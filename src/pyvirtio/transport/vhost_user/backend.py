@@ -45,6 +45,17 @@ from pathlib import Path
 from pyvirtio.device import VirtioDevice
 from pyvirtio.memory import GuestMemory
 from pyvirtio.ratelimit import RateLimitedLog
+from pyvirtio.transport.vhost_user.actions import (
+    Action,
+    CloseFds,
+    NotifyKind,
+    Reply,
+    SetBackendChannel,
+    SetNotifyFd,
+    UnsealedMemory,
+    WatchKick,
+    fds_of,
+)
 from pyvirtio.transport.vhost_user.protocol import (
     BackendRequest,
     Message,
@@ -58,15 +69,7 @@ from pyvirtio.transport.vhost_user.session import (
     LOG_INTERVAL,
     QEMU_MAX_RING_SIZE,
     SUPPORTED_PROTOCOL_FEATURES,
-    Action,
-    CloseFds,
-    NotifyKind,
-    Reply,
-    SetBackendChannel,
-    SetNotifyFd,
-    UnsealedMemory,
     VhostUserSession,
-    WatchKick,
     check_queue_count,
     max_ring_size,
 )
@@ -505,7 +508,7 @@ class VhostUserBackend:
         """Do what the session asked, in order."""
         for action in actions:
             if self._conn is not conn:  # dropped by an earlier action
-                _close_fds(_fds_of(action))
+                _close_fds(fds_of(action))
                 continue
             if isinstance(action, Reply):
                 self._send(conn, action.data)
@@ -529,7 +532,7 @@ class VhostUserBackend:
         log.log(level, "%s: %s; closing the connection", self, reason)
         self._polling.clear()
         for action in conn.session.close():
-            _close_fds(_fds_of(action))
+            _close_fds(fds_of(action))
         with contextlib.suppress(KeyError, OSError):
             self._epoll.unregister(conn.fileno)
         conn.sock.close()
@@ -806,14 +809,3 @@ class VhostUserBackend:
             for index, fd in enumerate(conn.notify_fds[NotifyKind.ERR]):
                 if fd is not None:
                     self._write_notification(fd, index, NotifyKind.ERR)
-
-
-def _fds_of(action: Action) -> tuple[int, ...]:
-    """The fds an action hands over (to close when it cannot be carried out)."""
-    if isinstance(action, CloseFds):
-        return action.fds
-    if isinstance(action, (WatchKick, SetNotifyFd)):
-        return () if action.fd is None else (action.fd,)
-    if isinstance(action, SetBackendChannel):
-        return (action.fd,)
-    return ()

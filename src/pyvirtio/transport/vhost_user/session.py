@@ -63,7 +63,6 @@ New requests get a handler in :meth:`VhostUserSession._build_handlers`.
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +72,17 @@ from pyvirtio.device import DeviceState, VirtioDevice
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemory, GuestMemoryError, UnsealedMemoryError
 from pyvirtio.ratelimit import RateLimitedLog
+from pyvirtio.transport.vhost_user.actions import (
+    Action,
+    CloseFds,
+    Disconnect,
+    NotifyKind,
+    Reply,
+    SetBackendChannel,
+    SetNotifyFd,
+    UnsealedMemory,
+    WatchKick,
+)
 from pyvirtio.transport.vhost_user.protocol import (
     FLAG_REPLY,
     VERSION,
@@ -108,16 +118,7 @@ __all__ = [
     "DEFAULT_MAX_MEM_SLOTS",
     "DEFAULT_PROTOCOL_FEATURES",
     "QEMU_MAX_RING_SIZE",
-    "Action",
-    "CloseFds",
-    "Disconnect",
-    "NotifyKind",
-    "Reply",
-    "SetBackendChannel",
-    "SetNotifyFd",
-    "UnsealedMemory",
     "VhostUserSession",
-    "WatchKick",
     "check_queue_count",
     "max_ring_size",
 ]
@@ -150,84 +151,6 @@ _F_LOG_ALL = 1 << 26
 #: REPLY_ACK status values (vhost-user.rst "REPLY_ACK": zero is success).
 _ACK = 0
 _NACK = 1
-
-
-class UnsealedMemory(enum.Enum):
-    """What the back end does with shared memory it cannot seal against shrinking.
-
-    A front end that truncates such memory makes the back end's next access
-    raise SIGBUS, which kills a Python process (see :mod:`pyvirtio.memory`).
-    """
-
-    #: Refuse the region (NACK) with a log line saying why: the default.
-    REFUSE = "refuse"
-    #: Map it anyway, with a warning: for trusted front ends whose memory
-    #: cannot be sealed (DPDK's virtio-user, hugetlbfs files).
-    ALLOW = "allow"
-
-
-class NotifyKind(enum.Enum):
-    """The two fds a session signals the front end through, per ring."""
-
-    #: SET_VRING_CALL: used buffers.
-    CALL = "call"
-    #: SET_VRING_ERR: the device needs a reset.
-    ERR = "err"
-
-
-# -- actions: what the host carries out, in order ------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """Send these bytes (one encoded reply) to the front end."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class WatchKick:
-    """Ring ``index``'s kick fd is now ``fd`` (None: none); close the one it replaces.
-
-    When ``fd`` is readable the host drains it and calls :meth:`VhostUserSession.kick`.
-    """
-
-    index: int
-    fd: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class SetNotifyFd:
-    """Ring ``index``'s call or err fd is now ``fd`` (None: none); close the one it replaces."""
-
-    index: int
-    kind: NotifyKind
-    fd: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class SetBackendChannel:
-    """``fd`` is the back-end channel socket (CONFIG_CHANGE_MSG goes there); close the old one."""
-
-    fd: int
-
-
-@dataclass(frozen=True, slots=True)
-class CloseFds:
-    """Close these fds (received with a message that did not keep them)."""
-
-    fds: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    """Drop the connection (log ``reason`` at ``level``), then :meth:`VhostUserSession.close`."""
-
-    reason: str
-    level: int = logging.WARNING
-
-
-Action = Reply | WatchKick | SetNotifyFd | SetBackendChannel | CloseFds | Disconnect
 
 
 def check_queue_count(device: VirtioDevice) -> None:
