@@ -305,6 +305,35 @@ def test_a_blocking_call_or_err_fd_cannot_freeze_the_back_end(
             assert "dropped" in child.log()
 
 
+def _copies_of(path: Path) -> int:
+    """How many fds of this process are open on ``path``."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path))
+
+
+def test_a_kick_fd_epoll_refuses_is_closed_and_the_ring_runs_on_in_band_kicks(
+    sock_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A regular file as kick fd (epoll cannot watch one): logged and closed, no stall."""
+    kick_file = tmp_path / "kick"
+    with served(Entropy(), sock_path), caplog.at_level(logging.WARNING):
+        peer = Peer(sock_path)
+        os.close(peer.kick)
+        peer.kick = os.open(kick_file, os.O_RDWR | os.O_CREAT, 0o600)
+        peer.negotiate()
+        assert peer.add_memory() == 0
+        call = eventfd()
+        peer.start_ring(call)
+        assert any("unusable kick fd" in r.getMessage() for r in caplog.records)
+        assert _copies_of(kick_file) == 1  # the back end's copy is closed
+        assert peer.queue is not None
+        peer.queue.add([], [(BUFFERS, 64)], "in-band")
+        peer.f.send(R.VRING_KICK, VringState(0, 0))
+        assert peer.wait_used() == [("in-band", 64)]
+        peer.close()
+        os.close(call)
+
+
 # -- 3 and 6. refused feature changes ------------------------------------------------------
 
 

@@ -317,3 +317,31 @@ def test_close_stops_the_device_and_unmaps_the_memory(
     assert device.state is not DeviceState.ACTIVE
     assert session.memory.regions == ()
     assert session.kick(0) is None
+
+
+class FailingStopEntropy(Entropy):
+    """Raises when its features are re-acked after a stop (a model bug)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda n: b"\xab" * n)
+        self.fail_ack = False
+
+    def ack_features(self, features: int) -> None:
+        if self.fail_ack:
+            raise RuntimeError("model bug")
+        super().ack_features(features)
+
+
+def test_close_releases_the_memory_even_if_stopping_the_device_fails(
+    interrupt: RecordingInterrupt, eventfds: tuple[int, int]
+) -> None:
+    device = FailingStopEntropy()
+    session = VhostUserSession(device, interrupt)
+    front = FrontEnd(session)
+    front.set_up_ring(kick_fd=eventfds[0], call_fd=eventfds[1])
+    assert device.state is DeviceState.ACTIVE
+    device.fail_ack = True
+    assert session.close() == []
+    assert session.memory.regions == ()
+    assert session.closed
+    front.mem.close()

@@ -378,7 +378,12 @@ class VhostUserSession:
         an action handed to the host is the host's to close.
         """
         self.closed = True
-        self._stop_device("front end gone")
+        try:
+            self._stop_device("front end gone")
+        except Exception:
+            # The teardown goes on whatever stopping the device did: ending it
+            # here would keep the memory mapped and the device half stopped.
+            log.exception("%s: stopping the device failed", self)
         try:
             self.device.reset()
         except Exception:
