@@ -4,6 +4,7 @@ Nothing here touches a socket.  :func:`encode` turns a :class:`Message` into
 the bytes to send (the caller passes its ``fds`` as SCM_RIGHTS ancillary data
 with them); :class:`MessageParser` is a sans-IO incremental decoder: feed it
 bytes and the file descriptors that came with them, get whole messages back.
+The payload structures live in :mod:`.payloads` and are re-exported here.
 
 A message is a 12-byte header (vhost-user.rst "Header": ``request`` u32,
 ``flags`` u32, ``size`` u32, native byte order, i.e. little-endian on every
@@ -21,8 +22,36 @@ from __future__ import annotations
 import enum
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+# The layouts' structs and field check are shared with the payload
+# module (one package, one definition of each layout).
+from pyvirtio.transport.vhost_user.payloads import (
+    _AREA,
+    _CONFIG_HEAD,
+    _INFLIGHT,
+    _LOG,
+    _REGION,
+    _TABLE_HEAD,
+    _U64,
+    _VRING_ADDR,
+    _VRING_STATE,
+    MAX_CONFIG_SIZE,
+    MAX_FDS,
+    MAX_MEM_REGIONS,
+    ConfigSpace,
+    InflightDesc,
+    LogDesc,
+    MemoryRegionDesc,
+    MemoryTable,
+    ProtocolError,
+    SingleMemoryRegion,
+    VringAddr,
+    VringArea,
+    VringState,
+    _check_fields,
+)
 
 __all__ = [
     "FLAG_NEED_REPLY",
@@ -78,23 +107,7 @@ _SOL_SOCKET = socket.SOL_SOCKET
 _SCM_RIGHTS = socket.SCM_RIGHTS
 
 _HEADER = struct.Struct("<III")
-_U64 = struct.Struct("<Q")
-_VRING_STATE = struct.Struct("<II")
-_VRING_ADDR = struct.Struct("<IIQQQQ")
-_REGION = struct.Struct("<QQQQ")
-_TABLE_HEAD = struct.Struct("<II")
-_CONFIG_HEAD = struct.Struct("<III")
-_LOG = struct.Struct("<QQ")
-_AREA = struct.Struct("<QQQ")
-_INFLIGHT = struct.Struct("<QQHH")
 
-#: Most regions SET_MEM_TABLE carries (VHOST_MEMORY_BASELINE_NREGIONS).
-MAX_MEM_REGIONS = 8
-#: Most file descriptors one message carries: one per region of the table;
-#: the back-end channel also limits itself to 8 ("Back-end communication").
-MAX_FDS = 8
-#: Largest config space access (QEMU's VHOST_USER_MAX_CONFIG_SIZE).
-MAX_CONFIG_SIZE = 256
 #: Cap on payloads of requests this codec carries as opaque bytes.
 MAX_RAW_PAYLOAD = 4096
 
@@ -105,18 +118,6 @@ VHOST_USER_F_PROTOCOL_FEATURES = 30
 #: SET_VRING_KICK/CALL/ERR payload: bits 0-7 the vring index, bit 8 "no fd".
 VRING_FD_INDEX_MASK = 0xFF
 VRING_FD_NOFD = 0x100
-
-
-class ProtocolError(Exception):
-    """A malformed vhost-user message; the message says what is wrong.
-
-    ``fds`` are the file descriptors the parser had received for the
-    rejected message: the caller owns them now and should close them.
-    """
-
-    def __init__(self, message: str, fds: Sequence[int] = ()) -> None:
-        super().__init__(message)
-        self.fds: list[int] = list(fds)
 
 
 class ProtocolFeature(enum.IntEnum):
@@ -210,247 +211,6 @@ class BackendRequest(enum.IntEnum):
 
 
 Request = FrontendRequest | BackendRequest
-
-
-# -- payloads -------------------------------------------------------------------
-
-
-def _check_fields(name: str, values: Iterable[tuple[int, int]]) -> None:
-    for value, bits in values:
-        if not 0 <= value < 1 << bits:
-            raise ValueError(f"{name}: {value!r} does not fit in {bits} bits")
-
-
-@dataclass(frozen=True)
-class VringState:
-    """vhost-user.rst "A vring state description": ring index and a number (size, base...)."""
-
-    index: int
-    num: int
-
-    def pack(self) -> bytes:
-        _check_fields("VringState", ((self.index, 32), (self.num, 32)))
-        return _VRING_STATE.pack(self.index, self.num)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VringState:
-        return cls(*_VRING_STATE.unpack(data))
-
-
-@dataclass(frozen=True)
-class VringAddr:
-    """vhost-user.rst "A vring address description".
-
-    The three ring addresses are the front end's *user* addresses (unless
-    VIRTIO_F_IOMMU_PLATFORM is negotiated); a back end translates them
-    through the ``user_addr`` of its memory regions ("Memory access").
-    """
-
-    index: int
-    flags: int
-    desc_user_addr: int
-    used_user_addr: int
-    avail_user_addr: int
-    log_guest_addr: int = 0
-
-    def pack(self) -> bytes:
-        _check_fields(
-            "VringAddr",
-            (
-                (self.index, 32),
-                (self.flags, 32),
-                (self.desc_user_addr, 64),
-                (self.used_user_addr, 64),
-                (self.avail_user_addr, 64),
-                (self.log_guest_addr, 64),
-            ),
-        )
-        return _VRING_ADDR.pack(
-            self.index,
-            self.flags,
-            self.desc_user_addr,
-            self.used_user_addr,
-            self.avail_user_addr,
-            self.log_guest_addr,
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VringAddr:
-        return cls(*_VRING_ADDR.unpack(data))
-
-
-@dataclass(frozen=True)
-class MemoryRegionDesc:
-    """One region of "Memory regions description": guest and user base, size, fd offset."""
-
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    mmap_offset: int
-
-    def pack(self) -> bytes:
-        _check_fields(
-            "MemoryRegionDesc",
-            (
-                (self.guest_phys_addr, 64),
-                (self.memory_size, 64),
-                (self.userspace_addr, 64),
-                (self.mmap_offset, 64),
-            ),
-        )
-        return _REGION.pack(
-            self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> MemoryRegionDesc:
-        return cls(*_REGION.unpack(data))
-
-
-@dataclass(frozen=True)
-class MemoryTable:
-    """SET_MEM_TABLE's payload: up to :data:`MAX_MEM_REGIONS` regions, one fd each."""
-
-    regions: tuple[MemoryRegionDesc, ...]
-
-    def pack(self) -> bytes:
-        if len(self.regions) > MAX_MEM_REGIONS:
-            raise ValueError(f"{len(self.regions)} regions, at most {MAX_MEM_REGIONS}")
-        return _TABLE_HEAD.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> MemoryTable:
-        count, _padding = _TABLE_HEAD.unpack_from(data)
-        if count > MAX_MEM_REGIONS:
-            raise ProtocolError(f"memory table has {count} regions, at most {MAX_MEM_REGIONS}")
-        expected = _TABLE_HEAD.size + count * _REGION.size
-        if len(data) != expected:
-            raise ProtocolError(
-                f"memory table of {count} regions needs {expected} payload bytes, got {len(data)}"
-            )
-        view = memoryview(data)
-        return cls(
-            tuple(
-                MemoryRegionDesc.unpack(view[off : off + _REGION.size])
-                for off in range(_TABLE_HEAD.size, expected, _REGION.size)
-            )
-        )
-
-
-@dataclass(frozen=True)
-class SingleMemoryRegion:
-    """ADD_MEM_REG / REM_MEM_REG payload: 8 bytes of padding, then one region."""
-
-    region: MemoryRegionDesc
-
-    def pack(self) -> bytes:
-        return _U64.pack(0) + self.region.pack()
-
-    @classmethod
-    def unpack(cls, data: bytes) -> SingleMemoryRegion:
-        return cls(MemoryRegionDesc.unpack(data[_U64.size :]))
-
-
-@dataclass(frozen=True)
-class ConfigSpace:
-    """vhost-user.rst "Virtio device config space": ``size`` bytes at ``offset``.
-
-    ``flags`` is 0 for a driver's write and 1 for a live-migration write.
-    In a GET_CONFIG request ``data`` is what the front end has (usually
-    zeros) and the reply carries the back end's bytes; a reply with
-    ``size`` 0 means the back end refused.
-    """
-
-    offset: int
-    flags: int
-    data: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def pack(self) -> bytes:
-        if len(self.data) > MAX_CONFIG_SIZE:
-            raise ValueError(f"config access of {len(self.data)} bytes, at most {MAX_CONFIG_SIZE}")
-        _check_fields("ConfigSpace", ((self.offset, 32), (self.flags, 32)))
-        return _CONFIG_HEAD.pack(self.offset, len(self.data), self.flags) + bytes(self.data)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> ConfigSpace:
-        offset, size, flags = _CONFIG_HEAD.unpack_from(data)
-        if size > MAX_CONFIG_SIZE:
-            raise ProtocolError(f"config access of {size} bytes, at most {MAX_CONFIG_SIZE}")
-        if len(data) != _CONFIG_HEAD.size + size:
-            raise ProtocolError(
-                f"config payload says {size} bytes but carries {len(data) - _CONFIG_HEAD.size}"
-            )
-        return cls(offset, flags, bytes(data[_CONFIG_HEAD.size :]))
-
-
-@dataclass(frozen=True)
-class LogDesc:
-    """vhost-user.rst "Log description": size and offset of the dirty log (LOG_SHMFD)."""
-
-    mmap_size: int
-    mmap_offset: int
-
-    def pack(self) -> bytes:
-        _check_fields("LogDesc", ((self.mmap_size, 64), (self.mmap_offset, 64)))
-        return _LOG.pack(self.mmap_size, self.mmap_offset)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> LogDesc:
-        return cls(*_LOG.unpack(data))
-
-
-@dataclass(frozen=True)
-class VringArea:
-    """vhost-user.rst "Vring area description" (back-end VRING_HOST_NOTIFIER_MSG)."""
-
-    index_flags: int
-    size: int
-    offset: int
-
-    def pack(self) -> bytes:
-        _check_fields("VringArea", ((self.index_flags, 64), (self.size, 64), (self.offset, 64)))
-        return _AREA.pack(self.index_flags, self.size, self.offset)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VringArea:
-        return cls(*_AREA.unpack(data))
-
-
-@dataclass(frozen=True)
-class InflightDesc:
-    """vhost-user.rst "Inflight description" (GET/SET_INFLIGHT_FD).
-
-    The spec lists 20 bytes of fields; QEMU and libvhost-user send the C
-    struct, padded to 24.  Both decode; encoding gives 24.
-    """
-
-    mmap_size: int
-    mmap_offset: int
-    num_queues: int
-    queue_size: int
-
-    def pack(self) -> bytes:
-        _check_fields(
-            "InflightDesc",
-            (
-                (self.mmap_size, 64),
-                (self.mmap_offset, 64),
-                (self.num_queues, 16),
-                (self.queue_size, 16),
-            ),
-        )
-        return (
-            _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
-            + b"\0" * 4
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> InflightDesc:
-        return cls(*_INFLIGHT.unpack_from(data))
 
 
 #: A decoded payload: None (empty), an int (u64), a structure, or opaque bytes
