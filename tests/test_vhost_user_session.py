@@ -345,3 +345,18 @@ def test_close_releases_the_memory_even_if_stopping_the_device_fails(
     assert session.memory.regions == ()
     assert session.closed
     front.mem.close()
+
+
+def test_a_disabled_ring_is_not_polled_but_its_kicks_reach_the_device(
+    front: FrontEnd, session: VhostUserSession, device: Entropy, eventfds: tuple[int, int]
+) -> None:
+    front.set_up_ring(kick_fd=eventfds[0], call_fd=eventfds[1])
+    front.send(R.SET_VRING_ENABLE, VringState(0, 0))
+    assert not device.queue_enabled(0)
+    driver = front.driver_queue()
+    driver.add([], [(BUFFER, 64)], "while disabled")
+    assert session.kick(0) is None  # nothing for the host to poll
+    assert list(driver.used()) == []  # entropy leaves a disabled ring's buffers waiting
+    front.send(R.SET_VRING_ENABLE, VringState(0, 1))
+    assert device.queue_enabled(0)
+    assert list(driver.used()) == [("while disabled", 64)]  # served on enable
