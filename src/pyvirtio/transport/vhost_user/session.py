@@ -57,7 +57,11 @@ ranges that overlap, memory that cannot be sealed against shrinking (unless
 A request that defines a reply and fails ends the session (its reply cannot
 say "error").
 
-New requests get a handler in :meth:`VhostUserSession._build_handlers`.
+Extending it.  A new request is one handler in
+:meth:`VhostUserSession._build_handlers` (payload in, reply payload out,
+actions through ``_actions``).  Per-ring work on every pop and completion
+(inflight tracking) wraps the queue where every ring's queue is made,
+:meth:`VhostUserSession._build_queue`; the device sees only the wrapper.
 """
 
 from __future__ import annotations
@@ -754,6 +758,7 @@ class VhostUserSession:
     # -- activation ----------------------------------------------------------------------------
 
     def _build_queue(self, vring: Vring) -> DeviceQueue:
+        """The one place a ring's device queue is made (see "Extending it")."""
         return build_queue(self.memory, vring, self.device.acked_features, self._user_to_guest)
 
     def _maybe_activate(self, *, driver_ok: bool = False) -> None:
