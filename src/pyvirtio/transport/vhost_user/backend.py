@@ -105,6 +105,9 @@ _EVENT_ONE = 1
 _POLL_SLICE = 0.001
 _EVENTFD_LINK = "anon_inode:[eventfd]"
 _CONNECTION_EVENTS = select.EPOLLIN | select.EPOLLRDHUP
+#: A kick fd that reports these is gone (the front end closed its end).
+_KICK_GONE = select.EPOLLHUP | select.EPOLLERR
+_CALL = NotifyKind.CALL
 
 
 class _Connection:
@@ -146,7 +149,7 @@ class _EventfdInterrupt:
             if 0 <= queue_index < len(calls):
                 fd = calls[queue_index]
                 if fd is not None:  # (None: the front end polls)
-                    backend._write_notification(fd, queue_index, NotifyKind.CALL)
+                    backend._write_notification(fd, queue_index, _CALL)
 
     def signal_config_change(self) -> None:
         self._backend._signal_config_change()
@@ -685,7 +688,7 @@ class VhostUserBackend:
             return
         if conn is None:
             return
-        if mask & (select.EPOLLHUP | select.EPOLLERR):
+        if mask & _KICK_GONE:
             self._watch_kick(conn, index, None)
         queue = conn.session.kick(index)
         if queue is not None and self.poll_us > 0:
@@ -704,30 +707,45 @@ class VhostUserBackend:
         self._polling[index] = (queue, time.perf_counter() + self.poll_us / 1e6)
 
     def _poll_rings(self) -> bool:
-        """Poll the rings in their window for up to _POLL_SLICE seconds; True if any work."""
+        """Poll the rings in their window for up to _POLL_SLICE seconds; True if any work.
+
+        A ring stays polled while the session runs the same queue on it,
+        enabled: that is checked once on entry (messages handled since the
+        last round may have stopped or replaced it) and after each time the
+        device ran (it may have broken); nothing else changes it meanwhile.
+        """
+        polling = self._polling
+        conn = self._conn
+        if conn is None:
+            polling.clear()
+            return False
+        session = conn.session
+        for index, (queue, _) in list(polling.items()):
+            if session.running_queue(index) is not queue:
+                # Torn down or replaced: a new queue starts with
+                # notifications on, an old one is not ours to touch.
+                del polling[index]
         clock = time.perf_counter
         now = clock()
         slice_end = now + _POLL_SLICE
-        conn = self._conn
         window = self.poll_us / 1e6
         served = False
-        while self._polling:
-            for index, (queue, deadline) in list(self._polling.items()):
-                if conn is None or conn.session.running_queue(index) is not queue:
-                    # Torn down or replaced: a new queue starts with
-                    # notifications on, an old one is not ours to touch.
-                    del self._polling[index]
-                elif self._has_available(queue, index):
-                    conn.session.notify(index)
+        while polling:
+            for index, (queue, deadline) in list(polling.items()):
+                if self._has_available(queue, index):
+                    session.notify(index)
                     served = True
+                    if session.running_queue(index) is not queue:
+                        del polling[index]
+                        continue
                     # A device may turn notifications back on when it is done.
                     queue.disable_notifications()
-                    self._polling[index] = (queue, clock() + window)
+                    polling[index] = (queue, clock() + window)
                 elif now >= deadline:
-                    del self._polling[index]
+                    del polling[index]
                     # Buffers that came after the last look get no kick: serve them.
                     if queue.enable_notifications():
-                        conn.session.notify(index)
+                        session.notify(index)
                         served = True
             now = clock()
             if now >= slice_end:
