@@ -1,6 +1,6 @@
 """Fuzz target: a vhost-user back end's session, as a hostile front end drives it.
 
-Each input is one connection to a :class:`VhostUserBackend` serving a real
+Each input is one connection to a :class:`VhostUserSession` serving a real
 device (entropy, or block over a small temporary file): a sequence of
 vhost-user messages with file descriptors (memfds of fuzz-chosen sizes and
 offsets, eventfds, pipes, sockets, /dev/null, a directory), ring contents
@@ -8,25 +8,28 @@ written into the shared memory, kicks, and a disconnect.  Messages are mostly
 well-formed with fuzz-chosen values, so the session gets deep (rings running,
 chains served), and sometimes raw headers and payloads.
 
-Findings: the process crashes (a signal), the back end raises out of
-``run_once`` or reaches its catch-all ("internal error", or any log line
-with a traceback), a reply does not parse, the loop never goes quiet, an
-input takes longer than :data:`SLOW_INPUT` seconds, or after the
-disconnect this process holds more fds or mappings than before the
+Findings: the process crashes (a signal), the session raises, or a log line
+carries a traceback (a catch-all reached), a reply does not parse, kicks
+never stop, an input takes longer than :data:`SLOW_INPUT` seconds, or after
+the disconnect this process holds more fds or mappings than before the
 connection.
 
-The back end is reached through :class:`SocketSession`, its real message
-path (a unix socket, SCM_RIGHTS, ``run_once``).  The steps only use
-:class:`SessionUnderTest`: a sans-IO session class (bytes and fds in,
-replies out) is fuzzed by a second class with those methods, picked in
-:func:`_open_session`.
+The session is driven directly, sans-IO (:class:`DirectSession`: bytes and
+fds in, its actions carried out by a host in miniature here), so an input
+costs no socket round trips.  With ``PYVIRTIO_FUZZ_SOCKET=1`` the same moves
+go through a :class:`VhostUserBackend`'s real message path instead
+(:class:`SocketSession`: a unix socket, SCM_RIGHTS, ``run_once``), which
+fuzzes the event loop's side too.  The moves only use
+:class:`SessionUnderTest`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import os
+import select
 import socket
 import struct
 import tempfile
@@ -56,16 +59,19 @@ _DESC = struct.Struct("<QIHH")
 
 #: Also count this process's mappings before and after each input (slow).
 COUNT_MAPS = os.environ.get("PYVIRTIO_FUZZ_MAPS") == "1"
+#: Drive a VhostUserBackend through its socket instead of the session directly.
+THROUGH_SOCKET = os.environ.get("PYVIRTIO_FUZZ_SOCKET") == "1"
 _HEADER = struct.Struct("<III")
 
 
 def _load() -> None:
     """Import the code under test (after atheris has hooked imports, when it is used)."""
-    global proto, Feature, VhostUserBackend, Entropy, Block, LOG, WORKDIR, BLOCK_FD
+    global proto, actions, Feature, VhostUserBackend, VhostUserSession, Entropy, Block
+    global LOG, WORKDIR, BLOCK_FD
     from pyvirtio.constants import Feature
     from pyvirtio.devices.block import Block
     from pyvirtio.devices.entropy import Entropy
-    from pyvirtio.transport.vhost_user import VhostUserBackend
+    from pyvirtio.transport.vhost_user import VhostUserBackend, VhostUserSession, actions
     from pyvirtio.transport.vhost_user import protocol as proto
 
     LOG = LogRecorder("pyvirtio")
@@ -75,18 +81,29 @@ def _load() -> None:
     BLOCK_FD = fd
 
 
+_DEVICES: dict[str, Any] = {}
+# Dropped while the modules their finalizers use are still there.
+atexit.register(_DEVICES.clear)
 _BACKENDS: dict[str, Any] = {}
 
 
-def _backend(kind: str) -> Any:
-    """One back end per device kind for the whole run: each input is a new connection."""
-    backend = _BACKENDS.get(kind)
-    if backend is None:
+def _device(kind: str) -> Any:
+    """One device per kind for the whole run: each input is a new connection to it."""
+    device = _DEVICES.get(kind)
+    if device is None:
         if kind == "rng":
             device = Entropy(lambda n: b"\x5a" * n, queue_size=16)
         else:
             device = Block(BLOCK_FD, queue_size=16)
-        backend = VhostUserBackend(device, WORKDIR / kind, send_timeout=1.0)
+        _DEVICES[kind] = device
+    return device
+
+
+def _backend(kind: str) -> Any:
+    """One back end per device kind for the whole run (THROUGH_SOCKET)."""
+    backend = _BACKENDS.get(kind)
+    if backend is None:
+        backend = VhostUserBackend(_device(kind), WORKDIR / kind, send_timeout=1.0)
         _BACKENDS[kind] = backend
     return backend
 
@@ -95,9 +112,9 @@ def _backend(kind: str) -> Any:
 
 
 class SessionUnderTest(Protocol):
-    """What the front end's moves need from the back end they drive."""
+    """What the front end's moves need from the session they drive."""
 
-    backend: Any
+    device: Any
 
     def send(self, data: bytes, fds: list[int]) -> bool: ...
     def pump(self) -> None: ...
@@ -112,6 +129,7 @@ class SocketSession:
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
+        self.device = backend.device
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.connect(str(backend.socket_path))
         self.sock.setblocking(False)
@@ -165,8 +183,143 @@ class SocketSession:
         raise AssertionError("the back end never noticed the disconnect")
 
 
-def _open_session(backend: Any) -> SessionUnderTest:
-    return SocketSession(backend)
+class _RecordingInterrupt:
+    """The device's interrupts, counted (no host fds are written in direct mode)."""
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.config_changes = 0
+
+    def signal_used_queue(self, queue_index: int) -> None:
+        self.used += 1
+
+    def signal_config_change(self) -> None:
+        self.config_changes += 1
+
+
+class DirectSession:
+    """A VhostUserSession driven directly: bytes and fds in, actions carried out here.
+
+    The host side in miniature: every fd the front end sends is duplicated
+    (as SCM_RIGHTS would), what the session keeps comes back in actions and
+    is held or closed here, kick fds are watched with an epoll as the event
+    loop does (one epoll refuses, a memfd or a directory, is closed), and
+    replies are parsed.  No socket, no loop: fast, every fd accounted for.
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.session = VhostUserSession(device, _RecordingInterrupt(), name="fuzz")
+        self.parser = proto.MessageParser(proto.FrontendRequest, replies=True)
+        self._replies: list[Any] = []
+        self._epoll = select.epoll()
+        self._kicks: dict[int, int] = {}  # ring index -> kick fd
+        self._kick_rings: dict[int, int] = {}  # kick fd -> ring index
+        self._held: dict[tuple[str, int], int] = {}  # (call or err, ring) -> fd
+        self._channel: int | None = None
+        self._connected = True
+
+    def send(self, data: bytes, fds: list[int]) -> bool:
+        if not self._connected:
+            return False
+        self._carry_out(self.session.receive_data(data, [os.dup(fd) for fd in fds]))
+        return True
+
+    def _carry_out(self, todo: list[Any]) -> None:
+        for action in todo:
+            if isinstance(action, actions.Reply):
+                try:
+                    self._replies += self.parser.feed(action.data)
+                except proto.ProtocolError as exc:
+                    raise AssertionError(f"the session sent a malformed reply: {exc}") from exc
+            elif isinstance(action, actions.WatchKick):
+                self._watch_kick(action.index, action.fd)
+            elif isinstance(action, actions.SetNotifyFd):
+                old = self._held.pop((action.kind.value, action.index), None)
+                if old is not None:
+                    os.close(old)
+                if action.fd is not None:
+                    self._held[(action.kind.value, action.index)] = action.fd
+            elif isinstance(action, actions.SetBackendChannel):
+                if self._channel is not None:
+                    os.close(self._channel)
+                self._channel = action.fd
+            elif isinstance(action, actions.CloseFds):
+                for fd in action.fds:
+                    os.close(fd)
+            else:
+                self._end()
+
+    def _watch_kick(self, index: int, fd: int | None) -> None:
+        old = self._kicks.pop(index, None)
+        if old is not None:
+            del self._kick_rings[old]
+            self._epoll.unregister(old)
+            os.close(old)
+        if fd is None:
+            return
+        try:
+            os.set_blocking(fd, False)
+            self._epoll.register(fd, select.EPOLLIN)
+        except OSError:
+            os.close(fd)
+            return
+        self._kicks[index] = fd
+        self._kick_rings[fd] = index
+
+    def pump(self) -> None:
+        """Serve the pending kicks (a kick fd that fails or hangs up is dropped)."""
+        for _ in range(MAX_ROUNDS):
+            events = self._epoll.poll(0) if self._connected else []
+            if not events:
+                return
+            for fd, mask in events:
+                index = self._kick_rings.get(fd)
+                if index is None:
+                    continue
+                gone = bool(mask & (select.EPOLLHUP | select.EPOLLERR))
+                try:
+                    os.read(fd, 8)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    gone = True
+                if gone:
+                    self._watch_kick(index, None)
+                self.session.kick(index)
+        raise AssertionError(f"kicks still pending after {MAX_ROUNDS} rounds")
+
+    def replies(self) -> list[Any]:
+        out, self._replies = self._replies, []
+        return out
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def _end(self) -> None:
+        if not self._connected:
+            return
+        self._connected = False
+        self._carry_out(self.session.close())
+        for index in list(self._kicks):
+            self._watch_kick(index, None)
+        for fd in self._held.values():
+            os.close(fd)
+        self._held.clear()
+        if self._channel is not None:
+            os.close(self._channel)
+            self._channel = None
+        self._epoll.close()
+
+    def close(self) -> None:
+        self._end()
+
+
+def _open_session(kind: str) -> SessionUnderTest:
+    if THROUGH_SOCKET:
+        return SocketSession(_backend(kind))
+    return DirectSession(_device(kind))
 
 
 # -- the front end's moves ------------------------------------------------------
@@ -312,7 +465,7 @@ class _FrontEnd:
         self.send(proto.FrontendRequest.SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, *addrs, 0))
 
     def features(self) -> None:
-        offered = self.session.backend.device.offered_features | 1 << 30
+        offered = self.session.device.offered_features | 1 << 30
         mask = self.src.take(8)
         value = offered & mask if self.src.take(1) < 220 else self.src.take(8)
         if self.src.take(1) < 200:
@@ -482,11 +635,13 @@ def _check_log() -> None:
 
 def run_one(data: bytes) -> None:
     src = Bytes(data)
-    backend = _backend("rng" if src.take(1) & 1 else "blk")
+    kind = "rng" if src.take(1) & 1 else "blk"
+    if THROUGH_SOCKET:
+        _backend(kind)  # (its listening socket and epoll are not the input's)
     before = _resources()
     LOG.take()
     started = time.monotonic()
-    session = _open_session(backend)
+    session = _open_session(kind)
     front = _FrontEnd(src, session)
     try:
         for _ in range(MAX_STEPS):
