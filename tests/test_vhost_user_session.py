@@ -48,6 +48,7 @@ from pyvirtio.transport.vhost_user.protocol import (
 from pyvirtio.transport.vhost_user.session import VhostUserSession
 from pyvirtio.virtqueue.split import SplitDriverQueue
 from queue_harness import RecordingInterrupt
+from test_vhost_user_fuzz_findings import StopFailsOnce
 
 R = FrontendRequest
 F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
@@ -319,29 +320,17 @@ def test_close_stops_the_device_and_unmaps_the_memory(
     assert session.kick(0) is None
 
 
-class FailingStopEntropy(Entropy):
-    """Raises when its features are re-acked after a stop (a model bug)."""
-
-    def __init__(self) -> None:
-        super().__init__(lambda n: b"\xab" * n)
-        self.fail_ack = False
-
-    def ack_features(self, features: int) -> None:
-        if self.fail_ack:
-            raise RuntimeError("model bug")
-        super().ack_features(features)
-
-
 def test_close_releases_the_memory_even_if_stopping_the_device_fails(
     interrupt: RecordingInterrupt, eventfds: tuple[int, int]
 ) -> None:
-    device = FailingStopEntropy()
+    device = StopFailsOnce()
     session = VhostUserSession(device, interrupt)
     front = FrontEnd(session)
     front.set_up_ring(kick_fd=eventfds[0], call_fd=eventfds[1])
     assert device.state is DeviceState.ACTIVE
-    device.fail_ack = True
+    device.armed = True
     assert session.close() == []
+    assert not device.armed  # it did raise
     assert session.memory.regions == ()
     assert session.closed
     front.mem.close()
