@@ -107,30 +107,24 @@ def build_queue(
         avail, used = base & 0xFFFF, base >> 16 & 0xFFFF
         if used == 0:
             used = avail  # a front end that sends only the avail half: nothing in flight
-        state = packed.state()
-        state.update(
-            next_avail=avail & PACKED_INDEX,
-            avail_wrap_counter=bool(avail & PACKED_WRAP),
-            next_used=used & PACKED_INDEX,
-            used_wrap_counter=bool(used & PACKED_WRAP),
-        )
-        return PackedDeviceQueue.from_state(mem, state)
+        packed.set_next_avail(avail & PACKED_INDEX, bool(avail & PACKED_WRAP))
+        packed.set_next_used(used & PACKED_INDEX, bool(used & PACKED_WRAP))
+        return packed
     split = SplitDeviceQueue(
         mem, vring.num, desc, driver, device, event_idx=event_idx, indirect=indirect
     )
     # The used index lives in guest memory: resume from it (a reconnect or a
     # restart after GET_VRING_BASE), and from the base for the avail side.
-    used_idx = mem.read_u16(device + 2)
-    state = split.state()
-    state.update(next_avail=base & 0xFFFF, next_used=used_idx, signalled_used=used_idx)
-    return SplitDeviceQueue.from_state(mem, state)
+    split.next_avail = base & 0xFFFF
+    split.next_used = mem.read_u16(device + 2)
+    return split
 
 
 def ring_position(queue: DeviceQueue) -> int:
     """The GET_VRING_BASE value of a stopped queue."""
-    state = queue.state()
-    if not isinstance(queue, PackedDeviceQueue):
-        return int(state["next_avail"]) & 0xFFFF
-    avail = int(state["next_avail"]) | (PACKED_WRAP if state["avail_wrap_counter"] else 0)
-    used = int(state["next_used"]) | (PACKED_WRAP if state["used_wrap_counter"] else 0)
-    return avail | used << 16
+    if isinstance(queue, PackedDeviceQueue):
+        avail = queue.next_avail | (PACKED_WRAP if queue.avail_wrap_counter else 0)
+        used = queue.next_used | (PACKED_WRAP if queue.used_wrap_counter else 0)
+        return avail | used << 16
+    assert isinstance(queue, SplitDeviceQueue)
+    return queue.next_avail
