@@ -3,9 +3,11 @@
 A device model is sans-IO: a transport (virtio-MMIO, vhost-user) owns it,
 feeds it register-level events (features, config accesses, queue
 notifications) and hands it guest memory, an interrupt sink and ready
-queues at activation.  The model never blocks and never starts threads; a
-host that must wait for a back end (a TAP fd, a console stream) calls the
-model's own entry points when data is there.
+queues at activation.  The model never starts threads and does no I/O of
+its own choosing: where it must do host I/O, it calls a backend object its
+host gave it (``Block``'s ``BlockBackend``, whose calls block inside
+``queue_notify``).  A host that must wait for a back end (a TAP fd, a
+console stream) calls the model's own entry points when data is there.
 
 Lifecycle (after crosvm's ``VirtioDevice``)::
 

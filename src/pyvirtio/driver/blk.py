@@ -59,12 +59,13 @@ from functools import partial
 from typing import NamedTuple, Protocol
 
 from pyvirtio.constants import Feature
-from pyvirtio.devices.block import (
+from pyvirtio.devices.block.wire import (
     CONFIG_WRITEBACK_OFFSET,
     DISCARD_SEGMENT_SIZE,
     GET_ID_BYTES,
     HEADER_SIZE,
     SECTOR_SIZE,
+    SEGMENT,
     BlkConfig,
     BlkFeature,
     RequestType,
@@ -87,7 +88,7 @@ __all__ = [
 DEFAULT_MAX_TRANSFER = 1 << 20
 #: Per-request slot in the driver's header area: header, then the status byte.
 _SLOT = 32
-_STATUS_OFFSET = 16
+_STATUS_OFFSET = HEADER_SIZE
 #: Status byte value before the device answers, to tell "never written" apart.
 _STATUS_UNSET = 0xFF
 #: The device-specific features this driver understands (and so accepts).
@@ -110,7 +111,6 @@ _HEADER_AND_STATUS = struct.Struct("<IIQB")
 _IN = int(RequestType.IN)
 _OK = int(Status.OK)
 _OUT = int(RequestType.OUT)
-_SEGMENT = struct.Struct("<QII")
 
 
 class BlkError(OSError):
@@ -626,7 +626,7 @@ class BlkDriver:
         flags = 1 if unmap else 0
         while remaining:
             n = min(per_seg, remaining)
-            segments.append(_SEGMENT.pack(sector, n, flags))
+            segments.append(SEGMENT.pack(sector, n, flags))
             sector += n
             remaining -= n
         if len(segments) > max_segs:

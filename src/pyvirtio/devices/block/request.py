@@ -1,0 +1,363 @@
+"""virtio-blk request parsing and validation: a descriptor chain in, a :class:`Request` out.
+
+Pure: no host I/O, no threads, no state but the limits it checks against.
+Every request goes through :meth:`RequestParser.parse`, the usual read and
+write as much as the rare shapes, so each rule is written once.
+
+A request (device-types/blk: Device Operation) is ``struct virtio_blk_req``:
+a 16-byte device-readable header (``type``, ``reserved``, ``sector``), the
+data, and a one-byte device-writable ``status`` as the very last byte of the
+chain.  What a driver cannot make the device do, whatever it puts in a chain:
+
+* touch a byte outside ``[0, capacity * 512)``: sector and length are
+  checked as unbounded Python integers, so they cannot overflow;
+* ask for unbounded work: a chain of more than ``seg_max`` data segments or
+  with a descriptor longer than ``size_max`` (both advertised in config,
+  device-types/blk: Feature bits) is refused before anything is touched, so
+  one request moves at most ``seg_max * size_max`` bytes; discard and
+  write-zeroes are bounded by ``max_*_seg`` and ``max_*_sectors``;
+* raise: a malformed request is refused with :class:`BadRequest`, carrying
+  ``VIRTIO_BLK_S_IOERR`` (a driver error) or ``VIRTIO_BLK_S_UNSUPP`` (where
+  the spec says so: unknown types, unknown discard/write-zeroes flags,
+  ``unmap`` on a discard).  Only guest memory that vanished since the chain
+  was parsed raises :class:`~pyvirtio.virtqueue.common.VirtqueueError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pyvirtio.devices.block.wire import (
+    DISCARD_SEGMENT_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    SECTOR_SIZE,
+    SEGMENT,
+    SEGMENT_F_UNMAP,
+    STATUS_SIZE,
+    RequestType,
+    Status,
+)
+from pyvirtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from pyvirtio.virtqueue.common import DescriptorChain, VirtqueueError
+
+__all__ = [
+    "BadRequest",
+    "Limits",
+    "Request",
+    "RequestParser",
+    "Segment",
+    "Served",
+]
+
+#: Plain ints for the hot path's comparisons (an IntEnum member lookup costs more).
+_IN = int(RequestType.IN)
+_OUT = int(RequestType.OUT)
+_FLUSH = int(RequestType.FLUSH)
+_GET_ID = int(RequestType.GET_ID)
+_DISCARD = int(RequestType.DISCARD)
+_WRITE_ZEROES = int(RequestType.WRITE_ZEROES)
+_IOERR = int(Status.IOERR)
+_UNSUPP = int(Status.UNSUPP)
+_TRANSFERS = frozenset({_IN, _OUT})
+_WRITES = frozenset({_OUT, _DISCARD, _WRITE_ZEROES})
+#: Descriptors a request has besides its data: the header and the status byte.
+_FRAMING_DESCRIPTORS = 2
+
+
+class Segment(NamedTuple):
+    """One range of a DISCARD or WRITE_ZEROES request, in bytes."""
+
+    offset: int
+    length: int
+    unmap: bool
+
+
+class Request(NamedTuple):
+    """A validated request, ready to be carried out."""
+
+    #: ``virtio_blk_req.type`` (a :class:`~.wire.RequestType` value).
+    type: int
+    #: Byte offset on the disk (IN, OUT).
+    offset: int
+    #: Data bytes to move (IN, OUT) or the GET_ID buffer's length.
+    length: int
+    #: Guest memory the data moves to (IN, GET_ID) or from (OUT), ``length`` bytes.
+    views: list[memoryview]
+    #: The ranges of a DISCARD or WRITE_ZEROES (empty for other types).
+    segments: tuple[Segment, ...] = ()
+
+    @property
+    def is_transfer(self) -> bool:
+        """A read or write of data: the requests worth moving off the ring's thread."""
+        return self.type in _TRANSFERS
+
+
+class Served(NamedTuple):
+    """A request carried out or refused, ready to be published."""
+
+    chain: DescriptorChain
+    #: The status to write; None: the chain has no byte to carry one.
+    status: int | None
+    #: Whether it modified the disk (writethrough mode syncs before completing it).
+    modified: bool
+    #: Whether the device wrote, or may have written, its data area.
+    data_written: bool
+
+
+class BadRequest(Exception):
+    """A request the device refuses before touching anything.
+
+    ``status`` is what the driver gets: IOERR or UNSUPP, or None when the
+    chain has no device-writable byte to carry one.
+    """
+
+    def __init__(self, status: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the device advertises and enforces (device-types/blk: Device configuration layout)."""
+
+    #: ``capacity``, in 512-byte sectors.
+    capacity: int
+    #: ``size_max``: the longest descriptor, in bytes.
+    size_max: int
+    #: ``seg_max``: data descriptors per request (header and status not counted).
+    seg_max: int
+    read_only: bool = False
+    #: Discard limits; ``max_discard_seg`` 0 means DISCARD is not offered.
+    max_discard_seg: int = 0
+    max_discard_sectors: int = 0
+    #: Write-zeroes limits; ``max_write_zeroes_seg`` 0 means it is not offered.
+    max_write_zeroes_seg: int = 0
+    max_write_zeroes_sectors: int = 0
+
+
+class _RegionWindow:
+    """The guest memory region last used, so a small range is found without a search.
+
+    Keyed by the identity of the region table, which GuestMemory replaces
+    whole on any change.
+    """
+
+    __slots__ = ("base", "end", "regions", "view")
+
+    def __init__(self) -> None:
+        self.regions: tuple[MemoryRegion, ...] | None = None
+        self.base = 0
+        self.end = 0
+        self.view = memoryview(b"")
+
+    def forget(self) -> None:
+        """Drop the region (its view keeps the mapping, and its fd, alive)."""
+        self.regions = None
+        self.base = 0
+        self.end = 0
+        self.view = memoryview(b"")
+
+    def locate(self, mem: GuestMemory, addr: int, length: int) -> tuple[memoryview, int]:
+        """(region view, offset) of ``[addr, addr + length)``, which must lie in one region."""
+        if self.regions is not mem.regions or not (self.base <= addr and addr + length <= self.end):
+            regions = mem.regions
+            region = mem.region_at(addr)
+            if addr + length > region.guest_end:
+                raise GuestMemoryError(f"range {addr:#x}+{length} leaves its region")
+            self.regions = regions
+            self.base = region.guest_base
+            self.end = region.guest_end
+            self.view = region.view
+        return self.view, addr - self.base
+
+
+class RequestParser:
+    """Turns descriptor chains into :class:`Request` objects under :class:`Limits`.
+
+    Keeps a region window between calls, so one parser serves one thread
+    (each ring consumer of a pipelined device uses the parser under the
+    ring lock).
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._capacity_bytes = limits.capacity * SECTOR_SIZE
+        self._max_descriptors = limits.seg_max + _FRAMING_DESCRIPTORS
+        self._window = _RegionWindow()
+
+    def forget_memory(self) -> None:
+        """Let go of guest memory (on device reset: the host may unmap it)."""
+        self._window.forget()
+
+    def parse(self, chain: DescriptorChain) -> Request:
+        """Validate ``chain`` as a request; raises :class:`BadRequest` if the device refuses it."""
+        readable = chain.readable
+        writable = chain.writable
+        readable_len = chain.readable_len
+        writable_len = chain.writable_len
+        limits = self.limits
+        if not writable_len:
+            raise BadRequest(None, "no device-writable status byte; cannot answer")
+        if len(readable) + len(writable) > self._max_descriptors:
+            raise BadRequest(
+                _IOERR,
+                f"{len(readable) + len(writable) - _FRAMING_DESCRIPTORS} data segments "
+                f"(seg_max {limits.seg_max})",
+            )
+        if readable_len + writable_len > limits.size_max:
+            self._check_size_max(readable, writable)
+        if readable_len < HEADER_SIZE:
+            raise BadRequest(_IOERR, f"header is {readable_len} bytes, not {HEADER_SIZE}")
+        req_type, _reserved, sector = self._header(chain)
+        if limits.read_only and req_type in _WRITES:
+            # MUST set IOERR and MUST NOT write any data (device-types/blk:
+            # Device Requirements: Device Operation).
+            raise BadRequest(_IOERR, f"type {req_type} on a read-only device")
+        if req_type == _IN:
+            if readable_len != HEADER_SIZE:
+                raise BadRequest(_IOERR, "IN request with device-readable data")
+            length = writable_len - STATUS_SIZE
+            offset = self._data_range(req_type, sector, length)
+            if writable[-1][1] == STATUS_SIZE:
+                views = self._views(chain.mem, writable, 0, len(writable) - 1)
+            else:
+                views = chain.writable_views(0, length)
+            return Request(req_type, offset, length, views)
+        if req_type == _OUT:
+            self._check_writable(req_type, writable_len)
+            length = readable_len - HEADER_SIZE
+            offset = self._data_range(req_type, sector, length)
+            if readable[0][1] == HEADER_SIZE:
+                views = self._views(chain.mem, readable, 1, len(readable))
+            else:
+                views = chain.readable_views(HEADER_SIZE, length)
+            return Request(req_type, offset, length, views)
+        if req_type == _FLUSH:
+            # sector MUST be 0 and data SHOULD be absent (driver requirements);
+            # neither changes what a flush means, so both are ignored.
+            return Request(req_type, 0, 0, [])
+        if req_type == _GET_ID:
+            if readable_len != HEADER_SIZE:
+                raise BadRequest(_IOERR, "GET_ID request with device-readable data")
+            length = writable_len - STATUS_SIZE
+            return Request(req_type, 0, length, chain.writable_views(0, length))
+        if req_type == _DISCARD and limits.max_discard_seg:
+            return self._discard_write_zeroes(chain, req_type, discard=True)
+        if req_type == _WRITE_ZEROES and limits.max_write_zeroes_seg:
+            return self._discard_write_zeroes(chain, req_type, discard=False)
+        # GET_LIFETIME (VIRTIO_BLK_F_LIFETIME not offered), SECURE_ERASE, the
+        # zone commands (MUST be UNSUPP without VIRTIO_BLK_F_ZONED), and
+        # anything unknown.
+        raise BadRequest(_UNSUPP, f"unsupported type {req_type}")
+
+    def write_status(self, chain: DescriptorChain, status: int) -> None:
+        """Write ``status`` into the request's last device-writable byte.
+
+        Raises GuestMemoryError if the memory is gone since the chain was parsed.
+        """
+        for addr, length in reversed(chain.writable):
+            if length:
+                view, offset = self._window.locate(chain.mem, addr + length - 1, STATUS_SIZE)
+                view[offset] = status
+                return
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def _check_size_max(
+        self, readable: list[tuple[int, int]], writable: list[tuple[int, int]]
+    ) -> None:
+        size_max = self.limits.size_max
+        for ranges in (readable, writable):
+            for _addr, length in ranges:
+                if length > size_max:
+                    raise BadRequest(
+                        _IOERR, f"a descriptor of {length} bytes (size_max {size_max})"
+                    )
+
+    def _header(self, chain: DescriptorChain) -> tuple[int, int, int]:
+        """(type, reserved, sector), from however many descriptors hold the header."""
+        addr, length = chain.readable[0]
+        if length >= HEADER_SIZE:
+            try:
+                view, offset = self._window.locate(chain.mem, addr, HEADER_SIZE)
+            except GuestMemoryError:
+                return HEADER.unpack(chain.read(0, HEADER_SIZE))  # across two regions
+            return HEADER.unpack_from(view, offset)
+        return HEADER.unpack(chain.read(0, HEADER_SIZE))
+
+    def _check_writable(self, req_type: int, writable_len: int) -> None:
+        """A request that writes to the disk has no device-writable data."""
+        if writable_len != STATUS_SIZE:
+            raise BadRequest(_IOERR, f"type {req_type} request with device-writable data")
+
+    def _check_range(self, sector: int, length: int) -> int:
+        """The byte offset of ``sector``, if ``length`` bytes from there are on the disk."""
+        offset = sector * SECTOR_SIZE
+        if offset + length > self._capacity_bytes:
+            raise BadRequest(
+                _IOERR,
+                f"sector {sector} + {length} bytes is beyond capacity {self.limits.capacity}",
+            )
+        return offset
+
+    def _data_range(self, req_type: int, sector: int, length: int) -> int:
+        if length % SECTOR_SIZE:
+            raise BadRequest(
+                _IOERR, f"type {req_type} data length {length} is not a multiple of {SECTOR_SIZE}"
+            )
+        return self._check_range(sector, length)
+
+    def _views(
+        self, mem: GuestMemory, ranges: list[tuple[int, int]], start: int, stop: int
+    ) -> list[memoryview]:
+        """Views of ``ranges[start:stop]`` (each range checked when the chain was parsed)."""
+        locate = self._window.locate
+        views = []
+        try:
+            for i in range(start, stop):
+                addr, n = ranges[i]
+                try:
+                    view, offset = locate(mem, addr, n)
+                except GuestMemoryError:
+                    views.extend(mem.views([(addr, n)]))  # a range across regions
+                    continue
+                views.append(view[offset : offset + n])
+        except GuestMemoryError as exc:  # regions removed since the chain was parsed
+            raise VirtqueueError(str(exc)) from exc
+        return views
+
+    def _discard_write_zeroes(
+        self, chain: DescriptorChain, req_type: int, *, discard: bool
+    ) -> Request:
+        limits = self.limits
+        what = "DISCARD" if discard else "WRITE_ZEROES"
+        self._check_writable(req_type, chain.writable_len)
+        length = chain.readable_len - HEADER_SIZE
+        max_seg = limits.max_discard_seg if discard else limits.max_write_zeroes_seg
+        max_sectors = limits.max_discard_sectors if discard else limits.max_write_zeroes_sectors
+        if length == 0 or length % DISCARD_SEGMENT_SIZE:
+            raise BadRequest(
+                _IOERR, f"{what} data length {length} is not a positive multiple of 16"
+            )
+        count = length // DISCARD_SEGMENT_SIZE
+        if count > max_seg:
+            raise BadRequest(_IOERR, f"{what} with {count} segments (max {max_seg})")
+        raw = list(SEGMENT.iter_unpack(chain.read(HEADER_SIZE, length)))
+        # UNSUPP cases first: the spec makes them MUSTs (device-types/blk:
+        # Device Requirements: Device Operation).
+        for _sector, _num, flags in raw:
+            if flags & ~SEGMENT_F_UNMAP:
+                raise BadRequest(_UNSUPP, f"{what} segment with unknown flags {flags:#x}")
+            if discard and flags & SEGMENT_F_UNMAP:
+                raise BadRequest(_UNSUPP, "DISCARD segment with the unmap flag")
+        segments = []
+        for sector, num, flags in raw:
+            if num > max_sectors:
+                raise BadRequest(_IOERR, f"{what} segment of {num} sectors (max {max_sectors})")
+            offset = self._check_range(sector, num * SECTOR_SIZE)
+            if num:
+                segments.append(Segment(offset, num * SECTOR_SIZE, bool(flags & SEGMENT_F_UNMAP)))
+        return Request(req_type, 0, 0, [], tuple(segments))
