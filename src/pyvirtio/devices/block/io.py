@@ -246,9 +246,12 @@ class FileBackend:
         self._fd = -1
 
     def __del__(self) -> None:
-        # A backend dropped without close() must not leak its fd.
-        with contextlib.suppress(Exception):
+        # A backend dropped without close() must not leak its fd (and must
+        # not raise at interpreter exit, when module globals are gone).
+        try:  # noqa: SIM105  (contextlib may be gone at interpreter exit)
             self.close()
+        except Exception:
+            pass
 
     def geometry(self, logical_block_size: int) -> Geometry:
         st = os.fstat(self._fd)
