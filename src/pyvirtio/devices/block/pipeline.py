@@ -125,15 +125,32 @@ class Pipeline:
                 self._error = event.error
         return False
 
+    def _publish(self, done: list[Served]) -> bool:
+        """Publish ``done`` (under the ring lock); True if the driver is to be signalled now.
+
+        While requests wait in the ring the consumers are busy anyway: a few
+        completions share one interrupt.  Once it is empty the driver is
+        waiting for us: signal now.
+        """
+        queue = self.queue
+        self.device._publish(queue, done, False)
+        self.unsignalled += len(done)
+        if self.unsignalled >= SIGNAL_BATCH or not queue.has_available():
+            self.unsignalled = 0
+            return queue.needs_notification()
+        return False
+
     def consume(self, ring_thread: bool) -> None:
         """Take, serve and complete requests until the ring is empty.
 
-        One critical section per request: publish the last one, take the
+        One critical section per request: publish what was served, take the
         next.  A read or write is carried out (and, in writethrough mode,
-        synced) outside the lock; any other request, rare, inside it.
-        Before each large transfer the ring's thread calls helpers in; a
-        helper calls the ring's thread back if it waits idle and more
-        requests wait.
+        synced) outside the lock; any other request, rare, inside it.  The
+        ring's thread, while no helper serves, publishes up to
+        ``SIGNAL_BATCH`` small requests at once (one used-index update);
+        anything else publishes each request as it is served.  Before each
+        large transfer the ring's thread calls helpers in; a helper calls the
+        ring's thread back if it waits idle and more requests wait.
         """
         device = self.device
         lock = device._ring_lock
@@ -141,37 +158,41 @@ class Pipeline:
         take = device._take
         carry_out = device._carry_out
         parallel_min = device._io_parallel_min
-        done: list[Served] = []  # the request served last, not yet published
-        sync_failed = False
+        done: list[Served] = []  # served, not yet published
         call_back = False
         while True:
             notify = False
             transfer: Request | None = None
+            served: Served | None = None  # carried out now; synced before it is published
             with lock:
-                if done:
-                    device._publish(queue, done, sync_failed)
-                    # While requests wait in the ring the consumers are busy
-                    # anyway: a few completions share one interrupt.  Once
-                    # it is empty the driver is waiting for us: signal now.
-                    self.unsignalled += 1
-                    if self.unsignalled >= SIGNAL_BATCH or not queue.has_available():
-                        self.unsignalled = 0
-                        notify = queue.needs_notification()
+                if done and (
+                    len(done) >= SIGNAL_BATCH
+                    or self.helpers
+                    or not ring_thread
+                    or not queue.has_available()
+                ):
+                    notify = self._publish(done)
+                    done = []
                 try:
                     chain = queue.pop()
                 except VirtqueueError:
+                    if done:  # served before the ring broke: still theirs to see
+                        notify = self._publish(done) or notify
                     if notify:  # leave it to the caller's final signal
                         self.unsignalled = 1
                     raise
                 if chain is not None:
                     taken = take(chain)
                     if isinstance(taken, Served):
-                        done = [taken]
+                        done.append(taken)
                     elif not taken.is_transfer:
-                        done = [carry_out(chain, taken)]
+                        served = carry_out(chain, taken)
                     else:
                         transfer = taken
                         if taken.length >= parallel_min:
+                            if done:  # not kept waiting behind a long copy
+                                notify = self._publish(done) or notify
+                                done = []
                             if ring_thread:
                                 self._call_helpers()
                             elif self.idle and queue.has_available():
@@ -190,9 +211,12 @@ class Pipeline:
                 return
             if transfer is not None:
                 try:
-                    done = [carry_out(chain, transfer)]
+                    served = carry_out(chain, transfer)
                 except Exception as exc:  # not an OSError: still answer, keep serving
                     log.error("%s: request %d: transfer failed: %r", device.name, chain.head, exc)
                     # It may have written part of the data (and of the disk).
-                    done = [Served(chain, int(Status.IOERR), True, True)]
-            sync_failed = device._sync(done)
+                    served = Served(chain, int(Status.IOERR), True, True)
+            if served is not None:
+                if served.modified and device._sync([served]):
+                    served = served._replace(status=int(Status.IOERR))
+                done.append(served)

@@ -64,6 +64,7 @@ _TRANSFERS = frozenset({_IN, _OUT})
 _WRITES = frozenset({_OUT, _DISCARD, _WRITE_ZEROES})
 #: Descriptors a request has besides its data: the header and the status byte.
 _FRAMING_DESCRIPTORS = 2
+_unpack_header = HEADER.unpack_from
 
 
 class Segment(NamedTuple):
@@ -211,7 +212,17 @@ class RequestParser:
             self._check_size_max(readable, writable)
         if readable_len < HEADER_SIZE:
             raise BadRequest(_IOERR, f"header is {readable_len} bytes, not {HEADER_SIZE}")
-        req_type, _reserved, sector = self._header(chain)
+        # The header, through the region window when it is there (the usual case).
+        mem = chain.mem
+        window = self._window
+        if window.regions is not mem.regions:
+            window.end = 0  # stale: nothing is inside it until locate() refreshes it
+        addr, n = readable[0]
+        base = window.base
+        if n >= HEADER_SIZE and base <= addr and addr + HEADER_SIZE <= window.end:
+            req_type, _reserved, sector = _unpack_header(window.view, addr - base)
+        else:
+            req_type, _reserved, sector = self._header(chain)
         if limits.read_only and req_type in _WRITES:
             # MUST set IOERR and MUST NOT write any data (device-types/blk:
             # Device Requirements: Device Operation).
@@ -220,18 +231,23 @@ class RequestParser:
             if readable_len != HEADER_SIZE:
                 raise BadRequest(_IOERR, "IN request with device-readable data")
             length = writable_len - STATUS_SIZE
-            offset = self._data_range(req_type, sector, length)
+            offset = sector * SECTOR_SIZE
+            if length % SECTOR_SIZE or offset + length > self._capacity_bytes:
+                raise self._bad_range(req_type, sector, length)
             if writable[-1][1] == STATUS_SIZE:
-                views = self._views(chain.mem, writable, 0, len(writable) - 1)
+                views = self._views(mem, writable, 0, len(writable) - 1)
             else:
                 views = chain.writable_views(0, length)
             return Request(req_type, offset, length, views)
         if req_type == _OUT:
-            self._check_writable(req_type, writable_len)
+            if writable_len != STATUS_SIZE:
+                raise self._bad_writable(req_type)
             length = readable_len - HEADER_SIZE
-            offset = self._data_range(req_type, sector, length)
+            offset = sector * SECTOR_SIZE
+            if length % SECTOR_SIZE or offset + length > self._capacity_bytes:
+                raise self._bad_range(req_type, sector, length)
             if readable[0][1] == HEADER_SIZE:
-                views = self._views(chain.mem, readable, 1, len(readable))
+                views = self._views(mem, readable, 1, len(readable))
             else:
                 views = chain.readable_views(HEADER_SIZE, length)
             return Request(req_type, offset, length, views)
@@ -258,11 +274,15 @@ class RequestParser:
 
         Raises GuestMemoryError if the memory is gone since the chain was parsed.
         """
-        for addr, length in reversed(chain.writable):
-            if length:
-                view, offset = self._window.locate(chain.mem, addr + length - 1, STATUS_SIZE)
-                view[offset] = status
-                return
+        writable = chain.writable
+        addr, length = writable[-1]
+        if not length:  # a zero-length descriptor last: the byte is further back
+            for addr, length in reversed(writable):  # noqa: B007
+                if length:
+                    break
+        if length:
+            view, offset = self._window.locate(chain.mem, addr + length - 1, STATUS_SIZE)
+            view[offset] = status
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -288,37 +308,36 @@ class RequestParser:
             return HEADER.unpack_from(view, offset)
         return HEADER.unpack(chain.read(0, HEADER_SIZE))
 
-    def _check_writable(self, req_type: int, writable_len: int) -> None:
+    @staticmethod
+    def _bad_writable(req_type: int) -> BadRequest:
         """A request that writes to the disk has no device-writable data."""
-        if writable_len != STATUS_SIZE:
-            raise BadRequest(_IOERR, f"type {req_type} request with device-writable data")
+        return BadRequest(_IOERR, f"type {req_type} request with device-writable data")
 
-    def _check_range(self, sector: int, length: int) -> int:
-        """The byte offset of ``sector``, if ``length`` bytes from there are on the disk."""
-        offset = sector * SECTOR_SIZE
-        if offset + length > self._capacity_bytes:
-            raise BadRequest(
-                _IOERR,
-                f"sector {sector} + {length} bytes is beyond capacity {self.limits.capacity}",
-            )
-        return offset
-
-    def _data_range(self, req_type: int, sector: int, length: int) -> int:
+    def _bad_range(self, req_type: int, sector: int, length: int) -> BadRequest:
+        """Why data of ``length`` bytes at ``sector`` is refused."""
         if length % SECTOR_SIZE:
-            raise BadRequest(
+            return BadRequest(
                 _IOERR, f"type {req_type} data length {length} is not a multiple of {SECTOR_SIZE}"
             )
-        return self._check_range(sector, length)
+        return BadRequest(
+            _IOERR, f"sector {sector} + {length} bytes is beyond capacity {self.limits.capacity}"
+        )
 
     def _views(
         self, mem: GuestMemory, ranges: list[tuple[int, int]], start: int, stop: int
     ) -> list[memoryview]:
         """Views of ``ranges[start:stop]`` (each range checked when the chain was parsed)."""
         locate = self._window.locate
+        window = self._window
         views = []
         try:
             for i in range(start, stop):
                 addr, n = ranges[i]
+                base = window.base
+                if base <= addr and addr + n <= window.end:
+                    offset = addr - base
+                    views.append(window.view[offset : offset + n])
+                    continue
                 try:
                     view, offset = locate(mem, addr, n)
                 except GuestMemoryError:
@@ -334,7 +353,8 @@ class RequestParser:
     ) -> Request:
         limits = self.limits
         what = "DISCARD" if discard else "WRITE_ZEROES"
-        self._check_writable(req_type, chain.writable_len)
+        if chain.writable_len != STATUS_SIZE:
+            raise self._bad_writable(req_type)
         length = chain.readable_len - HEADER_SIZE
         max_seg = limits.max_discard_seg if discard else limits.max_write_zeroes_seg
         max_sectors = limits.max_discard_sectors if discard else limits.max_write_zeroes_sectors
@@ -357,7 +377,9 @@ class RequestParser:
         for sector, num, flags in raw:
             if num > max_sectors:
                 raise BadRequest(_IOERR, f"{what} segment of {num} sectors (max {max_sectors})")
-            offset = self._check_range(sector, num * SECTOR_SIZE)
+            offset = sector * SECTOR_SIZE
+            if offset + num * SECTOR_SIZE > self._capacity_bytes:
+                raise self._bad_range(req_type, sector, num * SECTOR_SIZE)
             if num:
                 segments.append(Segment(offset, num * SECTOR_SIZE, bool(flags & SEGMENT_F_UNMAP)))
         return Request(req_type, 0, 0, [], tuple(segments))
