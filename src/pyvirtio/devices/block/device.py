@@ -522,14 +522,20 @@ class Block(VirtioDevice):
         status (None) is returned with nothing written.
         """
         completions: list[tuple[DescriptorChain, int]] = []
+        write_status = self._parser.write_status
         for chain, status, modified, data_written in served:
-            if status is None:
+            if status == _OK and not (sync_failed and modified):
+                try:
+                    write_status(chain, _OK)
+                except GuestMemoryError as exc:  # regions removed since the chain was parsed
+                    raise VirtqueueError(str(exc)) from exc
+                completions.append((chain, chain.writable_len))
+            elif status is None:
                 completions.append((chain, 0))
-                continue
-            final = _IOERR if sync_failed and modified else status
-            if final != _OK:
+            else:
                 self.io_errors += 1
-            completions.append((chain, self._write_status(chain, final, data_written)))
+                final = _IOERR if sync_failed and modified else status
+                completions.append((chain, self._write_status(chain, final, data_written)))
         queue.add_used_batch(completions)
 
     def _write_status(self, chain: DescriptorChain, status: int, data_written: bool) -> int:

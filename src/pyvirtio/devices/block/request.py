@@ -280,9 +280,16 @@ class RequestParser:
             for addr, length in reversed(writable):  # noqa: B007
                 if length:
                     break
-        if length:
-            view, offset = self._window.locate(chain.mem, addr + length - 1, STATUS_SIZE)
-            view[offset] = status
+            else:
+                return
+        addr += length - STATUS_SIZE
+        window = self._window
+        base = window.base
+        if window.regions is chain.mem.regions and base <= addr < window.end:
+            window.view[addr - base] = status
+            return
+        view, offset = window.locate(chain.mem, addr, STATUS_SIZE)
+        view[offset] = status
 
     # -- pieces -----------------------------------------------------------------------------
 
