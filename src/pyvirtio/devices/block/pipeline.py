@@ -23,7 +23,7 @@ import logging
 import queue as _queue
 from typing import TYPE_CHECKING
 
-from pyvirtio.devices.block.request import Request, Served
+from pyvirtio.devices.block.request import TRANSFERS, Request, Served
 from pyvirtio.devices.block.wire import Status
 from pyvirtio.virtqueue.common import DeviceQueue, VirtqueueError
 from pyvirtio.workers import IoWorkers, Outcome
@@ -125,7 +125,7 @@ class Pipeline:
                 self._error = event.error
         return False
 
-    def _publish(self, done: list[Served]) -> bool:
+    def _publish(self, done: list[Served], ring_empty: bool) -> bool:
         """Publish ``done`` (under the ring lock); True if the driver is to be signalled now.
 
         While requests wait in the ring the consumers are busy anyway: a few
@@ -135,7 +135,7 @@ class Pipeline:
         queue = self.queue
         self.device._publish(queue, done, False)
         self.unsignalled += len(done)
-        if self.unsignalled >= SIGNAL_BATCH or not queue.has_available():
+        if self.unsignalled >= SIGNAL_BATCH or ring_empty:
             self.unsignalled = 0
             return queue.needs_notification()
         return False
@@ -143,8 +143,8 @@ class Pipeline:
     def consume(self, ring_thread: bool) -> None:
         """Take, serve and complete requests until the ring is empty.
 
-        One critical section per request: publish what was served, take the
-        next.  A read or write is carried out (and, in writethrough mode,
+        One critical section per request: take the next, publish what was
+        served.  A read or write is carried out (and, in writethrough mode,
         synced) outside the lock; any other request, rare, inside it.  The
         ring's thread, while no helper serves, publishes up to
         ``SIGNAL_BATCH`` small requests at once (one used-index update);
@@ -165,43 +165,41 @@ class Pipeline:
             transfer: Request | None = None
             served: Served | None = None  # carried out now; synced before it is published
             with lock:
-                if done and (
-                    len(done) >= SIGNAL_BATCH
-                    or self.helpers
-                    or not ring_thread
-                    or not queue.has_available()
-                ):
-                    notify = self._publish(done)
-                    done = []
                 try:
                     chain = queue.pop()
                 except VirtqueueError:
                     if done:  # served before the ring broke: still theirs to see
-                        notify = self._publish(done) or notify
+                        notify = self._publish(done, ring_empty=False)
                     if notify:  # leave it to the caller's final signal
                         self.unsignalled = 1
                     raise
-                if chain is not None:
+                if chain is None:
+                    if done:
+                        notify = self._publish(done, ring_empty=True)
+                    if ring_thread:
+                        self.idle = True
+                    else:
+                        self.helpers -= 1  # this helper is done
+                else:
+                    if done and (len(done) >= SIGNAL_BATCH or self.helpers or not ring_thread):
+                        notify = self._publish(done, ring_empty=False)
+                        done = []
                     taken = take(chain)
                     if isinstance(taken, Served):
                         done.append(taken)
-                    elif not taken.is_transfer:
+                    elif taken.type not in TRANSFERS:
                         served = carry_out(chain, taken)
                     else:
                         transfer = taken
                         if taken.length >= parallel_min:
                             if done:  # not kept waiting behind a long copy
-                                notify = self._publish(done) or notify
+                                notify = self._publish(done, ring_empty=False) or notify
                                 done = []
                             if ring_thread:
                                 self._call_helpers()
                             elif self.idle and queue.has_available():
                                 self.idle = False
                                 call_back = True
-                elif ring_thread:
-                    self.idle = True
-                else:
-                    self.helpers -= 1  # this helper is done
             if notify:  # the system call outside the lock
                 self.interrupt.signal_used_queue(self.index)
             if call_back:

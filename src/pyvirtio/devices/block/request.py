@@ -43,6 +43,7 @@ from pyvirtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from pyvirtio.virtqueue.common import DescriptorChain, VirtqueueError
 
 __all__ = [
+    "TRANSFERS",
     "BadRequest",
     "Limits",
     "Request",
@@ -60,7 +61,8 @@ _DISCARD = int(RequestType.DISCARD)
 _WRITE_ZEROES = int(RequestType.WRITE_ZEROES)
 _IOERR = int(Status.IOERR)
 _UNSUPP = int(Status.UNSUPP)
-_TRANSFERS = frozenset({_IN, _OUT})
+#: Requests that move data: the ones worth moving off the ring's thread.
+TRANSFERS = frozenset({_IN, _OUT})
 _WRITES = frozenset({_OUT, _DISCARD, _WRITE_ZEROES})
 #: Descriptors a request has besides its data: the header and the status byte.
 _FRAMING_DESCRIPTORS = 2
@@ -92,7 +94,7 @@ class Request(NamedTuple):
     @property
     def is_transfer(self) -> bool:
         """A read or write of data: the requests worth moving off the ring's thread."""
-        return self.type in _TRANSFERS
+        return self.type in TRANSFERS
 
 
 class Served(NamedTuple):
