@@ -4,6 +4,7 @@ O_DIRECT bounce, host failures), through the device."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -245,3 +246,19 @@ def test_write_zeroes_host_error_is_ioerr(image: Path, monkeypatch: pytest.Monke
     assert rig.status([header(RequestType.WRITE_ZEROES), segment(2, 7)]) == Status.IOERR
     assert rig.status([header(RequestType.DISCARD), segment(2, 7)]) == Status.IOERR
     assert rig.read(0, SECTOR) == pattern(SECTOR)  # still serving
+
+
+def test_a_failing_disk_is_logged_once_per_kind(
+    image: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(image)
+
+    def fail(*args: object) -> int:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "preadv", fail)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            assert rig.status([header(RequestType.IN, 0)], [SECTOR, 1]) == Status.IOERR
+    assert rig.device.io_errors == 5
+    assert len([r for r in caplog.records if "failed" in r.getMessage()]) == 1

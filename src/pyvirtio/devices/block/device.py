@@ -68,6 +68,7 @@ from pyvirtio.devices.block.wire import (
 )
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, VirtqueueError
 from pyvirtio.workers import IoWorkers
 
@@ -95,6 +96,8 @@ MAX_WRITE_ZEROES_SEG = 128
 #: one request can ask of the host, in particular the zero-writing fallback.
 MAX_DISCARD_SECTORS = 1 << 23
 MAX_WRITE_ZEROES_SECTORS = 1 << 21
+#: Seconds between two log lines of the same kind of host I/O failure.
+IO_LOG_INTERVAL = 60.0
 
 #: Plain ints for the hot path's comparisons (an IntEnum member lookup costs more).
 _IN = int(RequestType.IN)
@@ -232,6 +235,9 @@ class Block(VirtioDevice):
         #: The ``writeback`` config byte: the cache mode in force.
         self._writeback = False
         self._reset_cache_mode()
+        #: Host I/O failures, logged once a minute per errno: a failing disk
+        #: fails every request the guest sends.
+        self._io_log = RateLimitedLog(log, self.name, interval=IO_LOG_INTERVAL)
         #: Statistics.
         self.requests = 0
         self.bad_requests = 0
@@ -501,7 +507,9 @@ class Block(VirtioDevice):
                     backend.write_zeroes(segment.offset, segment.length, unmap=segment.unmap)
             return Served(chain, _OK, True, False)
         except OSError as exc:
-            log.warning("%s: request %d (type %d) failed: %s", self.name, chain.head, req_type, exc)
+            self._io_log.warn(
+                "io", exc.errno, "request %d (type %d) failed: %s", chain.head, req_type, exc
+            )
             return Served(chain, _IOERR, False, req_type in _FILLS_DATA)
 
     def _sync(self, served: list[Served]) -> bool:
