@@ -210,8 +210,11 @@ class RequestParser:
                 f"{len(readable) + len(writable) - _FRAMING_DESCRIPTORS} data segments "
                 f"(seg_max {limits.seg_max})",
             )
-        if readable_len + writable_len > limits.size_max:
-            self._check_size_max(readable, writable)
+        size_max = limits.size_max
+        if readable_len > size_max:
+            self._check_size_max(readable)
+        if writable_len > size_max:
+            self._check_size_max(writable)
         if readable_len < HEADER_SIZE:
             raise BadRequest(_IOERR, f"header is {readable_len} bytes, not {HEADER_SIZE}")
         # The header, through the region window when it is there (the usual case).
@@ -295,16 +298,11 @@ class RequestParser:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def _check_size_max(
-        self, readable: list[tuple[int, int]], writable: list[tuple[int, int]]
-    ) -> None:
+    def _check_size_max(self, ranges: list[tuple[int, int]]) -> None:
         size_max = self.limits.size_max
-        for ranges in (readable, writable):
-            for _addr, length in ranges:
-                if length > size_max:
-                    raise BadRequest(
-                        _IOERR, f"a descriptor of {length} bytes (size_max {size_max})"
-                    )
+        for _addr, length in ranges:
+            if length > size_max:
+                raise BadRequest(_IOERR, f"a descriptor of {length} bytes (size_max {size_max})")
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int, int]:
         """(type, reserved, sector), from however many descriptors hold the header."""
