@@ -15,7 +15,7 @@ touched only by accepted writes, only inside capacity, never on a read-only
 device; the used length is 0, 1 or the whole writable part.
 
 Runs under atheris (coverage guided) when it is installed, and under
-hypothesis otherwise::
+hypothesis otherwise (``fuzz/runner.py``)::
 
     python fuzz/fuzz_block.py --runs 3000                      # atheris if installed
     python fuzz/fuzz_block.py --engine hypothesis --runs 3000  # force hypothesis
@@ -23,10 +23,8 @@ hypothesis otherwise::
 
 from __future__ import annotations
 
-import argparse
 import logging
 import struct
-import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -228,58 +226,7 @@ def run_one(data: bytes) -> None:
         assert bytes(disk.data) == before, "the disk changed for a refused request"
 
 
-def _run_hypothesis(runs: int) -> None:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    @settings(
-        max_examples=runs,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(st.binary(min_size=4, max_size=512))
-    def fuzz(data: bytes) -> None:
-        run_one(data)
-
-    fuzz()
-    print(f"fuzz_block: {runs} hypothesis inputs, no crash")
-
-
-def _run_atheris(runs: int, extra: list[str]) -> None:
-    import atheris  # type: ignore[import-not-found]
-
-    with atheris.instrument_imports(include=["pyvirtio"]):
-        _load()
-    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=512", "-len_control=0", *extra], run_one)
-    atheris.Fuzz()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Fuzz virtio-blk request parsing.")
-    parser.add_argument("--runs", type=int, default=3000, help="number of inputs")
-    parser.add_argument(
-        "--engine",
-        choices=("auto", "atheris", "hypothesis"),
-        default="auto",
-        help="atheris when installed (auto), or force one",
-    )
-    args, extra = parser.parse_known_args()
-    engine = args.engine
-    if engine == "auto":
-        try:
-            import atheris  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError:
-            engine = "hypothesis"
-        else:
-            engine = "atheris"
-    print(f"fuzz_block: engine {engine}, {args.runs} runs", flush=True)
-    if engine == "atheris":
-        _run_atheris(args.runs, extra)  # exits the process when done
-    else:
-        _load()
-        _run_hypothesis(args.runs)
-
-
 if __name__ == "__main__":
-    main()
+    from runner import main
+
+    main("fuzz_block", "Fuzz virtio-blk request parsing.", _load, run_one, max_len=512)
