@@ -15,7 +15,7 @@ touched only by accepted writes, only inside capacity, never on a read-only
 device; the used length is 0, 1 or the whole writable part.
 
 Runs under atheris (coverage guided) when it is installed, and under
-hypothesis otherwise (``fuzz/runner.py``)::
+hypothesis otherwise (``fuzz/_common.py``)::
 
     python fuzz/fuzz_block.py --runs 3000                      # atheris if installed
     python fuzz/fuzz_block.py --engine hypothesis --runs 3000  # force hypothesis
@@ -26,6 +26,8 @@ from __future__ import annotations
 import logging
 import struct
 from typing import TYPE_CHECKING
+
+from _common import Bytes, main
 
 if TYPE_CHECKING:
     from pyvirtio.devices.block import Block, RequestType
@@ -41,24 +43,6 @@ HEADER = struct.Struct("<IIQ")
 SEGMENT = struct.Struct("<QII")
 #: Types worth choosing most of the time (the rest: any u32).
 TYPES = (0, 1, 4, 8, 10, 11, 13, 14)
-
-
-class _Bytes:
-    """Consumes fuzz input; returns zeros once it runs dry."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> int:
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return int.from_bytes(chunk.ljust(n, b"\0"), "little")
-
-    def raw(self, n: int) -> bytes:
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk.ljust(n, b"\0")
 
 
 class MemoryDisk:
@@ -123,7 +107,7 @@ def _load() -> None:
     logging.getLogger("pyvirtio").setLevel(logging.CRITICAL)
 
 
-def _buffers(src: _Bytes, count: int, base: int) -> list[tuple[int, int]]:
+def _buffers(src: Bytes, count: int, base: int) -> list[tuple[int, int]]:
     """``count`` buffers of guest memory, mostly small, some across the region boundary."""
     out = []
     for i in range(count):
@@ -160,7 +144,7 @@ def _device(opts: int, capacity_sectors: int) -> tuple[Block, MemoryDisk]:
 
 
 def run_one(data: bytes) -> None:
-    src = _Bytes(data)
+    src = Bytes(data)
     opts = src.take(1) & 0x1F
     read_only = bool(opts & 1)
     capacity_sectors = 1 + src.take(1) % 64
@@ -227,6 +211,11 @@ def run_one(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    from runner import main
-
-    main("fuzz_block", "Fuzz virtio-blk request parsing.", _load, run_one, max_len=512)
+    main(
+        "fuzz_block",
+        "Fuzz virtio-blk request parsing.",
+        run_one,
+        _load,
+        max_len=512,
+        libfuzzer_args=["-len_control=0"],
+    )
