@@ -39,7 +39,7 @@ from pyvirtio.devices.block.wire import (
     RequestType,
     Status,
 )
-from pyvirtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from pyvirtio.memory import GuestMemory, GuestMemoryError, RegionWindow
 from pyvirtio.virtqueue.common import DescriptorChain, VirtqueueError
 
 __all__ = [
@@ -141,42 +141,6 @@ class Limits:
     max_write_zeroes_sectors: int = 0
 
 
-class _RegionWindow:
-    """The guest memory region last used, so a small range is found without a search.
-
-    Keyed by the identity of the region table, which GuestMemory replaces
-    whole on any change.
-    """
-
-    __slots__ = ("base", "end", "regions", "view")
-
-    def __init__(self) -> None:
-        self.regions: tuple[MemoryRegion, ...] | None = None
-        self.base = 0
-        self.end = 0
-        self.view = memoryview(b"")
-
-    def forget(self) -> None:
-        """Drop the region (its view keeps the mapping, and its fd, alive)."""
-        self.regions = None
-        self.base = 0
-        self.end = 0
-        self.view = memoryview(b"")
-
-    def locate(self, mem: GuestMemory, addr: int, length: int) -> tuple[memoryview, int]:
-        """(region view, offset) of ``[addr, addr + length)``, which must lie in one region."""
-        if self.regions is not mem.regions or not (self.base <= addr and addr + length <= self.end):
-            regions = mem.regions
-            region = mem.region_at(addr)
-            if addr + length > region.guest_end:
-                raise GuestMemoryError(f"range {addr:#x}+{length} leaves its region")
-            self.regions = regions
-            self.base = region.guest_base
-            self.end = region.guest_end
-            self.view = region.view
-        return self.view, addr - self.base
-
-
 class RequestParser:
     """Turns descriptor chains into :class:`Request` objects under :class:`Limits`.
 
@@ -189,11 +153,13 @@ class RequestParser:
         self.limits = limits
         self._capacity_bytes = limits.capacity * SECTOR_SIZE
         self._max_descriptors = limits.seg_max + _FRAMING_DESCRIPTORS
-        self._window = _RegionWindow()
+        #: The guest memory region last used: headers, data and status bytes
+        #: are found there without searching the region table.
+        self._window: RegionWindow = GuestMemory.NO_WINDOW
 
     def forget_memory(self) -> None:
         """Let go of guest memory (on device reset: the host may unmap it)."""
-        self._window.forget()
+        self._window = GuestMemory.NO_WINDOW  # its view keeps the mapping (and fd) alive
 
     def parse(self, chain: DescriptorChain) -> Request:
         """Validate ``chain`` as a request; raises :class:`BadRequest` if the device refuses it."""
@@ -220,11 +186,14 @@ class RequestParser:
         # The header, through the region window when it is there (the usual case).
         mem = chain.mem
         window = self._window
-        if window.regions is not mem.regions:
-            window.end = 0  # stale: nothing is inside it until locate() refreshes it
         addr, n = readable[0]
         base = window.base
-        if n >= HEADER_SIZE and base <= addr and addr + HEADER_SIZE <= window.end:
+        if (
+            n >= HEADER_SIZE
+            and window.table is mem.regions
+            and base <= addr
+            and addr + HEADER_SIZE <= window.end
+        ):
             req_type, _reserved, sector = _unpack_header(window.view, addr - base)
         else:
             req_type, _reserved, sector = self._header(chain)
@@ -289,12 +258,9 @@ class RequestParser:
                 return
         addr += length - STATUS_SIZE
         window = self._window
-        base = window.base
-        if window.regions is chain.mem.regions and base <= addr < window.end:
-            window.view[addr - base] = status
-            return
-        view, offset = window.locate(chain.mem, addr, STATUS_SIZE)
-        view[offset] = status
+        if not window.covers(chain.mem, addr, STATUS_SIZE):
+            window = self._window = chain.mem.window(addr, STATUS_SIZE)
+        window.view[addr - window.base] = status
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -304,12 +270,19 @@ class RequestParser:
             if length > size_max:
                 raise BadRequest(_IOERR, f"a descriptor of {length} bytes (size_max {size_max})")
 
+    def _locate(self, mem: GuestMemory, addr: int, length: int) -> tuple[memoryview, int]:
+        """(region view, offset) of a range inside one region, through the window."""
+        window = self._window
+        if not window.covers(mem, addr, length):
+            window = self._window = mem.window(addr, length)
+        return window.view, addr - window.base
+
     def _header(self, chain: DescriptorChain) -> tuple[int, int, int]:
         """(type, reserved, sector), from however many descriptors hold the header."""
         addr, length = chain.readable[0]
         if length >= HEADER_SIZE:
             try:
-                view, offset = self._window.locate(chain.mem, addr, HEADER_SIZE)
+                view, offset = self._locate(chain.mem, addr, HEADER_SIZE)
             except GuestMemoryError:
                 return HEADER.unpack(chain.read(0, HEADER_SIZE))  # across two regions
             return HEADER.unpack_from(view, offset)
@@ -334,23 +307,22 @@ class RequestParser:
         self, mem: GuestMemory, ranges: list[tuple[int, int]], start: int, stop: int
     ) -> list[memoryview]:
         """Views of ``ranges[start:stop]`` (each range checked when the chain was parsed)."""
-        locate = self._window.locate
-        window = self._window
+        table = mem.regions
         views = []
         try:
             for i in range(start, stop):
                 addr, n = ranges[i]
+                window = self._window
                 base = window.base
-                if base <= addr and addr + n <= window.end:
-                    offset = addr - base
-                    views.append(window.view[offset : offset + n])
-                    continue
-                try:
-                    view, offset = locate(mem, addr, n)
-                except GuestMemoryError:
-                    views.extend(mem.views([(addr, n)]))  # a range across regions
-                    continue
-                views.append(view[offset : offset + n])
+                if not (window.table is table and base <= addr and addr + n <= window.end):
+                    try:
+                        window = self._window = mem.window(addr, n)
+                    except GuestMemoryError:
+                        views.extend(mem.views([(addr, n)]))  # a range across regions
+                        continue
+                    base = window.base
+                offset = addr - base
+                views.append(window.view[offset : offset + n])
         except GuestMemoryError as exc:  # regions removed since the chain was parsed
             raise VirtqueueError(str(exc)) from exc
         return views
