@@ -690,6 +690,13 @@ class VhostUserBackend:
             return
         if mask & _KICK_GONE:
             self._watch_kick(conn, index, None)
+        if self.poll_us > 0:
+            # Notifications go off before the device serves, not after: the
+            # driver, woken by the first completion, must already find them
+            # off, or it kicks for a request this loop is about to poll for.
+            running = conn.session.running_queue(index)
+            if running is not None:
+                running.disable_notifications()
         queue = conn.session.kick(index)
         if queue is not None and self.poll_us > 0:
             self._start_polling(index, queue)
