@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -167,17 +168,21 @@ class Wire:
         self.sock = sock
         self.frames: list[bytes] = []
         self._stop = False
-        sock.settimeout(0.1)
+        # The test sends on this socket too: a send may wait for serve net
+        # to drain the wire (a loaded machine), so the timeout is a step's,
+        # and the reader looks for data with select instead.
+        sock.settimeout(STEP)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         while not self._stop:
             try:
+                ready, _, _ = select.select([self.sock], [], [], 0.1)
+                if not ready:
+                    continue
                 data = self.sock.recv(1 << 17)
-            except TimeoutError:
-                continue
-            except OSError:
+            except (OSError, ValueError):
                 return
             if not data:
                 return  # serve net closed its end
