@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
 from pyvirtio.constants import DeviceStatus, Feature
-from pyvirtio.driver.memory import GuestAllocator, allocate_driver_queue
+from pyvirtio.driver.memory import GuestAllocator
+from pyvirtio.driver.transport import (
+    DEFAULT_MAX_INDIRECT,
+    DriverTransportBase,
+    FeatureNegotiationError,
+    MmioDriverError,
+    QueueSetupError,
+)
 from pyvirtio.irq import RecordingInterruptController
 from pyvirtio.memory import GuestMemory
 from pyvirtio.transport.mmio import (
@@ -37,6 +44,7 @@ from pyvirtio.transport.mmio import (
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = [
+    "DEFAULT_MAX_INDIRECT",
     "DeviceProbeError",
     "FeatureNegotiationError",
     "InProcessBus",
@@ -53,8 +61,6 @@ T = TypeVar("T")
 _RESET_POLLS = 1000
 #: Times a config read is retried while the generation keeps changing.
 _GENERATION_RETRIES = 100
-#: Default indirect-table entries per request when INDIRECT_DESC is negotiated.
-DEFAULT_MAX_INDIRECT = 16
 
 
 class MmioBus(Protocol):
@@ -75,20 +81,8 @@ class InterruptWaiter(Protocol):
     def wait_interrupt(self, timeout: float | None) -> bool: ...
 
 
-class MmioDriverError(Exception):
-    """Something the driver cannot work with."""
-
-
 class DeviceProbeError(MmioDriverError):
     """No usable virtio-MMIO version 2 device at the address (bad magic, version or ID)."""
-
-
-class FeatureNegotiationError(MmioDriverError):
-    """The device did not keep FEATURES_OK set: it refused the feature subset."""
-
-
-class QueueSetupError(MmioDriverError):
-    """A queue cannot be set up (nonexistent, already in use, bad size, wrong state)."""
 
 
 class InProcessBus:
@@ -145,7 +139,7 @@ class _QueueSetup:
     allocations: list[int] = field(default_factory=list)
 
 
-class MmioDriverTransport:
+class MmioDriverTransport(DriverTransportBase[_QueueSetup]):
     """A driver's view of one virtio-MMIO device at ``base`` on ``bus``.
 
     Checks MagicValue, Version and DeviceID at construction
@@ -237,8 +231,7 @@ class MmioDriverTransport:
             else:
                 raise MmioDriverError(f"device at {self.base:#x} did not complete its reset")
             for setup in self._queues.values():
-                for addr in setup.allocations:
-                    self.allocator.free(addr)
+                self._free_allocations(setup.allocations)
             self._queues.clear()
             self._features = 0
 
@@ -282,20 +275,9 @@ class MmioDriverTransport:
             self._features = negotiated
             return negotiated
 
-    @property
-    def negotiated_features(self) -> int:
-        return self._features
-
-    def has_feature(self, feature: Feature | int) -> bool:
-        return bool(self._features >> int(feature) & 1)
-
     def driver_ok(self) -> None:
         """Set DRIVER_OK: the device is live (content.tex "Device Initialization" step 8)."""
         self.add_status(DeviceStatus.DRIVER_OK)
-
-    def fail(self) -> None:
-        """Set FAILED: the driver gave up on the device."""
-        self.add_status(DeviceStatus.FAILED)
 
     # -- queues -----------------------------------------------------------------------
 
@@ -326,33 +308,18 @@ class MmioDriverTransport:
                 raise QueueSetupError("queues are set up after feature negotiation")
             if index in self._queues:
                 raise QueueSetupError(f"queue {index} is already set up")
-            use_packed = self.has_feature(Feature.RING_PACKED)
-            if packed_ring is not None and packed_ring != use_packed:
-                raise QueueSetupError(
-                    f"{'packed' if packed_ring else 'split'} ring requested but RING_PACKED "
-                    f"was {'' if use_packed else 'not '}negotiated"
-                )
+            use_packed = self._ring_format(packed_ring)
             self._write32(Reg.QUEUE_SEL, index)
             if self._read32(Reg.QUEUE_READY):
                 raise QueueSetupError(f"queue {index} is already in use")
             max_size = self._read32(Reg.QUEUE_SIZE_MAX)
             if max_size == 0:
                 raise QueueSetupError(f"queue {index} is not available")
-            if size is None:
-                size = max_size
-                if not use_packed:
-                    size = 1 << (size.bit_length() - 1)  # split sizes are powers of two
-            if not 0 < size <= max_size:
-                raise QueueSetupError(f"queue size {size} not in 1..{max_size}")
-            if not use_packed and size & (size - 1):
-                raise QueueSetupError(f"split queue size {size} is not a power of two")
-            indirect = self.has_feature(Feature.INDIRECT_DESC)
-            if max_indirect is None:
-                max_indirect = DEFAULT_MAX_INDIRECT if indirect else 0
-            setup = self._build_queue(size, use_packed, indirect, max_indirect)
+            plan = self._plan_ring(use_packed, size, max_size, max_size, max_indirect)
+            setup = _QueueSetup(*self._allocate_ring(plan))
             queue = setup.queue
             try:
-                self._write32(Reg.QUEUE_SIZE, size)
+                self._write32(Reg.QUEUE_SIZE, plan.size)
                 for low, addr in zip(
                     (Reg.QUEUE_DESC_LOW, Reg.QUEUE_DRIVER_LOW, Reg.QUEUE_DEVICE_LOW),
                     setup.allocations[:3],
@@ -364,33 +331,10 @@ class MmioDriverTransport:
                 if not self._read32(Reg.QUEUE_READY):
                     raise QueueSetupError(f"device refused to enable queue {index}")
             except BaseException:
-                for addr in setup.allocations:
-                    self.allocator.free(addr)
+                self._free_allocations(setup.allocations)
                 raise
             self._queues[index] = setup
             return queue
-
-    def _build_queue(
-        self, size: int, use_packed: bool, indirect: bool, max_indirect: int
-    ) -> _QueueSetup:
-        queue, allocations = allocate_driver_queue(
-            self.mem,
-            self.allocator,
-            size,
-            packed_ring=use_packed,
-            event_idx=self.has_feature(Feature.EVENT_IDX),
-            indirect=indirect,
-            max_indirect=max_indirect,
-        )
-        return _QueueSetup(queue, allocations)
-
-    def queue(self, index: int) -> DriverQueue:
-        """The driver side of a queue set up earlier."""
-        return self._queues[index].queue
-
-    @property
-    def queues(self) -> dict[int, DriverQueue]:
-        return {index: setup.queue for index, setup in self._queues.items()}
 
     def reset_queue(self, index: int) -> None:
         """Reset one queue through QueueReset (needs VIRTIO_F_RING_RESET) and free its rings."""
@@ -406,8 +350,7 @@ class MmioDriverTransport:
                 raise MmioDriverError(f"queue {index} reset did not complete")
             setup = self._queues.pop(index, None)
             if setup is not None:
-                for addr in setup.allocations:
-                    self.allocator.free(addr)
+                self._free_allocations(setup.allocations)
 
     def notify(self, index: int) -> None:
         """Available buffer notification for queue ``index`` (writes its index to QueueNotify)."""

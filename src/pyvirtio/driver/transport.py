@@ -4,16 +4,48 @@
 :class:`~pyvirtio.driver.vhost_user.VhostUserFrontend` both have it; device
 drivers (``driver.blk``, ``driver.net``) type their transport with these
 protocols so they run over either.
+
+:class:`DriverTransportBase` is what both transports keep alike: the
+negotiated features, the queues set up with the guest memory they own, and
+the choice of ring size, format and indirect tables for a new queue.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
+from pyvirtio.constants import DeviceStatus, Feature
+from pyvirtio.driver.memory import GuestAllocator, allocate_driver_queue
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DriverQueue
 
-__all__ = ["BufferAllocator", "DriverTransport"]
+__all__ = [
+    "DEFAULT_MAX_INDIRECT",
+    "BufferAllocator",
+    "DriverTransport",
+    "DriverTransportBase",
+    "FeatureNegotiationError",
+    "MmioDriverError",
+    "QueueRecord",
+    "QueueSetupError",
+    "RingPlan",
+]
+
+#: Default indirect-table entries per request when INDIRECT_DESC is negotiated.
+DEFAULT_MAX_INDIRECT = 16
+
+
+class MmioDriverError(Exception):
+    """Something the driver cannot work with (over any driver transport: the
+    name is historical, virtio-MMIO was the first)."""
+
+
+class FeatureNegotiationError(MmioDriverError):
+    """The device did not keep FEATURES_OK set: it refused the feature subset."""
+
+
+class QueueSetupError(MmioDriverError):
+    """A queue cannot be set up (nonexistent, already in use, bad size, wrong state)."""
 
 
 class BufferAllocator(Protocol):
@@ -51,3 +83,112 @@ class DriverTransport(Protocol):
     def wait_interrupt(self, timeout: float | None = None) -> int:
         """Block until the device interrupts (or ``timeout``); 0 on timeout."""
         ...
+
+
+class QueueRecord(Protocol):
+    """What a transport keeps of a queue it set up: the driver side and its ring memory."""
+
+    queue: DriverQueue
+    allocations: list[int]
+
+
+QueueRecordT = TypeVar("QueueRecordT", bound=QueueRecord)
+
+
+class RingPlan(NamedTuple):
+    """The shape of a queue about to be set up."""
+
+    size: int
+    packed: bool
+    indirect: bool
+    max_indirect: int
+
+
+class DriverTransportBase(Generic[QueueRecordT]):
+    """Negotiated features and set-up queues, as every driver transport keeps them.
+
+    Subclasses set ``mem``, ``allocator``, ``_features`` and ``_queues`` and
+    implement :meth:`add_status`; they program a queue their own way between
+    :meth:`_plan_ring` / :meth:`_allocate_ring` and storing its record.
+    """
+
+    mem: GuestMemory
+    allocator: GuestAllocator
+    _features: int
+    _queues: dict[int, QueueRecordT]
+
+    def add_status(self, bits: int) -> int:
+        """Set device status bits; returns the status afterwards."""
+        raise NotImplementedError
+
+    @property
+    def negotiated_features(self) -> int:
+        return self._features
+
+    def has_feature(self, feature: Feature | int) -> bool:
+        return bool(self._features >> int(feature) & 1)
+
+    def fail(self) -> None:
+        """Set FAILED: the driver gave up on the device."""
+        self.add_status(DeviceStatus.FAILED)
+
+    def queue(self, index: int) -> DriverQueue:
+        """The driver side of a queue set up earlier."""
+        return self._queues[index].queue
+
+    @property
+    def queues(self) -> dict[int, DriverQueue]:
+        return {index: record.queue for index, record in self._queues.items()}
+
+    def _ring_format(self, packed_ring: bool | None) -> bool:
+        """Whether the new queue is packed: the negotiated VIRTIO_F_RING_PACKED decides,
+        and a caller's ``packed_ring`` must agree with it."""
+        use_packed = self.has_feature(Feature.RING_PACKED)
+        if packed_ring is not None and packed_ring != use_packed:
+            raise QueueSetupError(
+                f"{'packed' if packed_ring else 'split'} ring requested but RING_PACKED "
+                f"was {'' if use_packed else 'not '}negotiated"
+            )
+        return use_packed
+
+    def _plan_ring(
+        self,
+        use_packed: bool,
+        size: int | None,
+        max_size: int,
+        size_limit: int,
+        max_indirect: int | None,
+    ) -> RingPlan:
+        """Size, format and indirect tables of a new queue.
+
+        ``size`` defaults to ``max_size``, rounded down to a power of two for
+        a split ring (split sizes are powers of two, packed ones need not be);
+        it must lie in 1..``size_limit``.  Indirect tables follow the
+        negotiated INDIRECT_DESC, ``max_indirect`` entries each.
+        """
+        if size is None:
+            size = max_size if use_packed else 1 << (max_size.bit_length() - 1)
+        if not 0 < size <= size_limit:
+            raise QueueSetupError(f"queue size {size} not in 1..{size_limit}")
+        if not use_packed and size & (size - 1):
+            raise QueueSetupError(f"split queue size {size} is not a power of two")
+        indirect = self.has_feature(Feature.INDIRECT_DESC)
+        if max_indirect is None:
+            max_indirect = DEFAULT_MAX_INDIRECT if indirect else 0
+        return RingPlan(size, use_packed, indirect, max_indirect)
+
+    def _allocate_ring(self, plan: RingPlan) -> tuple[DriverQueue, list[int]]:
+        """Ring areas from the allocator and the driver side over them."""
+        return allocate_driver_queue(
+            self.mem,
+            self.allocator,
+            plan.size,
+            packed_ring=plan.packed,
+            event_idx=self.has_feature(Feature.EVENT_IDX),
+            indirect=plan.indirect,
+            max_indirect=plan.max_indirect,
+        )
+
+    def _free_allocations(self, allocations: list[int]) -> None:
+        for addr in allocations:
+            self.allocator.free(addr)

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from pyvirtio.constants import DeviceStatus, Feature
-from pyvirtio.driver.memory import GuestAllocator, allocate_driver_queue
-from pyvirtio.driver.mmio import (
-    DEFAULT_MAX_INDIRECT,
+from pyvirtio.constants import DeviceStatus
+from pyvirtio.driver.memory import GuestAllocator
+from pyvirtio.driver.transport import (
+    DriverTransportBase,
     FeatureNegotiationError,
     MmioDriverError,
     QueueSetupError,
@@ -100,6 +100,8 @@ _F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 _PACKED_FRESH_BASE = 0x8000 | 0x8000 << 16
 _ANCILLARY_SPACE = socket.CMSG_SPACE(4 * MAX_FDS)
 _CONNECT_RETRY = 0.01
+#: Largest ring a vhost-user front end sets up (a split ring's 2^15 limit).
+_MAX_RING_SIZE = 32768
 
 
 class VhostUserError(MmioDriverError):
@@ -138,7 +140,7 @@ def _mapping_address(region: MemoryRegion) -> int:
         del anchor  # drop the buffer export so the mapping can be closed later
 
 
-class VhostUserFrontend:
+class VhostUserFrontend(DriverTransportBase[_Queue]):
     """A vhost-user front end connected to the back end at ``socket_path``.
 
     Construction connects (retrying while the socket does not accept yet, up
@@ -415,13 +417,6 @@ class VhostUserFrontend:
             self._initialized = True
             return negotiated
 
-    @property
-    def negotiated_features(self) -> int:
-        return self._features
-
-    def has_feature(self, feature: Feature | int) -> bool:
-        return bool(self._features >> int(feature) & 1)
-
     def _share_memory(self) -> None:
         if self._memory_shared:
             return
@@ -453,10 +448,6 @@ class VhostUserFrontend:
         if self._offered & _F_PROTOCOL:
             self._call(FrontendRequest.SET_VRING_ENABLE, VringState(index, 1))
         q.enabled = True
-
-    def fail(self) -> None:
-        """Set FAILED: the driver gave up on the device."""
-        self.add_status(DeviceStatus.FAILED)
 
     # -- queues ------------------------------------------------------------------------------
 
@@ -490,22 +481,9 @@ class VhostUserFrontend:
             max_size = self.queue_max_size(index)
             if max_size == 0 or index > 0xFF:
                 raise QueueSetupError(f"queue {index} is not available")
-            use_packed = self.has_feature(Feature.RING_PACKED)
-            if packed_ring is not None and packed_ring != use_packed:
-                raise QueueSetupError(
-                    f"{'packed' if packed_ring else 'split'} ring requested but RING_PACKED "
-                    f"was {'' if use_packed else 'not '}negotiated"
-                )
-            if size is None:
-                size = max_size if use_packed else 1 << (max_size.bit_length() - 1)
-            if not 0 < size <= 32768:
-                raise QueueSetupError(f"queue size {size} not in 1..32768")
-            if not use_packed and size & (size - 1):
-                raise QueueSetupError(f"split queue size {size} is not a power of two")
-            indirect = self.has_feature(Feature.INDIRECT_DESC)
-            if max_indirect is None:
-                max_indirect = DEFAULT_MAX_INDIRECT if indirect else 0
-            queue, allocations = self._build_queue(size, use_packed, indirect, max_indirect)
+            use_packed = self._ring_format(packed_ring)
+            plan = self._plan_ring(use_packed, size, max_size, _MAX_RING_SIZE, max_indirect)
+            queue, allocations = self._allocate_ring(plan)
             fds: list[int] = []
             try:
                 for _ in range(3):
@@ -513,7 +491,7 @@ class VhostUserFrontend:
                 setup = _Queue(queue, fds[0], fds[1], fds[2], allocations)
                 desc, driver, device = allocations[:3]
                 base = _PACKED_FRESH_BASE if use_packed else 0
-                self._call(FrontendRequest.SET_VRING_NUM, VringState(index, size))
+                self._call(FrontendRequest.SET_VRING_NUM, VringState(index, plan.size))
                 self._call(FrontendRequest.SET_VRING_BASE, VringState(index, base))
                 self._call(
                     FrontendRequest.SET_VRING_ADDR,
@@ -543,34 +521,11 @@ class VhostUserFrontend:
                     self._enable(index, setup)
             except BaseException:
                 _close_fds(fds)
-                for addr in allocations:
-                    self.allocator.free(addr)
+                self._free_allocations(allocations)
                 raise
             self._queues[index] = setup
             self._poller = None
             return queue
-
-    def _build_queue(
-        self, size: int, use_packed: bool, indirect: bool, max_indirect: int
-    ) -> tuple[DriverQueue, list[int]]:
-        """Ring areas from the allocator and the driver side over them (as virtio-MMIO)."""
-        return allocate_driver_queue(
-            self.mem,
-            self.allocator,
-            size,
-            packed_ring=use_packed,
-            event_idx=self.has_feature(Feature.EVENT_IDX),
-            indirect=indirect,
-            max_indirect=max_indirect,
-        )
-
-    def queue(self, index: int) -> DriverQueue:
-        """The driver side of a queue set up earlier."""
-        return self._queues[index].queue
-
-    @property
-    def queues(self) -> dict[int, DriverQueue]:
-        return {index: q.queue for index, q in self._queues.items()}
 
     def reset_queue(self, index: int) -> None:
         """Not available over vhost-user (no per-ring reset message)."""
@@ -761,8 +716,7 @@ class VhostUserFrontend:
             finally:
                 for q in self._queues.values():
                     _close_fds([q.kick_fd, q.call_fd, q.err_fd])
-                    for addr in q.allocations:
-                        self.allocator.free(addr)
+                    self._free_allocations(q.allocations)
                 self._queues.clear()
                 self._poller = None
                 self._status = 0

@@ -1,0 +1,107 @@
+"""DriverTransportBase: features, ring planning and queue records both driver transports share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from pyvirtio.constants import DeviceStatus, Feature
+from pyvirtio.driver.memory import GuestAllocator
+from pyvirtio.driver.transport import (
+    DEFAULT_MAX_INDIRECT,
+    DriverTransportBase,
+    QueueSetupError,
+    RingPlan,
+)
+from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue.common import DriverQueue
+from pyvirtio.virtqueue.packed import PackedDriverQueue
+from pyvirtio.virtqueue.split import SplitDriverQueue
+
+MEM_SIZE = 1 << 20
+
+
+@dataclass
+class _Record:
+    queue: DriverQueue
+    allocations: list[int] = field(default_factory=list)
+
+
+class _Transport(DriverTransportBase[_Record]):
+    """The smallest transport: status kept in memory, queues recorded as set up."""
+
+    def __init__(self, features: int) -> None:
+        self.mem = GuestMemory.anonymous(MEM_SIZE)
+        self.allocator = GuestAllocator(self.mem, 0, MEM_SIZE)
+        self._features = features
+        self._queues = {}
+        self.status = 0
+
+    def add_status(self, bits: int) -> int:
+        self.status |= bits
+        return self.status
+
+    def set_up(self, index: int, plan: RingPlan) -> DriverQueue:
+        record = _Record(*self._allocate_ring(plan))
+        self._queues[index] = record
+        return record.queue
+
+
+def test_features_and_fail() -> None:
+    transport = _Transport(Feature.VERSION_1.mask | Feature.EVENT_IDX.mask)
+    assert transport.negotiated_features == Feature.VERSION_1.mask | Feature.EVENT_IDX.mask
+    assert transport.has_feature(Feature.EVENT_IDX)
+    assert not transport.has_feature(Feature.RING_PACKED)
+    transport.fail()
+    assert transport.status == DeviceStatus.FAILED
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_ring_format_follows_negotiation(packed: bool) -> None:
+    transport = _Transport(Feature.RING_PACKED.mask if packed else 0)
+    assert transport._ring_format(None) is packed
+    assert transport._ring_format(packed) is packed
+    with pytest.raises(QueueSetupError, match="RING_PACKED"):
+        transport._ring_format(not packed)
+
+
+def test_default_size_is_the_maximum_rounded_to_a_power_of_two_for_split() -> None:
+    split = _Transport(0)
+    assert split._plan_ring(False, None, 300, 300, None).size == 256
+    packed = _Transport(Feature.RING_PACKED.mask)
+    assert packed._plan_ring(True, None, 300, 300, None).size == 300
+
+
+@pytest.mark.parametrize("size", [0, 513])
+def test_size_outside_the_limit_is_refused(size: int) -> None:
+    with pytest.raises(QueueSetupError, match=r"not in 1\.\.512"):
+        _Transport(0)._plan_ring(False, size, 256, 512, None)
+
+
+def test_split_size_must_be_a_power_of_two() -> None:
+    with pytest.raises(QueueSetupError, match="power of two"):
+        _Transport(0)._plan_ring(False, 24, 256, 256, None)
+    assert _Transport(Feature.RING_PACKED.mask)._plan_ring(True, 24, 256, 256, None).size == 24
+
+
+def test_indirect_tables_follow_the_negotiated_feature() -> None:
+    plain = _Transport(0)._plan_ring(False, 8, 8, 8, None)
+    assert (plain.indirect, plain.max_indirect) == (False, 0)
+    transport = _Transport(Feature.INDIRECT_DESC.mask)
+    assert transport._plan_ring(False, 8, 8, 8, None).max_indirect == DEFAULT_MAX_INDIRECT
+    assert transport._plan_ring(False, 8, 8, 8, 4) == RingPlan(8, False, True, 4)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_allocated_rings_are_recorded_and_freed(packed: bool) -> None:
+    transport = _Transport(Feature.RING_PACKED.mask if packed else 0)
+    free_before = transport.allocator.free_bytes
+    queue = transport.set_up(3, transport._plan_ring(packed, 16, 16, 16, None))
+    assert isinstance(queue, PackedDriverQueue if packed else SplitDriverQueue)
+    assert queue.size == 16
+    assert transport.queue(3) is queue
+    assert transport.queues == {3: queue}
+    assert transport.allocator.free_bytes < free_before
+    transport._free_allocations(transport._queues.pop(3).allocations)
+    assert transport.allocator.free_bytes == free_before
