@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import pytest
@@ -29,21 +30,38 @@ class _Record:
 
 
 class _Transport(DriverTransportBase[_Record]):
-    """The smallest transport: status kept in memory, queues recorded as set up."""
+    """The smallest transport: status kept in memory, every queue of size up to 64."""
 
     def __init__(self, features: int) -> None:
         self.mem = GuestMemory.anonymous(MEM_SIZE)
         self.allocator = GuestAllocator(self.mem, 0, MEM_SIZE)
+        self._lock = threading.RLock()
         self._features = features
         self._queues = {}
-        self.status = 0
+        self._status = 0
+        self.added: list[int] = []
+
+    @property
+    def status(self) -> int:
+        return self._status
 
     def add_status(self, bits: int) -> int:
-        self.status |= bits
-        return self.status
+        self._status |= bits
+        return self._status
+
+    def _queue_size_bounds(self, index: int) -> tuple[int, int]:
+        if index > 3:
+            raise QueueSetupError(f"queue {index} is not available")
+        return 48, 64
+
+    def _program_queue(self, index: int, plan: RingPlan) -> _Record:
+        return _Record(*self._allocate_ring(plan))
+
+    def _queue_added(self, index: int) -> None:
+        self.added.append(index)
 
     def set_up(self, index: int, plan: RingPlan) -> DriverQueue:
-        record = _Record(*self._allocate_ring(plan))
+        record = self._program_queue(index, plan)
         self._queues[index] = record
         return record.queue
 
@@ -105,3 +123,21 @@ def test_allocated_rings_are_recorded_and_freed(packed: bool) -> None:
     assert transport.allocator.free_bytes < free_before
     transport._free_allocations(transport._queues.pop(3).allocations)
     assert transport.allocator.free_bytes == free_before
+
+
+def test_setup_queue_after_features_ok_once_per_index() -> None:
+    transport = _Transport(Feature.INDIRECT_DESC.mask)
+    with pytest.raises(QueueSetupError, match="after feature negotiation"):
+        transport.setup_queue(0)
+    transport.add_status(DeviceStatus.FEATURES_OK)
+    queue = transport.setup_queue(0)
+    assert queue.size == 32  # the default 48, rounded down for a split ring
+    assert transport.queue(0) is queue and transport.added == [0]
+    with pytest.raises(QueueSetupError, match="already set up"):
+        transport.setup_queue(0)
+    with pytest.raises(QueueSetupError, match="not available"):
+        transport.setup_queue(4)
+    with pytest.raises(QueueSetupError, match=r"not in 1\.\.64"):
+        transport.setup_queue(1, 128)
+    assert transport.setup_queue(1, 64, max_indirect=2).size == 64
+    assert transport.added == [0, 1]

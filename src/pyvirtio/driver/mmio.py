@@ -30,6 +30,7 @@ from pyvirtio.driver.transport import (
     FeatureNegotiationError,
     MmioDriverError,
     QueueSetupError,
+    RingPlan,
 )
 from pyvirtio.irq import RecordingInterruptController
 from pyvirtio.memory import GuestMemory
@@ -287,54 +288,37 @@ class MmioDriverTransport(DriverTransportBase[_QueueSetup]):
             self._write32(Reg.QUEUE_SEL, index)
             return self._read32(Reg.QUEUE_SIZE_MAX)
 
-    def setup_queue(
-        self,
-        index: int,
-        size: int | None = None,
-        packed_ring: bool | None = None,
-        *,
-        max_indirect: int | None = None,
-    ) -> DriverQueue:
-        """Allocate, program and enable queue ``index``; returns its driver side.
+    def _queue_size_bounds(self, index: int) -> tuple[int, int]:
+        """QueueSizeMax is both the default and the limit (transport-mmio.tex
+        "Virtqueue Configuration"); a queue already ready is in use."""
+        self._write32(Reg.QUEUE_SEL, index)
+        if self._read32(Reg.QUEUE_READY):
+            raise QueueSetupError(f"queue {index} is already in use")
+        max_size = self._read32(Reg.QUEUE_SIZE_MAX)
+        if max_size == 0:
+            raise QueueSetupError(f"queue {index} is not available")
+        return max_size, max_size
 
-        Follows transport-mmio.tex "Virtqueue Configuration".  ``size``
-        defaults to QueueSizeMax; the ring format follows the negotiated
-        VIRTIO_F_RING_PACKED unless ``packed_ring`` says otherwise (and then it
-        must agree with it); EVENT_IDX and indirect descriptors follow the
-        negotiated features (``max_indirect`` entries per indirect table).
-        """
-        with self._lock:
-            if not self.status & DeviceStatus.FEATURES_OK:
-                raise QueueSetupError("queues are set up after feature negotiation")
-            if index in self._queues:
-                raise QueueSetupError(f"queue {index} is already set up")
-            use_packed = self._ring_format(packed_ring)
-            self._write32(Reg.QUEUE_SEL, index)
-            if self._read32(Reg.QUEUE_READY):
-                raise QueueSetupError(f"queue {index} is already in use")
-            max_size = self._read32(Reg.QUEUE_SIZE_MAX)
-            if max_size == 0:
-                raise QueueSetupError(f"queue {index} is not available")
-            plan = self._plan_ring(use_packed, size, max_size, max_size, max_indirect)
-            setup = _QueueSetup(*self._allocate_ring(plan))
-            queue = setup.queue
-            try:
-                self._write32(Reg.QUEUE_SIZE, plan.size)
-                for low, addr in zip(
-                    (Reg.QUEUE_DESC_LOW, Reg.QUEUE_DRIVER_LOW, Reg.QUEUE_DEVICE_LOW),
-                    setup.allocations[:3],
-                    strict=True,
-                ):
-                    self._write32(low, addr)
-                    self._write32(low + 4, addr >> 32)
-                self._write32(Reg.QUEUE_READY, 1)
-                if not self._read32(Reg.QUEUE_READY):
-                    raise QueueSetupError(f"device refused to enable queue {index}")
-            except BaseException:
-                self._free_allocations(setup.allocations)
-                raise
-            self._queues[index] = setup
-            return queue
+    def _program_queue(self, index: int, plan: RingPlan) -> _QueueSetup:
+        """QueueSize, the three ring addresses, then QueueReady (transport-mmio.tex
+        "Virtqueue Configuration"); QueueSel already selects ``index``."""
+        setup = _QueueSetup(*self._allocate_ring(plan))
+        try:
+            self._write32(Reg.QUEUE_SIZE, plan.size)
+            for low, addr in zip(
+                (Reg.QUEUE_DESC_LOW, Reg.QUEUE_DRIVER_LOW, Reg.QUEUE_DEVICE_LOW),
+                setup.allocations[:3],
+                strict=True,
+            ):
+                self._write32(low, addr)
+                self._write32(low + 4, addr >> 32)
+            self._write32(Reg.QUEUE_READY, 1)
+            if not self._read32(Reg.QUEUE_READY):
+                raise QueueSetupError(f"device refused to enable queue {index}")
+        except BaseException:
+            self._free_allocations(setup.allocations)
+            raise
+        return setup
 
     def reset_queue(self, index: int) -> None:
         """Reset one queue through QueueReset (needs VIRTIO_F_RING_RESET) and free its rings."""

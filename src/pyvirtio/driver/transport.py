@@ -12,6 +12,7 @@ the choice of ring size, format and indirect tables for a new queue.
 
 from __future__ import annotations
 
+import threading
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from pyvirtio.constants import DeviceStatus, Feature
@@ -107,19 +108,68 @@ class RingPlan(NamedTuple):
 class DriverTransportBase(Generic[QueueRecordT]):
     """Negotiated features and set-up queues, as every driver transport keeps them.
 
-    Subclasses set ``mem``, ``allocator``, ``_features`` and ``_queues`` and
-    implement :meth:`add_status`; they program a queue their own way between
-    :meth:`_plan_ring` / :meth:`_allocate_ring` and storing its record.
+    Subclasses set ``mem``, ``allocator``, ``_lock``, ``_features`` and
+    ``_queues``, and implement :attr:`status`, :meth:`add_status`,
+    :meth:`_queue_size_bounds` and :meth:`_program_queue` (how the transport
+    tells the device about a new ring); :meth:`_queue_added` is theirs to
+    override.
     """
 
     mem: GuestMemory
     allocator: GuestAllocator
+    _lock: threading.RLock
     _features: int
     _queues: dict[int, QueueRecordT]
+
+    @property
+    def status(self) -> int:
+        """The device status."""
+        raise NotImplementedError
 
     def add_status(self, bits: int) -> int:
         """Set device status bits; returns the status afterwards."""
         raise NotImplementedError
+
+    def _queue_size_bounds(self, index: int) -> tuple[int, int]:
+        """(default size, largest size) of new queue ``index``; raises
+        :class:`QueueSetupError` when the queue does not exist or is in use."""
+        raise NotImplementedError
+
+    def _program_queue(self, index: int, plan: RingPlan) -> QueueRecordT:
+        """Allocate the rings of ``plan`` and hand them to the device; frees them on failure."""
+        raise NotImplementedError
+
+    def setup_queue(
+        self,
+        index: int,
+        size: int | None = None,
+        packed_ring: bool | None = None,
+        *,
+        max_indirect: int | None = None,
+    ) -> DriverQueue:
+        """Allocate, program and enable queue ``index``; returns its driver side.
+
+        ``size`` defaults to the device's largest (a power of two for a split
+        ring); the ring format follows the negotiated VIRTIO_F_RING_PACKED
+        unless ``packed_ring`` says otherwise (and then it must agree with
+        it); EVENT_IDX and indirect descriptors follow the negotiated
+        features (``max_indirect`` entries per indirect table).
+        """
+        with self._lock:
+            if not self.status & DeviceStatus.FEATURES_OK:
+                raise QueueSetupError("queues are set up after feature negotiation")
+            if index in self._queues:
+                raise QueueSetupError(f"queue {index} is already set up")
+            use_packed = self._ring_format(packed_ring)
+            max_size, size_limit = self._queue_size_bounds(index)
+            plan = self._plan_ring(use_packed, size, max_size, size_limit, max_indirect)
+            record = self._program_queue(index, plan)
+            self._queues[index] = record
+            self._queue_added(index)
+            return record.queue
+
+    def _queue_added(self, index: int) -> None:
+        """Called once queue ``index`` is recorded as set up."""
 
     @property
     def negotiated_features(self) -> int:

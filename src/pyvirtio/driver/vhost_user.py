@@ -48,6 +48,7 @@ from pyvirtio.driver.transport import (
     FeatureNegotiationError,
     MmioDriverError,
     QueueSetupError,
+    RingPlan,
 )
 from pyvirtio.irq import INT_VRING
 from pyvirtio.memory import GuestMemory, MemoryRegion
@@ -457,75 +458,66 @@ class VhostUserFrontend(DriverTransportBase[_Queue]):
             return 0
         return self.max_queue_size
 
-    def setup_queue(
-        self,
-        index: int,
-        size: int | None = None,
-        packed_ring: bool | None = None,
-        *,
-        max_indirect: int | None = None,
-    ) -> DriverQueue:
-        """Allocate ring ``index``, give it eventfds and hand it to the back end.
+    def _queue_size_bounds(self, index: int) -> tuple[int, int]:
+        """:meth:`queue_max_size` by default, up to a split ring's largest; ring
+        indices are 8 bits in the vring messages."""
+        max_size = self.queue_max_size(index)
+        if max_size == 0 or index > 0xFF:
+            raise QueueSetupError(f"queue {index} is not available")
+        return max_size, _MAX_RING_SIZE
+
+    def _program_queue(self, index: int, plan: RingPlan) -> _Queue:
+        """Give ring ``index`` eventfds and hand it to the back end.
 
         Sends SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (user
         addresses), SET_VRING_CALL, SET_VRING_ERR and SET_VRING_KICK; the
         ring is enabled by :meth:`driver_ok` (or at once if that came
-        already).  Sizes, ring format and indirect tables as
-        :meth:`MmioDriverTransport.setup_queue`.
+        already).
         """
-        with self._lock:
-            if not self._status & DeviceStatus.FEATURES_OK:
-                raise QueueSetupError("queues are set up after feature negotiation")
-            if index in self._queues:
-                raise QueueSetupError(f"queue {index} is already set up")
-            max_size = self.queue_max_size(index)
-            if max_size == 0 or index > 0xFF:
-                raise QueueSetupError(f"queue {index} is not available")
-            use_packed = self._ring_format(packed_ring)
-            plan = self._plan_ring(use_packed, size, max_size, _MAX_RING_SIZE, max_indirect)
-            queue, allocations = self._allocate_ring(plan)
-            fds: list[int] = []
-            try:
-                for _ in range(3):
-                    fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-                setup = _Queue(queue, fds[0], fds[1], fds[2], allocations)
-                desc, driver, device = allocations[:3]
-                base = _PACKED_FRESH_BASE if use_packed else 0
-                self._call(FrontendRequest.SET_VRING_NUM, VringState(index, plan.size))
-                self._call(FrontendRequest.SET_VRING_BASE, VringState(index, base))
-                self._call(
-                    FrontendRequest.SET_VRING_ADDR,
-                    VringAddr(
-                        index,
-                        0,
-                        self._user_addr(desc),
-                        self._user_addr(device),
-                        self._user_addr(driver),
-                        0,
-                    ),
-                )
-                self._call(
-                    FrontendRequest.SET_VRING_CALL,
-                    vring_fd_payload(index, True),
-                    (setup.call_fd,),
-                )
-                self._call(
-                    FrontendRequest.SET_VRING_ERR, vring_fd_payload(index, True), (setup.err_fd,)
-                )
-                self._call(
-                    FrontendRequest.SET_VRING_KICK,
-                    vring_fd_payload(index, True),
-                    (setup.kick_fd,),
-                )
-                if self._status & DeviceStatus.DRIVER_OK:
-                    self._enable(index, setup)
-            except BaseException:
-                _close_fds(fds)
-                self._free_allocations(allocations)
-                raise
-            self._queues[index] = setup
-            self._poller = None
-            return queue
+        queue, allocations = self._allocate_ring(plan)
+        fds: list[int] = []
+        try:
+            for _ in range(3):
+                fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            setup = _Queue(queue, fds[0], fds[1], fds[2], allocations)
+            desc, driver, device = allocations[:3]
+            base = _PACKED_FRESH_BASE if plan.packed else 0
+            self._call(FrontendRequest.SET_VRING_NUM, VringState(index, plan.size))
+            self._call(FrontendRequest.SET_VRING_BASE, VringState(index, base))
+            self._call(
+                FrontendRequest.SET_VRING_ADDR,
+                VringAddr(
+                    index,
+                    0,
+                    self._user_addr(desc),
+                    self._user_addr(device),
+                    self._user_addr(driver),
+                    0,
+                ),
+            )
+            self._call(
+                FrontendRequest.SET_VRING_CALL,
+                vring_fd_payload(index, True),
+                (setup.call_fd,),
+            )
+            self._call(
+                FrontendRequest.SET_VRING_ERR, vring_fd_payload(index, True), (setup.err_fd,)
+            )
+            self._call(
+                FrontendRequest.SET_VRING_KICK,
+                vring_fd_payload(index, True),
+                (setup.kick_fd,),
+            )
+            if self._status & DeviceStatus.DRIVER_OK:
+                self._enable(index, setup)
+        except BaseException:
+            _close_fds(fds)
+            self._free_allocations(allocations)
+            raise
+        return setup
+
+    def _queue_added(self, index: int) -> None:
+        self._poller = None  # the next wait polls the new ring's call eventfd too
 
     def reset_queue(self, index: int) -> None:
         """Not available over vhost-user (no per-ring reset message)."""
