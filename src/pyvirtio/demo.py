@@ -19,6 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from pyvirtio.driver.memory import GuestAllocator, allocate_driver_queue
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import packed, split
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, DriverQueue
@@ -26,7 +27,6 @@ from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, DriverQueue
 __all__ = ["RingReport", "exercise_ring", "run"]
 
 RING_BASE = 0x1_0000
-INDIRECT_BASE = 0x8_0000
 DATA_BASE = 0x10_0000
 SLOT = 4096
 MAX_INDIRECT = 8
@@ -46,45 +46,24 @@ class RingReport:
 def _make_queues(
     mem: GuestMemory, ring: str, size: int, event_idx: bool, indirect: bool
 ) -> tuple[DriverQueue, DeviceQueue]:
-    if ring == "split":
-        desc_len, avail_len, _ = split.area_sizes(size)
-        desc = RING_BASE
-        avail = desc + desc_len
-        used = (avail + avail_len + 3) & ~3
-        drv_split = split.SplitDriverQueue(
-            mem,
-            size,
-            desc,
-            avail,
-            used,
-            event_idx=event_idx,
-            indirect=indirect,
-            indirect_addr=INDIRECT_BASE if indirect else None,
-            max_indirect=MAX_INDIRECT if indirect else 0,
-        )
-        dev_split = split.SplitDeviceQueue(
-            mem, size, desc, avail, used, event_idx=event_idx, indirect=indirect
-        )
-        return drv_split, dev_split
-    desc_len, _, _ = packed.area_sizes(size)
-    desc = RING_BASE
-    drv_evt = desc + desc_len
-    dev_evt = drv_evt + 4
-    drv_packed = packed.PackedDriverQueue(
+    """Both sides of one ring, placed below DATA_BASE as a guest driver would place them."""
+    packed_ring = ring == "packed"
+    allocator = GuestAllocator(mem, RING_BASE, DATA_BASE - RING_BASE)
+    driver, allocations = allocate_driver_queue(
         mem,
+        allocator,
         size,
-        desc,
-        drv_evt,
-        dev_evt,
+        packed_ring=packed_ring,
         event_idx=event_idx,
         indirect=indirect,
-        indirect_addr=INDIRECT_BASE if indirect else None,
         max_indirect=MAX_INDIRECT if indirect else 0,
     )
-    dev_packed = packed.PackedDeviceQueue(
-        mem, size, desc, drv_evt, dev_evt, event_idx=event_idx, indirect=indirect
+    device_queue = packed.PackedDeviceQueue if packed_ring else split.SplitDeviceQueue
+    desc, driver_area, device_area = allocations[:3]
+    device = device_queue(
+        mem, size, desc, driver_area, device_area, event_idx=event_idx, indirect=indirect
     )
-    return drv_packed, dev_packed
+    return driver, device
 
 
 def _serve(chain: DescriptorChain) -> int:
