@@ -21,8 +21,8 @@ import pytest
 
 from net_harness import arp_request, icmp_echo
 from pyvirtio.devices.net import Net, TapBackend, poll_devices
-from pyvirtio.devices.net.backends import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
-from pyvirtio.devices.net.wire import internet_checksum
+from pyvirtio.devices.net.backends import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, BackendGone
+from pyvirtio.devices.net.wire import HDR_SIZE, internet_checksum
 from pyvirtio.driver.net import NetDriver
 from pyvirtio.memory import GuestMemory
 from pyvirtio.testing import MmioTestRig
@@ -118,3 +118,21 @@ def test_arp_and_ping_through_a_tap(tap_in_netns: tuple[TapBackend, str]) -> Non
     assert "02:00:00:00:d0:0d" in neighbours, neighbours
     driver.close()
     assert tap.offload_flags == 0  # reset: no offloads toward a driver that is gone
+
+
+def test_a_tap_whose_fd_is_gone_raises_backend_gone() -> None:
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("/dev/net/tun is not available")
+    try:
+        tap = TapBackend("")
+    except PermissionError as exc:
+        pytest.skip(f"cannot create a TAP device: {exc}")
+    fd = tap.fileno()
+    os.close(fd)  # as if the fd were closed under the back end: EBADF from now on
+    try:
+        with pytest.raises(BackendGone, match="TAP"):
+            tap.recv_into(memoryview(bytearray(2048)))
+        with pytest.raises(BackendGone, match="TAP"):
+            tap.send([bytes(HDR_SIZE + 60)])
+    finally:
+        tap._fd = -1  # already closed

@@ -158,14 +158,18 @@ class TapBackend:
     def fileno(self) -> int:
         return self._fd
 
+    def _raise_if_detached(self, exc: OSError) -> None:
+        """The errors of a TAP device that is gone (deleted, or its fd closed) are final."""
+        if exc.errno in (errno.EBADFD, errno.EBADF, errno.ENXIO):
+            raise BackendGone(exc.errno, f"TAP {self.name}: {exc.strerror}") from exc
+
     def recv_into(self, buf: memoryview) -> int | None:
         try:
             return os.readv(self._fd, [buf])
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
-            if exc.errno in (errno.EBADFD, errno.EBADF, errno.ENXIO):
-                raise BackendGone(exc.errno, f"TAP {self.name}: {exc.strerror}") from exc
+            self._raise_if_detached(exc)
             raise
 
     def send(self, parts: Sequence[Buffer]) -> bool:
@@ -174,8 +178,7 @@ class TapBackend:
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
-            if exc.errno in (errno.EBADFD, errno.EBADF, errno.ENXIO):
-                raise BackendGone(exc.errno, f"TAP {self.name}: {exc.strerror}") from exc
+            self._raise_if_detached(exc)
             raise
         # tun takes a frame whole or not at all.
         return True
