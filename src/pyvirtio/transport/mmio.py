@@ -109,25 +109,28 @@ class Reg:
     CONFIG_GENERATION = 0x0FC
 
 
-#: Registers the driver may only write (direction W in the register table).
-_WRITE_ONLY = frozenset(
+#: Per-queue registers the driver programs before enabling a queue.
+_QUEUE_SETUP_REGS = frozenset(
     {
-        Reg.DEVICE_FEATURES_SEL,
-        Reg.DRIVER_FEATURES,
-        Reg.DRIVER_FEATURES_SEL,
-        Reg.QUEUE_SEL,
         Reg.QUEUE_SIZE,
-        Reg.QUEUE_NOTIFY,
-        Reg.INTERRUPT_ACK,
         Reg.QUEUE_DESC_LOW,
         Reg.QUEUE_DESC_HIGH,
         Reg.QUEUE_DRIVER_LOW,
         Reg.QUEUE_DRIVER_HIGH,
         Reg.QUEUE_DEVICE_LOW,
         Reg.QUEUE_DEVICE_HIGH,
-        Reg.SHM_SEL,
     }
 )
+#: Registers the driver may only write (direction W in the register table).
+_WRITE_ONLY = _QUEUE_SETUP_REGS | {
+    Reg.DEVICE_FEATURES_SEL,
+    Reg.DRIVER_FEATURES,
+    Reg.DRIVER_FEATURES_SEL,
+    Reg.QUEUE_SEL,
+    Reg.QUEUE_NOTIFY,
+    Reg.INTERRUPT_ACK,
+    Reg.SHM_SEL,
+}
 #: Registers the driver may only read (direction R).
 _READ_ONLY = frozenset(
     {
@@ -143,18 +146,6 @@ _READ_ONLY = frozenset(
         Reg.SHM_BASE_LOW,
         Reg.SHM_BASE_HIGH,
         Reg.CONFIG_GENERATION,
-    }
-)
-#: Per-queue registers the driver programs before enabling a queue.
-_QUEUE_SETUP_REGS = frozenset(
-    {
-        Reg.QUEUE_SIZE,
-        Reg.QUEUE_DESC_LOW,
-        Reg.QUEUE_DESC_HIGH,
-        Reg.QUEUE_DRIVER_LOW,
-        Reg.QUEUE_DRIVER_HIGH,
-        Reg.QUEUE_DEVICE_LOW,
-        Reg.QUEUE_DEVICE_HIGH,
     }
 )
 
