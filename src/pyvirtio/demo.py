@@ -59,10 +59,8 @@ def _make_queues(
         max_indirect=MAX_INDIRECT if indirect else 0,
     )
     device_queue = packed.PackedDeviceQueue if packed_ring else split.SplitDeviceQueue
-    desc, driver_area, device_area = allocations[:3]
-    device = device_queue(
-        mem, size, desc, driver_area, device_area, event_idx=event_idx, indirect=indirect
-    )
+    ring_areas = allocations[:3]  # descriptor, driver and device areas
+    device = device_queue(mem, size, *ring_areas, event_idx=event_idx, indirect=indirect)
     return driver, device
 
 

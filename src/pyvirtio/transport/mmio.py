@@ -220,6 +220,15 @@ class MmioTransport:
     ``restore(snapshot)``, then ``wake()``.
     """
 
+    # Register state, set by _clear_registers at construction and reset.
+    _status: int
+    _device_features_sel: int
+    _driver_features_sel: int
+    _driver_features: int
+    _queue_sel: int
+    _shm_sel: int
+    _packed: bool
+
     def __init__(
         self,
         device: VirtioDevice,
@@ -238,15 +247,8 @@ class MmioTransport:
         self.window_size = window_size
         self._lock = threading.RLock()
         self._log = RateLimitedLog(log, f"virtio-mmio({device.name})")
-        self._status = 0
-        self._device_features_sel = 0
-        self._driver_features_sel = 0
-        self._driver_features = 0
-        self._queue_sel = 0
-        self._shm_sel = 0
         self._queues = [_QueueConfig(max_size) for max_size in device.queue_max_sizes]
-        #: Whether the live queues are packed (RING_PACKED at DRIVER_OK).
-        self._packed = False
+        self._clear_registers()
         self._asleep = False
         self._sleeping: QueueResources | None = None
         device.on_needs_reset = self._on_device_needs_reset
@@ -624,19 +626,24 @@ class MmioTransport:
     def _negotiated(self, feature: Feature) -> bool:
         return bool(self._status & _FEATURES_OK) and self.device.has_feature(feature)
 
-    def _reset(self) -> None:
-        """Writing 0 to Status (content.tex "Device Reset", transport-mmio.tex reset rules)."""
-        self.device.reset()
-        self.irq.reset()
+    def _clear_registers(self) -> None:
+        """The register state of a device just reset (or just created)."""
         self._status = 0
         self._device_features_sel = 0
         self._driver_features_sel = 0
         self._driver_features = 0
         self._queue_sel = 0
         self._shm_sel = 0
+        #: Whether the live queues are packed (RING_PACKED at DRIVER_OK).
         self._packed = False
         for cfg in self._queues:
             cfg.clear()
+
+    def _reset(self) -> None:
+        """Writing 0 to Status (content.tex "Device Reset", transport-mmio.tex reset rules)."""
+        self.device.reset()
+        self.irq.reset()
+        self._clear_registers()
 
     def _activate(self) -> None:
         """DRIVER_OK: build a device queue per ready queue and start the device.
