@@ -185,6 +185,24 @@ _F_GUEST_CSUM = F.GUEST_CSUM.mask
 _F_HOST_ECN = F.HOST_ECN.mask
 _F_GUEST_ECN = F.GUEST_ECN.mask
 
+
+def _gso_allowed(
+    gso: int, flags: int, features: int, need_by_type: dict[int, int], ecn_feature: int
+) -> bool:
+    """Whether a GSO frame (``gso`` not NONE) may cross to a side with ``features``.
+
+    Its type needs its own TSO/UFO feature (``need_by_type``), the ECN bit
+    needs ``ecn_feature``, and it must ask for a checksum (device-types/net:
+    Packet Transmission and Processing of Incoming Packets).  Transmit
+    checks host features, receive the guest's offloads.
+    """
+    return (
+        bool(features & need_by_type.get(gso & ~_GSO_ECN, 0))
+        and (not gso & _GSO_ECN or bool(features & ecn_feature))
+        and bool(flags & _NEEDS_CSUM)
+    )
+
+
 _RX_COMMANDS: dict[int, tuple[str, NetFeature]] = {
     CtrlRx.PROMISC: ("promisc", F.CTRL_RX),
     CtrlRx.ALLMULTI: ("allmulti", F.CTRL_RX),
@@ -707,15 +725,8 @@ class Net(VirtioDevice):
             flags, gso, hdr_len, gso_size, csum_start, csum_offset, _ = _HDR.unpack(head)
             frame = chain.readable_views(HDR_SIZE)
         acked = self.acked_features
-        gso_base = gso & ~_GSO_ECN
-        if gso_base:
-            need = _GSO_HOST.get(gso_base, 0)
-            if (
-                not acked & need
-                or (gso & _GSO_ECN and not acked & _F_HOST_ECN)
-                or not flags & _NEEDS_CSUM
-                or gso_size == 0
-            ):
+        if gso & ~_GSO_ECN:
+            if not _gso_allowed(gso, flags, acked, _GSO_HOST, _F_HOST_ECN) or gso_size == 0:
                 return self._tx_drop(
                     "tx_dropped_bad_header",
                     "transmit with gso_type %#x, gso_size %d not allowed",
@@ -848,14 +859,8 @@ class Net(VirtioDevice):
         flags = buf[0]
         gso = buf[1]
         offloads = self._guest_offloads
-        gso_base = gso & ~_GSO_ECN
-        if gso_base:
-            need = _GSO_GUEST.get(gso_base, 0)
-            if (
-                not offloads & need
-                or (gso & _GSO_ECN and not offloads & _F_GUEST_ECN)
-                or not flags & _NEEDS_CSUM
-            ):
+        if gso & ~_GSO_ECN:
+            if not _gso_allowed(gso, flags, offloads, _GSO_GUEST, _F_GUEST_ECN):
                 return self._rx_drop(
                     "rx_dropped_offload", "GSO frame (type %#x) the driver cannot take", gso
                 )
