@@ -24,7 +24,7 @@ used rings (and waiting on the interrupt when there is nothing yet).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pyvirtio.constants import DeviceId, Feature
@@ -285,33 +285,29 @@ class ConsoleDriver:
         if queue.kick_needed():
             self.transport.notify(index)
 
-    def _drain_rx(self, port: int, state: _PortState) -> None:
-        queue = state.rx_queue
-        assert queue is not None
+    def _received(self, queue: DriverQueue, index: int) -> Iterator[bytes]:
+        """What the device wrote into each used receive buffer of ``queue`` (number
+        ``index``), the buffer reposted as soon as it is read; one kick at the end."""
         mem = self.transport.mem
         reposted = False
         for token, written in queue.used():
             assert isinstance(token, int)
-            if written:
-                state.received += mem.read(token, written)
+            data = mem.read(token, written) if written else b""
             queue.add([], [(token, self.buffer_size)], token=token)
             reposted = True
+            yield data
         if reposted and queue.kick_needed():
-            self.transport.notify(receiveq_index(port))
+            self.transport.notify(index)
+
+    def _drain_rx(self, port: int, state: _PortState) -> None:
+        assert state.rx_queue is not None
+        for data in self._received(state.rx_queue, receiveq_index(port)):
+            state.received += data
 
     def _drain_control(self) -> None:
-        queue = self._control_rx
-        assert queue is not None
-        mem = self.transport.mem
-        reposted = False
-        for token, written in queue.used():
-            assert isinstance(token, int)
-            message = mem.read(token, written)
-            queue.add([], [(token, self.buffer_size)], token=token)
-            reposted = True
+        assert self._control_rx is not None
+        for message in self._received(self._control_rx, CONTROL_RECEIVEQ):
             self._handle_control(message)
-        if reposted and queue.kick_needed():
-            self.transport.notify(CONTROL_RECEIVEQ)
 
     def _handle_control(self, message: bytes) -> None:
         if len(message) < CONTROL_HEADER.size:
