@@ -36,7 +36,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -262,7 +262,10 @@ class VhostUserFrontend(DriverTransportBase[_Queue]):
         if self._broken is not None:
             raise VhostUserError(f"{self}: connection unusable: {self._broken}")
         data = encode(message)
-        try:
+        name = message.request.name
+        with self._socket_errors(
+            f"back end not reading (sending {name} timed out)", f"sending {name}"
+        ):
             self._sock.settimeout(self.timeout)
             if message.fds:
                 ancillary = [
@@ -277,14 +280,17 @@ class VhostUserFrontend(DriverTransportBase[_Queue]):
                     self._sock.sendall(data[sent:])
             else:
                 self._sock.sendall(data)
+
+    @contextlib.contextmanager
+    def _socket_errors(self, timed_out: str, doing: str) -> Iterator[None]:
+        """Socket errors break the connection: a timeout says ``timed_out``, any
+        other error that the back end is gone while ``doing``."""
+        try:
+            yield
         except TimeoutError as exc:
-            raise self._fail_connection(
-                f"back end not reading (sending {message.request.name} timed out)"
-            ) from exc
+            raise self._fail_connection(timed_out) from exc
         except OSError as exc:
-            raise self._fail_connection(
-                f"back end gone (sending {message.request.name}: {exc})"
-            ) from exc
+            raise self._fail_connection(f"back end gone ({doing}: {exc})") from exc
 
     def _receive_reply(self, request: FrontendRequest) -> Message:
         deadline = time.monotonic() + self.timeout
@@ -292,19 +298,14 @@ class VhostUserFrontend(DriverTransportBase[_Queue]):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._fail_connection(f"no reply to {request.name} within {self.timeout} s")
-            try:
+            with self._socket_errors(
+                f"no reply to {request.name} within {self.timeout} s",
+                f"waiting for the reply to {request.name}",
+            ):
                 self._sock.settimeout(remaining)
                 data, ancdata, _, _ = self._sock.recvmsg(
                     self._parser.wanted(), _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
-            except TimeoutError as exc:
-                raise self._fail_connection(
-                    f"no reply to {request.name} within {self.timeout} s"
-                ) from exc
-            except OSError as exc:
-                raise self._fail_connection(
-                    f"back end gone (waiting for the reply to {request.name}: {exc})"
-                ) from exc
             fds = fds_from_ancillary(ancdata)
             if not data:
                 _close_fds(fds)
