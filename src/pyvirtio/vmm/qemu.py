@@ -80,27 +80,27 @@ class MicrovmConfig:
         self._count += 1
         return f"{kind}{self._count}"
 
-    def _vhost_user_chardev(self, socket_path: str | Path) -> str:
-        """A socket chardev to a vhost-user back end (which needs shared guest RAM); its id."""
+    def add_vhost_user_blk(self, socket_path: str | Path, num_queues: int = 1) -> None:
         self.shared_memory = True
         chardev = self._id("chr")
-        self._devices += ["-chardev", f"socket,id={chardev},path={socket_path}"]
-        return chardev
-
-    def add_vhost_user_blk(self, socket_path: str | Path, num_queues: int = 1) -> None:
-        chardev = self._vhost_user_chardev(socket_path)
         self._devices += [
+            "-chardev", f"socket,id={chardev},path={socket_path}",
             "-device", f"vhost-user-blk,chardev={chardev},num-queues={num_queues}",
         ]  # fmt: skip
 
     def add_vhost_user_rng(self, socket_path: str | Path) -> None:
-        chardev = self._vhost_user_chardev(socket_path)
-        self._devices += ["-device", f"vhost-user-rng,chardev={chardev}"]
+        self.shared_memory = True
+        chardev = self._id("chr")
+        self._devices += [
+            "-chardev", f"socket,id={chardev},path={socket_path}",
+            "-device", f"vhost-user-rng,chardev={chardev}",
+        ]  # fmt: skip
 
     def add_vhost_user_net(self, socket_path: str | Path, mac: str = "52:54:00:12:34:56") -> None:
-        chardev = self._vhost_user_chardev(socket_path)
-        netdev = self._id("net")
+        self.shared_memory = True
+        chardev, netdev = self._id("chr"), self._id("net")
         self._devices += [
+            "-chardev", f"socket,id={chardev},path={socket_path}",
             "-netdev", f"vhost-user,id={netdev},chardev={chardev}",
             "-device", f"virtio-net-device,netdev={netdev},mac={mac}",
         ]  # fmt: skip
