@@ -1,0 +1,265 @@
+"""The host side of vsock over Unix sockets, compatible with Firecracker's hybrid vsock.
+
+* Host -> guest: a host process connects to ``uds_path`` and writes
+  ``CONNECT <port>\\n``; when the guest accepts, it reads ``OK <host_port>\\n``
+  and the socket is the connection.  If the guest refuses (or does not answer
+  in time) the socket is closed.
+* Guest -> host: a guest connection to port P is forwarded to the Unix
+  socket ``<uds_path>_<P>`` (SOCK_STREAM for stream sockets, SOCK_SEQPACKET
+  for seqpacket ones); if nobody listens there the guest gets RST.
+
+This object does the I/O the device model (:class:`~.device.Vsock`) may not:
+it owns the listening socket, the sockets still in their handshake and a
+timer fd for the device's timeouts, and lists them for the host's event loop
+through the device's ``host_fds``.  Every socket is non-blocking.
+Handshakes are bounded: at most :data:`MAX_HANDSHAKES` at once, a line of at
+most :data:`MAX_HANDSHAKE_LINE` bytes, :data:`HANDSHAKE_TIMEOUT` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from pyvirtio.devices.vsock.wire import SockType
+
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "MAX_HANDSHAKES",
+    "MAX_HANDSHAKE_LINE",
+    "HostRequest",
+    "UnixVsockHost",
+]
+
+log = logging.getLogger(__name__)
+
+#: Host connections that may be in their ``CONNECT`` handshake at once.
+MAX_HANDSHAKES = 64
+#: Longest ``CONNECT <port>\n`` line accepted.
+MAX_HANDSHAKE_LINE = 32
+#: Seconds a host connection has to send its ``CONNECT`` line.
+HANDSHAKE_TIMEOUT = 5.0
+
+_CLOCK_MONOTONIC = 1
+_TFD_NONBLOCK = os.O_NONBLOCK
+_TFD_CLOEXEC = os.O_CLOEXEC
+
+
+class HostRequest(NamedTuple):
+    """A host process asked to connect to the guest's ``port``."""
+
+    sock: socket.socket
+    port: int
+
+
+class _TimerFd:
+    """A CLOCK_MONOTONIC timerfd (timerfd_create(2)), through libc."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self._settime = libc.timerfd_settime
+        fd: int = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_create: {os.strerror(err)}")
+        self.fd = fd
+        self.armed: float | None = None
+
+    def arm(self, deadline: float | None) -> None:
+        """Fire at ``deadline`` (time.monotonic seconds), or never (None)."""
+        if deadline == self.armed:
+            return
+        self.armed = deadline
+        if deadline is None:
+            spec = struct.pack("qqqq", 0, 0, 0, 0)
+        else:
+            # Relative, so the clock's epoch does not matter; at least 1 ns (0 disarms).
+            delay = max(deadline - time.monotonic(), 1e-6)
+            spec = struct.pack("qqqq", 0, 0, int(delay), max(1, int(delay % 1 * 1e9)))
+        buf = ctypes.create_string_buffer(spec)
+        if self._settime(self.fd, 0, buf, None) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+
+    def clear(self) -> None:
+        self.armed = None
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 8)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Handshake:
+    __slots__ = ("buffer", "deadline", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.deadline = deadline
+
+
+class UnixVsockHost:
+    """Listens on ``uds_path`` and connects to ``<uds_path>_<port>``."""
+
+    def __init__(self, uds_path: str | os.PathLike[str]) -> None:
+        self.uds_path = Path(uds_path)
+        if self.uds_path.is_socket():
+            self.uds_path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.uds_path))
+            listener.listen(128)
+            listener.setblocking(False)
+            self._timer = _TimerFd()
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self._handshakes: dict[int, _Handshake] = {}
+        #: Host connections closed because too many were in their handshake.
+        self.handshakes_refused = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"UnixVsockHost({str(self.uds_path)!r})"
+
+    # -- what the device lists for the event loop -------------------------------------
+
+    def fds(self, accepting: bool) -> list[tuple[int, int]]:
+        """Listener (while ``accepting``), handshaking sockets and the timer."""
+        fds = [(fd, select.POLLIN) for fd in self._handshakes]
+        if accepting:
+            fds.append((self._listener.fileno(), select.POLLIN))
+        if self._timer.armed is not None:
+            fds.append((self._timer.fd, select.POLLIN))
+        return fds
+
+    def owns(self, fd: int) -> bool:
+        return fd == self._listener.fileno() or fd == self._timer.fd or fd in self._handshakes
+
+    def fd_ready(self, fd: int) -> list[HostRequest]:
+        """Serve one of our fds; returns completed ``CONNECT`` requests."""
+        if fd == self._timer.fd:
+            self._timer.clear()
+            self._expire()
+            return []
+        if fd == self._listener.fileno():
+            self._accept()
+            return []
+        request = self._read_handshake(fd)
+        return [request] if request is not None else []
+
+    def set_alarm(self, deadline: float | None) -> None:
+        """Wake the loop (through the timer fd) at ``deadline``, the device's next timeout."""
+        pending = [h.deadline for h in self._handshakes.values()]
+        if deadline is not None:
+            pending.append(deadline)
+        self._timer.arm(min(pending) if pending else None)
+
+    # -- guest -> host ---------------------------------------------------------------
+
+    def connect(self, port: int, sock_type: SockType) -> socket.socket | None:
+        """A connected non-blocking socket to ``<uds_path>_<port>``, or None if refused."""
+        kind = socket.SOCK_SEQPACKET if sock_type is SockType.SEQPACKET else socket.SOCK_STREAM
+        sock = socket.socket(socket.AF_UNIX, kind)
+        sock.setblocking(False)
+        try:
+            sock.connect(f"{self.uds_path}_{port}")
+        except OSError as exc:
+            sock.close()
+            log.info("%s: guest connection to port %d refused: %s", self, port, exc.strerror)
+            return None
+        return sock
+
+    # -- host -> guest ---------------------------------------------------------------
+
+    @staticmethod
+    def confirm(sock: socket.socket, host_port: int) -> bool:
+        """Tell the host process its connection is up (``OK <host_port>\\n``)."""
+        try:
+            sock.send(f"OK {host_port}\n".encode())
+        except OSError:
+            return False  # a fresh socket's buffer is empty: only a gone peer fails
+        return True
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("%s: cannot accept: %s", self, exc.strerror)
+                return
+            if len(self._handshakes) >= MAX_HANDSHAKES:
+                self.handshakes_refused += 1
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self._handshakes[sock.fileno()] = _Handshake(sock, time.monotonic() + HANDSHAKE_TIMEOUT)
+
+    def _read_handshake(self, fd: int) -> HostRequest | None:
+        handshake = self._handshakes.get(fd)
+        if handshake is None:
+            return None
+        sock = handshake.sock
+        try:
+            # Never read past the newline: what follows belongs to the guest.
+            data = sock.recv(MAX_HANDSHAKE_LINE - len(handshake.buffer), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        end = data.find(b"\n")
+        take = len(data) if end < 0 else end + 1
+        if data:
+            with contextlib.suppress(OSError):
+                sock.recv(take)
+        handshake.buffer += data[:take]
+        if end < 0:
+            if not data or len(handshake.buffer) >= MAX_HANDSHAKE_LINE:
+                self._drop_handshake(fd, "no CONNECT line")
+            return None
+        del self._handshakes[fd]
+        words = handshake.buffer.decode("ascii", "replace").split()
+        if len(words) == 2 and words[0] == "CONNECT" and words[1].isdigit():
+            port = int(words[1])
+            if port <= 0xFFFF_FFFF:
+                return HostRequest(sock, port)
+        log.info("%s: bad handshake %r", self, handshake.buffer[:MAX_HANDSHAKE_LINE])
+        sock.close()
+        return None
+
+    def _drop_handshake(self, fd: int, why: str) -> None:
+        handshake = self._handshakes.pop(fd)
+        log.info("%s: host connection dropped: %s", self, why)
+        handshake.sock.close()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for fd, handshake in list(self._handshakes.items()):
+            if handshake.deadline <= now:
+                self._drop_handshake(fd, "handshake timed out")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in list(self._handshakes):
+            self._drop_handshake(fd, "closing")
+        self._listener.close()
+        self._timer.close()
+        with contextlib.suppress(OSError):
+            self.uds_path.unlink()

@@ -1,0 +1,109 @@
+"""The vsock device with VsockDriver in process, and real Unix sockets on the host side."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from pyvirtio.devices.vsock.wire import ShutdownFlag, SockType
+from vsock_harness import GUEST_CID, VsockRig, in_thread, listen_unix
+
+
+@pytest.fixture
+def rig(tmp_path: Path):  # type: ignore[no-untyped-def]
+    r = VsockRig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_guest_cid_in_config(rig: VsockRig) -> None:
+    assert rig.driver.guest_cid == GUEST_CID
+
+
+def test_guest_to_host_stream(rig: VsockRig) -> None:
+    server = listen_unix(Path(f"{rig.uds}_1234"))
+    data = os.urandom(1 << 20)
+
+    def host() -> str:
+        conn, _ = server.accept()
+        h = hashlib.sha256()
+        while chunk := conn.recv(65536):
+            h.update(chunk)
+        conn.sendall(b"done")
+        conn.close()
+        return h.hexdigest()
+
+    thread, out = in_thread(host)
+    sock = rig.driver.connect(1234)
+    sock.send(data)
+    sock.shutdown(ShutdownFlag.SEND)
+    assert sock.recv_exactly(4) == b"done"
+    assert sock.recv(10) == b""
+    thread.join(10)
+    assert out == [hashlib.sha256(data).hexdigest()]
+    server.close()
+
+
+def test_host_to_guest_stream(rig: VsockRig) -> None:
+    rig.driver.listen(5000)
+    data = os.urandom(1 << 20)
+
+    def host() -> bytes:
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(rig.uds))
+        c.sendall(b"CONNECT 5000\n")
+        line = b""
+        while not line.endswith(b"\n"):
+            line += c.recv(1)
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        back = b""
+        while chunk := c.recv(65536):
+            back += chunk
+        c.close()
+        return line + back
+
+    thread, out = in_thread(host)
+    sock = rig.driver.accept(5000, timeout=10)
+    got = bytearray()
+    while chunk := sock.recv(65536, timeout=10):
+        got += chunk
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    sock.send(b"thanks")
+    sock.close()
+    thread.join(10)
+    assert out and isinstance(out[0], bytes)
+    assert out[0].startswith(b"OK 1073741824\n") and out[0].endswith(b"thanks")
+
+
+def test_connect_to_nobody_is_refused(rig: VsockRig) -> None:
+    with pytest.raises(ConnectionRefusedError):
+        rig.driver.connect(4321)
+    assert rig.device.stats["host_refused"] == 1
+    assert len(rig.device.endpoint) == 0
+
+
+def test_seqpacket_boundaries_guest_to_host(rig: VsockRig) -> None:
+    server = listen_unix(Path(f"{rig.uds}_77"), socket.SOCK_SEQPACKET)
+    messages = [b"a", b"", os.urandom(3000), os.urandom(100_000), b"end"]
+
+    def host() -> list[bytes]:
+        conn, _ = server.accept()
+        got = [conn.recv(1 << 20) for _ in messages]
+        conn.send(b"reply-1")
+        conn.send(b"reply-2")
+        conn.close()
+        return got
+
+    thread, out = in_thread(host)
+    sock = rig.driver.connect(77, SockType.SEQPACKET)
+    for m in messages:
+        sock.send_message(m)
+    assert sock.recv_message() == (b"reply-1", True)
+    assert sock.recv_message() == (b"reply-2", True)
+    thread.join(10)
+    assert out == [messages]
