@@ -31,7 +31,7 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
 
     cache = Path(args.cache) if args.cache else None
     try:
-        artifacts = build_guest(cache, force=args.force)
+        artifacts = build_guest(cache, packages=args.package, force=args.force)
     except GuestBuildError as exc:
         print(f"pyvirtio guest build: {exc}", file=sys.stderr)
         return 1
@@ -85,6 +85,21 @@ def _make_device(args: argparse.Namespace, stack: contextlib.ExitStack) -> Virti
             )
         except BaseException:
             backend.close()
+            raise
+    if args.device == "vsock":
+        from pyvirtio.devices.vsock.device import Vsock
+        from pyvirtio.devices.vsock.unix import UnixVsockHost
+
+        host = UnixVsockHost(args.uds_path)
+        try:
+            return Vsock(
+                args.guest_cid,
+                host,
+                seqpacket=not args.no_seqpacket,
+                max_connections=args.max_connections,
+            )
+        except BaseException:
+            host.close()
             raise
     raise SystemExit(f"pyvirtio serve: unknown device {args.device}")
 
@@ -242,7 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument("--mac", default=None, help="device MAC address (default: random, local)")
     net.add_argument("--mtu", type=int, default=1500, help="MTU advertised (VIRTIO_NET_F_MTU)")
-    for parser_ in (blk, rng, net):
+    vsock = serve_sub.add_parser(
+        "vsock",
+        help="virtio-vsock to host Unix sockets (Firecracker's hybrid vsock)",
+        description="virtio-vsock whose host side is Unix sockets, as Firecracker's: host "
+        "processes connect to --uds-path and write 'CONNECT <port>\\n' (answered "
+        "'OK <host port>\\n'); guest connections to port P go to the Unix socket "
+        "<uds-path>_<P>.",
+    )
+    vsock.add_argument("--socket", required=True, help="unix socket path to listen on")
+    vsock.add_argument("--guest-cid", type=int, required=True, help="the guest's CID (>= 3)")
+    vsock.add_argument("--uds-path", required=True, help="host-side Unix socket path")
+    vsock.add_argument(
+        "--max-connections", type=int, default=1023, help="connections at most (default 1023)"
+    )
+    vsock.add_argument(
+        "--no-seqpacket", action="store_true", help="do not offer VIRTIO_VSOCK_F_SEQPACKET"
+    )
+    for parser_ in (blk, rng, net, vsock):
         parser_.add_argument(
             "--poll-us",
             type=float,
@@ -273,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--script", help="shell script the guest runs after loading modules")
     build.add_argument("--cache", help="cache directory (default: ~/.cache/pyvirtio)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument(
+        "--package",
+        action="append",
+        default=[],
+        help="a Debian package whose programs (and the shared libraries they load) go "
+        "into the initramfs, e.g. socat; repeat for more",
+    )
     build.set_defaults(func=_cmd_guest_build)
     return parser
 

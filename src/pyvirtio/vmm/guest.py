@@ -4,7 +4,9 @@
 ``busybox-static`` with ``apt-get download`` and unpacks them with
 ``dpkg -x`` (nothing is installed on the host), then builds a gzip'd cpio
 initramfs holding busybox, the virtio modules with everything they depend on,
-and an ``/init`` that loads the modules in dependency order, runs
+any extra Debian packages asked for (``packages``: their executables and
+the shared libraries those load, found with the packages' own dynamic
+loader), and an ``/init`` that loads the modules in dependency order, runs
 ``/test.sh`` if present and powers the machine off.  Results are cached per
 kernel version under the cache directory.
 
@@ -44,6 +46,7 @@ __all__ = [
     "default_cache_dir",
     "initramfs_with_script",
     "module_load_order",
+    "package_files",
 ]
 
 BOOT_MARKER = "PYVIRTIO-BOOTED"
@@ -156,7 +159,9 @@ def _kernel_package(progress: Progress) -> str:
     return package
 
 
-def _download_and_unpack(packages: Iterable[str], dest: Path, progress: Progress) -> None:
+def _download_and_unpack(
+    packages: Iterable[str], dest: Path, progress: Progress, keep: Path | None = None
+) -> None:
     with tempfile.TemporaryDirectory(prefix="pyvirtio-debs-") as tmp:
         tmp_path = Path(tmp)
         # apt-get download writes to the current directory; as root it warns that
@@ -168,6 +173,9 @@ def _download_and_unpack(packages: Iterable[str], dest: Path, progress: Progress
         for deb in sorted(tmp_path.glob("*.deb")):
             progress(f"unpacking {deb.name}")
             _run(["dpkg", "-x", str(deb), str(dest)], "dpkg -x")
+            if keep is not None:
+                keep.mkdir(exist_ok=True)
+                shutil.copyfile(deb, keep / deb.name)
 
 
 # -- kernel modules ---------------------------------------------------------------
@@ -276,7 +284,84 @@ def _dirs_for(paths: Iterable[str]) -> list[str]:
     return sorted(dirs, key=lambda d: (d.count("/"), d))
 
 
-def _base_initramfs(unpacked: Path, modules: list[Path]) -> bytes:
+# -- extra Debian packages ------------------------------------------------------------
+
+#: Where Debian puts executables and the dynamic loader of x86-64.
+_EXEC_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin")
+_LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib")
+_LOADER = "lib64/ld-linux-x86-64.so.2"
+
+
+def _library_packages(packages: Iterable[str]) -> list[str]:
+    """The packages and every library package they depend on, recursively."""
+    out = _run(
+        ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+         "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *packages],
+        "resolve package dependencies",
+    )  # fmt: skip
+    names = set(packages)
+    for line in out.splitlines():
+        name = line.strip().removeprefix("Depends:").removeprefix("PreDepends:").strip()
+        if line.startswith(" ") and name.startswith("lib") and "<" not in name:
+            names.add(name.split(":")[0])
+    return sorted(names)
+
+
+def package_files(unpacked: Path, packages: Iterable[str]) -> dict[str, tuple[int, bytes]]:
+    """Executables of ``packages`` (already in ``unpacked``) and the libraries they load.
+
+    The shared libraries are those the packages' dynamic loader lists for
+    each executable (``ld.so --list`` over the unpacked tree), so only what
+    is really loaded goes into the initramfs.
+    """
+    loader = _in_tree(unpacked, unpacked / _LOADER)
+    if not loader.exists():
+        raise GuestBuildError(f"no dynamic loader at {loader} (is libc6 unpacked?)")
+    lib_path = ":".join(str(unpacked / d) for d in _LIB_DIRS)
+    files: dict[str, tuple[int, bytes]] = {}
+    for name in packages:
+        listing = _run(["dpkg-deb", "-c", str(_deb_of(unpacked, name))], f"list {name}")
+        for line in listing.splitlines():
+            path = line.split()[-1].removeprefix("./")
+            if not any(path.startswith(d + "/") for d in _EXEC_DIRS):
+                continue
+            target = _in_tree(unpacked, unpacked / path)
+            if not target.is_file() or not os.access(target, os.X_OK):
+                continue
+            files[f"usr/bin/{Path(path).name}"] = (0o100755, target.read_bytes())
+            libs = _run(
+                [str(loader), "--library-path", lib_path, "--list", str(target)],
+                f"list the libraries of {path}",
+            )
+            for lib in re.findall(r"=> (\S+) \(", libs):
+                files[f"lib/x86_64-linux-gnu/{Path(lib).name}"] = (
+                    0o100755,
+                    _in_tree(unpacked, Path(lib)).read_bytes(),
+                )
+    files[_LOADER] = (0o100755, loader.read_bytes())
+    return files
+
+
+def _in_tree(root: Path, path: Path) -> Path:
+    """``path`` with its symlinks followed inside ``root`` (absolute targets re-rooted)."""
+    for _ in range(40):
+        if not path.is_symlink():
+            return path
+        target = Path(os.readlink(path))
+        path = root / target.relative_to("/") if target.is_absolute() else path.parent / target
+    raise GuestBuildError(f"symlink loop at {path}")
+
+
+def _deb_of(unpacked: Path, package: str) -> Path:
+    debs = sorted((unpacked.parent / "debs").glob(f"{package}_*.deb"))
+    if not debs:
+        raise GuestBuildError(f"package {package} was not downloaded")
+    return debs[0]
+
+
+def _base_initramfs(
+    unpacked: Path, modules: list[Path], extra: dict[str, tuple[int, bytes]] | None = None
+) -> bytes:
     busybox = unpacked / "bin" / "busybox"
     if not busybox.exists():
         raise GuestBuildError(f"busybox-static did not unpack {busybox}")
@@ -289,6 +374,8 @@ def _base_initramfs(unpacked: Path, modules: list[Path]) -> bytes:
     ]  # fmt: skip
     for module in modules:
         files.append((f"lib/modules/{_module_name(module)}.ko", 0o100644, module.read_bytes()))
+    for path, (mode, data) in sorted((extra or {}).items()):
+        files.append((path, mode, data))
     entries = [(d, 0o040755, b"") for d in _dirs_for([f[0] for f in files] + ["dev/x", "proc/x"])]
     entries.append(("dev/console", 0o020600, b""))
     entries.append(("dev/null", 0o020666, b""))
@@ -301,13 +388,23 @@ def build_guest(
     cache_dir: Path | None = None,
     *,
     modules: Iterable[str] = GUEST_MODULES,
+    packages: Iterable[str] = (),
     progress: Progress | None = _stderr_progress,
     force: bool = False,
 ) -> GuestArtifacts:
-    """Fetch, unpack and assemble the guest kernel and base initramfs (cached)."""
+    """Fetch, unpack and assemble the guest kernel and base initramfs (cached).
+
+    ``packages`` are Debian packages (e.g. ``socat``) whose executables go
+    into the guest's ``/usr/bin`` with the shared libraries they load; each
+    set of packages has a cache of its own.
+    """
     say: Progress = progress or (lambda _m: None)
-    cache = (cache_dir or default_cache_dir()) / "guest"
-    wanted = tuple(modules)
+    extra_packages = tuple(sorted(set(packages)))
+    cache = (cache_dir or default_cache_dir()) / (
+        "guest" if not extra_packages else "guest-" + "+".join(extra_packages)
+    )
+    module_names = tuple(modules)
+    wanted = module_names + tuple(f"package:{p}" for p in extra_packages)
     manifest = cache / "manifest.json"
     if manifest.exists() and not force:
         try:
@@ -338,14 +435,19 @@ def build_guest(
         unpacked.mkdir()
         say(f"[2/{steps}] fetching {package} and {BUSYBOX_PACKAGE}")
         _download_and_unpack([package, BUSYBOX_PACKAGE], unpacked, say)
+        extra: dict[str, tuple[int, bytes]] = {}
+        if extra_packages:
+            lib_packages = _library_packages(extra_packages)
+            _download_and_unpack(lib_packages, unpacked, say, keep=Path(tmp) / "debs")
+            extra = package_files(unpacked, extra_packages)
         vmlinuz = unpacked / "boot" / f"vmlinuz-{version}"
         modules_dir = unpacked / "lib" / "modules" / version
         if not vmlinuz.exists() or not modules_dir.is_dir():
             raise GuestBuildError(f"{package} did not unpack a kernel and modules for {version}")
         say(f"[3/{steps}] resolving module dependencies")
-        order = module_load_order(modules_dir, wanted)
+        order = module_load_order(modules_dir, module_names)
         say(f"[4/{steps}] writing the initramfs ({len(order)} modules)")
-        image = _base_initramfs(unpacked, order)
+        image = _base_initramfs(unpacked, order, extra)
         kernel = cache / f"vmlinuz-{version}"
         initramfs = cache / f"initramfs-{version}.cpio.gz"
         shutil.copyfile(vmlinuz, kernel)

@@ -105,6 +105,15 @@ class MicrovmConfig:
             "-device", f"virtio-net-device,netdev={netdev},mac={mac}",
         ]  # fmt: skip
 
+    def add_vhost_user_vsock(self, socket_path: str | Path) -> None:
+        """A vsock device served over vhost-user (the guest CID comes from the back end)."""
+        self.shared_memory = True
+        chardev = self._id("chr")
+        self._devices += [
+            "-chardev", f"socket,id={chardev},path={socket_path}",
+            "-device", f"vhost-user-vsock-device,chardev={chardev}",
+        ]  # fmt: skip
+
     def add_builtin_blk(self, image: str | Path, read_only: bool = False) -> None:
         drive = self._id("drive")
         ro = ",readonly=on" if read_only else ""

@@ -505,7 +505,7 @@ class Vsock(VirtioDevice):
     def _host_connect(self, sock: socket.socket, port: int) -> None:
         endpoint = self.endpoint
         if len(endpoint) >= self.max_connections:
-            sock.close()
+            self.host.retire(sock)
             return
         local_port = self._next_host_port
         while (local_port, port) in endpoint.connections:
@@ -518,5 +518,4 @@ class Vsock(VirtioDevice):
         link = conn.user
         if isinstance(link, _Link):
             conn.user = None
-            with contextlib.suppress(OSError):
-                link.sock.close()
+            self.host.retire(link.sock)

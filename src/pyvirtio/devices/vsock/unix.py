@@ -127,6 +127,9 @@ class UnixVsockHost:
             raise
         self._listener = listener
         self._handshakes: dict[int, _Handshake] = {}
+        #: Sockets done with, closed one fds() round later (see retire).
+        self._retiring: list[socket.socket] = []
+        self._retired: list[socket.socket] = []
         #: Host connections closed because too many were in their handshake.
         self.handshakes_refused = 0
         self._closed = False
@@ -136,8 +139,24 @@ class UnixVsockHost:
 
     # -- what the device lists for the event loop -------------------------------------
 
+    def retire(self, sock: socket.socket) -> None:
+        """Close ``sock`` once the event loop has stopped polling it.
+
+        A host loop forgets an fd when it leaves the device's list, not when
+        it is closed; were it closed at once, a new socket reusing its number
+        before the next listing would look already polled and never be.  So
+        the socket is shut down now and closed in the second :meth:`fds`
+        call from now, after the loop has seen the list without it.
+        """
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        self._retiring.append(sock)
+
     def fds(self, accepting: bool) -> list[tuple[int, int]]:
         """Listener (while ``accepting``), handshaking sockets and the timer."""
+        for sock in self._retired:
+            sock.close()
+        self._retired, self._retiring = self._retiring, []
         fds = [(fd, select.POLLIN) for fd in self._handshakes]
         if accepting:
             fds.append((self._listener.fileno(), select.POLLIN))
@@ -239,13 +258,13 @@ class UnixVsockHost:
             if port <= 0xFFFF_FFFF:
                 return HostRequest(sock, port)
         log.info("%s: bad handshake %r", self, handshake.buffer[:MAX_HANDSHAKE_LINE])
-        sock.close()
+        self.retire(sock)
         return None
 
     def _drop_handshake(self, fd: int, why: str) -> None:
         handshake = self._handshakes.pop(fd)
         log.info("%s: host connection dropped: %s", self, why)
-        handshake.sock.close()
+        self.retire(handshake.sock)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -259,6 +278,10 @@ class UnixVsockHost:
         self._closed = True
         for fd in list(self._handshakes):
             self._drop_handshake(fd, "closing")
+        for sock in self._retired + self._retiring:
+            sock.close()
+        self._retired.clear()
+        self._retiring.clear()
         self._listener.close()
         self._timer.close()
         with contextlib.suppress(OSError):
