@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+import weakref
 from pathlib import Path
 
 import pytest
 
-from pyvirtio.devices.vsock.wire import ShutdownFlag, SockType
+from pyvirtio.devices.vsock.device import Vsock
+from pyvirtio.devices.vsock.unix import UnixVsockHost
+from pyvirtio.devices.vsock.wire import HEADER_SIZE, Header, Op, ShutdownFlag, SockType
+from pyvirtio.testing import device_conformance
 from vsock_harness import GUEST_CID, VsockRig, in_thread, listen_unix
 
 
@@ -107,3 +115,58 @@ def test_seqpacket_boundaries_guest_to_host(rig: VsockRig) -> None:
     assert sock.recv_message() == (b"reply-2", True)
     thread.join(10)
     assert out == [messages]
+
+
+def _conformance_device() -> Vsock:
+    tmp = Path(tempfile.mkdtemp(prefix="pyvirtio-vsock-"))
+    host = UnixVsockHost(tmp / "v.sock")
+    device = Vsock(GUEST_CID, host)
+    weakref.finalize(device, lambda: (host.close(), shutil.rmtree(tmp, ignore_errors=True)))
+    return device
+
+
+TestVsockConformance = device_conformance(_conformance_device)
+
+
+def test_wire_header_is_44_bytes_and_round_trips() -> None:
+    header = Header(3, 2, 1024, 80, 5, SockType.SEQPACKET, Op.RW, 3, 262144, 99)
+    packed = header.pack()
+    assert len(packed) == HEADER_SIZE == 44
+    assert Header.unpack(packed) == header
+    # Field offsets of struct virtio_vsock_hdr (device-types/vsock).
+    assert packed[16:20] == (1024).to_bytes(4, "little")
+    assert packed[28:30] == (2).to_bytes(2, "little")
+    assert packed[36:40] == (262144).to_bytes(4, "little")
+
+
+def test_driver_package_imports_no_device_model() -> None:
+    code = (
+        "import sys, pyvirtio.driver.vsock; "
+        "bad = [m for m in sys.modules if m in ('pyvirtio.devices.vsock.device', "
+        "'pyvirtio.devices.vsock.unix', 'pyvirtio.device')]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_credit_update_sent_when_guest_view_runs_low(rig: VsockRig) -> None:
+    """A host that reads slowly: the guest's 1 MiB needs CREDIT_UPDATEs (buf_alloc is 256 KiB)."""
+    server = listen_unix(Path(f"{rig.uds}_90"))
+    data = os.urandom(1 << 20)
+
+    def host() -> bytes:
+        conn, _ = server.accept()
+        got = bytearray()
+        while chunk := conn.recv(4096):
+            got += chunk
+        return bytes(got)
+
+    thread, out = in_thread(host)
+    sock = rig.driver.connect(90)
+    sock.send(data)
+    sock.close()
+    thread.join(10)
+    assert out == [data]
+    conn = sock.conn
+    assert conn.tx_cnt == len(data)
+    assert conn.peer_buf_alloc == 256 * 1024

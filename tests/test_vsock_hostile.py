@@ -1,0 +1,235 @@
+"""A hostile guest against the vsock device: raw packets on the TX ring, credit abuse,
+REQUEST floods and malformed headers.  The device stays within its bounds and
+gives back every fd it opened."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from pyvirtio.devices.vsock.connection import DEFAULT_BUF_ALLOC, ConnState
+from pyvirtio.devices.vsock.device import RXQ, TXQ
+from pyvirtio.devices.vsock.wire import (
+    HEADER_SIZE,
+    HOST_CID,
+    MAX_PKT_PAYLOAD,
+    Header,
+    Op,
+    SockType,
+)
+from pyvirtio.virtqueue.common import DriverQueue
+from vsock_harness import GUEST_CID, VsockRig, listen_unix, serve_host_fds
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class RawGuest:
+    """A guest that writes packets onto the TX ring itself (no VsockDriver)."""
+
+    def __init__(self, rig: VsockRig) -> None:
+        self.rig = rig
+        self.queues = rig.rig.start()
+        self.rx: DriverQueue = self.queues[RXQ]
+        self.tx: DriverQueue = self.queues[TXQ]
+        self.alloc = rig.rig.allocator
+        self.mem = rig.rig.mem
+        self.rx_buffers = []
+        for _ in range(32):
+            addr = self.alloc.alloc(HEADER_SIZE + 4096)
+            self.rx.add([], [(addr, HEADER_SIZE + 4096)], token=addr)
+            self.rx_buffers.append(addr)
+        rig.rig.driver.notify(RXQ)
+
+    def send_raw(self, data: bytes) -> None:
+        addr = self.alloc.alloc(max(1, len(data)))
+        self.mem.write(addr, data)
+        self.tx.add([(addr, len(data))], [], token=addr)
+        self.rig.rig.driver.notify(TXQ)
+        for token, _ in self.tx.used():
+            assert isinstance(token, int)
+            self.alloc.free(token)
+
+    def send(self, op: Op, src_port: int, dst_port: int, payload: bytes = b"", **kw: int) -> None:
+        fields = {
+            "src_cid": GUEST_CID,
+            "dst_cid": HOST_CID,
+            "src_port": src_port,
+            "dst_port": dst_port,
+            "len": len(payload),
+            "type": SockType.STREAM,
+            "op": op,
+            "flags": 0,
+            "buf_alloc": DEFAULT_BUF_ALLOC,
+            "fwd_cnt": 0,
+        }
+        fields.update(kw)
+        self.send_raw(Header(**fields).pack() + payload)
+
+    def received(self) -> list[Header]:
+        """Packets the device put on the RX ring (buffers reposted)."""
+        out = []
+        for token, written in self.rx.used():
+            assert isinstance(token, int)
+            if written >= HEADER_SIZE:
+                out.append(Header.unpack(self.mem.read(token, HEADER_SIZE)))
+            self.rx.add([], [(token, HEADER_SIZE + 4096)], token=token)
+        self.rig.rig.driver.notify(RXQ)
+        return out
+
+
+@pytest.fixture
+def rig(tmp_path: Path):  # type: ignore[no-untyped-def]
+    r = VsockRig(tmp_path, max_connections=16)
+    yield r
+    r.close()
+
+
+def test_credit_overrun_gets_reset_and_bounded_buffer(rig: VsockRig) -> None:
+    # A host peer that never reads: the guest may only fill buf_alloc.
+    server = listen_unix(Path(f"{rig.uds}_80"))
+    guest = RawGuest(rig)
+    guest.send(Op.REQUEST, 2000, 80)
+    peer, _ = server.accept()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert [h.op for h in guest.received()] == [Op.RESPONSE]
+    conn = next(iter(rig.device.endpoint))
+    chunk = os.urandom(MAX_PKT_PAYLOAD)
+    sent = 0
+    while sent + len(chunk) <= DEFAULT_BUF_ALLOC + 4 * MAX_PKT_PAYLOAD:
+        guest.send(Op.RW, 2000, 80, chunk)
+        sent += len(chunk)
+        assert conn.rx_bytes <= DEFAULT_BUF_ALLOC
+        if conn.state is ConnState.KILLED:
+            break
+    assert conn.state is ConnState.KILLED
+    assert rig.device.stats["credit_exceeded"] == 1
+    assert Op.RST in [h.op for h in guest.received()]
+    serve_host_fds(rig.device, 0)
+    serve_host_fds(rig.device, 0)
+    assert peer.recv(1 << 20)  # what fit in the credit reached the host
+    server.close()
+    peer.close()
+
+
+def test_request_flood_stops_at_the_limit_and_fds_return(rig: VsockRig) -> None:
+    server = listen_unix(Path(f"{rig.uds}_81"))
+    baseline = open_fds()
+    guest = RawGuest(rig)
+    after_rings = open_fds()
+    for port in range(3000, 3100):
+        guest.send(Op.REQUEST, port, 81)
+    replies = guest.received() + guest.received()
+    assert len(rig.device.endpoint) == 16
+    assert sum(h.op == Op.RESPONSE for h in replies) == 16
+    assert rig.device.stats["over_limit"] == 100 - 16
+    peers = []
+    server.setblocking(False)
+    while True:
+        try:
+            peers.append(server.accept()[0])
+        except BlockingIOError:
+            break
+    assert len(peers) == 16
+    for port in range(3000, 3100):
+        guest.send(Op.RST, port, 81)
+    assert len(rig.device.endpoint) == 0
+    serve_host_fds(rig.device, 0)
+    serve_host_fds(rig.device, 0)  # retired sockets are closed one round later
+    for p in peers:
+        p.close()
+    assert open_fds() == after_rings
+    assert after_rings >= baseline
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("packet", "counter"),
+    [
+        (b"\x01" * 20, "short_header"),
+        (Header(GUEST_CID + 1, HOST_CID, 1, 2, 0, 1, Op.REQUEST, 0, 0, 0).pack(), "bad_address"),
+        (Header(GUEST_CID, 99, 1, 2, 0, 1, Op.REQUEST, 0, 0, 0).pack(), "bad_address"),
+        (Header(GUEST_CID, HOST_CID, 1, 2, 0, 9, Op.REQUEST, 0, 0, 0).pack(), "bad_type"),
+        (Header(GUEST_CID, HOST_CID, 1, 2, 0, 1, 42, 0, 0, 0).pack(), "bad_op"),
+        (Header(GUEST_CID, HOST_CID, 1, 2, 100, 1, Op.RW, 0, 0, 0).pack(), "bad_length"),
+        (Header(GUEST_CID, HOST_CID, 1, 2, 1 << 20, 1, Op.RW, 0, 0, 0).pack(), "bad_length"),
+        (Header(GUEST_CID, HOST_CID, 1, 2, 0, 1, Op.RW, 0, 0, 0).pack(), "no_connection"),
+    ],
+)
+def test_malformed_packets_are_counted_and_never_crash(
+    rig: VsockRig, packet: bytes, counter: str
+) -> None:
+    guest = RawGuest(rig)
+    guest.send_raw(packet)
+    assert rig.device.stats[counter] == 1
+    assert not rig.device.needs_reset
+    assert len(rig.device.endpoint) == 0
+    # The device still works: a valid REQUEST to a closed port gets RST.
+    guest.send(Op.REQUEST, 1, 4242)
+    assert Op.RST in [h.op for h in guest.received()]
+
+
+def test_garbage_flood_keeps_memory_flat(rig: VsockRig) -> None:
+    guest = RawGuest(rig)
+    rng = __import__("random").Random(5)
+
+    def burst() -> None:
+        for _ in range(300):
+            fields = [GUEST_CID, HOST_CID, rng.randrange(1 << 32), rng.randrange(1 << 32), 0,
+                      rng.choice([1, 2, 7]), rng.randrange(9), rng.randrange(4),
+                      rng.randrange(1 << 32), rng.randrange(1 << 32)]  # fmt: skip
+            guest.send_raw(Header(*fields).pack())
+            guest.received()
+
+    burst()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    burst()
+    burst()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(rig.device.endpoint) <= 16
+    assert grown < 256 * 1024, grown
+    assert not rig.device.needs_reset
+
+
+def test_restore_sends_transport_reset_and_drops_connections(rig: VsockRig) -> None:
+    server = listen_unix(Path(f"{rig.uds}_82"))
+    driver = rig.driver
+    sock = driver.connect(82)
+    peer, _ = server.accept()
+    device = rig.device
+    resources = device.sleep()
+    snapshot = device.snapshot()
+    device.restore(snapshot)
+    device.wake(resources)
+    assert len(device.endpoint) == 0
+    serve_host_fds(device, 0)
+    serve_host_fds(device, 0)
+    peer.settimeout(5)
+    assert peer.recv(10) == b""  # the host side of the dropped connection is closed
+    driver.poll()
+    assert driver.transport_resets == 1
+    with pytest.raises(ConnectionResetError):
+        sock.send(b"x")
+    # The guest reconnects.
+    again = driver.connect(82)
+    peer2, _ = server.accept()
+    again.send(b"hello")
+    peer2.settimeout(5)
+    buf = b""
+    while len(buf) < 5:
+        serve_host_fds(device, 0.01)
+        try:
+            buf += peer2.recv(5)
+        except TimeoutError:
+            break
+    assert buf == b"hello"
+    server.close()
+    peer.close()
+    peer2.close()
