@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from pyvirtio.devices.vsock.unix import connect_to_guest
 from pyvirtio.vmm.backends import ServedDevice
 from pyvirtio.vmm.guest import build_guest, initramfs_with_script
 from pyvirtio.vmm.qemu import MicrovmConfig, boot, kvm_runs_linux
@@ -81,10 +82,7 @@ def in_process(mib: int, runs: int) -> None:
         for _ in range(runs):
 
             def feed() -> None:
-                c = socket.socket(socket.AF_UNIX)
-                c.connect(str(rig.uds))
-                c.sendall(f"CONNECT {H2G_PORT}\n".encode())
-                c.recv(64)
+                c = connect_to_guest(rig.uds, H2G_PORT)[0]
                 for _ in range(total // CHUNK):
                     c.sendall(payload)
                 c.close()
@@ -170,23 +168,14 @@ echo bench-done
 
 
 def _vsock_connect(uds: Path, port: int, deadline: float) -> socket.socket:
+    """A host->guest connection, retried until the guest listens."""
     while True:
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(30)
-        sock.connect(str(uds))
-        sock.sendall(f"CONNECT {port}\n".encode())
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = sock.recv(1)
-            if not chunk:
-                break
-            line += chunk
-        if line.startswith(b"OK "):
-            return sock
-        sock.close()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"guest never listened on vsock port {port}")
-        time.sleep(0.3)
+        try:
+            return connect_to_guest(uds, port, timeout=30)[0]
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"guest never listened on vsock port {port}") from None
+            time.sleep(0.3)
 
 
 def _link_exists(name: str) -> bool:

@@ -9,13 +9,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
 import pytest
 
 from pyvirtio.devices.vsock.device import Vsock
-from pyvirtio.devices.vsock.unix import UnixVsockHost
+from pyvirtio.devices.vsock.unix import UnixVsockHost, connect_to_guest
 from pyvirtio.devices.vsock.wire import HEADER_SIZE, Header, Op, ShutdownFlag, SockType
 from pyvirtio.testing import device_conformance
 from vsock_harness import GUEST_CID, VsockRig, in_thread, listen_unix
@@ -61,12 +62,8 @@ def test_host_to_guest_stream(rig: VsockRig) -> None:
     data = os.urandom(1 << 20)
 
     def host() -> bytes:
-        c = socket.socket(socket.AF_UNIX)
-        c.connect(str(rig.uds))
-        c.sendall(b"CONNECT 5000\n")
-        line = b""
-        while not line.endswith(b"\n"):
-            line += c.recv(1)
+        c, port = connect_to_guest(rig.uds, 5000)
+        line = f"OK {port}\n".encode()
         c.sendall(data)
         c.shutdown(socket.SHUT_WR)
         back = b""
@@ -165,7 +162,10 @@ def test_credit_update_sent_when_guest_view_runs_low(rig: VsockRig) -> None:
     sock = rig.driver.connect(90)
     sock.send(data)
     sock.close()
-    thread.join(10)
+    # The device writes what it still holds as the host reads: keep its fds served.
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        rig.pump(0.02)
     assert out == [data]
     conn = sock.conn
     assert conn.tx_cnt == len(data)

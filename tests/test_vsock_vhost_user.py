@@ -21,26 +21,40 @@ from pyvirtio.transport.vhost_user import VhostUserBackend
 from vsock_harness import in_thread, listen_unix
 
 
+class Served:
+    """A Vsock device in a VhostUserBackend on a thread, and VsockDriver over a front end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.uds = tmp / "h.sock"
+        self.device = Vsock(9, UnixVsockHost(self.uds))
+        self.backend = VhostUserBackend(self.device, tmp / "vu.sock")
+        self.thread = threading.Thread(target=self.backend.serve_forever, daemon=True)
+        self.thread.start()
+        self.frontend = VhostUserFrontend(tmp / "vu.sock", device_id=DeviceId.VSOCK, timeout=10)
+        self.driver = VsockDriver(self.frontend, timeout=10)
+
+    def take_loop(self) -> None:
+        """From now on the caller runs the back end's loop (``backend.run_once``)."""
+        self.backend.stop()
+        self.thread.join(10)
+
+    def close(self) -> None:
+        self.backend.stop()
+        self.thread.join(10)
+        self.backend.close()
+        self.frontend.close()
+        self.device.close()
+
+
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[VsockDriver, Path]]:
-    uds = tmp_path / "h.sock"
-    device = Vsock(9, UnixVsockHost(uds))
-    backend = VhostUserBackend(device, tmp_path / "vu.sock")
-    thread = threading.Thread(target=backend.serve_forever, daemon=True)
-    thread.start()
-    frontend = VhostUserFrontend(tmp_path / "vu.sock", device_id=DeviceId.VSOCK, timeout=10)
-    try:
-        yield VsockDriver(frontend, timeout=10), uds
-    finally:
-        frontend.close()
-        backend.stop()
-        thread.join(10)
-        backend.close()
-        device.close()
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path)
+    yield s
+    s.close()
 
 
-def test_both_directions_and_fd_reuse(served: tuple[VsockDriver, Path]) -> None:
-    driver, uds = served
+def test_both_directions_and_fd_reuse(served: Served) -> None:
+    driver, uds = served.driver, served.uds
     assert driver.guest_cid == 9
     server = listen_unix(Path(f"{uds}_700"))
     data = os.urandom(300_000)
@@ -89,42 +103,28 @@ def test_both_directions_and_fd_reuse(served: tuple[VsockDriver, Path]) -> None:
     server.close()
 
 
-def test_host_socket_closed_and_fd_reused_in_one_loop_round(tmp_path: Path) -> None:
+def test_host_socket_closed_and_fd_reused_in_one_loop_round(served: Served) -> None:
     """A connection's host socket is closed and a new host connection accepted in the
     same round of the back end's loop: the new socket gets the old fd number and
     must still be polled (the loop only learns of fds through the device's list)."""
-    uds = tmp_path / "h.sock"
-    device = Vsock(9, UnixVsockHost(uds))
-    backend = VhostUserBackend(device, tmp_path / "vu.sock")
-    thread = threading.Thread(target=backend.serve_forever, daemon=True)
-    thread.start()
-    frontend = VhostUserFrontend(tmp_path / "vu.sock", device_id=DeviceId.VSOCK, timeout=10)
-    server = listen_unix(Path(f"{uds}_700"))
-    try:
-        driver = VsockDriver(frontend, timeout=10)
-        driver.listen(800)
-        sock = driver.connect(700)
-        peer, _ = server.accept()
-        # From here on this thread runs the back end's loop, one round at a time.
-        backend.stop()
-        thread.join(10)
-        client = socket.socket(socket.AF_UNIX)
-        driver.endpoint.connections[sock.conn.key].reset("test")
-        driver._flush()  # RST on the TX ring, kick pending
-        client.connect(str(uds))  # listener readable in the same round
-        client.sendall(b"CONNECT 800\n")
-        backend.run_once(1.0)
-        for _ in range(50):
-            backend.run_once(0.02)
-            driver.poll()
-        conn = driver.accept(800, timeout=0)
-        client.settimeout(5)
-        assert client.recv(64).startswith(b"OK ")
-        conn.close()
-        client.close()
-        peer.close()
-    finally:
-        server.close()
-        backend.close()
-        frontend.close()
-        device.close()
+    driver, backend = served.driver, served.backend
+    server = listen_unix(Path(f"{served.uds}_700"))
+    driver.listen(800)
+    sock = driver.connect(700)
+    peer, _ = server.accept()
+    served.take_loop()
+    client = socket.socket(socket.AF_UNIX)
+    driver.endpoint.connections[sock.conn.key].reset("test")
+    driver._flush()  # RST on the TX ring, kick pending
+    client.connect(str(served.uds))  # listener readable in the same round
+    client.sendall(b"CONNECT 800\n")
+    backend.run_once(1.0)
+    for _ in range(50):
+        backend.run_once(0.02)
+        driver.poll()
+    conn = driver.accept(800, timeout=0)
+    client.settimeout(5)
+    assert client.recv(64).startswith(b"OK ")
+    conn.close()
+    for s in (client, peer, server):
+        s.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtio.devices.vsock.unix import connect_to_guest
 from pyvirtio.vmm.backends import ServedDevice
 from pyvirtio.vmm.guest import GuestArtifacts, GuestBuildError, build_guest, initramfs_with_script
 from pyvirtio.vmm.qemu import MicrovmConfig, boot
@@ -166,34 +167,28 @@ class HostSide:
         data = os.urandom(BLOB)
         deadline = time.monotonic() + 200
         while not self.stop.is_set() and time.monotonic() < deadline:
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(60)
             try:
-                sock.connect(str(self.uds))
-                sock.sendall(f"CONNECT {H2G_PORT}\n".encode())
-                line = b""
-                while not line.endswith(b"\n"):
-                    chunk = sock.recv(1)
-                    if not chunk:
-                        break
-                    line += chunk
-                if not line.startswith(b"OK "):
-                    sock.close()
-                    time.sleep(0.3)  # the guest is not listening yet
-                    continue
-                sock.sendall(data)
-                sock.shutdown(socket.SHUT_WR)
-                while sock.recv(4096):  # the guest closes after hashing
-                    pass
-                with self.lock:
-                    self.h2g_sent.append(hashlib.sha256(data).hexdigest())
-                return
+                sock, _port = connect_to_guest(self.uds, H2G_PORT, timeout=60)
+            except ConnectionRefusedError:
+                time.sleep(0.3)  # the guest is not listening yet
+                continue
             except OSError as exc:
                 with self.lock:
                     self.h2g_errors.append(f"{index}: {exc}")
                 return
-            finally:
-                sock.close()
+            with sock:
+                try:
+                    sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                    while sock.recv(4096):  # the guest closes after hashing
+                        pass
+                except OSError as exc:
+                    with self.lock:
+                        self.h2g_errors.append(f"{index}: {exc}")
+                    return
+            with self.lock:
+                self.h2g_sent.append(hashlib.sha256(data).hexdigest())
+            return
 
     def start(self) -> None:
         self._server(G2H_PORT, socket.SOCK_STREAM, self._g2h)

@@ -19,6 +19,7 @@ connection (their sockets raise ConnectionResetError) and re-reads the CID.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 
@@ -99,17 +100,7 @@ class VsockSocket:
         """Send all of ``data`` (stream), waiting for credit; returns its length."""
         if self.conn.type is not SockType.STREAM:
             raise ValueError("send on a SEQPACKET socket: use send_message")
-        view = memoryview(data).cast("B")
-        deadline = self.driver._deadline(timeout)
-        while view:
-            self._check_sendable()
-            credit = self.conn.send_credit()
-            if credit == 0:
-                self.driver._wait(deadline, self._sendable_or_dead)
-                continue
-            n = min(credit, len(view))
-            self.driver._send_data(self.conn, view[:n], 0, deadline)
-            view = view[n:]
+        self._send(memoryview(data).cast("B"), 0, timeout)
         return len(data)
 
     def send_message(
@@ -124,7 +115,16 @@ class VsockSocket:
             raise ValueError("send_message on a stream socket")
         view = memoryview(data).cast("B")
         if len(view) > self.conn.peer_buf_alloc:
-            raise OSError(90, "message longer than the peer's buffer")  # EMSGSIZE
+            raise OSError(errno.EMSGSIZE, "message longer than the peer's buffer")
+        self._send(view, SeqFlag.EOM | (SeqFlag.EOR if eor else 0), timeout)
+
+    def _send(self, view: memoryview, last_flags: int, timeout: float | None) -> None:
+        """``view`` in packets as the peer's credit allows; ``last_flags`` on the last one.
+
+        A SEQPACKET message is always sent, even empty (its EOM is the message).
+        """
+        if not view and not last_flags:
+            return
         deadline = self.driver._deadline(timeout)
         while True:
             self._check_sendable()
@@ -134,8 +134,7 @@ class VsockSocket:
                 continue
             n = min(credit, len(view))
             last = n == len(view)
-            flags = (SeqFlag.EOM | (SeqFlag.EOR if eor else 0)) if last else 0
-            self.driver._send_data(self.conn, view[:n], flags, deadline)
+            self.driver._send_data(self.conn, view[:n], last_flags if last else 0, deadline)
             view = view[n:]
             if last:
                 return

@@ -34,6 +34,7 @@ connect and close timeouts, and a bounded queue of replies to stray packets
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import time
 from collections.abc import Callable, Iterator
@@ -89,32 +90,21 @@ class ConnKey(NamedTuple):
     peer_port: int
 
 
+@dataclasses.dataclass
 class ProtocolStats:
     """Counters of what an endpoint refused or dropped (guest errors, limits)."""
 
-    __slots__ = (
-        "bad_address",
-        "bad_op",
-        "bad_type",
-        "credit_exceeded",
-        "no_connection",
-        "over_limit",
-        "stray_dropped",
-        "timeouts",
-    )
-
-    def __init__(self) -> None:
-        self.bad_address = 0
-        self.bad_op = 0
-        self.bad_type = 0
-        self.credit_exceeded = 0
-        self.no_connection = 0
-        self.over_limit = 0
-        self.stray_dropped = 0
-        self.timeouts = 0
+    bad_address: int = 0
+    bad_op: int = 0
+    bad_type: int = 0
+    credit_exceeded: int = 0
+    no_connection: int = 0
+    over_limit: int = 0
+    stray_dropped: int = 0
+    timeouts: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return dataclasses.asdict(self)
 
 
 class Connection:

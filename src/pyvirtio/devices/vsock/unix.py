@@ -39,6 +39,7 @@ __all__ = [
     "MAX_HANDSHAKE_LINE",
     "HostRequest",
     "UnixVsockHost",
+    "connect_to_guest",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,35 @@ class HostRequest(NamedTuple):
 
     sock: socket.socket
     port: int
+
+
+def connect_to_guest(
+    uds_path: str | os.PathLike[str], port: int, timeout: float = 10.0
+) -> tuple[socket.socket, int]:
+    """A host program's side of the handshake: a connected socket and its host port.
+
+    Connects to ``uds_path``, sends ``CONNECT <port>\\n`` and reads up to the
+    ``OK <host_port>\\n`` line (never past it: what follows is the guest's).
+    ConnectionRefusedError if the guest refused (the device closed the socket).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(uds_path))
+        sock.sendall(f"CONNECT {port}\n".encode())
+        line = b""
+        while not line.endswith(b"\n") and len(line) < MAX_HANDSHAKE_LINE:
+            chunk = sock.recv(1)
+            if not chunk:
+                break
+            line += chunk
+        words = line.split()
+        if len(words) != 2 or words[0] != b"OK" or not words[1].isdigit():
+            raise ConnectionRefusedError(f"vsock port {port}: {line!r}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock, int(words[1])
 
 
 class _TimerFd:
