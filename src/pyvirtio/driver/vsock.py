@@ -147,17 +147,22 @@ class VsockSocket:
             or bool(conn.peer_shut & ShutdownFlag.RCV)
         )
 
-    def recv(self, n: int, timeout: float | None = None) -> bytes:
-        """Up to ``n`` bytes; b"" once the peer will send no more."""
+    def _wait_incoming(self, ready: Callable[[], bool], timeout: float | None) -> None:
+        """Until ``ready()``, or nothing more can come (the peer shut sending, or reset)."""
         conn = self.conn
         self.driver._wait(
             self.driver._deadline(timeout),
             lambda: (
-                bool(conn.rx)
+                ready()
                 or conn.state is ConnState.KILLED
                 or bool(conn.peer_shut & ShutdownFlag.SEND)
             ),
         )
+
+    def recv(self, n: int, timeout: float | None = None) -> bytes:
+        """Up to ``n`` bytes; b"" once the peer will send no more."""
+        conn = self.conn
+        self._wait_incoming(lambda: bool(conn.rx), timeout)
         if conn.rx:
             data = conn.read(n)
             self.driver._flush()
@@ -179,14 +184,7 @@ class VsockSocket:
     def recv_message(self, timeout: float | None = None) -> tuple[bytes, bool]:
         """The next SEQPACKET message and whether it ended a record (EOR); b"" at the end."""
         conn = self.conn
-        self.driver._wait(
-            self.driver._deadline(timeout),
-            lambda: (
-                bool(conn.rx_messages)
-                or conn.state is ConnState.KILLED
-                or bool(conn.peer_shut & ShutdownFlag.SEND)
-            ),
-        )
+        self._wait_incoming(lambda: bool(conn.rx_messages), timeout)
         message = conn.read_message()
         self.driver._flush()
         if message is None:

@@ -88,13 +88,17 @@ class MicrovmConfig:
             "-device", f"vhost-user-blk,chardev={chardev},num-queues={num_queues}",
         ]  # fmt: skip
 
-    def add_vhost_user_rng(self, socket_path: str | Path) -> None:
+    def add_vhost_user_device(self, device: str, socket_path: str | Path) -> None:
+        """``-device <device>,chardev=...`` over a vhost-user socket (guest RAM shared)."""
         self.shared_memory = True
         chardev = self._id("chr")
         self._devices += [
             "-chardev", f"socket,id={chardev},path={socket_path}",
-            "-device", f"vhost-user-rng,chardev={chardev}",
+            "-device", f"{device},chardev={chardev}",
         ]  # fmt: skip
+
+    def add_vhost_user_rng(self, socket_path: str | Path) -> None:
+        self.add_vhost_user_device("vhost-user-rng", socket_path)
 
     def add_vhost_user_net(self, socket_path: str | Path, mac: str = "52:54:00:12:34:56") -> None:
         self.shared_memory = True
@@ -107,12 +111,7 @@ class MicrovmConfig:
 
     def add_vhost_user_vsock(self, socket_path: str | Path) -> None:
         """A vsock device served over vhost-user (the guest CID comes from the back end)."""
-        self.shared_memory = True
-        chardev = self._id("chr")
-        self._devices += [
-            "-chardev", f"socket,id={chardev},path={socket_path}",
-            "-device", f"vhost-user-vsock-device,chardev={chardev}",
-        ]  # fmt: skip
+        self.add_vhost_user_device("vhost-user-vsock-device", socket_path)
 
     def add_builtin_blk(self, image: str | Path, read_only: bool = False) -> None:
         drive = self._id("drive")
