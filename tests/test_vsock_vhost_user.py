@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from pyvirtio.devices.vsock.wire import ShutdownFlag
 from pyvirtio.driver.vhost_user import VhostUserFrontend
 from pyvirtio.driver.vsock import VsockDriver
 from pyvirtio.transport.vhost_user import VhostUserBackend
+from pyvirtio.vmm.backends import ServedDevice
 from vsock_harness import in_thread, listen_unix
 
 
@@ -128,3 +131,41 @@ def test_host_socket_closed_and_fd_reused_in_one_loop_round(served: Served) -> N
     conn.close()
     for s in (client, peer, server):
         s.close()
+
+
+def test_serve_vsock_command(tmp_path: Path) -> None:
+    """`pyvirtio serve vsock` as a user runs it: VsockDriver over vhost-user, then SIGTERM."""
+    uds = tmp_path / "h.sock"
+    server = listen_unix(Path(f"{uds}_42"))
+    served = ServedDevice(
+        "vsock", tmp_path / "vu.sock", ["--guest-cid", "12", "--uds-path", str(uds)]
+    )
+    with served:
+        frontend = VhostUserFrontend(served.socket_path, device_id=DeviceId.VSOCK, timeout=10)
+        try:
+            driver = VsockDriver(frontend, timeout=10)
+            assert driver.guest_cid == 12
+            sock = driver.connect(42)
+            peer, _ = server.accept()
+            sock.send(b"hello host")
+            peer.settimeout(10)
+            assert peer.recv(64) == b"hello host"
+            peer.sendall(b"hello guest")
+            assert sock.recv_exactly(11) == b"hello guest"
+            peer.close()
+        finally:
+            frontend.close()
+    assert served.returncode == 0, served.log()
+    assert not uds.exists()
+    server.close()
+
+
+def test_serve_vsock_rejects_a_reserved_cid(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pyvirtio", "serve", "vsock", "--socket", str(tmp_path / "s"),
+         "--guest-cid", "2", "--uds-path", str(tmp_path / "h")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "guest CID must be in [3" in done.stderr
+    assert not (tmp_path / "h").exists()
