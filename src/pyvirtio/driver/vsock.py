@@ -191,7 +191,8 @@ class VsockSocket:
             return b"", False
         return message[0], bool(message[1] & SeqFlag.EOR)
 
-    def shutdown(self, how: ShutdownFlag) -> None:
+    def shutdown(self, how: int) -> None:
+        """Shut ``how`` (ShutdownFlag.RCV, SEND or BOTH) of the connection."""
         self.conn.shutdown(how)
         self.driver._flush()
 

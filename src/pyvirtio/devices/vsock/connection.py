@@ -136,9 +136,9 @@ class Connection:
         self.peer_fwd_cnt = 0
         self.tx_cnt = 0
         #: What we told the peer we will no longer do (ShutdownFlag bits).
-        self.local_shut = ShutdownFlag(0)
+        self.local_shut = 0
         #: What the peer told us it will no longer do.
-        self.peer_shut = ShutdownFlag(0)
+        self.peer_shut = 0
         #: Received payload not yet consumed, with each packet's flags.
         self.rx: collections.deque[tuple[bytes, int]] = collections.deque()
         self.rx_bytes = 0
@@ -148,7 +148,7 @@ class Connection:
         #: Why the connection was reset (None while alive or closed cleanly).
         self.reset_reason: str | None = None
         self._pending: set[Op] = set()
-        self._shutdown_flags = ShutdownFlag(0)
+        self._shutdown_flags = 0
         #: Free for the owner (the device keeps its host stream here).
         self.user: object = None
 
@@ -211,7 +211,7 @@ class Connection:
         for op in (Op.RESPONSE, Op.REQUEST, Op.CREDIT_REQUEST, Op.SHUTDOWN, Op.CREDIT_UPDATE):
             if op in pending:
                 pending.discard(op)
-                flags = int(self._shutdown_flags) if op is Op.SHUTDOWN else 0
+                flags = self._shutdown_flags if op is Op.SHUTDOWN else 0
                 return self._header(op, flags)
         return None
 
@@ -224,7 +224,7 @@ class Connection:
         self.state = ConnState.ESTABLISHED
         self._queue(Op.RESPONSE)
 
-    def shutdown(self, flags: ShutdownFlag) -> None:
+    def shutdown(self, flags: int) -> None:
         """Tell the peer we will no longer receive (RCV) and/or send (SEND)."""
         new = flags & ~self.local_shut
         if not new or self.state is not ConnState.ESTABLISHED:
@@ -348,7 +348,7 @@ class Connection:
             if state is ConnState.ESTABLISHED:
                 self._queue(Op.CREDIT_UPDATE)
         elif op == Op.SHUTDOWN:
-            self.peer_shut |= ShutdownFlag(header.flags & ShutdownFlag.BOTH)
+            self.peer_shut |= header.flags & ShutdownFlag.BOTH
             if state is ConnState.CLOSING and self.peer_shut == ShutdownFlag.BOTH:
                 self.reset("closed")
             else:

@@ -83,15 +83,19 @@ class Op(enum.IntEnum):
     CREDIT_REQUEST = 7
 
 
-class ShutdownFlag(enum.IntFlag):
-    """``flags`` of a SHUTDOWN packet: the sender will receive / send no more."""
+class ShutdownFlag:
+    """``flags`` of a SHUTDOWN packet: the sender will receive / send no more.
+
+    Plain ints, not an enum.IntFlag: these are tested on every packet, and
+    IntFlag's operators run in Python.
+    """
 
     RCV = 1
     SEND = 2
     BOTH = 3
 
 
-class SeqFlag(enum.IntFlag):
+class SeqFlag:
     """``flags`` of a SEQPACKET RW packet: end of message, end of record (MSG_EOR)."""
 
     EOM = 1
