@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from pyvirtio.devices.vsock.connection import DEFAULT_BUF_ALLOC, ConnState
 from pyvirtio.devices.vsock.device import RXQ, TXQ
+from pyvirtio.devices.vsock.unix import connect_to_guest
 from pyvirtio.devices.vsock.wire import (
     HEADER_SIZE,
     HOST_CID,
@@ -23,7 +25,7 @@ from pyvirtio.devices.vsock.wire import (
     SockType,
 )
 from pyvirtio.virtqueue.common import DriverQueue
-from vsock_harness import GUEST_CID, VsockRig, listen_unix, serve_host_fds
+from vsock_harness import GUEST_CID, VsockRig, in_thread, listen_unix, serve_host_fds
 
 
 def open_fds() -> int:
@@ -234,3 +236,43 @@ def test_restore_sends_transport_reset_and_drops_connections(rig: VsockRig) -> N
     server.close()
     peer.close()
     peer2.close()
+
+
+def test_guest_that_never_answers_a_host_connect_times_out(rig: VsockRig) -> None:
+    guest = RawGuest(rig)
+    rig.device.endpoint.connect_timeout = 0.3
+    thread, out = in_thread(lambda: connect_to_guest(rig.uds, 6000, timeout=10))
+    deadline = time.monotonic() + 5
+    seen: list[Header] = []
+    while thread.is_alive() and time.monotonic() < deadline:
+        serve_host_fds(rig.device, 0.02)
+        seen += guest.received()
+    serve_host_fds(rig.device, 0)
+    seen += guest.received()
+    # A REQUEST, then the RST that tells the guest the device gave up.
+    assert [h.op for h in seen] == [Op.REQUEST, Op.RST]
+    assert seen[0].dst_port == 6000
+    assert len(out) == 1 and isinstance(out[0], ConnectionRefusedError)
+    assert rig.device.stats["timeouts"] == 1
+    assert len(rig.device.endpoint) == 0
+
+
+def test_host_handshake_garbage_is_dropped(rig: VsockRig) -> None:
+    RawGuest(rig)
+    clients = []
+    for line in (b"HELLO\n", b"CONNECT x\n", b"CONNECT 99999999999\n", b"A" * 100):
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(rig.uds))
+        c.sendall(line)
+        c.settimeout(5)
+        clients.append(c)
+    for _ in range(20):
+        serve_host_fds(rig.device, 0.01)
+    for c in clients:
+        try:
+            answer = c.recv(64)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""  # closed without an answer
+        c.close()
+    assert len(rig.device.endpoint) == 0
