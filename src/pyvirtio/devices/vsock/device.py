@@ -35,6 +35,7 @@ Events) as soon as the event queue has a buffer; the guest then reconnects.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -150,6 +151,8 @@ class Vsock(VirtioDevice):
         self.endpoint = self._new_endpoint(seqpacket=False)
         self._stats = dict.fromkeys(_DEVICE_STATS, 0)
         self._rx_spare: DescriptorChain | None = None
+        #: Host socket fd -> its connection.
+        self._by_fd: dict[int, Connection] = {}
         self._next_host_port = FIRST_HOST_PORT
         self._transport_reset_pending = False
 
@@ -311,7 +314,7 @@ class Vsock(VirtioDevice):
             self._stats["host_refused"] += 1
             self.endpoint.refuse(conn, "nobody listens on the host")
             return
-        conn.user = _Link(sock)
+        self._attach(conn, _Link(sock))
         conn.accept()
 
     # -- guest -> host ----------------------------------------------------------------
@@ -359,7 +362,9 @@ class Vsock(VirtioDevice):
         queue = queues[RXQ]
         completions: list[tuple[DescriptorChain, int]] = []
         endpoint = self.endpoint
-        ready = [c for c in endpoint if c.user is not None and self._has_host_data(c)]
+        ready = collections.deque(
+            c for c in endpoint if c.user is not None and self._has_host_data(c)
+        )
         try:
             while True:
                 chain = self._rx_spare
@@ -382,10 +387,11 @@ class Vsock(VirtioDevice):
                     continue
                 written = 0
                 while ready and not written:
-                    conn = ready[-1]
+                    # Round robin: one buffer per connection in turn.
+                    conn = ready.popleft()
                     written = self._rx_data(conn, chain)
-                    if not self._has_host_data(conn):
-                        ready.pop()
+                    if self._has_host_data(conn):
+                        ready.append(conn)
                 if written:
                     completions.append((chain, written))
                 else:
@@ -486,7 +492,7 @@ class Vsock(VirtioDevice):
                 self._host_connect(request.sock, request.port)
             self.endpoint.expire()
         else:
-            conn = self._conn_by_fd(fd)
+            conn = self._by_fd.get(fd)
             if conn is None:
                 return
             if events & select.POLLOUT:
@@ -494,13 +500,6 @@ class Vsock(VirtioDevice):
             if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 _link(conn).readable = True
         self._after_work()
-
-    def _conn_by_fd(self, fd: int) -> Connection | None:
-        for conn in self.endpoint:
-            link = conn.user
-            if isinstance(link, _Link) and link.sock.fileno() == fd:
-                return conn
-        return None
 
     def _host_connect(self, sock: socket.socket, port: int) -> None:
         endpoint = self.endpoint
@@ -512,10 +511,15 @@ class Vsock(VirtioDevice):
             local_port = FIRST_HOST_PORT + (local_port + 1 - FIRST_HOST_PORT) % (1 << 30)
         self._next_host_port = FIRST_HOST_PORT + (local_port + 1 - FIRST_HOST_PORT) % (1 << 30)
         conn = endpoint.connect(local_port, port, SockType.STREAM)
-        conn.user = _Link(sock, host_port=local_port)
+        self._attach(conn, _Link(sock, host_port=local_port))
+
+    def _attach(self, conn: Connection, link: _Link) -> None:
+        conn.user = link
+        self._by_fd[link.sock.fileno()] = conn
 
     def _release(self, conn: Connection) -> None:
         link = conn.user
         if isinstance(link, _Link):
             conn.user = None
+            self._by_fd.pop(link.sock.fileno(), None)
             self.host.retire(link.sock)
