@@ -170,3 +170,29 @@ def test_credit_update_sent_when_guest_view_runs_low(rig: VsockRig) -> None:
     conn = sock.conn
     assert conn.tx_cnt == len(data)
     assert conn.peer_buf_alloc == 256 * 1024
+
+
+def test_seqpacket_host_to_guest(rig: VsockRig) -> None:
+    """Host-initiated SEQPACKET through <uds_path>_seqpacket: messages keep their boundaries."""
+    rig.driver.listen(6100)
+    messages = [b"first", os.urandom(70_000), b"last"]
+
+    def host() -> list[bytes]:
+        c, _port = connect_to_guest(rig.uds, 6100, sock_type=SockType.SEQPACKET)
+        for m in messages:
+            c.send(m)
+        replies = [c.recv(1 << 20), c.recv(1 << 20)]
+        c.close()
+        return replies
+
+    thread, out = in_thread(host)
+    sock = rig.driver.accept(6100, timeout=10)
+    assert sock.conn.type is SockType.SEQPACKET
+    got = [sock.recv_message(timeout=10)[0] for _ in messages]
+    sock.send_message(b"reply-a")
+    sock.send_message(b"reply-b")
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        rig.pump(0.02)
+    assert got == messages
+    assert out == [[b"reply-a", b"reply-b"]]

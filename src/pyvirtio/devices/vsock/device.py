@@ -27,6 +27,9 @@ Malformed packets are dropped or answered with RST, counted in
 :attr:`Vsock.stats` and logged at most once per :data:`LOG_INTERVAL`
 per kind.  Only a malformed ring stops the device.
 
+Limits: a host SEQPACKET socket reads an empty message as end of file,
+so host programs cannot send empty messages to the guest (the guest can).
+
 Lifecycle: a reset drops every connection (their host sockets are closed).
 Snapshots hold no connections: after :meth:`restore` the device drops them
 and sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (device-types/vsock: Device
@@ -60,7 +63,7 @@ from pyvirtio.devices.vsock.connection import (
     ConnState,
     Endpoint,
 )
-from pyvirtio.devices.vsock.unix import UnixVsockHost
+from pyvirtio.devices.vsock.unix import HostRequest, UnixVsockHost
 from pyvirtio.devices.vsock.wire import (
     HEADER_SIZE,
     HOST_CID,
@@ -489,7 +492,7 @@ class Vsock(VirtioDevice):
             return
         if self.host.owns(fd):
             for request in self.host.fd_ready(fd):
-                self._host_connect(request.sock, request.port)
+                self._host_connect(request)
             self.endpoint.expire()
         else:
             conn = self._by_fd.get(fd)
@@ -501,16 +504,19 @@ class Vsock(VirtioDevice):
                 _link(conn).readable = True
         self._after_work()
 
-    def _host_connect(self, sock: socket.socket, port: int) -> None:
+    def _host_connect(self, request: HostRequest) -> None:
         endpoint = self.endpoint
-        if len(endpoint) >= self.max_connections:
+        sock, port = request.sock, request.port
+        if len(endpoint) >= self.max_connections or (
+            request.sock_type is SockType.SEQPACKET and not endpoint.seqpacket
+        ):
             self.host.retire(sock)
             return
         local_port = self._next_host_port
         while (local_port, port) in endpoint.connections:
             local_port = FIRST_HOST_PORT + (local_port + 1 - FIRST_HOST_PORT) % (1 << 30)
         self._next_host_port = FIRST_HOST_PORT + (local_port + 1 - FIRST_HOST_PORT) % (1 << 30)
-        conn = endpoint.connect(local_port, port, SockType.STREAM)
+        conn = endpoint.connect(local_port, port, request.sock_type)
         self._attach(conn, _Link(sock, host_port=local_port))
 
     def _attach(self, conn: Connection, link: _Link) -> None:

@@ -7,6 +7,9 @@
 * Guest -> host: a guest connection to port P is forwarded to the Unix
   socket ``<uds_path>_<P>`` (SOCK_STREAM for stream sockets, SOCK_SEQPACKET
   for seqpacket ones); if nobody listens there the guest gets RST.
+* SEQPACKET host -> guest (an extension; Firecracker has stream only): the
+  same handshake, one message each way, on the SOCK_SEQPACKET socket
+  ``<uds_path>_seqpacket``; then every message is one vsock message.
 
 This object does the I/O the device model (:class:`~.device.Vsock`) may not:
 it owns the listening socket, the sockets still in their handshake and a
@@ -61,25 +64,39 @@ class HostRequest(NamedTuple):
 
     sock: socket.socket
     port: int
+    sock_type: SockType
+
+
+def _kind(sock_type: SockType) -> int:
+    return socket.SOCK_SEQPACKET if sock_type is SockType.SEQPACKET else socket.SOCK_STREAM
+
+
+def _listener_path(uds_path: str | os.PathLike[str], sock_type: SockType) -> str:
+    path = os.fspath(uds_path)
+    return f"{path}_seqpacket" if sock_type is SockType.SEQPACKET else path
 
 
 def connect_to_guest(
-    uds_path: str | os.PathLike[str], port: int, timeout: float = 10.0
+    uds_path: str | os.PathLike[str],
+    port: int,
+    timeout: float = 10.0,
+    sock_type: SockType = SockType.STREAM,
 ) -> tuple[socket.socket, int]:
     """A host program's side of the handshake: a connected socket and its host port.
 
-    Connects to ``uds_path``, sends ``CONNECT <port>\\n`` and reads up to the
-    ``OK <host_port>\\n`` line (never past it: what follows is the guest's).
-    ConnectionRefusedError if the guest refused (the device closed the socket).
+    Connects to ``uds_path`` (``<uds_path>_seqpacket`` for SEQPACKET), sends
+    ``CONNECT <port>\\n`` and reads up to the ``OK <host_port>\\n`` line
+    (never past it: what follows is the guest's).  ConnectionRefusedError if
+    the guest refused (the device closed the socket).
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, _kind(sock_type))
     try:
         sock.settimeout(timeout)
-        sock.connect(os.fspath(uds_path))
+        sock.connect(_listener_path(uds_path, sock_type))
         sock.sendall(f"CONNECT {port}\n".encode())
         line = b""
         while not line.endswith(b"\n") and len(line) < MAX_HANDSHAKE_LINE:
-            chunk = sock.recv(1)
+            chunk = sock.recv(1 if sock_type is SockType.STREAM else MAX_HANDSHAKE_LINE)
             if not chunk:
                 break
             line += chunk
@@ -131,10 +148,11 @@ class _TimerFd:
 
 
 class _Handshake:
-    __slots__ = ("buffer", "deadline", "sock")
+    __slots__ = ("buffer", "deadline", "sock", "sock_type")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, sock_type: SockType, deadline: float) -> None:
         self.sock = sock
+        self.sock_type = sock_type
         self.buffer = b""
         self.deadline = deadline
 
@@ -142,20 +160,19 @@ class _Handshake:
 class UnixVsockHost:
     """Listens on ``uds_path`` and connects to ``<uds_path>_<port>``."""
 
-    def __init__(self, uds_path: str | os.PathLike[str]) -> None:
+    def __init__(self, uds_path: str | os.PathLike[str], *, seqpacket: bool = True) -> None:
         self.uds_path = Path(uds_path)
-        if self.uds_path.is_socket():
-            self.uds_path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        types = [SockType.STREAM, SockType.SEQPACKET] if seqpacket else [SockType.STREAM]
+        #: listening fd -> (socket, the type of the connections it takes)
+        self._listeners: dict[int, tuple[socket.socket, SockType]] = {}
         try:
-            listener.bind(str(self.uds_path))
-            listener.listen(128)
-            listener.setblocking(False)
+            for sock_type in types:
+                listener = self._listen(_listener_path(self.uds_path, sock_type), sock_type)
+                self._listeners[listener.fileno()] = (listener, sock_type)
             self._timer = _TimerFd()
         except BaseException:
-            listener.close()
+            self._close_listeners()
             raise
-        self._listener = listener
         self._handshakes: dict[int, _Handshake] = {}
         #: Sockets done with, closed one fds() round later (see retire).
         self._retiring: list[socket.socket] = []
@@ -163,6 +180,27 @@ class UnixVsockHost:
         #: Host connections closed because too many were in their handshake.
         self.handshakes_refused = 0
         self._closed = False
+
+    @staticmethod
+    def _listen(path: str, sock_type: SockType) -> socket.socket:
+        if Path(path).is_socket():
+            Path(path).unlink()
+        listener = socket.socket(socket.AF_UNIX, _kind(sock_type))
+        try:
+            listener.bind(path)
+            listener.listen(128)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    def _close_listeners(self) -> None:
+        for listener, sock_type in self._listeners.values():
+            listener.close()
+            with contextlib.suppress(OSError):
+                Path(_listener_path(self.uds_path, sock_type)).unlink()
+        self._listeners.clear()
 
     def __repr__(self) -> str:
         return f"UnixVsockHost({str(self.uds_path)!r})"
@@ -189,13 +227,13 @@ class UnixVsockHost:
         self._retired, self._retiring = self._retiring, []
         fds = [(fd, select.POLLIN) for fd in self._handshakes]
         if accepting:
-            fds.append((self._listener.fileno(), select.POLLIN))
+            fds += [(fd, select.POLLIN) for fd in self._listeners]
         if self._timer.armed is not None:
             fds.append((self._timer.fd, select.POLLIN))
         return fds
 
     def owns(self, fd: int) -> bool:
-        return fd == self._listener.fileno() or fd == self._timer.fd or fd in self._handshakes
+        return fd in self._listeners or fd == self._timer.fd or fd in self._handshakes
 
     def fd_ready(self, fd: int) -> list[HostRequest]:
         """Serve one of our fds; returns completed ``CONNECT`` requests."""
@@ -203,8 +241,9 @@ class UnixVsockHost:
             self._timer.clear()
             self._expire()
             return []
-        if fd == self._listener.fileno():
-            self._accept()
+        listener = self._listeners.get(fd)
+        if listener is not None:
+            self._accept(*listener)
             return []
         request = self._read_handshake(fd)
         return [request] if request is not None else []
@@ -242,10 +281,10 @@ class UnixVsockHost:
             return False  # a fresh socket's buffer is empty: only a gone peer fails
         return True
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket, sock_type: SockType) -> None:
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -257,23 +296,30 @@ class UnixVsockHost:
                 sock.close()
                 continue
             sock.setblocking(False)
-            self._handshakes[sock.fileno()] = _Handshake(sock, time.monotonic() + HANDSHAKE_TIMEOUT)
+            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+            self._handshakes[sock.fileno()] = _Handshake(sock, sock_type, deadline)
 
     def _read_handshake(self, fd: int) -> HostRequest | None:
         handshake = self._handshakes.get(fd)
         if handshake is None:
             return None
         sock = handshake.sock
+        seqpacket = handshake.sock_type is SockType.SEQPACKET
         try:
             # Never read past the newline: what follows belongs to the guest.
-            data = sock.recv(MAX_HANDSHAKE_LINE - len(handshake.buffer), socket.MSG_PEEK)
+            # (A SEQPACKET handshake is one message; a message is read whole.)
+            data = sock.recv(
+                MAX_HANDSHAKE_LINE - len(handshake.buffer), 0 if seqpacket else socket.MSG_PEEK
+            )
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
             data = b""
+        if seqpacket and data and not data.endswith(b"\n"):
+            data += b"\n"
         end = data.find(b"\n")
         take = len(data) if end < 0 else end + 1
-        if data:
+        if data and not seqpacket:
             with contextlib.suppress(OSError):
                 sock.recv(take)
         handshake.buffer += data[:take]
@@ -286,7 +332,7 @@ class UnixVsockHost:
         if len(words) == 2 and words[0] == "CONNECT" and words[1].isdigit():
             port = int(words[1])
             if port <= 0xFFFF_FFFF:
-                return HostRequest(sock, port)
+                return HostRequest(sock, port, handshake.sock_type)
         log.info("%s: bad handshake %r", self, handshake.buffer[:MAX_HANDSHAKE_LINE])
         self.retire(sock)
         return None
@@ -312,7 +358,5 @@ class UnixVsockHost:
             sock.close()
         self._retired.clear()
         self._retiring.clear()
-        self._listener.close()
+        self._close_listeners()
         self._timer.close()
-        with contextlib.suppress(OSError):
-            self.uds_path.unlink()
