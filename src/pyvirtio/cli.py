@@ -90,7 +90,7 @@ def _make_device(args: argparse.Namespace, stack: contextlib.ExitStack) -> Virti
         from pyvirtio.devices.vsock.device import Vsock
         from pyvirtio.devices.vsock.unix import UnixVsockHost
 
-        host = UnixVsockHost(args.uds_path)
+        host = UnixVsockHost(args.uds_path, seqpacket=not args.no_seqpacket)
         try:
             return Vsock(
                 args.guest_cid,
