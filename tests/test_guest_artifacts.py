@@ -77,3 +77,23 @@ def test_module_dependency_loop_is_reported(tmp_path: Path) -> None:
     _ko(mods / "b.ko", "a")
     with pytest.raises(GuestBuildError, match="loop"):
         module_load_order(mods, ["a"])
+
+
+def test_package_symlinks_resolve_inside_the_unpacked_tree(tmp_path: Path) -> None:
+    """Debian's /lib64/ld-linux-x86-64.so.2 is an absolute symlink: it must be
+    followed inside the unpacked package tree, never to the host's file."""
+    from pyvirtio.vmm.guest import _in_tree
+
+    root = tmp_path / "root"
+    (root / "lib" / "x86_64-linux-gnu").mkdir(parents=True)
+    (root / "lib64").mkdir()
+    real = root / "lib" / "x86_64-linux-gnu" / "ld-linux-x86-64.so.2"
+    real.write_bytes(b"loader from the package")
+    (root / "lib64" / "ld-linux-x86-64.so.2").symlink_to(
+        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    )
+    (root / "lib" / "x86_64-linux-gnu" / "libfoo.so.1").symlink_to("ld-linux-x86-64.so.2")
+    assert _in_tree(root, root / "lib64" / "ld-linux-x86-64.so.2") == real
+    assert _in_tree(root, root / "lib" / "x86_64-linux-gnu" / "libfoo.so.1").read_bytes() == (
+        b"loader from the package"
+    )

@@ -158,7 +158,8 @@ class Connection:
     # -- credit ----------------------------------------------------------------------
 
     def send_credit(self) -> int:
-        """Payload bytes the peer can take now (0 once either side shut this direction)."""
+        """Payload bytes one packet may carry now: the peer's free space, at most
+        MAX_PKT_PAYLOAD (0 once either side shut this direction)."""
         if (
             self.state is not ConnState.ESTABLISHED
             or self.local_shut & ShutdownFlag.SEND
