@@ -196,3 +196,24 @@ def test_seqpacket_host_to_guest(rig: VsockRig) -> None:
         rig.pump(0.02)
     assert got == messages
     assert out == [[b"reply-a", b"reply-b"]]
+
+
+def test_seqpacket_messages_wait_for_a_slow_host_reader(rig: VsockRig) -> None:
+    """A host SEQPACKET socket that is full refuses a message: it stays queued, not lost."""
+    server = listen_unix(Path(f"{rig.uds}_78"), socket.SOCK_SEQPACKET)
+    messages = [os.urandom(60_000) for _ in range(40)]
+
+    def host() -> list[bytes]:
+        conn, _ = server.accept()
+        time.sleep(0.5)  # meanwhile the guest fills the socket and its credit
+        conn.settimeout(10)
+        return [conn.recv(1 << 17) for _ in messages]
+
+    thread, out = in_thread(host)
+    sock = rig.driver.connect(78, SockType.SEQPACKET)
+    for m in messages:
+        sock.send_message(m, timeout=20)
+    deadline = time.monotonic() + 20
+    while thread.is_alive() and time.monotonic() < deadline:
+        rig.pump(0.02)
+    assert out == [messages]

@@ -276,17 +276,31 @@ class Connection:
             self.consume(take)
         return bytes(out)
 
-    def read_message(self) -> tuple[bytes, int] | None:
-        """A whole SEQPACKET message and the flags of its last packet, or None."""
+    def peek_message(self) -> tuple[bytes, int] | None:
+        """The oldest whole SEQPACKET message and its last packet's flags, left in place."""
         if not self.rx_messages:
             return None
-        out = bytearray()
-        while True:
+        parts = []
+        for data, flags in self.rx:
+            parts.append(data)
+            if flags & SeqFlag.EOM:
+                return b"".join(parts), flags
+        raise AssertionError("rx_messages counts a message without EOM")
+
+    def drop_message(self) -> None:
+        """Consume the oldest whole message (delivered after :meth:`peek_message`)."""
+        while self.rx_messages and self.rx:
             data, flags = self.rx[0]
-            out += data
             self.consume(len(data))
             if flags & SeqFlag.EOM:
-                return bytes(out), flags
+                return
+
+    def read_message(self) -> tuple[bytes, int] | None:
+        """The oldest whole SEQPACKET message and its last packet's flags, consumed."""
+        message = self.peek_message()
+        if message is not None:
+            self.drop_message()
+        return message
 
     def _delivered(self, n: int) -> None:
         self.rx_bytes -= n

@@ -328,9 +328,11 @@ class Vsock(VirtioDevice):
         sock = link.sock
         try:
             if conn.type is SockType.SEQPACKET:
-                while (message := conn.read_message()) is not None:
-                    # Credit already bounds a message by buf_alloc: send it whole.
+                while (message := conn.peek_message()) is not None:
+                    # Credit already bounds a message by buf_alloc: send it whole,
+                    # and consume it only once the host socket took it.
                     sock.send(message[0])
+                    conn.drop_message()
             else:
                 while conn.rx:
                     sent = sock.send(conn.rx[0][0])
