@@ -25,7 +25,8 @@ from pyvirtio.devices.vsock.wire import (
     SockType,
 )
 from pyvirtio.virtqueue.common import DriverQueue
-from vsock_harness import GUEST_CID, VsockRig, in_thread, listen_unix, serve_host_fds
+from pyvirtio.vmm.host_loop import poll_devices
+from vsock_harness import GUEST_CID, VsockRig, in_thread, listen_unix
 
 
 def open_fds() -> int:
@@ -113,8 +114,8 @@ def test_credit_overrun_gets_reset_and_bounded_buffer(rig: VsockRig) -> None:
     assert conn.state is ConnState.KILLED
     assert rig.device.stats["credit_exceeded"] == 1
     assert Op.RST in [h.op for h in guest.received()]
-    serve_host_fds(rig.device, 0)
-    serve_host_fds(rig.device, 0)
+    poll_devices([rig.device], 0)
+    poll_devices([rig.device], 0)
     assert peer.recv(1 << 20)  # what fit in the credit reached the host
     server.close()
     peer.close()
@@ -142,8 +143,8 @@ def test_request_flood_stops_at_the_limit_and_fds_return(rig: VsockRig) -> None:
     for port in range(3000, 3100):
         guest.send(Op.RST, port, 81)
     assert len(rig.device.endpoint) == 0
-    serve_host_fds(rig.device, 0)
-    serve_host_fds(rig.device, 0)  # retired sockets are closed one round later
+    poll_devices([rig.device], 0)
+    poll_devices([rig.device], 0)  # retired sockets are closed one round later
     for p in peers:
         p.close()
     gc.collect()
@@ -212,8 +213,8 @@ def test_restore_sends_transport_reset_and_drops_connections(rig: VsockRig) -> N
     device.restore(snapshot)
     device.wake(resources)
     assert len(device.endpoint) == 0
-    serve_host_fds(device, 0)
-    serve_host_fds(device, 0)
+    poll_devices([device], 0)
+    poll_devices([device], 0)
     peer.settimeout(5)
     assert peer.recv(10) == b""  # the host side of the dropped connection is closed
     driver.poll()
@@ -227,7 +228,7 @@ def test_restore_sends_transport_reset_and_drops_connections(rig: VsockRig) -> N
     peer2.settimeout(5)
     buf = b""
     while len(buf) < 5:
-        serve_host_fds(device, 0.01)
+        poll_devices([device], 0.01)
         try:
             buf += peer2.recv(5)
         except TimeoutError:
@@ -245,9 +246,9 @@ def test_guest_that_never_answers_a_host_connect_times_out(rig: VsockRig) -> Non
     deadline = time.monotonic() + 5
     seen: list[Header] = []
     while thread.is_alive() and time.monotonic() < deadline:
-        serve_host_fds(rig.device, 0.02)
+        poll_devices([rig.device], 0.02)
         seen += guest.received()
-    serve_host_fds(rig.device, 0)
+    poll_devices([rig.device], 0)
     seen += guest.received()
     # A REQUEST, then the RST that tells the guest the device gave up.
     assert [h.op for h in seen] == [Op.REQUEST, Op.RST]
@@ -267,7 +268,7 @@ def test_host_handshake_garbage_is_dropped(rig: VsockRig) -> None:
         c.settimeout(5)
         clients.append(c)
     for _ in range(20):
-        serve_host_fds(rig.device, 0.01)
+        poll_devices([rig.device], 0.01)
     for c in clients:
         try:
             answer = c.recv(64)

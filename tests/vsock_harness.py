@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 from collections.abc import Callable
@@ -12,18 +11,9 @@ from pyvirtio.devices.vsock.device import Vsock
 from pyvirtio.devices.vsock.unix import UnixVsockHost
 from pyvirtio.driver.vsock import VsockDriver
 from pyvirtio.testing import MmioTestRig
+from pyvirtio.vmm.host_loop import poll_devices
 
 GUEST_CID = 3
-
-
-def serve_host_fds(device: Vsock, timeout: float) -> None:
-    """One round of a host event loop over the device's fds (what a back end's loop does)."""
-    fds = device.host_fds()
-    poller = select.poll()
-    for fd, events in fds:
-        poller.register(fd, events)
-    for fd, events in poller.poll(timeout * 1000):
-        device.host_fd_ready(fd, events)
 
 
 class VsockRig:
@@ -43,7 +33,7 @@ class VsockRig:
         inner = bus.wait_interrupt
 
         def wait_interrupt(timeout: float | None) -> bool:
-            serve_host_fds(self.device, min(timeout or 0.01, 0.01))
+            poll_devices([self.device], min(timeout or 0.01, 0.01))
             return inner(0)
 
         bus.wait_interrupt = wait_interrupt  # type: ignore[method-assign]
@@ -62,7 +52,7 @@ class VsockRig:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             self.driver.poll()
-            serve_host_fds(self.device, 0.005)
+            poll_devices([self.device], 0.005)
 
     def close(self) -> None:
         self.device.close()
