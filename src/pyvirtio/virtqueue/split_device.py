@@ -49,13 +49,13 @@ def _ring_index(index: object, what: str) -> int:
     return index
 
 
-def _check_buffer(mem: GuestMemory, addr: int, length: int, where: int | str) -> None:
+def _check_buffer(mem: GuestMemory, addr: int, length: int, where: str) -> None:
     """The slow bounds check, for buffers outside the cached region window."""
     if addr + length > U64_LIMIT:
-        raise VirtqueueError(f"descriptor {where}: buffer {addr:#x}+{length:#x} overflows 2**64")
+        raise VirtqueueError(f"{where}: buffer {addr:#x}+{length:#x} overflows 2**64")
     if length and not mem.is_valid(addr, length):
         raise VirtqueueError(
-            f"descriptor {where}: buffer [{addr:#x}, {addr + length:#x}) is outside guest memory"
+            f"{where}: buffer [{addr:#x}, {addr + length:#x}) is outside guest memory"
         )
 
 
@@ -279,13 +279,11 @@ class SplitDeviceQueue:
             mem = self.mem
             # Buffers inside the largest region are checked inline against
             # its window, while the window is current (GuestMemory.window).
+            # The bounds are read from slots: most chains are one descriptor.
             if self._window_table is not mem.regions:
                 self._take_window()
-            lo = self._lo
-            hi = self._hi
             table: memoryview | bytes = self._desc
             entries = size  # descriptors in ``table``, the bound of ``next``
-            in_indirect = False
             readable: list[tuple[int, int]] = []
             writable: list[tuple[int, int]] = []
             rlen = 0
@@ -294,43 +292,47 @@ class SplitDeviceQueue:
             count = 1
             addr, length, flags, nxt = _unpack_desc(table, head * DESC_SIZE)
             while True:
-                if flags > WRITE_MORE:
-                    if flags & DESC_F_INDIRECT:
-                        # The table ends the chain; walk it in place of the ring's.
-                        table = self._indirect_table(addr, length, flags, index, in_indirect)
-                        entries = length // DESC_SIZE
-                        in_indirect = True
-                        index = 0
-                        count = 1
-                        addr, length, flags, nxt = _unpack_desc(table, 0)
-                        continue
-                    flags &= WRITE_MORE
-                if addr < lo or addr + length > hi:
-                    _check_buffer(mem, addr, length, f"indirect {index}" if in_indirect else index)
-                if flags >= WRITE_LAST:
-                    writable.append((addr, length))
-                    wlen += length
-                    if flags == WRITE_LAST:
-                        break
-                elif writable:
-                    raise VirtqueueError(
-                        f"{'indirect ' if in_indirect else ''}descriptor {index}: "
-                        "device-readable buffer after a device-writable one"
-                    )
-                else:
+                # Dispatch on the NEXT and WRITE bits (READ_* < WRITE_LAST <=
+                # WRITE_MORE); anything above is INDIRECT or reserved bits.
+                if flags < WRITE_LAST:
+                    if addr < self._lo or addr + length > self._hi:
+                        _check_buffer(mem, addr, length, self._where(table, index))
+                    if writable:
+                        raise VirtqueueError(
+                            f"{self._where(table, index)}: "
+                            "device-readable buffer after a device-writable one"
+                        )
                     readable.append((addr, length))
                     rlen += length
                     if flags == READ_LAST:
                         break
+                elif flags <= WRITE_MORE:
+                    if addr < self._lo or addr + length > self._hi:
+                        _check_buffer(mem, addr, length, self._where(table, index))
+                    writable.append((addr, length))
+                    wlen += length
+                    if flags == WRITE_LAST:
+                        break
+                elif flags & DESC_F_INDIRECT:
+                    # The table ends the chain; walk it in place of the ring's.
+                    table = self._indirect_table(addr, length, flags, index, table)
+                    entries = length // DESC_SIZE
+                    index = 0
+                    count = 1
+                    addr, length, flags, nxt = _unpack_desc(table, 0)
+                    continue
+                else:
+                    flags &= WRITE_MORE  # reserved bits are ignored
+                    continue
                 if nxt >= entries:
-                    if in_indirect:
+                    if table is not self._desc:
                         raise VirtqueueError(
                             f"indirect descriptor {index}: next {nxt} >= table size {entries}"
                         )
                     raise VirtqueueError(f"descriptor {index}: next {nxt} >= queue size {size}")
                 count += 1
                 if count > entries:
-                    if in_indirect:
+                    if table is not self._desc:
                         raise VirtqueueError(
                             f"indirect chain is longer than its table of {entries} (a loop?)"
                         )
@@ -340,7 +342,8 @@ class SplitDeviceQueue:
                     )
                 index = nxt
                 addr, length, flags, nxt = _unpack_desc(table, nxt * DESC_SIZE)
-            if rlen + wlen > CHAIN_BYTES_LIMIT:
+            # One buffer is below 2**32 by its u32 length field.
+            if count > 1 and rlen + wlen > CHAIN_BYTES_LIMIT:
                 raise VirtqueueError(
                     f"descriptor chain from head {head} totals {rlen + wlen} bytes, more than 2**32"
                 )
@@ -400,8 +403,14 @@ class SplitDeviceQueue:
         self._heads = heads
         return head
 
+    def _where(self, table: memoryview | bytes, index: int) -> str:
+        """How error messages name descriptor ``index`` of ``table``."""
+        if table is self._desc:
+            return f"descriptor {index}"
+        return f"indirect descriptor {index}"
+
     def _indirect_table(
-        self, addr: int, length: int, flags: int, index: int, in_indirect: bool
+        self, addr: int, length: int, flags: int, index: int, table: memoryview | bytes
     ) -> memoryview | bytes:
         """The bytes of the indirect table a descriptor points at, after its checks.
 
@@ -409,7 +418,7 @@ class SplitDeviceQueue:
         VIRTIO_F_INDIRECT_DESC, never with NEXT, never nested, a non-zero
         multiple of 16 bytes.
         """
-        if in_indirect:
+        if table is not self._desc:
             raise VirtqueueError(f"indirect descriptor {index} is itself INDIRECT (nested)")
         if flags & DESC_F_NEXT:
             raise VirtqueueError(f"descriptor {index} has both INDIRECT and NEXT flags")
@@ -424,7 +433,7 @@ class SplitDeviceQueue:
         window = self._window
         if window.covers(self.mem, addr, length):
             return window.view[addr - window.base : addr - window.base + length]
-        _check_buffer(self.mem, addr, length, "(indirect table)")
+        _check_buffer(self.mem, addr, length, "descriptor (indirect table)")
         return self.mem.read(addr, length)
 
     # -- used ring --------------------------------------------------------------

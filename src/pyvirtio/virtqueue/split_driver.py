@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
+    DESC_F_NEXT,
     QueueFullError,
     QueueState,
     VirtqueueError,
@@ -18,13 +19,11 @@ from pyvirtio.virtqueue.ring import (
     DESC,
     DESC_SIZE,
     StateReader,
-    Words,
     full_barrier,
     read_span,
     words,
 )
 from pyvirtio.virtqueue.split_layout import (
-    BULK_MIN,
     DESC_ALIGN,
     MAX_INDIRECT_DESCS,
     READ_LAST,
@@ -283,46 +282,44 @@ class SplitDriverQueue:
         publishes them (split-ring.tex, "Supplying Buffers to The Device",
         "Updating idx").
         """
-        total = len(readable) + len(writable)
+        nwrite = len(writable)
+        total = len(readable) + nwrite
         head = self._free_head
         try:
-            if 1 < total <= self.max_indirect:
+            if total > 1 and total <= self.max_indirect:
                 if not self._num_free:
                     raise QueueFullError(f"no free descriptor (queue size {self.size})")
                 wlen = self._fill_indirect(head, readable, writable, total)
                 last = head
                 ndescs = 1
-            elif 0 < total <= self._num_free:
-                # A direct chain along the free list, each descriptor but the
-                # last with NEXT and its link.
+            elif total <= self._num_free and total:
+                # A direct chain along the free list: readable buffers, then
+                # writable ones, each descriptor but the last with NEXT and
+                # its link.
+                desc = self._desc
                 last = head
                 more = total  # descriptors left to write, this one included
-                # (Each loop only when it has something to do: a one-buffer
-                # request skips the other's iterator.)
+                flags = READ_MORE
                 nbytes = 0
-                wlen = 0
-                if readable:
-                    for addr, length in readable:
-                        more -= 1
-                        nbytes += length
-                        if more:
-                            nxt = self._next[last]
-                            _pack_desc(self._desc, last * DESC_SIZE, addr, length, READ_MORE, nxt)
-                            last = nxt
-                        else:
-                            _pack_desc(self._desc, last * DESC_SIZE, addr, length, READ_LAST, 0)
-                if writable:
-                    for addr, length in writable:
-                        more -= 1
-                        wlen += length
-                        if more:
-                            nxt = self._next[last]
-                            _pack_desc(self._desc, last * DESC_SIZE, addr, length, WRITE_MORE, nxt)
-                            last = nxt
-                        else:
-                            _pack_desc(self._desc, last * DESC_SIZE, addr, length, WRITE_LAST, 0)
-                if nbytes + wlen > CHAIN_BYTES_LIMIT:
-                    raise ValueError(f"request of {nbytes + wlen} bytes exceeds 2**32")
+                rlen = 0
+                for addr, length in (
+                    writable if not readable else readable if not nwrite else [*readable, *writable]
+                ):
+                    if more == nwrite:  # the first writable buffer
+                        flags = WRITE_MORE
+                        rlen = nbytes
+                    more -= 1
+                    nbytes += length
+                    if more:
+                        nxt = self._next[last]
+                        _pack_desc(desc, last * DESC_SIZE, addr, length, flags, nxt)
+                        last = nxt
+                    else:
+                        _pack_desc(desc, last * DESC_SIZE, addr, length, flags - DESC_F_NEXT, 0)
+                # One buffer is below 2**32 by its u32 length field.
+                if total > 1 and nbytes > CHAIN_BYTES_LIMIT:
+                    raise ValueError(f"request of {nbytes} bytes exceeds 2**32")
+                wlen = nbytes - rlen if nwrite else 0
                 ndescs = total
             elif not total:
                 raise ValueError("a request needs at least one buffer")
@@ -486,25 +483,20 @@ class SplitDriverQueue:
                     f"used idx {used_idx} is {count} ahead of "
                     f"{last} but only {self.in_flight} requests are in flight"
                 )
-            # The (id, len) u32 pairs are read from ``source`` at ``k``: the
-            # ring itself for a few elements, else a copy of all of them made
-            # with one slice per lap (cheaper per element, dearer per call).
+            # The (id, len) u32 pairs, copied with one slice per lap of the
+            # ring and taken two at a time.
             k = (last & mask) * 2
-            source: Words | list[int] = ring
-            if count >= BULK_MIN:
-                stop = k + 2 * count
-                if stop <= slots:
-                    source = read_span(ring, k, stop)
-                else:  # wraps around the end of the ring
-                    source = read_span(ring, k, slots) + read_span(ring, 0, stop - slots)
-                k = 0
-            while last != used_idx:
-                head = source[k]
-                written = source[k + 1]
-                k += 2
-                if k == slots:
-                    k = 0  # wrapped (a copy ends here at the latest: harmless)
-                info = infos[head] if head < size else None
+            stop = k + 2 * count
+            if stop <= slots:
+                values = read_span(ring, k, stop)
+            else:  # wraps around the end of the ring
+                values = read_span(ring, k, slots) + read_span(ring, 0, stop - slots)
+            pairs = iter(values)
+            for head, written in zip(pairs, pairs, strict=True):
+                try:
+                    info = infos[head]
+                except IndexError:
+                    info = None
                 if info is None:
                     self.broken = True
                     raise VirtqueueError(f"used element id {head} is not a request in flight")
