@@ -225,8 +225,6 @@ class PackedDeviceQueue:
             # its window, while the window is current (GuestMemory.window).
             if self._window_table is not mem.regions:
                 self._take_window()
-            lo = self._lo
-            hi = self._hi
             readable: list[tuple[int, int]] = []
             writable: list[tuple[int, int]] = []
             readable_len = 0
@@ -237,7 +235,29 @@ class PackedDeviceQueue:
                 # The flags were read (and found available) first.
                 addr, length, bid, _ = _unpack_desc(ring, pos * DESC_SIZE)
                 kind = flags & KIND_MASK
-                if kind > WRITE_MORE:  # DESC_F_INDIRECT
+                # Dispatch on the NEXT and WRITE bits (READ_* < WRITE_LAST <=
+                # WRITE_MORE); anything above has INDIRECT.  Window bounds
+                # are read from slots: most chains are one descriptor.
+                if kind < WRITE_LAST:
+                    if addr < self._lo or addr + length > self._hi:
+                        self._check_range(addr, length, pos)
+                    if writable:
+                        raise self._fail(
+                            f"descriptor chain at {head}: readable descriptor {pos} after a "
+                            "writable one"
+                        )
+                    readable.append((addr, length))
+                    readable_len += length
+                    if kind == READ_LAST:
+                        break
+                elif kind <= WRITE_MORE:
+                    if addr < self._lo or addr + length > self._hi:
+                        self._check_range(addr, length, pos)
+                    writable.append((addr, length))
+                    writable_len += length
+                    if kind == WRITE_LAST:
+                        break
+                else:  # DESC_F_INDIRECT
                     if not self.indirect:
                         raise self._fail(
                             f"descriptor {pos}: INDIRECT flag but VIRTIO_F_INDIRECT_DESC "
@@ -251,23 +271,6 @@ class PackedDeviceQueue:
                         pos, addr, length, readable, writable
                     )
                     break
-                if addr < lo or addr + length > hi:
-                    self._check_range(addr, length, pos)
-                if kind >= WRITE_LAST:
-                    writable.append((addr, length))
-                    writable_len += length
-                    if kind == WRITE_LAST:
-                        break
-                elif writable:
-                    raise self._fail(
-                        f"descriptor chain at {head}: readable descriptor {pos} after a "
-                        "writable one"
-                    )
-                else:
-                    readable.append((addr, length))
-                    readable_len += length
-                    if kind == READ_LAST:
-                        break
                 if slots >= size:
                     raise self._fail(
                         f"descriptor chain at {head} is longer than the queue size {size}"
