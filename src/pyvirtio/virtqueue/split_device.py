@@ -478,38 +478,29 @@ class SplitDeviceQueue:
         used_idx = self._next_used
         ring = self._used_ring
         pos = (used_idx & self._mask) * 2
+        # The (id, len) u32 pairs, each checked, before anything is stored.
+        values: list[int] = []
+        for chain, written in completions:
+            head = chain.head
+            if not 0 <= written <= chain.writable_len:
+                raise ValueError(
+                    f"written {written} outside 0..{chain.writable_len} "
+                    "(the chain's writable bytes)"
+                )
+            if not 0 <= head < size:
+                raise ValueError(f"chain head {head} is not a descriptor of this queue")
+            values.append(head)
+            values.append(written)
         if count < BULK_MIN:
-            # A few elements: store each in place.
+            # A few elements: store each in place (cheaper than a slice then).
             end = 2 * size
-            for chain, written in completions:
-                head = chain.head
-                if not 0 <= written <= chain.writable_len:
-                    raise ValueError(
-                        f"written {written} outside 0..{chain.writable_len} "
-                        "(the chain's writable bytes)"
-                    )
-                if not 0 <= head < size:
-                    raise ValueError(f"chain head {head} is not a descriptor of this queue")
-                ring[pos] = head
-                ring[pos + 1] = written
-                pos += 2
+            for value in values:
+                ring[pos] = value
+                pos += 1
                 if pos == end:
                     pos = 0
         else:
-            # Many: gather the (id, len) u32 pairs, then store them with one
-            # slice assignment per lap of the ring.
-            values: list[int] = []
-            for chain, written in completions:
-                head = chain.head
-                if not 0 <= written <= chain.writable_len:
-                    raise ValueError(
-                        f"written {written} outside 0..{chain.writable_len} "
-                        "(the chain's writable bytes)"
-                    )
-                if not 0 <= head < size:
-                    raise ValueError(f"chain head {head} is not a descriptor of this queue")
-                values.append(head)
-                values.append(written)
+            # Many: one slice assignment per lap of the ring.
             room = 2 * size - pos
             if len(values) <= room:
                 write_span(ring, pos, values)

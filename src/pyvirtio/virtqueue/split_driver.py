@@ -26,7 +26,6 @@ from pyvirtio.virtqueue.ring import (
 from pyvirtio.virtqueue.split_layout import (
     DESC_ALIGN,
     MAX_INDIRECT_DESCS,
-    READ_LAST,
     READ_MORE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_USED_F_NO_NOTIFY,
@@ -397,28 +396,28 @@ class SplitDriverQueue:
             pack(self._desc, head * DESC_SIZE, self.indirect_addr + base, 48, DESC_F_INDIRECT, 0)
             return wlen
         cache[head] = None  # the entries are rewritten below
+        # Readable then writable entries in one loop, the WRITE bit set from
+        # the first writable one on.
+        nread = total - len(writable)
+        flags = READ_MORE
         offset = base
         position = 0
+        nbytes = 0
         rlen = 0
-        wlen = 0
-        for addr, length in readable:
+        for addr, length in [*readable, *writable]:
+            if position == nread:
+                flags = WRITE_MORE
+                rlen = nbytes
             position += 1
-            rlen += length
+            nbytes += length
             if position < total:
-                pack(table, offset, addr, length, READ_MORE, position)
+                pack(table, offset, addr, length, flags, position)
             else:
-                pack(table, offset, addr, length, READ_LAST, 0)
-            offset += 16
-        for addr, length in writable:
-            position += 1
-            wlen += length
-            if position < total:
-                pack(table, offset, addr, length, WRITE_MORE, position)
-            else:
-                pack(table, offset, addr, length, WRITE_LAST, 0)
-            offset += 16
-        if rlen + wlen > CHAIN_BYTES_LIMIT:
-            raise ValueError(f"request of {rlen + wlen} bytes exceeds 2**32")
+                pack(table, offset, addr, length, flags - DESC_F_NEXT, 0)
+            offset += DESC_SIZE
+        if nbytes > CHAIN_BYTES_LIMIT:
+            raise ValueError(f"request of {nbytes} bytes exceeds 2**32")
+        wlen = nbytes - rlen if position > nread else 0
         pack(
             self._desc,
             head * 16,
