@@ -526,7 +526,11 @@ class _FrontEnd:
 
     def notify(self) -> None:
         if self.kick is not None and self.src.take(1) < 230:
+            # The kick fd may be a saturated eventfd or a full socket: this
+            # front end must not wait on its own kick (BlockingIOError is an
+            # OSError: a saturated eventfd has been kicked already).
             with contextlib.suppress(OSError):
+                os.set_blocking(self.kick, False)
                 os.eventfd_write(self.kick, 1)
             self.session.pump()
         else:
