@@ -57,7 +57,7 @@ def _make_device(args: argparse.Namespace, stack: contextlib.ExitStack) -> Virti
             from pyvirtio.workers import IoWorkers
 
             workers = stack.enter_context(IoWorkers(args.io_threads, name="blk-io"))
-        return Block(
+        block = Block(
             args.file,
             read_only=args.read_only,
             serial=args.serial,
@@ -67,6 +67,13 @@ def _make_device(args: argparse.Namespace, stack: contextlib.ExitStack) -> Virti
             logical_block_size=args.block_size,
             io_workers=workers,
         )
+        import os
+
+        from pyvirtio.vmm.fault_hooks import HOLD_WRITE_ENV, hold_write
+
+        if os.environ.get(HOLD_WRITE_ENV):  # a test hook: see vmm/fault_hooks.py
+            hold_write(block, os.environ[HOLD_WRITE_ENV])
+        return block
     if args.device == "rng":
         from pyvirtio.devices.entropy import Entropy
 

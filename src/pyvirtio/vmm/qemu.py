@@ -80,12 +80,23 @@ class MicrovmConfig:
         self._count += 1
         return f"{kind}{self._count}"
 
-    def add_vhost_user_blk(self, socket_path: str | Path, num_queues: int = 1) -> None:
+    def add_vhost_user_blk(
+        self,
+        socket_path: str | Path,
+        num_queues: int = 1,
+        *,
+        reconnect: int | None = None,
+        packed: bool = False,
+    ) -> None:
+        """A vhost-user-blk device; ``reconnect`` (seconds) makes QEMU reconnect when
+        the back end goes away, ``packed`` offers the packed ring layout."""
         self.shared_memory = True
         chardev = self._id("chr")
+        again = f",reconnect={reconnect}" if reconnect is not None else ""
+        layout = ",packed=on" if packed else ""
         self._devices += [
-            "-chardev", f"socket,id={chardev},path={socket_path}",
-            "-device", f"vhost-user-blk,chardev={chardev},num-queues={num_queues}",
+            "-chardev", f"socket,id={chardev},path={socket_path}{again}",
+            "-device", f"vhost-user-blk,chardev={chardev},num-queues={num_queues}{layout}",
         ]  # fmt: skip
 
     def add_vhost_user_device(self, device: str, socket_path: str | Path) -> None:

@@ -1,0 +1,61 @@
+"""Fault-injection hooks for tests of back-end restarts (not for production use).
+
+``pyvirtio serve blk`` reads ``PYVIRTIO_TEST_HOLD_WRITE=SECTOR:MARKER`` from
+its environment: the first write to ``SECTOR`` is carried out (its data
+reaches the image) but its completion is withheld for the life of the
+process, and the file ``MARKER`` is created once it is held.  Later requests
+complete as usual, so completions are out of order at a moment a test picks:
+killed then, the back end leaves one request unfinished below requests it
+has finished.  That is the case a restarted back end can only serve right
+with inflight tracking (vhost-user.rst "Inflight I/O tracking").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pyvirtio.devices.block import Block, RequestType
+
+__all__ = ["HOLD_WRITE_ENV", "hold_write"]
+
+#: The environment variable ``pyvirtio serve blk`` reads.
+HOLD_WRITE_ENV = "PYVIRTIO_TEST_HOLD_WRITE"
+
+log = logging.getLogger(__name__)
+
+
+def hold_write(device: Block, spec: str) -> None:
+    """Withhold the completion of the first write to a sector (``spec`` is ``SECTOR:MARKER``)."""
+    sector_text, _, marker = spec.partition(":")
+    sector = int(sector_text)
+    if not marker:
+        raise ValueError(f"{HOLD_WRITE_ENV}={spec!r}: expected SECTOR:MARKER")
+    # The hook wraps the model's one completion step, which every serving
+    # path (ring thread and I/O helpers) goes through.
+    publish: Callable[..., None] = device._publish
+    header: Callable[[Any], tuple[int, int, int]] = device._header
+    held = False
+
+    def holding_publish(queue: Any, served: list[Any], sync_failed: bool) -> None:
+        nonlocal held
+        if not held:
+            kept = []
+            for item in served:
+                if not held:
+                    try:
+                        req_type, _reserved, req_sector = header(item[0])
+                    except Exception:  # a malformed request: not the one held
+                        req_type, req_sector = -1, -1
+                    if req_type == RequestType.OUT and req_sector == sector:
+                        held = True
+                        log.warning("test hook: holding the completion of the write to %d", sector)
+                        Path(marker).touch()
+                        continue
+                kept.append(item)
+            served = kept
+        publish(queue, served, sync_failed)
+
+    setattr(device, "_publish", holding_publish)  # noqa: B010 - instance override on purpose
