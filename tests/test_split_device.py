@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -681,3 +681,72 @@ def test_ring_positions_must_be_16_bit_indices(mem: GuestMemory, bad: object) ->
     with pytest.raises(ValueError, match="16-bit ring index"):
         queue.next_used = bad  # type: ignore[assignment]
     assert (queue.next_avail, queue.next_used) == (0, 0)
+
+
+# -- inflight recording (the hook vhost-user's inflight tracking plugs into) ----------------
+
+
+class _Recorder:
+    """Records the hook calls, and what the used idx was at each."""
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem = mem
+        self.calls: list[tuple[str, object, int]] = []
+
+    def pop(self, head: int) -> None:
+        self.calls.append(("pop", head, self.mem.read_u16(USED + 2)))
+
+    def before_publish(self, heads: Sequence[int]) -> None:
+        self.calls.append(("before", list(heads), self.mem.read_u16(USED + 2)))
+
+    def after_publish(self, heads: Sequence[int], used_idx: int) -> None:
+        self.calls.append(("after", (list(heads), used_idx), self.mem.read_u16(USED + 2)))
+
+
+def test_inflight_hook_sees_every_pop_and_brackets_the_used_idx_store(mem: GuestMemory) -> None:
+    queue = device(mem)
+    recorder = _Recorder(mem)
+    queue.inflight = recorder
+    chains = popped(mem, queue, [3, 1, 5])
+    assert recorder.calls == [("pop", 3, 0), ("pop", 1, 0), ("pop", 5, 0)]
+    recorder.calls.clear()
+    queue.add_used(chains[1], 4)  # one completion takes the recorded (batch) path
+    queue.add_used_batch([(chains[2], 0), (chains[0], 8)])
+    assert recorder.calls == [
+        ("before", [1], 0),  # the element is written, the idx not yet published
+        ("after", ([1], 1), 1),
+        ("before", [5, 3], 1),
+        ("after", ([5, 3], 3), 3),
+    ]
+    assert [used_elem(mem, 8, i) for i in range(3)] == [(1, 4), (5, 0), (3, 8)]
+
+
+def test_resubmitted_heads_go_first_through_the_one_walker(mem: GuestMemory) -> None:
+    queue = device(mem)
+    chains = popped(mem, queue, [0, 1, 2, 3])
+    # A new owner of the ring: 0 and 2 completed, 3 and 1 (in that order) in flight.
+    queue.add_used_batch([(chains[0], 0), (chains[2], 0)])
+    write_desc(mem, 6, DATA, 0x100, DESC_F_WRITE)
+    make_available(mem, 8, [6], start=4)
+    restarted = device(mem)
+    restarted.next_used = 2
+    restarted.next_avail = 2
+    recorder = _Recorder(mem)
+    restarted.inflight = recorder
+    restarted.resubmit([3, 1])
+    heads = []
+    while (chain := restarted.pop()) is not None:
+        heads.append(chain.head)
+    assert heads == [3, 1, 6]
+    assert restarted.next_avail == 5
+    assert [call[1] for call in recorder.calls] == [3, 1, 6]
+    with pytest.raises(ValueError, match="outside a queue of 8"):
+        restarted.resubmit([8])
+
+
+def test_untracked_queue_has_no_recorder(mem: GuestMemory) -> None:
+    queue = device(mem)
+    assert queue.inflight is None
+    (chain,) = popped(mem, queue, [2])
+    queue.add_used(chain, 1)
+    assert mem.read_u16(USED + 2) == 1

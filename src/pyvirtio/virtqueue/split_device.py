@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.common import (
@@ -36,7 +37,27 @@ from pyvirtio.virtqueue.split_layout import (
     check_layout,
 )
 
-__all__ = ["SplitDeviceQueue"]
+__all__ = ["InflightRecorder", "SplitDeviceQueue"]
+
+
+class InflightRecorder(Protocol):
+    """What a host records for every chain a queue takes and completes.
+
+    vhost-user's inflight tracking (vhost-user.rst "Inflight I/O tracking",
+    :class:`pyvirtio.transport.vhost_user.inflight.SplitInflight`) keeps, in
+    memory the front end holds across back-end restarts, which heads are in
+    flight and which batch of completions was being published.
+    """
+
+    def pop(self, head: int) -> None:
+        """``head`` was taken: in flight from now on."""
+
+    def before_publish(self, heads: Sequence[int]) -> None:
+        """Used elements for ``heads`` are written; the used idx is not yet."""
+
+    def after_publish(self, heads: Sequence[int], used_idx: int) -> None:
+        """The used idx is now ``used_idx``: ``heads`` are no longer in flight."""
+
 
 _unpack_desc = DESC.unpack_from
 _new_object = object.__new__
@@ -102,6 +123,7 @@ class SplitDeviceQueue:
         "driver_addr",
         "event_idx",
         "indirect",
+        "inflight",
         "mem",
         "size",
     )
@@ -151,6 +173,8 @@ class SplitDeviceQueue:
         self._window_table: object = None
         self._lo = 1
         self._hi = 0
+        #: Set by a host that records chains in flight (None: nothing recorded).
+        self.inflight: InflightRecorder | None = None
 
     def __repr__(self) -> str:
         return (
@@ -233,6 +257,20 @@ class SplitDeviceQueue:
         Buffer Notification Suppression").
         """
         self._next_used = self._signalled_used = _ring_index(index, "next_used")
+
+    def resubmit(self, heads: Sequence[int]) -> None:
+        """Take ``heads`` next, in order, before the available ring's next entries.
+
+        For a host that restarts a ring whose chains were taken but not
+        completed by a previous owner (vhost-user inflight tracking): put
+        :attr:`next_avail` where the first of them was, then pass them here.
+        Each goes through the one walker as if read from the ring, and
+        advances :attr:`next_avail` by one.
+        """
+        for head in heads:
+            if not 0 <= head < self.size:
+                raise ValueError(f"resubmitted head {head} outside a queue of {self.size}")
+        self._heads = list(reversed(heads))
 
     # -- available ring ---------------------------------------------------------
 
@@ -347,6 +385,8 @@ class SplitDeviceQueue:
                 raise VirtqueueError(
                     f"descriptor chain from head {head} totals {rlen + wlen} bytes, more than 2**32"
                 )
+            if self.inflight is not None:
+                self.inflight.pop(head)
             next_avail += 1
             if next_avail == 0x10000:
                 next_avail = 0
@@ -445,6 +485,10 @@ class SplitDeviceQueue:
         (split-ring.tex, "The Virtqueue Used Ring": "The device MUST set len
         prior to updating the used idx").
         """
+        if self.inflight is not None:
+            # Recorded completions take the one path that records them.
+            self.add_used_batch(((chain, written),))
+            return
         head = chain.head
         if not 0 <= written <= chain.writable_len:
             raise ValueError(
@@ -509,7 +553,16 @@ class SplitDeviceQueue:
                 write_span(ring, 0, values[room:])
         used_idx = (used_idx + count) & 0xFFFF
         self._next_used = used_idx
+        inflight = self.inflight
+        if inflight is None:
+            self._used[1] = used_idx
+            return
+        # vhost-user.rst "Inflight I/O tracking": link the batch, publish,
+        # then clear it, so a crash between any two steps can be repaired.
+        heads = [chain.head for chain, _ in completions]
+        inflight.before_publish(heads)
         self._used[1] = used_idx
+        inflight.after_publish(heads, used_idx)
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification now.
