@@ -152,8 +152,18 @@ def _serve(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     except (OSError, ValueError) as exc:
         print(f"pyvirtio serve {args.device}: {exc}", file=sys.stderr)
         return 1
+    from pyvirtio.transport.vhost_user.protocol import ProtocolFeature
+    from pyvirtio.transport.vhost_user.session import DEFAULT_PROTOCOL_FEATURES
+
+    protocol_features = DEFAULT_PROTOCOL_FEATURES
+    if args.no_inflight:
+        protocol_features &= ~ProtocolFeature.INFLIGHT_SHMFD.mask
     backend = VhostUserBackend(
-        device, args.socket, poll_us=args.poll_us, unsealed_memory=args.unsealed_memory
+        device,
+        args.socket,
+        poll_us=args.poll_us,
+        unsealed_memory=args.unsealed_memory,
+        protocol_features=protocol_features,
     )
 
     def stop(signum: int, _frame: object) -> None:
@@ -297,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
             "shrinking (memfds without MFD_ALLOW_SEALING, hugetlbfs files: DPDK's "
             "virtio-user) lets the front end crash this process by truncating it; refuse "
             "it (default) or allow it, for a trusted front end",
+        )
+        parser_.add_argument(
+            "--no-inflight",
+            action="store_true",
+            help="do not offer inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD); "
+            "without it a restarted back end cannot resubmit requests that were in flight",
         )
         parser_.set_defaults(func=_cmd_serve)
 

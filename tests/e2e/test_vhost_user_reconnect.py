@@ -93,7 +93,7 @@ def kill(device: ServedDevice) -> None:
 
 
 def run_held_write(
-    guest: GuestArtifacts, accel: str, scratch: Path, restart_args: list[str]
+    guest: GuestArtifacts, accel: str, scratch: Path, serve_args: list[str]
 ) -> tuple[str, bytes, str]:
     """Hold one write, complete four later ones, kill, restart; (guest output, image, logs)."""
     disk = scratch / "disk.raw"
@@ -107,14 +107,14 @@ def run_held_write(
     for attempt in range(2):  # one retry for a boot that hangs (TCG clock calibration)
         marker.unlink(missing_ok=True)
         first = ServedDevice(
-            "blk", socket, ["--file", str(disk), "--io-threads", "2"],
+            "blk", socket, ["--file", str(disk), "--io-threads", "2", *serve_args],
             log_path=scratch / f"first{attempt}.log",
         )  # fmt: skip
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv(HOLD_WRITE_ENV, f"{HELD_SECTOR}:{marker}")
             first.start()
         second = ServedDevice(
-            "blk", socket, ["--file", str(disk), "--io-threads", "2", *restart_args],
+            "blk", socket, ["--file", str(disk), "--io-threads", "2", *serve_args],
             log_path=scratch / f"second{attempt}.log",
         )  # fmt: skip
         try:
@@ -152,7 +152,7 @@ def test_restart_without_inflight_tracking_loses_the_unfinished_request(
     guest: GuestArtifacts, accel: str, scratch: Path
 ) -> None:
     """The failure, shown: QEMU's rewind serves a finished request again and never the held one."""
-    out, image, logs = run_held_write(guest, accel, scratch, [])
+    out, image, logs = run_held_write(guest, accel, scratch, ["--no-inflight"])
     # The write that was unfinished when the back end died is below the
     # used index: the restarted back end never serves it.  Above it, QEMU's
     # rewind hands the restarted back end a request the guest already got
@@ -166,3 +166,21 @@ def test_restart_without_inflight_tracking_loses_the_unfinished_request(
         hashlib.sha256(image[HELD_SECTOR * 512 : HELD_SECTOR * 512 + 4096]).hexdigest()
         == (_lines(out, "held-sum")[0])
     )
+
+
+def test_restart_with_inflight_tracking_resubmits_the_unfinished_request(
+    guest: GuestArtifacts, accel: str, scratch: Path
+) -> None:
+    """The fix: the restarted back end resubmits the held write first, completes it once."""
+    out, image, logs = run_held_write(guest, accel, scratch, [])
+    assert _lines(out, "held") == ["completed"], out + logs
+    assert _lines(out, "after-write") == ["ok"], out + logs
+    assert _lines(out, "after-read") == ["ok"], out + logs
+    assert "after-readback ok" in out, out + logs
+    assert "resubmitting 1 request(s) left in flight" in logs, logs
+    assert not [line for line in out.splitlines() if "error" in line.lower()], out
+    held = _lines(out, "held-sum")[0]
+    assert hashlib.sha256(image[HELD_SECTOR * 512 : HELD_SECTOR * 512 + 4096]).hexdigest() == held
+    for n, digest in enumerate(_lines(out, "small-sum"), start=1):
+        offset = (512 + n) * 4096
+        assert hashlib.sha256(image[offset : offset + 4096]).hexdigest() == digest

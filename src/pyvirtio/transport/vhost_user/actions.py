@@ -52,9 +52,14 @@ class NotifyKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """Send these bytes (one encoded reply) to the front end."""
+    """Send these bytes (one encoded reply) to the front end, with ``fds`` if any.
+
+    The fds are the host's once handed over: it closes them after sending
+    (GET_INFLIGHT_FD's memfd).
+    """
 
     data: bytes
+    fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,4 +115,6 @@ def fds_of(action: Action) -> tuple[int, ...]:
         return () if action.fd is None else (action.fd,)
     if isinstance(action, SetBackendChannel):
         return (action.fd,)
+    if isinstance(action, Reply):
+        return action.fds
     return ()

@@ -514,7 +514,10 @@ class VhostUserBackend:
                 _close_fds(fds_of(action))
                 continue
             if isinstance(action, Reply):
-                self._send(conn, action.data)
+                if action.fds:
+                    self._send_with_fds(conn, action.data, action.fds)
+                else:
+                    self._send(conn, action.data)
             elif isinstance(action, WatchKick):
                 self._watch_kick(conn, action.index, action.fd)
             elif isinstance(action, SetNotifyFd):
@@ -580,6 +583,29 @@ class VhostUserBackend:
             self._disconnect(
                 f"front end is not reading its replies ({len(conn.unsent)} bytes unsent)"
             )
+
+    def _send_with_fds(self, conn: _Connection, data: bytes, fds: tuple[int, ...]) -> None:
+        """A reply that carries fds (GET_INFLIGHT_FD): sent whole with them, then closed here.
+
+        The fds ride on the reply's first byte, so it cannot wait behind
+        unsent replies; a front end that left replies unread is dropped.
+        """
+        try:
+            if conn.unsent:
+                self._disconnect("front end is not reading its replies (a reply with fds waits)")
+                return
+            try:
+                sent = socket.send_fds(conn.sock, [data], list(fds))
+            except (BlockingIOError, InterruptedError):
+                self._disconnect("cannot send a reply with fds now: the socket is full")
+                return
+            except OSError as exc:
+                self._disconnect(f"cannot send a reply: {exc}")
+                return
+            if sent < len(data):
+                self._send(conn, data[sent:])
+        finally:
+            _close_fds(fds)
 
     def _flush(self, conn: _Connection) -> None:
         """The socket has room: send what replies wait."""

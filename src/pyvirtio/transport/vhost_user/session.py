@@ -87,6 +87,16 @@ from pyvirtio.transport.vhost_user.actions import (
     UnsealedMemory,
     WatchKick,
 )
+from pyvirtio.transport.vhost_user.inflight import (
+    InflightError,
+    SplitInflight,
+    recover_split,
+)
+from pyvirtio.transport.vhost_user.inflight_shm import (
+    InflightArea,
+    allocate,
+    map_front_end_region,
+)
 from pyvirtio.transport.vhost_user.protocol import (
     FLAG_REPLY,
     VERSION,
@@ -95,6 +105,7 @@ from pyvirtio.transport.vhost_user.protocol import (
     VRING_FD_NOFD,
     ConfigSpace,
     FrontendRequest,
+    InflightDesc,
     MemoryRegionDesc,
     MemoryTable,
     Message,
@@ -117,6 +128,7 @@ from pyvirtio.transport.vhost_user.rings import (
 )
 from pyvirtio.virtqueue.common import MAX_QUEUE_SIZE, DeviceQueue, VirtqueueError
 from pyvirtio.virtqueue.disabled import DisabledQueue
+from pyvirtio.virtqueue.split import SplitDeviceQueue
 
 __all__ = [
     "DEFAULT_MAX_MEM_SLOTS",
@@ -138,6 +150,7 @@ DEFAULT_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE.mask
     | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
     | ProtocolFeature.STATUS.mask
+    | ProtocolFeature.INFLIGHT_SHMFD.mask
 )
 #: Protocol features a session can honour at all.
 SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES
@@ -251,6 +264,10 @@ class VhostUserSession:
         self._device_log = device_log or RateLimitedLog(log, name, interval=LOG_INTERVAL)
         self._refusals = RateLimitedLog(log, name, interval=LOG_INTERVAL)
         self._warned_unsealed = False
+        #: The inflight region (GET/SET_INFLIGHT_FD), None until the front end sets one.
+        self.inflight: InflightArea | None = None
+        #: Fds the next reply carries (GET_INFLIGHT_FD's memfd).
+        self._reply_fds: tuple[int, ...] = ()
         self._actions: list[Action] = []
         self._handlers = self._build_handlers()
 
@@ -328,7 +345,8 @@ class VhostUserSession:
         return actions
 
     def _reply(self, request: FrontendRequest, payload: Payload) -> None:
-        self._actions.append(Reply(encode(Message(request, payload, VERSION | FLAG_REPLY))))
+        fds, self._reply_fds = self._reply_fds, ()
+        self._actions.append(Reply(encode(Message(request, payload, VERSION | FLAG_REPLY)), fds))
 
     def _close(self, fds: tuple[int, ...] | list[int]) -> None:
         if fds:
@@ -396,6 +414,7 @@ class VhostUserSession:
             vring.queue = None
         self.memory.close()
         self._regions.clear()
+        self.inflight = None  # unmapped once the last queue holding a view of it is gone
         fds = self.parser.take_fds()
         return [CloseFds(tuple(fds))] if fds else []
 
@@ -430,6 +449,8 @@ class VhostUserSession:
             r.SET_STATUS: self._set_status,
             r.GET_STATUS: self._get_status,
             r.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            r.GET_INFLIGHT_FD: self._get_inflight_fd,
+            r.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     def _vring(self, index: int) -> Vring:
@@ -759,7 +780,110 @@ class VhostUserSession:
 
     def _build_queue(self, vring: Vring) -> DeviceQueue:
         """The one place a ring's device queue is made (see "Extending it")."""
-        return build_queue(self.memory, vring, self.device.acked_features, self._user_to_guest)
+        queue = build_queue(self.memory, vring, self.device.acked_features, self._user_to_guest)
+        self._track_inflight(vring.index, queue)
+        return queue
+
+    # -- inflight I/O tracking (vhost-user.rst "Inflight I/O tracking") -------------------------
+
+    def _get_inflight_fd(self, message: Message) -> Payload:
+        """Allocate a zeroed region for ``num_queues`` rings of ``queue_size``; send its memfd."""
+        desc = message.payload
+        assert isinstance(desc, InflightDesc)
+        if not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+            raise _Fatal("GET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
+        if desc.num_queues != len(self.vrings):
+            raise _Fatal(
+                f"GET_INFLIGHT_FD for {desc.num_queues} queues; the device has {len(self.vrings)}"
+            )
+        # Room for the largest ring this back end accepts, not only the
+        # front end's queue_size: QEMU 7.2's virtio-mmio offers drivers
+        # 1024-entry rings whatever vhost-user-blk's queue-size says.
+        ring_size = max([desc.queue_size] + [self.max_ring_size(v.index) for v in self.vrings])
+        try:
+            area, fd = allocate(desc.num_queues, ring_size)
+        except (InflightError, OSError) as exc:
+            raise _Fatal(f"cannot allocate the inflight region: {exc}") from exc
+        self.inflight = area
+        self._reply_fds = (fd,)
+        return InflightDesc(area.geometry.mmap_size, 0, desc.num_queues, desc.queue_size)
+
+    def _set_inflight_fd(self, message: Message) -> Payload:
+        """Map the region the front end hands back; it is validated before any use."""
+        desc = message.payload
+        assert isinstance(desc, InflightDesc)
+        try:
+            if not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+                raise _Refused("SET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
+            if desc.num_queues != len(self.vrings):
+                raise _Refused(
+                    f"inflight region for {desc.num_queues} queues; the device has "
+                    f"{len(self.vrings)}"
+                )
+            try:
+                area = map_front_end_region(
+                    message.fds[0],
+                    desc.mmap_size,
+                    desc.mmap_offset,
+                    desc.num_queues,
+                    desc.queue_size,
+                    allow_unsealed=self.unsealed_memory is UnsealedMemory.ALLOW,
+                )
+            except InflightError as exc:
+                raise _Refused(f"inflight region: {exc}") from exc
+        finally:
+            self._close(message.fds)
+        self.inflight = area
+        return None
+
+    def _track_inflight(self, index: int, queue: DeviceQueue) -> None:
+        """Recover ring ``index`` from the inflight region and record its chains from now on.
+
+        Before the device sees the queue: every head the previous back end
+        left in flight is queued for resubmission, oldest first, ahead of
+        any new request, and the ring's next available index lands past
+        them.  A region that does not check out is refused (logged) and the
+        ring runs untracked from the front end's base, as without the
+        feature.
+        """
+        area = self.inflight
+        if area is None or not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+            return
+        if not isinstance(queue, SplitDeviceQueue):
+            self._device_log.warn(
+                "inflight-packed",
+                None,
+                "ring %d: inflight tracking of packed rings is not implemented; a restart of "
+                "this back end may lose or repeat requests in flight",
+                index,
+            )
+            return
+        try:
+            region = area.queue(index)
+            avail_idx = self.memory.read_u16(queue.driver_addr + 2)
+            recovery = recover_split(region, queue.size, queue.next_used, avail_idx)
+        except (InflightError, GuestMemoryError) as exc:
+            self._device_log.warn(
+                "inflight-refused",
+                None,
+                "ring %d: inflight region refused, the ring runs untracked: %s",
+                index,
+                exc,
+            )
+            return
+        if recovery.resubmit or recovery.repaired_batch:
+            log.info(
+                "%s: ring %d: resubmitting %d request(s) left in flight%s",
+                self,
+                index,
+                len(recovery.resubmit),
+                ", last batch of completions repaired" if recovery.repaired_batch else "",
+            )
+        # Every chain the previous owner took is completed (below the used
+        # index) or in flight: resume at the used index with those first.
+        queue.next_avail = (recovery.next_avail - len(recovery.resubmit)) & 0xFFFF
+        queue.resubmit(recovery.resubmit)
+        queue.inflight = SplitInflight(region, queue.size, recovery.next_counter)
 
     def _maybe_activate(self, *, driver_ok: bool = False) -> None:
         """Apply the activation policy (module docstring) after a ring or memory change."""
