@@ -184,3 +184,120 @@ def test_restart_with_inflight_tracking_resubmits_the_unfinished_request(
     for n, digest in enumerate(_lines(out, "small-sum"), start=1):
         offset = (512 + n) * 4096
         assert hashlib.sha256(image[offset : offset + 4096]).hexdigest() == digest
+
+
+# Four writers, each over its own 2 MiB of the disk with its own request
+# size, write a pattern naming the writer and the round with O_DIRECT, read
+# it back and compare, round after round, until told to stop; each then says
+# which round it finished last.
+WRITERS_SCRIPT = """
+for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+writer() {
+    w=$1; bs=$2
+    count=$((2097152 / bs)); seek=$((w * 2097152 / bs))
+    r=0
+    while [ ! -f /tmp/stop ]; do
+        r=$((r + 1))
+        yes "w$w r$r" | head -c 2097152 > /tmp/p$w
+        if ! dd if=/tmp/p$w of=/dev/vda bs=$bs seek=$seek count=$count oflag=direct \
+                conv=notrunc 2>/tmp/e$w; then
+            echo "writer $w io-error round $r: $(tail -1 /tmp/e$w)"; return 1
+        fi
+        if ! dd if=/dev/vda of=/tmp/b$w bs=$bs skip=$seek count=$count iflag=direct \
+                2>/tmp/e$w; then
+            echo "writer $w io-error reading round $r"; return 1
+        fi
+        if ! cmp -s /tmp/p$w /tmp/b$w; then echo "writer $w verify-error round $r"; return 1; fi
+    done
+    echo "writer $w done $r"
+}
+writer 0 4096 & writer 1 65536 & writer 2 262144 & writer 3 1048576 &
+echo "writers-started"
+read -r stop
+touch /tmp/stop
+wait
+dmesg | grep -i -E "not a head|I/O error|blk_update|virtio" | sed 's/^/dmesg /'
+"""
+
+
+def _final_pattern(writer: int, rounds: int) -> bytes:
+    line = f"w{writer} r{rounds}\n".encode()
+    return (line * (2097152 // len(line) + 1))[:2097152]
+
+
+def run_writers_under_kills(
+    guest: GuestArtifacts,
+    accel: str,
+    scratch: Path,
+    *,
+    kills: int,
+    packed: bool = False,
+    seed: int = 0,
+) -> tuple[str, bytes, str]:
+    """SIGKILL ``serve blk --io-threads 2`` ``kills`` times at random moments under the
+    writers, restarting it on the same socket each time; (guest output, image, logs)."""
+    import random
+    import time
+
+    rng = random.Random(seed)
+    disk = scratch / "disk.raw"
+    disk.write_bytes(bytes(16 << 20))
+    socket = scratch / "blk.sock"
+    initrd = initramfs_with_script(guest, WRITERS_SCRIPT, scratch)
+    vm = MicrovmConfig(guest.kernel, initrd, accel=accel)
+    vm.add_vhost_user_blk(socket, reconnect=1, packed=packed)
+    args = ["--file", str(disk), "--io-threads", "2"]
+    for attempt in range(2):
+        logs: list[str] = []
+        backend = ServedDevice("blk", socket, args, log_path=scratch / f"b{attempt}-0.log").start()
+        try:
+            with LiveGuest(vm) as live:
+                if not live.booted(timeout=60):
+                    continue
+                live.wait_for("writers-started", 30)
+                for kill_number in range(1, kills + 1):
+                    # A random moment once the front end is back and I/O flows.
+                    wait_serving(backend, 30)
+                    time.sleep(rng.uniform(0.2, 1.0))
+                    kill(backend)
+                    logs.append(backend.log())
+                    backend = ServedDevice(
+                        "blk", socket, args, log_path=scratch / f"b{attempt}-{kill_number}.log"
+                    ).start()
+                time.sleep(rng.uniform(0.5, 1.0))
+                live.send("stop")
+                _status, out = live.wait_exit(timeout=120)
+                return out, disk.read_bytes(), "\n---\n".join([*logs, backend.log()])
+        finally:
+            if backend.proc is not None:
+                backend.stop()
+    pytest.fail("guest hung at boot twice")
+
+
+def wait_serving(backend: ServedDevice, timeout: float) -> None:
+    """Wait until the front end reconnected and the device runs again."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while "device activated" not in backend.log():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"QEMU did not reconnect in {timeout:.0f}s:\n{backend.log()}")
+        time.sleep(0.02)
+
+
+def check_writers(out: str, image: bytes, logs: str) -> None:
+    """No I/O or verify error in the guest; the image holds each writer's last round."""
+    done = {int(w): int(r) for w, _, r in (line.split() for line in _lines(out, "writer"))}
+    assert sorted(done) == [0, 1, 2, 3], out + logs
+    assert all(rounds >= 1 for rounds in done.values()), out
+    assert "error" not in out.lower(), out + logs
+    for writer, rounds in done.items():
+        region = image[writer * 2097152 : (writer + 1) * 2097152]
+        assert region == _final_pattern(writer, rounds), f"writer {writer} round {rounds}"
+
+
+def test_sigkill_under_parallel_o_direct_writers_loses_nothing(
+    guest: GuestArtifacts, accel: str, scratch: Path
+) -> None:
+    out, image, logs = run_writers_under_kills(guest, accel, scratch, kills=5, seed=15)
+    check_writers(out, image, logs)
