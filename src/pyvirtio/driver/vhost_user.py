@@ -60,6 +60,7 @@ from pyvirtio.transport.vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
     FrontendRequest,
+    InflightDesc,
     MemoryRegionDesc,
     MemoryTable,
     Message,
@@ -94,6 +95,7 @@ DEFAULT_FRONTEND_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
     | ProtocolFeature.RESET_DEVICE.mask
     | ProtocolFeature.STATUS.mask
+    | ProtocolFeature.INFLIGHT_SHMFD.mask
 )
 _F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 #: SET_VRING_BASE of a fresh packed ring: avail and used index 0 with wrap
@@ -198,6 +200,8 @@ class VhostUserFrontend(DriverTransportBase[_Queue]):
         #: GET_QUEUE_NUM's answer (MQ) and GET_MAX_MEM_SLOTS's (CONFIGURE_MEM_SLOTS).
         self.num_queues: int | None = None
         self.max_mem_slots: int | None = None
+        #: The back end's inflight region (GET_INFLIGHT_FD), kept to hand back.
+        self._inflight: tuple[InflightDesc, int] | None = None
         self.mem = GuestMemory.memfd(memory_size, base=memory_base, name="pyvirtio-vhost-user")
         region = self.mem.regions[0]
         self._user_base = _mapping_address(region)
@@ -320,7 +324,8 @@ class VhostUserFrontend(DriverTransportBase[_Queue]):
             if not messages:
                 continue
             (reply,) = messages  # reads stop at message boundaries
-            _close_fds(list(reply.fds))  # no reply this front end asks for carries fds
+            if request is not FrontendRequest.GET_INFLIGHT_FD:
+                _close_fds(list(reply.fds))  # no other reply this front end asks for has fds
             if reply.request is not request:
                 raise self._fail_connection(
                     f"back end answered {reply.request.name} to {request.name}"
@@ -432,6 +437,36 @@ class VhostUserFrontend(DriverTransportBase[_Queue]):
             else:
                 self._call(FrontendRequest.SET_MEM_TABLE, MemoryTable((desc,)), (region.fd,))
         self._memory_shared = True
+
+    def share_inflight_region(self, queue_size: int) -> InflightDesc:
+        """Have the back end track requests in flight (vhost-user.rst "Inflight I/O tracking").
+
+        GET_INFLIGHT_FD the first time (the back end allocates the region),
+        then SET_INFLIGHT_FD with it, as QEMU does before starting rings; a
+        back end restarted on the same socket gets the same region back and
+        resubmits what its predecessor left in flight.  Needs
+        INFLIGHT_SHMFD negotiated.
+        """
+        with self._lock:
+            if not self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+                raise VhostUserError("the back end did not negotiate INFLIGHT_SHMFD")
+            if self._inflight is None:
+                num_queues = self.num_queues or 1
+                self._send(
+                    Message(
+                        FrontendRequest.GET_INFLIGHT_FD,
+                        InflightDesc(0, 0, num_queues, queue_size),
+                        VERSION,
+                    )
+                )
+                reply = self._receive_reply(FrontendRequest.GET_INFLIGHT_FD)
+                if not isinstance(reply.payload, InflightDesc) or len(reply.fds) != 1:
+                    _close_fds(list(reply.fds))
+                    raise self._fail_connection("GET_INFLIGHT_FD reply without a region")
+                self._inflight = (reply.payload, reply.fds[0])
+            desc, fd = self._inflight
+            self._call(FrontendRequest.SET_INFLIGHT_FD, desc, (fd,))
+            return desc
 
     def _user_addr(self, guest_addr: int) -> int:
         """The front-end user address of a guest-physical address in our one region."""
@@ -734,6 +769,9 @@ class VhostUserFrontend(DriverTransportBase[_Queue]):
                 _close_fds([q.kick_fd, q.call_fd, q.err_fd])
             self._queues.clear()
             self._poller = None
+            if self._inflight is not None:
+                _close_fds([self._inflight[1]])
+                self._inflight = None
             self.mem.close()
 
     def __enter__(self) -> VhostUserFrontend:
