@@ -12,7 +12,11 @@ same page-cached image:
   O_DIRECT, which a page-cached image does not use);
 * ``pyvirtio``: ``pyvirtio serve blk`` on the image (VhostUserBackend + Block);
 * ``qsd-null``: qemu-storage-daemon exporting a ``null-co`` node: no storage
-  cost, so it shows the driver's own ceiling.
+  cost, so it shows the driver's own ceiling;
+* ``pyvirtio-inflight`` (not in the default list): ``pyvirtio serve blk`` with
+  the driver sharing an inflight region, so every request is recorded
+  (vhost-user.rst "Inflight I/O tracking"); with ``pyvirtio`` in the list the
+  paired ratio of the two gives the cost of tracking.
 
 Cases: 4 KiB random reads at queue depth 1 and 32 (IOPS) and 1 MiB
 sequential reads at queue depth 1 and 8 (MB/s), split rings.  All back ends
@@ -101,7 +105,7 @@ def backend_command(
     poll_us: float,
     io_threads: int = 0,
 ) -> list[str]:
-    if kind == "pyvirtio":
+    if kind in ("pyvirtio", "pyvirtio-inflight"):
         python = [sys.executable]
         if profile is not None:
             python += ["-m", "cProfile", "-o", str(profile)]
@@ -347,6 +351,8 @@ def main() -> None:
         table: dict[str, dict[str, Result]] = {kind: {} for kind in kinds}
         # peer -> case -> median of the runs' pyvirtio/peer ratios, and their spread
         paired: dict[str, dict[str, Spread]] = {"default": {}, "tuned": {}}
+        # case -> pyvirtio-inflight / pyvirtio over the paired runs
+        tracked: dict[str, Spread] = {}
         order = random.Random(2)
         with contextlib.ExitStack() as stack:
             drivers: dict[str, BlkDriver] = {}
@@ -365,6 +371,9 @@ def main() -> None:
                 frontend = stack.enter_context(
                     VhostUserFrontend(be.sock, device_id=DeviceId.BLOCK, memory_size=MEMORY)
                 )
+                if kind == "pyvirtio-inflight":
+                    # The same back end, recording every request in an inflight region.
+                    frontend.share_inflight_region(frontend.max_queue_size)
                 # Split rings everywhere: qemu-storage-daemon offers no packed ring.
                 drivers[kind] = BlkDriver(
                     frontend, packed=False, timeout=10.0, poll_us=args.driver_poll_us
@@ -397,6 +406,11 @@ def main() -> None:
                         best = [max(rs) for rs in zip(*(runs[k] for k in tuned), strict=True)]
                         peer = [r.rate for r in best]
                         paired["tuned"][case] = spread(py_rates, peer)
+                if "pyvirtio" in runs and "pyvirtio-inflight" in runs:
+                    tracked[case] = spread(
+                        [r.rate for r in runs["pyvirtio-inflight"]],
+                        [r.rate for r in runs["pyvirtio"]],
+                    )
                 if case == args.profile_driver:
                     for kind in kinds:
                         profile = cProfile.Profile()
@@ -429,6 +443,9 @@ def main() -> None:
             if by_case:
                 cells = "".join(f"{by_case[c]!s:>34s}" for c in cases)
                 print(f"{'py/' + peer:12s}{cells[2:]}   (paired: median [min-max] of run ratios)")
+        if tracked:
+            cells = "".join(f"{tracked[c]!s:>34s}" for c in cases)
+            print(f"{'inflight':12s}{cells[2:]}   (pyvirtio-inflight / pyvirtio, paired runs)")
         print_targets({k: {c: r.rate for c, r in v.items()} for k, v in table.items()}, paired)
         if profile_path is not None and profile_path.exists():
             print(f"\n--- pyvirtio serve cProfile (top {args.top} by own time) ---")
