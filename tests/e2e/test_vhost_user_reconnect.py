@@ -23,9 +23,8 @@ import pytest
 from pyvirtio.vmm.backends import ServedDevice
 from pyvirtio.vmm.fault_hooks import HOLD_WRITE_ENV
 from pyvirtio.vmm.guest import GuestArtifacts, initramfs_with_script
+from pyvirtio.vmm.live_guest import LiveGuest
 from pyvirtio.vmm.qemu import MicrovmConfig
-
-from .live_guest import LiveGuest
 
 DISK_MIB = 8
 HELD_SECTOR = 2048  # the write the first back end never completes (4 KiB block 256)
@@ -233,9 +232,11 @@ def run_writers_under_kills(
     kills: int,
     packed: bool = False,
     seed: int = 0,
+    graceful: bool = False,
 ) -> tuple[str, bytes, str]:
-    """SIGKILL ``serve blk --io-threads 2`` ``kills`` times at random moments under the
-    writers, restarting it on the same socket each time; (guest output, image, logs)."""
+    """SIGKILL (``graceful``: SIGTERM) ``serve blk --io-threads 2`` ``kills`` times at
+    random moments under the writers, restarting it on the same socket each time;
+    (guest output, image, logs)."""
     import random
     import time
 
@@ -259,7 +260,11 @@ def run_writers_under_kills(
                     # A random moment once the front end is back and I/O flows.
                     wait_serving(backend, 30)
                     time.sleep(rng.uniform(0.2, 1.0))
-                    kill(backend)
+                    if graceful:
+                        # Stops taking requests, finishes those in flight, exits 0.
+                        assert backend.stop() == 0, backend.log()
+                    else:
+                        kill(backend)
                     logs.append(backend.log())
                     backend = ServedDevice(
                         "blk", socket, args, log_path=scratch / f"b{attempt}-{kill_number}.log"
@@ -301,3 +306,14 @@ def test_sigkill_under_parallel_o_direct_writers_loses_nothing(
 ) -> None:
     out, image, logs = run_writers_under_kills(guest, accel, scratch, kills=5, seed=15)
     check_writers(out, image, logs)
+
+
+def test_sigterm_upgrade_under_parallel_o_direct_writers_loses_nothing(
+    guest: GuestArtifacts, accel: str, scratch: Path
+) -> None:
+    """Graceful upgrade: each old process exits cleanly on SIGTERM, the new one carries on."""
+    out, image, logs = run_writers_under_kills(
+        guest, accel, scratch, kills=3, seed=16, graceful=True
+    )
+    check_writers(out, image, logs)
+    assert logs.count("pyvirtio serve: stopped") == 3, logs

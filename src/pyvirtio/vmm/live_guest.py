@@ -1,10 +1,10 @@
-"""A QEMU guest the test talks to while it runs: console lines in, lines to its console out.
+"""A QEMU guest its host talks to while it runs: console lines in, lines to its console out.
 
-``vmm.qemu.boot`` runs a guest to its end; tests that act on the host in
-the middle of a guest's run (kill a back end at a moment the guest reports)
-need the console as it comes, and a way to tell the guest to go on: the
-guest script reads a line from its console, the test writes it to QEMU's
-stdin (``-serial stdio``).
+:func:`pyvirtio.vmm.qemu.boot` runs a guest to its end; tests and
+benchmarks that act on the host in the middle of a guest's run (kill a back
+end at a moment the guest reports) need the console as it comes, and a way
+to tell the guest to go on: the guest script reads a line from its console,
+the host writes it to QEMU's stdin (``-serial stdio``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from types import TracebackType
 
 from pyvirtio.vmm.guest import BOOT_MARKER, EXIT_MARKER
 from pyvirtio.vmm.qemu import MicrovmConfig
+
+__all__ = ["GuestTimeout", "LiveGuest"]
 
 
 class GuestTimeout(AssertionError):
