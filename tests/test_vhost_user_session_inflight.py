@@ -24,7 +24,9 @@ from pyvirtio.transport.vhost_user.protocol import InflightDesc, ProtocolFeature
 from pyvirtio.transport.vhost_user.session import VhostUserSession
 from pyvirtio.virtqueue.split import SplitDeviceQueue
 from queue_harness import RecordingInterrupt
-from test_vhost_user_session import BUFFER, QUEUE_SIZE, USED, FrontEnd, R
+from test_vhost_user_session import BUFFER, QUEUE_SIZE, USED, FrontEnd, R, eventfds
+
+__all__ = ["eventfds"]  # the fixture, shared
 
 SPLIT_HEADER = "<QHHHH"
 SPLIT_DESC = "<B5xHQ"
@@ -47,14 +49,6 @@ def front(session: VhostUserSession) -> Iterator[FrontEnd]:
     front.send(R.SET_PROTOCOL_FEATURES, ProtocolFeature.INFLIGHT_SHMFD.mask)
     yield front
     front.mem.close()
-
-
-@pytest.fixture
-def eventfds() -> Iterator[tuple[int, int]]:
-    kick, call = os.eventfd(0), os.eventfd(0)
-    yield kick, call
-    os.close(kick)
-    os.close(call)
 
 
 def get_region(front: FrontEnd, queue_size: int = QUEUE_SIZE) -> tuple[InflightDesc, int]:
