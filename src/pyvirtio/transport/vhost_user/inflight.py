@@ -98,6 +98,12 @@ _SPLIT_OFF_LAST_BATCH_HEAD = 12
 _SPLIT_OFF_USED_IDX = 14
 _SPLIT_DESC_OFF_NEXT = 6
 _SPLIT_DESC_OFF_COUNTER = 8
+# The same fields as indexes into u16 / u64 views of a split region:
+# descriptor i's field is at FIRST + STRIDE * i.
+_SPLIT_NEXT_U16 = (SPLIT_HEADER_SIZE + _SPLIT_DESC_OFF_NEXT) // 2
+_SPLIT_STRIDE_U16 = SPLIT_DESC_SIZE // 2
+_SPLIT_COUNTER_U64 = (SPLIT_HEADER_SIZE + _SPLIT_DESC_OFF_COUNTER) // 8
+_SPLIT_STRIDE_U64 = SPLIT_DESC_SIZE // 8
 _PACKED_OFF_FREE_HEAD = 12
 _PACKED_OFF_USED_IDX = 16
 _PACKED_OFF_USED_WRAP = 20
@@ -329,47 +335,48 @@ class SplitInflight:
 
     Built after :func:`recover_split` (which initialises a fresh region), with
     the counter it returned.  ``pop`` runs for every head taken from the
-    available ring (and for every resubmitted one: it already is in flight, and
-    its counter is refreshed in the same order); ``before_publish`` runs after
-    the used elements are written and before the used index is published;
-    ``after_publish`` runs after.
+    available ring (a resubmitted head too: it is re-marked with a fresh
+    counter, in the same order); ``before_publish`` runs after the used
+    elements are written and before the used index is published;
+    ``after_publish`` runs after.  Fields are stored through typed views of
+    the region (one store each, no struct call on the hot path).
     """
 
-    __slots__ = ("_counter", "_last_batch_head", "_region", "_ring_size")
+    __slots__ = ("_bytes", "_counter", "_last_batch_head", "_u16", "_u64")
 
     def __init__(self, region: memoryview, ring_size: int, next_counter: int) -> None:
-        if len(region) < SPLIT_HEADER_SIZE + SPLIT_DESC_SIZE * ring_size:
+        length = SPLIT_HEADER_SIZE + SPLIT_DESC_SIZE * ring_size
+        if len(region) < length:
             raise InflightError(f"split inflight region too small for {ring_size} descriptors")
-        self._region = region
-        self._ring_size = ring_size
+        window = region[:length]
+        self._bytes = window.cast("B")
+        self._u16 = window.cast("H")
+        self._u64 = window.cast("Q")
         self._counter = next_counter
-        self._last_batch_head: int = _U16.unpack_from(region, _SPLIT_OFF_LAST_BATCH_HEAD)[0]
+        self._last_batch_head: int = self._u16[_SPLIT_OFF_LAST_BATCH_HEAD // 2]
 
     def pop(self, head: int) -> None:
         """``head`` was taken from the available ring: it is in flight from now on."""
-        offset = SPLIT_HEADER_SIZE + SPLIT_DESC_SIZE * head
-        _U64.pack_into(self._region, offset + _SPLIT_DESC_OFF_COUNTER, self._counter)
+        self._u64[_SPLIT_COUNTER_U64 + _SPLIT_STRIDE_U64 * head] = self._counter
         self._counter += 1
-        self._region[offset] = 1
+        self._bytes[SPLIT_HEADER_SIZE + SPLIT_DESC_SIZE * head] = 1
 
     def before_publish(self, heads: Sequence[int]) -> None:
         """Link the batch about to be published (its used elements are written)."""
-        region = self._region
+        u16 = self._u16
         last = self._last_batch_head
         for head in heads:
-            _U16.pack_into(
-                region, SPLIT_HEADER_SIZE + SPLIT_DESC_SIZE * head + _SPLIT_DESC_OFF_NEXT, last
-            )
+            u16[_SPLIT_NEXT_U16 + _SPLIT_STRIDE_U16 * head] = last
             last = head
         self._last_batch_head = last
-        _U16.pack_into(region, _SPLIT_OFF_LAST_BATCH_HEAD, last)
+        u16[_SPLIT_OFF_LAST_BATCH_HEAD // 2] = last
 
     def after_publish(self, heads: Sequence[int], used_idx: int) -> None:
         """The ring's used index is now ``used_idx``: the batch is no longer in flight."""
-        region = self._region
+        flags = self._bytes
         for head in heads:
-            region[SPLIT_HEADER_SIZE + SPLIT_DESC_SIZE * head] = 0
-        _U16.pack_into(region, _SPLIT_OFF_USED_IDX, used_idx)
+            flags[SPLIT_HEADER_SIZE + SPLIT_DESC_SIZE * head] = 0
+        self._u16[_SPLIT_OFF_USED_IDX // 2] = used_idx
 
 
 # --------------------------------------------------------------------------
