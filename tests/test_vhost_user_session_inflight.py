@@ -17,29 +17,27 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyvirtio.devices.entropy import Entropy
 from pyvirtio.transport.vhost_user.actions import CloseFds, Disconnect, Reply
 from pyvirtio.transport.vhost_user.inflight import SplitInflight
 from pyvirtio.transport.vhost_user.protocol import InflightDesc, ProtocolFeature
 from pyvirtio.transport.vhost_user.session import VhostUserSession
 from pyvirtio.virtqueue.split import SplitDeviceQueue
-from queue_harness import RecordingInterrupt
-from test_vhost_user_session import BUFFER, QUEUE_SIZE, USED, FrontEnd, R, eventfds
+from test_vhost_user_session import (
+    BUFFER,
+    QUEUE_SIZE,
+    USED,
+    FrontEnd,
+    R,
+    device,
+    eventfds,
+    interrupt,
+    session,
+)
 
-__all__ = ["eventfds"]  # the fixture, shared
+__all__ = ["device", "eventfds", "interrupt", "session"]  # the fixtures, shared
 
 SPLIT_HEADER = "<QHHHH"
 SPLIT_DESC = "<B5xHQ"
-
-
-@pytest.fixture
-def session() -> Iterator[VhostUserSession]:
-    session = VhostUserSession(Entropy(lambda n: b"\xcd" * n), RecordingInterrupt(), name="t")
-    yield session
-    for action in session.close():
-        assert isinstance(action, CloseFds)
-        for fd in action.fds:
-            os.close(fd)
 
 
 @pytest.fixture

@@ -92,9 +92,15 @@ def kill(device: ServedDevice) -> None:
 
 
 def run_held_write(
-    guest: GuestArtifacts, accel: str, scratch: Path, serve_args: list[str]
+    guest: GuestArtifacts,
+    accel: str,
+    scratch: Path,
+    serve_args: list[str],
+    *,
+    graceful: bool = False,
 ) -> tuple[str, bytes, str]:
-    """Hold one write, complete four later ones, kill, restart; (guest output, image, logs)."""
+    """Hold one write, complete four later ones, kill (``graceful``: SIGTERM), restart;
+    (guest output, image, logs)."""
     disk = scratch / "disk.raw"
     disk.write_bytes(bytes(DISK_MIB << 20))
     socket = scratch / "blk.sock"
@@ -124,7 +130,10 @@ def run_held_write(
                 _wait_file(marker, 30, live)
                 live.send("go")
                 live.wait_for("small-done", 60)
-                kill(first)
+                if graceful:
+                    assert first.stop() == 0, first.log()
+                else:
+                    kill(first)
                 second.start()
                 live.send("go")
                 _status, out = live.wait_exit(timeout=90)
@@ -167,11 +176,15 @@ def test_restart_without_inflight_tracking_loses_the_unfinished_request(
     )
 
 
+@pytest.mark.parametrize("graceful", [False, True], ids=["sigkill", "sigterm"])
 def test_restart_with_inflight_tracking_resubmits_the_unfinished_request(
-    guest: GuestArtifacts, accel: str, scratch: Path
+    guest: GuestArtifacts, accel: str, scratch: Path, graceful: bool
 ) -> None:
-    """The fix: the restarted back end resubmits the held write first, completes it once."""
-    out, image, logs = run_held_write(guest, accel, scratch, [])
+    """The fix: the restarted back end resubmits the held write first, completes it once.
+
+    With SIGTERM the old process finishes what it can and exits; the write it
+    could not finish (held) stays recorded for the new one."""
+    out, image, logs = run_held_write(guest, accel, scratch, [], graceful=graceful)
     assert _lines(out, "held") == ["completed"], out + logs
     assert _lines(out, "after-write") == ["ok"], out + logs
     assert _lines(out, "after-read") == ["ok"], out + logs
