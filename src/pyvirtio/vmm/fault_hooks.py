@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pyvirtio.devices.block import Block, RequestType
+from pyvirtio.devices.block import Block
+from pyvirtio.devices.block.wire import HEADER, HEADER_SIZE, RequestType
 
 __all__ = ["HOLD_WRITE_ENV", "hold_write"]
 
@@ -36,7 +37,6 @@ def hold_write(device: Block, spec: str) -> None:
     # The hook wraps the model's one completion step, which every serving
     # path (ring thread and I/O helpers) goes through.
     publish: Callable[..., None] = device._publish
-    header: Callable[[Any], tuple[int, int, int]] = device._header
     held = False
 
     def holding_publish(queue: Any, served: list[Any], sync_failed: bool) -> None:
@@ -46,7 +46,9 @@ def hold_write(device: Block, spec: str) -> None:
             for item in served:
                 if not held:
                     try:
-                        req_type, _reserved, req_sector = header(item[0])
+                        req_type, _reserved, req_sector = HEADER.unpack(
+                            item[0].read(0, HEADER_SIZE)
+                        )
                     except Exception:  # a malformed request: not the one held
                         req_type, req_sector = -1, -1
                     if req_type == RequestType.OUT and req_sector == sector:
