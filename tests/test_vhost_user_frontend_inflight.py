@@ -13,6 +13,8 @@ from pyvirtio.devices.block import Block
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.vhost_user import VhostUserFrontend
 from pyvirtio.transport.vhost_user import VhostUserBackend
+from pyvirtio.transport.vhost_user.protocol import ProtocolFeature
+from pyvirtio.transport.vhost_user.session import DEFAULT_PROTOCOL_FEATURES
 
 TIMEOUT = 10.0
 
@@ -22,7 +24,11 @@ def test_blk_driver_requests_are_recorded_in_the_shared_region(tmp_path: Path) -
     image.write_bytes(bytes(1 << 20))
     sock = tmp_path / "blk.sock"
     with Block(image) as device:
-        backend = VhostUserBackend(device, sock)
+        backend = VhostUserBackend(
+            device,
+            sock,
+            protocol_features=DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD.mask,
+        )
         thread = threading.Thread(target=backend.serve_forever)
         thread.start()
         try:

@@ -17,11 +17,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from pyvirtio.devices.entropy import Entropy
 from pyvirtio.transport.vhost_user.actions import CloseFds, Disconnect, Reply
 from pyvirtio.transport.vhost_user.inflight import SplitInflight
 from pyvirtio.transport.vhost_user.protocol import InflightDesc, ProtocolFeature
-from pyvirtio.transport.vhost_user.session import VhostUserSession
+from pyvirtio.transport.vhost_user.session import DEFAULT_PROTOCOL_FEATURES, VhostUserSession
 from pyvirtio.virtqueue.split import SplitDeviceQueue
+from queue_harness import RecordingInterrupt
 from test_vhost_user_session import (
     BUFFER,
     QUEUE_SIZE,
@@ -31,13 +33,28 @@ from test_vhost_user_session import (
     device,
     eventfds,
     interrupt,
-    session,
 )
 
-__all__ = ["device", "eventfds", "interrupt", "session"]  # the fixtures, shared
+__all__ = ["device", "eventfds", "interrupt"]  # the fixtures, shared
 
 SPLIT_HEADER = "<QHHHH"
 SPLIT_DESC = "<B5xHQ"
+
+
+@pytest.fixture
+def session(device: Entropy, interrupt: RecordingInterrupt) -> Iterator[VhostUserSession]:
+    """A session offering INFLIGHT_SHMFD, as ``serve blk`` asks for."""
+    session = VhostUserSession(
+        device,
+        interrupt,
+        name="test",
+        protocol_features=DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD.mask,
+    )
+    yield session
+    for action in session.close():
+        assert isinstance(action, CloseFds)
+        for fd in action.fds:
+            os.close(fd)
 
 
 @pytest.fixture
@@ -187,10 +204,15 @@ def test_an_unsealable_inflight_fd_is_refused(front: FrontEnd, session: VhostUse
     assert session.inflight is None
 
 
-def test_inflight_requests_need_the_protocol_feature(session: VhostUserSession) -> None:
+def test_inflight_is_not_offered_by_default_and_needs_the_protocol_feature(
+    device: Entropy, interrupt: RecordingInterrupt
+) -> None:
+    session = VhostUserSession(device, interrupt, name="default")
+    assert not session.protocol_features_offered & ProtocolFeature.INFLIGHT_SHMFD.mask
     front = FrontEnd(session)
     try:
         actions = front.send(R.GET_INFLIGHT_FD, InflightDesc(0, 0, 1, QUEUE_SIZE))
         assert any(isinstance(a, Disconnect) for a in actions)
     finally:
         front.mem.close()
+        session.close()

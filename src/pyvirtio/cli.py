@@ -156,8 +156,9 @@ def _serve(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from pyvirtio.transport.vhost_user.session import DEFAULT_PROTOCOL_FEATURES
 
     protocol_features = DEFAULT_PROTOCOL_FEATURES
-    if args.no_inflight:
-        protocol_features &= ~ProtocolFeature.INFLIGHT_SHMFD.mask
+    if args.device == "blk" and not args.no_inflight:
+        # Restarts without losing requests (vhost-user.rst "Inflight I/O tracking").
+        protocol_features |= ProtocolFeature.INFLIGHT_SHMFD.mask
     backend = VhostUserBackend(
         device,
         args.socket,
@@ -238,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and writes, copying in parallel; one less than the CPUs to use is a good start "
         "(default 0: all I/O on the serving thread)",
     )
+    blk.add_argument(
+        "--no-inflight",
+        action="store_true",
+        help="do not offer inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD); "
+        "without it a restarted back end cannot resubmit requests that were in flight",
+    )
     rng = serve_sub.add_parser("rng", help="virtio-rng from the host's os.urandom")
     rng.add_argument("--socket", required=True, help="unix socket path to listen on")
     rng.add_argument(
@@ -307,12 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
             "shrinking (memfds without MFD_ALLOW_SEALING, hugetlbfs files: DPDK's "
             "virtio-user) lets the front end crash this process by truncating it; refuse "
             "it (default) or allow it, for a trusted front end",
-        )
-        parser_.add_argument(
-            "--no-inflight",
-            action="store_true",
-            help="do not offer inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD); "
-            "without it a restarted back end cannot resubmit requests that were in flight",
         )
         parser_.set_defaults(func=_cmd_serve)
 

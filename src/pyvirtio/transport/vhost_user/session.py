@@ -150,10 +150,12 @@ DEFAULT_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE.mask
     | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
     | ProtocolFeature.STATUS.mask
-    | ProtocolFeature.INFLIGHT_SHMFD.mask
 )
-#: Protocol features a session can honour at all.
-SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES
+#: Protocol features a session can honour at all.  INFLIGHT_SHMFD is offered
+#: where a host asks for it (``serve blk``; QEMU uses it for vhost-user-blk
+#: and -scsi only, and offering it to QEMU 7.2's vhost-user-vsock-device was
+#: seen to change how that device behaves).
+SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD.mask
 #: Answer to GET_MAX_MEM_SLOTS (QEMU caps it to what the platform supports).
 DEFAULT_MAX_MEM_SLOTS = 32
 #: QEMU's VIRTQUEUE_MAX_SIZE: the largest ring QEMU's device models configure.
