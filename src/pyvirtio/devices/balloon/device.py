@@ -72,6 +72,7 @@ from pyvirtio.devices.balloon.wire import (
 )
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue
 
 __all__ = ["COUNTER_NAMES", "DEFAULT_QUEUE_SIZE", "Balloon", "BalloonError"]
@@ -79,6 +80,8 @@ __all__ = ["COUNTER_NAMES", "DEFAULT_QUEUE_SIZE", "Balloon", "BalloonError"]
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 256
+#: A kind of guest error is logged at most once per this many seconds.
+LOG_INTERVAL = 10.0
 
 #: What :attr:`Balloon.counters` counts.
 COUNTER_NAMES = (
@@ -169,6 +172,7 @@ class Balloon(VirtioDevice):
         #: A held stats buffer from a snapshot, rebuilt at wake.
         self._restored_stats_chain: dict[str, Any] | None = None
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._log = RateLimitedLog(log, self.name, interval=LOG_INTERVAL)
         self._stats_interval = 0.0
         self._stats_due: float | None = None
         self.set_stats_interval(stats_interval)
@@ -559,10 +563,8 @@ class Balloon(VirtioDevice):
         self._rate_limited("malformed_requests", what)
 
     def _rate_limited(self, counter: str, what: str) -> None:
-        """Log at WARNING on the 1st, 2nd, 4th, 8th ... occurrence of a kind, else DEBUG."""
-        n = self.counters[counter]
-        level = logging.WARNING if n & (n - 1) == 0 else logging.DEBUG
-        log.log(level, "%s: %s (%s: %d)", self.name, what, counter, n)
+        """Log a kind of guest error at most once per LOG_INTERVAL, with its count."""
+        self._log.warn(counter, None, "%s (%s: %d)", what, counter, self.counters[counter])
 
     # -- snapshot ------------------------------------------------------------------
 

@@ -48,7 +48,6 @@ import logging
 import os
 import select
 import struct
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +93,7 @@ from pyvirtio.devices.net.wire import (
 )
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, VirtqueueError
 from pyvirtio.virtqueue.disabled import DisabledQueue
 
@@ -292,33 +292,6 @@ class RxFilter:
         return cls(**flags, **tables)
 
 
-class _LogLimiter:
-    """At most one log line per kind of problem every LOG_INTERVAL seconds.
-
-    Guests can repeat an error at line rate; the first occurrence is logged
-    at WARNING, repeats within the interval at DEBUG, and the next WARNING
-    says how many were folded into it.  Keys are fixed strings, so the table
-    stays small.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._last: dict[str, float] = {}
-        self._folded: dict[str, int] = {}
-
-    def warn(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < LOG_INTERVAL:
-            self._folded[key] = self._folded.get(key, 0) + 1
-            log.debug("%s: " + message, self._name, *args)
-            return
-        self._last[key] = now
-        folded = self._folded.pop(key, 0)
-        suffix = f" ({folded} more since the last report)" if folded else ""
-        log.warning("%s: " + message + "%s", self._name, *args, suffix)
-
-
 class Net(VirtioDevice):
     """A virtio network device whose wire is ``backend``.
 
@@ -389,7 +362,7 @@ class Net(VirtioDevice):
         self._link_up = link_up
         self._backend_gone = False
         self._config_change_pending = False
-        self._limiter = _LogLimiter(self.name)
+        self._limiter = RateLimitedLog(log, self.name, interval=LOG_INTERVAL)
         # Negotiated shape, set at activation and wake.
         self._mrg = False
         self._filtering = False
@@ -446,7 +419,9 @@ class Net(VirtioDevice):
 
     def write_config(self, offset: int, data: bytes) -> None:
         """Every field is read-only for the driver (Device configuration layout)."""
-        self._limiter.warn("config-write", "ignored driver write to config offset %#x", offset)
+        self._limiter.warn(
+            "config-write", None, "ignored driver write to config offset %#x", offset
+        )
 
     # -- host-facing API ---------------------------------------------------------------------
 
@@ -640,7 +615,7 @@ class Net(VirtioDevice):
                 self._rx_waiting = False  # new buffers, perhaps the ones a frame waits for
                 self._rx_pump()
         else:
-            self._limiter.warn("notify", "notify of queue %d, which has no role", index)
+            self._limiter.warn("notify", None, "notify of queue %d, which has no role", index)
 
     # -- transmit ------------------------------------------------------------------------------
 
@@ -673,6 +648,7 @@ class Net(VirtioDevice):
                 self.stats["tx_dropped_ring_disabled"] += len(done)
                 self._limiter.warn(
                     "tx_dropped_ring_disabled",
+                    None,
                     "discarded %d frames of disabled transmitq %d",
                     len(done),
                     index,
@@ -694,7 +670,7 @@ class Net(VirtioDevice):
 
     def _tx_drop(self, counter: str, message: str, *args: object) -> bool:
         self.stats[counter] += 1
-        self._limiter.warn(counter, message, *args)
+        self._limiter.warn(counter, None, message, *args)
         return True
 
     def _transmit(self, chain: DescriptorChain, pair: int) -> bool:
@@ -816,7 +792,7 @@ class Net(VirtioDevice):
                         break
                     except OSError as exc:
                         self.stats["rx_backend_errors"] += 1
-                        self._limiter.warn("rx-backend", "back end read failed: %s", exc)
+                        self._limiter.warn("rx-backend", None, "back end read failed: %s", exc)
                         break
                     if n is None:
                         break
@@ -831,7 +807,7 @@ class Net(VirtioDevice):
 
     def _rx_drop(self, counter: str, message: str, *args: object) -> bool:
         self.stats[counter] += 1
-        self._limiter.warn(counter, message, *args)
+        self._limiter.warn(counter, None, message, *args)
         return False
 
     def _accept(self, n: int) -> bool:
@@ -927,6 +903,7 @@ class Net(VirtioDevice):
                 self.stats["rx_bad_chain"] += 1
                 self._limiter.warn(
                     "rx_bad_chain",
+                    None,
                     "receive chain with %d readable and %d writable bytes",
                     chain.readable_len,
                     chain.writable_len,
@@ -1070,7 +1047,9 @@ class Net(VirtioDevice):
             while (chain := queue.pop()) is not None:
                 if chain.writable_len < 1:
                     self.stats["ctrl_bad_chain"] += 1
-                    self._limiter.warn("ctrl_bad_chain", "control command with no room for ack")
+                    self._limiter.warn(
+                        "ctrl_bad_chain", None, "control command with no room for ack"
+                    )
                     done.append((chain, 0))
                     continue
                 if chain.readable_len > MAX_CTRL_COMMAND:
@@ -1083,7 +1062,7 @@ class Net(VirtioDevice):
 
     def _ctrl_error(self, reason: str) -> int:
         self.stats["ctrl_errors"] += 1
-        self._limiter.warn("ctrl", "control command refused: %s", reason)
+        self._limiter.warn("ctrl", None, "control command refused: %s", reason)
         return CtrlAck.ERR
 
     def _control(self, command: bytes) -> int:
