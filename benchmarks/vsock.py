@@ -49,7 +49,7 @@ def _mbps(nbytes: int, seconds: float) -> float:
 
 def in_process(mib: int, runs: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from vsock_harness import VsockRig, listen_unix
+    from helpers.vsock import VsockRig, listen_unix
 
     total = mib << 20
     payload = os.urandom(CHUNK)

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from block_harness import (
+from helpers.block import (
     DISK_SIZE,
     SECTOR,
     Rig,
     header,
-    image_fixture,  # noqa: F401  (the ``image`` fixture)
     make_rig,
     pattern,
     segment,
 )
+from helpers.queues import DirectRig
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.devices.block import (
     CONFIG_WRITEBACK_OFFSET,
@@ -27,7 +27,6 @@ from pyvirtio.devices.block import (
     RequestType,
     Status,
 )
-from queue_harness import DirectRig
 
 # -- identity, features, configuration -----------------------------------------------------
 

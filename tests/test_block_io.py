@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from block_harness import (
+from helpers.block import (
     DISK_SIZE,
     SECTOR,
     Rig,
     header,
-    image_fixture,  # noqa: F401  (the ``image`` fixture)
     make_rig,
     pattern,
     segment,

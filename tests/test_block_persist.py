@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from block_harness import (
-    image_fixture,  # noqa: F401  (the ``image`` fixture)
+from helpers.block import (
     make_rig,
 )
 from pyvirtio.device import DeviceState

@@ -15,21 +15,20 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from block_harness import (
+from helpers.block import (
     DISK_SIZE,
     SECTOR,
     Rig,
     header,
-    image_fixture,  # noqa: F401  (the ``image`` fixture)
     pattern,
 )
+from helpers.queues import RING_BASE
 from pyvirtio.devices.block import (
     Block,
     RequestType,
     Status,
 )
 from pyvirtio.workers import IoWorkers
-from queue_harness import RING_BASE
 
 # -- pipelined transfers (io_workers) --------------------------------------------------------
 

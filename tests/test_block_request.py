@@ -11,16 +11,16 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from block_harness import (
+from helpers.block import (
     DISK_SIZE,
     SECTOR,
     Rig,
     header,
-    image_fixture,  # noqa: F401  (the ``image`` fixture)
     make_rig,
     pattern,
     segment,
 )
+from helpers.queues import RING_BASE
 from pyvirtio.device import DeviceState
 from pyvirtio.devices.block import (
     MAX_DISCARD_SECTORS,
@@ -34,7 +34,6 @@ from pyvirtio.devices.block.request import BadRequest, Limits, RequestParser
 from pyvirtio.devices.block.wire import HEADER_SIZE as HEADER
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DescriptorChain
-from queue_harness import RING_BASE
 
 # -- malformed requests --------------------------------------------------------------------
 
@@ -173,7 +172,7 @@ def test_status_byte_readable_breaks_only_the_ring(image: Path) -> None:
     rig = make_rig(image)
     rig.request([header(RequestType.OUT)], [SECTOR, 1], notify=False)
     # Descriptors 0 (header), 1 (data), 2 (status) of a fresh split ring at
-    # queue_harness.RING_BASE: clear WRITE on the status descriptor.
+    # helpers.queues.RING_BASE: clear WRITE on the status descriptor.
     flags_addr = RING_BASE + 2 * 16 + 12
     assert rig.rig.mem.read_u16(flags_addr) == 2  # VIRTQ_DESC_F_WRITE
     rig.rig.mem.write_u16(flags_addr, 0)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from block_harness import (
+from helpers.block import (
     DISK_SIZE,
     SECTOR,
-    image_fixture,  # noqa: F401  (the ``image`` fixture)
 )
 from pyvirtio.devices import block
 from pyvirtio.devices.block import (

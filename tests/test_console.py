@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from helpers.queues import DirectRig
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.device import DeviceState
 from pyvirtio.devices.console import (
@@ -28,7 +29,6 @@ from pyvirtio.driver.console import ConsoleDriver, ConsoleDriverError
 from pyvirtio.irq import INT_CONFIG
 from pyvirtio.testing import MMIO_BASE, MmioTestRig, device_conformance
 from pyvirtio.transport.mmio import CONFIG_OFFSET, Reg
-from queue_harness import DirectRig
 
 RX0, TX0 = receiveq_index(0), transmitq_index(0)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from helpers.queues import DirectRig, RecordingInterrupt
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.device import (
     COMMON_FEATURES,
@@ -22,7 +23,6 @@ from pyvirtio.device import (
     expect_uint,
 )
 from pyvirtio.virtqueue.common import DeviceQueue, VirtqueueError
-from queue_harness import DirectRig, RecordingInterrupt
 
 OWN_FEATURE = 1 << 3
 

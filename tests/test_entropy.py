@@ -8,12 +8,12 @@ import logging
 
 import pytest
 
+from helpers.queues import DirectRig
 from pyvirtio.constants import DeviceId, DeviceStatus, Feature
 from pyvirtio.device import DeviceState
 from pyvirtio.devices.entropy import DEFAULT_MAX_REQUEST, REQUESTQ, Entropy
 from pyvirtio.driver.entropy import EntropyDriver, EntropyDriverError
 from pyvirtio.testing import MmioTestRig, device_conformance
-from queue_harness import DirectRig
 
 
 class CountingSource:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmio_test_devices import CounterDevice, EchoDevice
+from helpers.mmio_devices import CounterDevice, EchoDevice
 from pyvirtio.constants import DeviceStatus, Feature
 from pyvirtio.device import COMMON_FEATURES, DeviceState
 from pyvirtio.driver.memory import AllocationError, GuestAllocator

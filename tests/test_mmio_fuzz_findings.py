@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from mmio_test_devices import EchoDevice
+from helpers.mmio_devices import EchoDevice
 from pyvirtio.constants import DeviceStatus, Feature
 from pyvirtio.device import COMMON_FEATURES
 from pyvirtio.irq import IrqLine, RecordingInterruptController

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmio_test_devices import CounterDevice, EchoDevice
+from helpers.mmio_devices import CounterDevice, EchoDevice
 from pyvirtio.constants import DeviceStatus, Feature
 from pyvirtio.device import COMMON_FEATURES, DeviceState, LifecycleError
 from pyvirtio.irq import INT_CONFIG, INT_VRING, IrqLine, RecordingInterruptController

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from net_harness import (
+from helpers.net import (
     BCAST,
     DEV_MAC,
     IP_A,

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from net_harness import PEER_MAC, frame_of, udp_checksum_ok, udp_frame
+from helpers.net import PEER_MAC, frame_of, udp_checksum_ok, udp_frame
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.devices.net import Net, NetHeader, SocketPairBackend, poll_devices
 from pyvirtio.devices.net.wire import GUEST_OFFLOADS, HDR_SIZE, Gso, HdrFlag, NetFeature

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from net_harness import PEER_MAC, frame_of
+from helpers.net import PEER_MAC, frame_of
 from pyvirtio.constants import DeviceId
 from pyvirtio.devices.net.wire import HDR_SIZE, NetFeature
 from pyvirtio.driver.net import NetDriver

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from net_harness import arp_request, icmp_echo
+from helpers.net import arp_request, icmp_echo
 from pyvirtio.devices.net import Net, TapBackend, poll_devices
 from pyvirtio.devices.net.backends import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, BackendGone
 from pyvirtio.devices.net.wire import HDR_SIZE, internet_checksum

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from packed_helpers import (
+from helpers.packed import (
     _DESC,
     DATA,
     DESC,

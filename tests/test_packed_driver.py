@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from packed_helpers import (
+from helpers.packed import (
     DATA,
     DESC,
     DEV,

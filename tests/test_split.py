@@ -12,6 +12,18 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers.split import (
+    _DESC_FMT,
+    AVAIL,
+    DATA,
+    DESC,
+    IND,
+    MEM_SIZE,
+    USED,
+    device,
+    driver,
+    pop_error,
+)
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import ring, split
 from pyvirtio.virtqueue.common import (
@@ -27,18 +39,6 @@ from pyvirtio.virtqueue.split import (
     SplitDriverQueue,
     area_sizes,
     indirect_area_size,
-)
-from split_helpers import (
-    _DESC_FMT,
-    AVAIL,
-    DATA,
-    DESC,
-    IND,
-    MEM_SIZE,
-    USED,
-    device,
-    driver,
-    pop_error,
 )
 
 

@@ -13,21 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue import split, split_device
-from pyvirtio.virtqueue.common import (
-    DESC_F_INDIRECT,
-    DESC_F_NEXT,
-    DESC_F_WRITE,
-    MAX_QUEUE_SIZE,
-    DescriptorChain,
-    VirtqueueError,
-)
-from pyvirtio.virtqueue.split import (
-    SplitDeviceQueue,
-    area_sizes,
-)
-from split_helpers import (
+from helpers.split import (
     _DESC_FMT,
     AVAIL,
     DATA,
@@ -43,6 +29,20 @@ from split_helpers import (
     used_elem,
     write_desc,
     write_table_desc,
+)
+from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue import split, split_device
+from pyvirtio.virtqueue.common import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    MAX_QUEUE_SIZE,
+    DescriptorChain,
+    VirtqueueError,
+)
+from pyvirtio.virtqueue.split import (
+    SplitDeviceQueue,
+    area_sizes,
 )
 
 

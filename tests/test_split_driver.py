@@ -11,19 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue import split
-from pyvirtio.virtqueue.common import (
-    DESC_F_NEXT,
-    DESC_F_WRITE,
-    QueueFullError,
-    VirtqueueError,
-)
-from pyvirtio.virtqueue.split import (
-    SplitDriverQueue,
-    area_sizes,
-)
-from split_helpers import (
+from helpers.split import (
     _DESC_FMT,
     AVAIL,
     DATA,
@@ -35,6 +23,18 @@ from split_helpers import (
     driver_error,
     spec_need_event,
     used_write,
+)
+from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue import split
+from pyvirtio.virtqueue.common import (
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    QueueFullError,
+    VirtqueueError,
+)
+from pyvirtio.virtqueue.split import (
+    SplitDriverQueue,
+    area_sizes,
 )
 
 

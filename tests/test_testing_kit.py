@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mmio_test_devices import CounterDevice, EchoDevice
+from helpers.mmio_devices import CounterDevice, EchoDevice
 from pyvirtio.constants import Feature
 from pyvirtio.device import COMMON_FEATURES, VirtioDevice
 from pyvirtio.testing import DeviceConformance, device_conformance

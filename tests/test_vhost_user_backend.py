@@ -14,15 +14,14 @@ import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from helpers.vhost_user import F_PROTOCOL, TIMEOUT, RawFrontend, eventfd, served, wait_until
 from pyvirtio.constants import DeviceId, DeviceStatus, Feature
 from pyvirtio.device import (
     COMMON_FEATURES,
@@ -39,23 +38,18 @@ from pyvirtio.driver.vhost_user import RequestRefused, VhostUserError, VhostUser
 from pyvirtio.memory import GuestMemory
 from pyvirtio.transport.vhost_user import DEFAULT_PROTOCOL_FEATURES, VhostUserBackend
 from pyvirtio.transport.vhost_user.protocol import (
-    FLAG_NEED_REPLY,
     VERSION,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     BackendRequest,
     ConfigSpace,
     FrontendRequest,
     MemoryRegionDesc,
     Message,
     MessageParser,
-    Payload,
     ProtocolFeature,
     SingleMemoryRegion,
     VringAddr,
     VringState,
     encode,
-    fds_from_ancillary,
-    has_explicit_reply,
     vring_fd_payload,
 )
 from pyvirtio.virtqueue import split
@@ -64,16 +58,6 @@ from pyvirtio.virtqueue.disabled import DisabledQueue
 from pyvirtio.vmm.backends import ServedDevice
 
 R = FrontendRequest
-TIMEOUT = 5.0
-F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 def open_fds() -> int:
@@ -81,27 +65,6 @@ def open_fds() -> int:
     # (held by queues, often in reference cycles) is collected.
     gc.collect()
     return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-def sock_path() -> Iterator[Path]:
-    # AF_UNIX paths are limited to 108 bytes: keep them short.
-    with tempfile.TemporaryDirectory(prefix="vu") as d:
-        yield Path(d) / "s"
-
-
-@contextmanager
-def served(device: VirtioDevice, path: Path, **kwargs: float) -> Iterator[VhostUserBackend]:
-    backend = VhostUserBackend(device, path, **kwargs)
-    thread = threading.Thread(target=backend.serve_forever, name="vhost-user-backend")
-    thread.start()
-    try:
-        yield backend
-    finally:
-        backend.stop()
-        thread.join(TIMEOUT)
-        assert not thread.is_alive(), "serve_forever did not return after stop()"
-        backend.close()
 
 
 class TwoQueueDevice(VirtioDevice):
@@ -133,69 +96,6 @@ class TwoQueueDevice(VirtioDevice):
         if done:
             queue.add_used_batch(done)
             self.signal_used(index)
-
-
-class RawFrontend:
-    """A scripted front end: exactly the messages a test sends, QEMU's order or garbage."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(str(path))
-        self.parser = MessageParser(replies=True)
-
-    def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        if fds:
-            payload = struct.pack(f"<{len(fds)}i", *fds)
-            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, payload)])
-        else:
-            self.sock.sendall(data)
-
-    def send(
-        self,
-        request: FrontendRequest,
-        payload: Payload = None,
-        fds: Sequence[int] = (),
-        flags: int = VERSION,
-    ) -> None:
-        self.send_raw(encode(Message(request, payload, flags, tuple(fds))), fds)
-
-    def reply(self, request: FrontendRequest) -> Payload:
-        while True:
-            data, anc, _, _ = self.sock.recvmsg(self.parser.wanted(), socket.CMSG_SPACE(32))
-            assert data, f"back end closed the connection instead of answering {request.name}"
-            for fd in fds_from_ancillary(anc):
-                os.close(fd)
-            messages = self.parser.feed(data)
-            if messages:
-                assert messages[0].request is request
-                return messages[0].payload
-
-    def call(
-        self, request: FrontendRequest, payload: Payload = None, fds: Sequence[int] = ()
-    ) -> Payload:
-        """Send with NEED_REPLY (unless the reply is explicit) and return the reply."""
-        explicit = has_explicit_reply(request)
-        self.send(request, payload, fds, VERSION if explicit else VERSION | FLAG_NEED_REPLY)
-        return self.reply(request)
-
-    def wait_eof(self) -> None:
-        """The back end must close the connection."""
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                if self.sock.recv(4096) == b"":
-                    return
-            except ConnectionResetError:
-                return
-        raise AssertionError("back end kept the connection open")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def eventfd() -> int:
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
 def wait_fd(fd: int, timeout: float = TIMEOUT) -> bool:

@@ -13,7 +13,6 @@ import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,12 +42,6 @@ needs_qsd = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not i
 TIMEOUT = 5.0
 SECTOR = 512
 IMAGE_SECTORS = 2048  # 1 MiB
-
-
-@pytest.fixture
-def sock_path() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="vu") as d:
-        yield Path(d) / "s"
 
 
 @dataclass

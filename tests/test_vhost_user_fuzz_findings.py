@@ -11,27 +11,12 @@ import gc
 import weakref
 from pathlib import Path
 
+from helpers.vhost_user import TIMEOUT, StopFailsOnce, served, wait_until
 from pyvirtio.constants import DeviceId
 from pyvirtio.devices.block import Block
-from pyvirtio.devices.entropy import Entropy
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.entropy import EntropyDriver
 from pyvirtio.driver.vhost_user import VhostUserFrontend
-from test_vhost_user_backend import TIMEOUT, served, sock_path, wait_until
-
-__all__ = ["sock_path"]  # the fixture, shared with the back end's tests
-
-
-class StopFailsOnce(Entropy):
-    """A model whose feature re-ack raises once when armed (a bug in a model)."""
-
-    armed = False
-
-    def ack_features(self, features: int) -> None:
-        if self.armed:
-            self.armed = False
-            raise RuntimeError("model bug while the back end stops the device")
-        super().ack_features(features)
 
 
 def test_teardown_completes_whatever_the_model_raises(sock_path: Path) -> None:

@@ -23,6 +23,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers.vhost_user import (
+    F_PROTOCOL,
+    TIMEOUT,
+    RawFrontend,
+    eventfd,
+    served,
+    wait_until,
+)
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.devices.entropy import Entropy
 from pyvirtio.driver.blk import BlkDriver
@@ -43,17 +51,6 @@ from pyvirtio.transport.vhost_user.protocol import (
 )
 from pyvirtio.virtqueue import split
 from pyvirtio.vmm.backends import ServedDevice
-from test_vhost_user_backend import (
-    F_PROTOCOL,
-    TIMEOUT,
-    RawFrontend,
-    eventfd,
-    served,
-    sock_path,
-    wait_until,
-)
-
-__all__ = ["sock_path"]  # the fixture, re-used
 
 R = FrontendRequest
 GPA = 0x4000_0000

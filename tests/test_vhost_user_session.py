@@ -3,7 +3,7 @@
 The front end's side is played by the test: its memory is a memfd the
 session maps too (the fd travels in SET_MEM_TABLE as over a socket), its
 ring a SplitDriverQueue in that memory, its kick the session's ``kick``.
-The DeviceInterrupt is queue_harness's recorder: what the host would
+The DeviceInterrupt is the recorder of helpers.queues: what the host would
 signal is what the device asked for, which is what these tests check.
 """
 
@@ -14,10 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyvirtio.constants import Feature
+from helpers.queues import RecordingInterrupt
+from helpers.vhost_user import StopFailsOnce
+from helpers.vhost_user_session import BUFFER, MEM_SIZE, USER_BASE, FrontEnd, R
 from pyvirtio.device import DeviceState
 from pyvirtio.devices.entropy import Entropy
-from pyvirtio.memory import GuestMemory
 from pyvirtio.transport.vhost_user.actions import (
     Action,
     CloseFds,
@@ -29,7 +30,6 @@ from pyvirtio.transport.vhost_user.actions import (
     WatchKick,
 )
 from pyvirtio.transport.vhost_user.protocol import (
-    FLAG_NEED_REPLY,
     VERSION,
     VHOST_USER_F_PROTOCOL_FEATURES,
     FrontendRequest,
@@ -37,84 +37,15 @@ from pyvirtio.transport.vhost_user.protocol import (
     MemoryTable,
     Message,
     MessageParser,
-    Payload,
     ProtocolFeature,
     SingleMemoryRegion,
-    VringAddr,
     VringState,
     encode,
     vring_fd_payload,
 )
 from pyvirtio.transport.vhost_user.session import VhostUserSession
-from pyvirtio.virtqueue.split import SplitDriverQueue
-from queue_harness import RecordingInterrupt
-from test_vhost_user_fuzz_findings import StopFailsOnce
 
-R = FrontendRequest
 F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
-MEM_SIZE = 1 << 20
-#: The front end's own address of guest address 0 (what SET_VRING_ADDR uses).
-USER_BASE = 0x7F00_0000_0000
-QUEUE_SIZE = 16
-DESC, AVAIL, USED, BUFFER = 0x1000, 0x2000, 0x3000, 0x10000
-
-
-class FrontEnd:
-    """The test's front end: its memory, and helpers to talk to ``session``."""
-
-    def __init__(self, session: VhostUserSession) -> None:
-        self.session = session
-        self.mem = GuestMemory.memfd(MEM_SIZE)
-        self.replies = MessageParser(FrontendRequest, replies=True)
-
-    def send(
-        self, request: R, payload: Payload = None, *, fds: tuple[int, ...] = (), ack: bool = False
-    ) -> list[Action]:
-        flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
-        return self.session.receive(Message(request, payload, flags, fds))
-
-    def reply(self, actions: list[Action]) -> Payload:
-        (reply,) = [a for a in actions if isinstance(a, Reply)]
-        (message,) = self.replies.feed(reply.data, [])
-        return message.payload
-
-    def memfd(self) -> int:
-        fd = self.mem.regions[0].fd
-        assert fd is not None
-        return os.dup(fd)
-
-    def set_up_ring(self, *, kick_fd: int, call_fd: int) -> list[Action]:
-        """Features, memory and ring 0, as QEMU sends them; the actions of the last steps."""
-        self.send(R.SET_OWNER)
-        # Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled; the
-        # plain split driver queue below uses neither event index nor indirect.
-        unused = Feature.EVENT_IDX.mask | Feature.INDIRECT_DESC.mask | Feature.RING_PACKED.mask
-        self.send(R.SET_FEATURES, self.session.device.offered_features & ~unused)
-        self.send(
-            R.SET_MEM_TABLE,
-            MemoryTable((MemoryRegionDesc(0, MEM_SIZE, USER_BASE, 0),)),
-            fds=(self.memfd(),),
-        )
-        self.send(R.SET_VRING_NUM, VringState(0, QUEUE_SIZE))
-        addr = VringAddr(0, 0, USER_BASE + DESC, USER_BASE + USED, USER_BASE + AVAIL)
-        self.send(R.SET_VRING_ADDR, addr)
-        self.send(R.SET_VRING_BASE, VringState(0, 0))
-        actions = self.send(R.SET_VRING_CALL, vring_fd_payload(0, call_fd), fds=(call_fd,))
-        actions += self.send(R.SET_VRING_KICK, vring_fd_payload(0, kick_fd), fds=(kick_fd,))
-        return actions
-
-    def driver_queue(self) -> SplitDriverQueue:
-        return SplitDriverQueue(self.mem, QUEUE_SIZE, DESC, AVAIL, USED)
-
-
-@pytest.fixture
-def device() -> Entropy:
-    return Entropy(lambda n: b"\xab" * n)
-
-
-@pytest.fixture
-def interrupt() -> RecordingInterrupt:
-    return RecordingInterrupt()
 
 
 @pytest.fixture
@@ -132,15 +63,6 @@ def front(session: VhostUserSession) -> Iterator[FrontEnd]:
     front = FrontEnd(session)
     yield front
     front.mem.close()
-
-
-@pytest.fixture
-def eventfds() -> Iterator[tuple[int, int]]:
-    # The session only hands them over in actions: the host (here, the test) closes them.
-    kick, call = os.eventfd(0), os.eventfd(0)
-    yield kick, call
-    os.close(kick)
-    os.close(call)
 
 
 def test_get_features_offers_the_device_features_and_protocol_features(

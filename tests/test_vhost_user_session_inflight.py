@@ -17,25 +17,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers.queues import RecordingInterrupt
+from helpers.vhost_user_session import BUFFER, QUEUE_SIZE, USED, FrontEnd, R
 from pyvirtio.devices.entropy import Entropy
 from pyvirtio.transport.vhost_user.actions import CloseFds, Disconnect, Reply
 from pyvirtio.transport.vhost_user.inflight import SplitInflight
 from pyvirtio.transport.vhost_user.protocol import InflightDesc, ProtocolFeature
 from pyvirtio.transport.vhost_user.session import DEFAULT_PROTOCOL_FEATURES, VhostUserSession
 from pyvirtio.virtqueue.split import SplitDeviceQueue
-from queue_harness import RecordingInterrupt
-from test_vhost_user_session import (
-    BUFFER,
-    QUEUE_SIZE,
-    USED,
-    FrontEnd,
-    R,
-    device,
-    eventfds,
-    interrupt,
-)
-
-__all__ = ["device", "eventfds", "interrupt"]  # the fixtures, shared
 
 SPLIT_HEADER = "<QHHHH"
 SPLIT_DESC = "<B5xHQ"

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers.vsock import GUEST_CID, VsockRig, in_thread, listen_unix
 from pyvirtio.devices.vsock.device import Vsock
 from pyvirtio.devices.vsock.unix import UnixVsockHost, connect_to_guest
 from pyvirtio.devices.vsock.wire import HEADER_SIZE, Header, Op, ShutdownFlag, SockType
 from pyvirtio.testing import device_conformance
-from vsock_harness import GUEST_CID, VsockRig, in_thread, listen_unix
 
 
 @pytest.fixture

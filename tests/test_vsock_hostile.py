@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.vsock import GUEST_CID, VsockRig, in_thread, listen_unix
 from pyvirtio.devices.vsock.connection import DEFAULT_BUF_ALLOC, ConnState
 from pyvirtio.devices.vsock.device import RXQ, TXQ
 from pyvirtio.devices.vsock.unix import connect_to_guest
@@ -26,7 +27,6 @@ from pyvirtio.devices.vsock.wire import (
 )
 from pyvirtio.virtqueue.common import DriverQueue
 from pyvirtio.vmm.host_loop import poll_devices
-from vsock_harness import GUEST_CID, VsockRig, in_thread, listen_unix
 
 
 def open_fds() -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.vsock import in_thread, listen_unix
 from pyvirtio.constants import DeviceId
 from pyvirtio.devices.vsock.device import Vsock
 from pyvirtio.devices.vsock.unix import UnixVsockHost
@@ -21,7 +22,6 @@ from pyvirtio.driver.vhost_user import VhostUserFrontend
 from pyvirtio.driver.vsock import VsockDriver
 from pyvirtio.transport.vhost_user import VhostUserBackend
 from pyvirtio.vmm.backends import ServedDevice
-from vsock_harness import in_thread, listen_unix
 
 
 class Served:

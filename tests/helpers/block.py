@@ -1,6 +1,6 @@
-"""A virtio-blk device on queue_harness rings, with request builders, for the block tests.
+"""A virtio-blk device on helpers.queues rings, with request builders, for the block tests.
 
-Each test plays the driver on a ring pair (``queue_harness.DirectRig``) and
+Each test plays the driver on a ring pair (``helpers.queues.DirectRig``) and
 builds request chains by hand, so malformed requests a real driver would
 refuse to send can be made too.  Backing files are real files in tmp_path.
 """
@@ -11,14 +11,12 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
+from helpers.queues import DirectRig
 from pyvirtio.devices.block import (
     Block,
     RequestType,
     Status,
 )
-from queue_harness import DirectRig
 
 SECTOR = 512
 DISK_SIZE = 1 << 20  # 2048 sectors
@@ -36,13 +34,6 @@ def pattern(length: int, seed: int = 1) -> bytes:
     """Deterministic non-zero-looking bytes: ``(i * 7 + seed) mod 256``."""
     period = bytes((i * 7 + seed) & 0xFF for i in range(256))
     return (period * (length // 256 + 1))[:length]
-
-
-@pytest.fixture(name="image")
-def image_fixture(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    path.write_bytes(pattern(DISK_SIZE))
-    return path
 
 
 class Rig:

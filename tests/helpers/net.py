@@ -1,7 +1,7 @@
 """Helpers for the virtio-net tests: frame builders and a device bench where the test is the driver.
 
 :class:`NetBench` activates a :class:`~pyvirtio.devices.net.Net` directly on
-ring pairs (:class:`queue_harness.DirectRig`) with a socket-pair back end
+ring pairs (:class:`helpers.queues.DirectRig`) with a socket-pair back end
 whose other end (``peer``) the test holds: the test plays the guest driver
 on the rings and the network on the socket.
 """
@@ -14,10 +14,10 @@ import socket
 import struct
 from collections.abc import Sequence
 
+from helpers.queues import DirectRig
 from pyvirtio.constants import Feature
 from pyvirtio.devices.net import Net, NetHeader, SocketPairBackend
 from pyvirtio.devices.net.wire import HDR_SIZE, NetFeature, ctrl_queue_index, internet_checksum
-from queue_harness import DirectRig
 
 F = NetFeature
 
