@@ -3,6 +3,7 @@
 - :mod:`helpers.queues`: a device model activated directly on ring pairs (``DirectRig``).
 - :mod:`helpers.split`, :mod:`helpers.packed`: ring layouts and descriptor builders.
 - :mod:`helpers.mmio_devices`: small device models for the MMIO transport and driver tests.
+- :mod:`helpers.mmio`: an MMIO transport driven register by register (``Harness``).
 - :mod:`helpers.block`, :mod:`helpers.net`, :mod:`helpers.vsock`: per-device rigs and
   request or frame builders.
 - :mod:`helpers.vhost_user`: a back end served in a thread and a scripted front end.
