@@ -8,10 +8,23 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["DeviceId", "DeviceStatus", "Feature", "feature_names"]
+__all__ = ["COMMON_FEATURES", "DeviceId", "DeviceStatus", "Feature", "FeatureBit", "feature_names"]
 
 
-class Feature(enum.IntEnum):
+class FeatureBit(enum.IntEnum):
+    """Base of every feature-bit enum: members are bit numbers, ``mask`` is the bit itself.
+
+    Device types number their own bits from 0 (content.tex "Feature Bits"),
+    vhost-user numbers its protocol features the same way; each derives its
+    enum from this one.
+    """
+
+    @property
+    def mask(self) -> int:
+        return 1 << self.value
+
+
+class Feature(FeatureBit):
     """Device-independent feature bit numbers (content.tex, "Reserved Feature Bits")."""
 
     INDIRECT_DESC = 28
@@ -27,9 +40,16 @@ class Feature(enum.IntEnum):
     RING_RESET = 40
     ADMIN_VQ = 41
 
-    @property
-    def mask(self) -> int:
-        return 1 << self.value
+
+#: Features every pyvirtio device offers and every pyvirtio driver accepts
+#: unless it says otherwise: VERSION_1 (pyvirtio implements no legacy
+#: interface) and the ring features handled entirely by pyvirtio.virtqueue.
+COMMON_FEATURES = (
+    Feature.VERSION_1.mask
+    | Feature.RING_PACKED.mask
+    | Feature.EVENT_IDX.mask
+    | Feature.INDIRECT_DESC.mask
+)
 
 
 def feature_names(features: int) -> list[str]:

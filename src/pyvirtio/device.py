@@ -50,12 +50,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DeviceQueue, VirtqueueError
 
 __all__ = [
+    "COMMON_FEATURES",
     "ActivationError",
     "DeviceState",
     "LifecycleError",
@@ -67,16 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Features every pyvirtio device offers unless it says otherwise: VERSION_1
-#: (we implement no legacy interface), and the ring features handled entirely
-#: by pyvirtio.virtqueue.
-COMMON_FEATURES = (
-    Feature.VERSION_1.mask
-    | Feature.RING_PACKED.mask
-    | Feature.EVENT_IDX.mask
-    | Feature.INDIRECT_DESC.mask
-)
 
 
 class DeviceState(enum.Enum):

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.devices.balloon.wire import (
     BALLOON_PAGE_SIZE,
     CMD_ID_DONE,
@@ -67,10 +67,7 @@ RANGES_PER_REPORT = 32
 MAX_STATS = 256
 
 SUPPORTED_FEATURES = (
-    Feature.VERSION_1.mask
-    | Feature.RING_PACKED.mask
-    | Feature.EVENT_IDX.mask
-    | Feature.INDIRECT_DESC.mask
+    COMMON_FEATURES
     # The driver only reuses deflated pages after the device acknowledged.
     | BalloonFeature.MUST_TELL_HOST.mask
     | BalloonFeature.STATS_VQ.mask

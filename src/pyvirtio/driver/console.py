@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.constants import COMMON_FEATURES, DeviceId
 from pyvirtio.devices.console import (
     CONTROL_HEADER,
     CONTROL_RECEIVEQ,
@@ -47,15 +47,7 @@ from pyvirtio.virtqueue.common import DriverQueue
 __all__ = ["ConsoleDriver", "ConsoleDriverError"]
 
 #: What the driver can use.
-SUPPORTED_FEATURES = (
-    Feature.VERSION_1.mask
-    | Feature.RING_PACKED.mask
-    | Feature.EVENT_IDX.mask
-    | Feature.INDIRECT_DESC.mask
-    | 1 << F_SIZE
-    | 1 << F_MULTIPORT
-    | 1 << F_EMERG_WRITE
-)
+SUPPORTED_FEATURES = COMMON_FEATURES | 1 << F_SIZE | 1 << F_MULTIPORT | 1 << F_EMERG_WRITE
 
 #: Linux posts page-sized buffers on receiveqs and the control receiveq.
 DEFAULT_BUFFER_SIZE = 4096

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.driver.mmio import MmioDriverError, MmioDriverTransport
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "EntropyDriver", "EntropyDriverError"]
@@ -22,12 +22,7 @@ __all__ = ["DEFAULT_BUFFER_SIZE", "EntropyDriver", "EntropyDriverError"]
 DEFAULT_BUFFER_SIZE = 64 * 1024
 
 #: What the driver can use: ring features are all handled by pyvirtio.virtqueue.
-SUPPORTED_FEATURES = (
-    Feature.VERSION_1.mask
-    | Feature.RING_PACKED.mask
-    | Feature.EVENT_IDX.mask
-    | Feature.INDIRECT_DESC.mask
-)
+SUPPORTED_FEATURES = COMMON_FEATURES
 
 REQUESTQ = 0
 

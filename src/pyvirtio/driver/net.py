@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.devices.net.wire import (
     CONFIG_MAC,
     CONFIG_MAX_PAIRS,
@@ -70,14 +70,7 @@ __all__ = ["NetDriver", "NetDriverError", "NetTransport", "Packet"]
 F = NetFeature
 
 #: What this driver can use.
-SUPPORTED_FEATURES = (
-    Feature.VERSION_1.mask
-    | Feature.RING_PACKED.mask
-    | Feature.EVENT_IDX.mask
-    | Feature.INDIRECT_DESC.mask
-    | IMPLEMENTED_NET_FEATURES
-    | F.MQ.mask
-)
+SUPPORTED_FEATURES = COMMON_FEATURES | IMPLEMENTED_NET_FEATURES | F.MQ.mask
 #: Features only usable by reading config space (``mac``, ``status``, ``mtu``,
 #: ``max_virtqueue_pairs``): not negotiated over a transport that cannot read
 #: it, e.g. vhost-user without the CONFIG protocol feature (DPDK's vhost PMD).

@@ -23,7 +23,7 @@ import errno
 import time
 from collections.abc import Callable
 
-from pyvirtio.constants import DeviceId, Feature
+from pyvirtio.constants import COMMON_FEATURES, DeviceId
 from pyvirtio.devices.vsock.connection import (
     DEFAULT_BUF_ALLOC,
     Connection,
@@ -53,14 +53,7 @@ TXQ = 1
 EVENTQ = 2
 
 #: Ring features handled by pyvirtio.virtqueue, plus the vsock ones.
-SUPPORTED_FEATURES = (
-    Feature.VERSION_1.mask
-    | Feature.RING_PACKED.mask
-    | Feature.EVENT_IDX.mask
-    | Feature.INDIRECT_DESC.mask
-    | VsockFeature.STREAM.mask
-    | VsockFeature.SEQPACKET.mask
-)
+SUPPORTED_FEATURES = COMMON_FEATURES | VsockFeature.STREAM.mask | VsockFeature.SEQPACKET.mask
 #: Receive buffer size: a header and 4 KiB of payload, as Linux posts.
 RX_BUFFER_SIZE = HEADER_SIZE + 4096
 #: Ephemeral ports for connect() start here.

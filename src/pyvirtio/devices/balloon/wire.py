@@ -14,6 +14,8 @@ from array import array
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+from pyvirtio.constants import FeatureBit
+
 __all__ = [
     "BALLOON_PAGE_SIZE",
     "CMD_ID_DONE",
@@ -48,7 +50,7 @@ CMD_ID_STOP = 0
 CMD_ID_DONE = 1
 
 
-class BalloonFeature(enum.IntEnum):
+class BalloonFeature(FeatureBit):
     """Device-specific feature bits (device-types/balloon: Feature bits)."""
 
     MUST_TELL_HOST = 0
@@ -57,10 +59,6 @@ class BalloonFeature(enum.IntEnum):
     FREE_PAGE_HINT = 3
     PAGE_POISON = 4
     PAGE_REPORTING = 5
-
-    @property
-    def mask(self) -> int:
-        return 1 << self.value
 
 
 class BalloonQueue(enum.Enum):

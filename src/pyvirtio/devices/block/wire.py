@@ -13,6 +13,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from pyvirtio.constants import FeatureBit
+
 __all__ = [
     "CONFIG_SIZE",
     "CONFIG_WRITEBACK_OFFSET",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-class BlkFeature(enum.IntEnum):
+class BlkFeature(FeatureBit):
     """Block feature bit numbers (device-types/blk: Feature bits)."""
 
     SIZE_MAX = 1
@@ -50,10 +52,6 @@ class BlkFeature(enum.IntEnum):
     LIFETIME = 15
     SECURE_ERASE = 16
     ZONED = 17
-
-    @property
-    def mask(self) -> int:
-        return 1 << self.value
 
 
 class RequestType(enum.IntEnum):

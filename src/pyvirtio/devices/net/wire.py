@@ -14,6 +14,8 @@ import enum
 import struct
 from collections.abc import Iterable
 
+from pyvirtio.constants import FeatureBit
+
 __all__ = [
     "BROADCAST",
     "CONFIG_LAYOUT",
@@ -44,7 +46,7 @@ __all__ = [
 ]
 
 
-class NetFeature(enum.IntEnum):
+class NetFeature(FeatureBit):
     """Network feature bit numbers (device-types/net: Feature bits)."""
 
     CSUM = 0
@@ -69,10 +71,6 @@ class NetFeature(enum.IntEnum):
     GUEST_ANNOUNCE = 21
     MQ = 22
     CTRL_MAC_ADDR = 23
-
-    @property
-    def mask(self) -> int:
-        return 1 << self.value
 
 
 #: The device-specific features pyvirtio implements on both sides (the device

@@ -13,6 +13,8 @@ import enum
 import struct
 from typing import NamedTuple
 
+from pyvirtio.constants import FeatureBit
+
 __all__ = [
     "CONFIG_SIZE",
     "EVENT_SIZE",
@@ -51,16 +53,12 @@ _EVENT = struct.Struct("<I")
 _CONFIG = struct.Struct("<Q")
 
 
-class VsockFeature(enum.IntEnum):
+class VsockFeature(FeatureBit):
     """Feature bit numbers (device-types/vsock: Feature bits)."""
 
     STREAM = 0
     SEQPACKET = 1
     NO_IMPLIED_STREAM = 2
-
-    @property
-    def mask(self) -> int:
-        return 1 << self.value
 
 
 class SockType(enum.IntEnum):

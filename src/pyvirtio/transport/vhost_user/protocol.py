@@ -25,6 +25,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pyvirtio.constants import FeatureBit
+
 # The layouts' structs and field check are shared with the payload
 # module (one package, one definition of each layout).
 from pyvirtio.transport.vhost_user.payloads import (
@@ -120,7 +122,7 @@ VRING_FD_INDEX_MASK = 0xFF
 VRING_FD_NOFD = 0x100
 
 
-class ProtocolFeature(enum.IntEnum):
+class ProtocolFeature(FeatureBit):
     """Protocol feature bit numbers (vhost-user.rst "Protocol features")."""
 
     MQ = 0
@@ -143,10 +145,6 @@ class ProtocolFeature(enum.IntEnum):
     XEN_MMAP = 17
     SHARED_OBJECT = 18
     DEVICE_STATE = 19
-
-    @property
-    def mask(self) -> int:
-        return 1 << self.value
 
 
 class FrontendRequest(enum.IntEnum):
