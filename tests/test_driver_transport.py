@@ -1,8 +1,10 @@
-"""DriverTransportBase: features, ring planning and queue records both driver transports share."""
+"""DriverTransportBase: features, ring planning and queue records both driver transports share;
+the device ID check and the interrupt wait every device driver uses."""
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -11,9 +13,13 @@ from pyvirtio.constants import DeviceStatus, Feature
 from pyvirtio.driver.memory import GuestAllocator
 from pyvirtio.driver.transport import (
     DEFAULT_MAX_INDIRECT,
+    WAIT_STEP,
     DriverTransportBase,
+    MmioDriverError,
     QueueSetupError,
     RingPlan,
+    check_device_id,
+    wait_until,
 )
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DriverQueue
@@ -141,3 +147,58 @@ def test_setup_queue_after_features_ok_once_per_index() -> None:
         transport.setup_queue(1, 128)
     assert transport.setup_queue(1, 64, max_indirect=2).size == 64
     assert transport.added == [0, 1]
+
+
+def test_check_device_id() -> None:
+    check_device_id(4, 4, MmioDriverError, "an entropy device")
+    with pytest.raises(MmioDriverError, match="device ID 3 is not an entropy device"):
+        check_device_id(3, 4, MmioDriverError, "an entropy device")
+    # A transport that cannot tell passes only where the driver allows it.
+    for unknown in (0, None):
+        check_device_id(unknown, 1, ValueError, "a network device", unknown_ok=True)
+        with pytest.raises(ValueError, match=f"device ID {unknown} is not a network device"):
+            check_device_id(unknown, 1, ValueError, "a network device")
+    with pytest.raises(ValueError, match="device ID 2 is not a network device"):
+        check_device_id(2, 1, ValueError, "a network device", unknown_ok=True)
+
+
+class _Interrupts:
+    """Records each wait; an interrupt never comes, so every wait sleeps its timeout."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait_interrupt(self, timeout: float | None = None) -> int:
+        assert timeout is not None
+        self.waits.append(timeout)
+        time.sleep(timeout)
+        return 0
+
+
+def test_wait_until_asks_before_waiting_and_after_every_wait() -> None:
+    interrupts = _Interrupts()
+    answers = iter([False, False, True])
+    assert wait_until(interrupts, lambda: next(answers), time.monotonic() + 10)  # type: ignore[arg-type]
+    assert len(interrupts.waits) == 2
+    assert all(0 < w <= WAIT_STEP for w in interrupts.waits)
+    # Done at once: no wait at all.
+    interrupts.waits.clear()
+    assert wait_until(interrupts, lambda: True, time.monotonic() - 1)  # type: ignore[arg-type]
+    assert interrupts.waits == []
+
+
+def test_wait_until_gives_up_at_the_deadline() -> None:
+    interrupts = _Interrupts()
+    asked = 0
+
+    def never() -> bool:
+        nonlocal asked
+        asked += 1
+        return False
+
+    start = time.monotonic()
+    assert not wait_until(interrupts, never, start + 0.12)  # type: ignore[arg-type]
+    assert time.monotonic() - start >= 0.12
+    # Waits are capped at WAIT_STEP, and the last one ends at the deadline.
+    assert len(interrupts.waits) >= 3 and max(interrupts.waits) <= WAIT_STEP
+    assert asked == len(interrupts.waits) + 1

@@ -47,7 +47,7 @@ from pyvirtio.devices.balloon.wire import (
     queue_layout,
 )
 from pyvirtio.driver.memory import GuestAllocator
-from pyvirtio.driver.transport import DriverTransport
+from pyvirtio.driver.transport import DriverTransport, check_device_id, wait_until
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = [
@@ -171,8 +171,7 @@ class BalloonDriver:
         queue_size: int | None = None,
         timeout: float = 5.0,
     ) -> None:
-        if transport.device_id != DeviceId.BALLOON:
-            raise BalloonDriverError(f"device ID {transport.device_id} is not a balloon")
+        check_device_id(transport.device_id, DeviceId.BALLOON, BalloonDriverError, "a balloon")
         self.transport = transport
         self.pool = pool
         self.stats_source = stats_source
@@ -419,15 +418,17 @@ class BalloonDriver:
         queue.add(copies, writable, token=token)
         if queue.kick_needed():
             transport.notify(self.layout[role])
-        deadline = time.monotonic() + self.timeout
-        while not any(used is token for used, _ in queue.used()):
+
+        def used() -> bool:
+            if any(used is token for used, _ in queue.used()):
+                return True
             self._service_stats()
             self._check_device()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                # The copies stay allocated: the device may still read them.
-                raise BalloonDriverError(f"{role.value}: buffer not used within {self.timeout} s")
-            transport.wait_interrupt(min(remaining, 0.05))
+            return False
+
+        if not wait_until(transport, used, time.monotonic() + self.timeout):
+            # The copies stay allocated: the device may still read them.
+            raise BalloonDriverError(f"{role.value}: buffer not used within {self.timeout} s")
         for addr, _ in copies:
             allocator.free(addr)
 

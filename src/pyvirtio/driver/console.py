@@ -42,6 +42,7 @@ from pyvirtio.devices.console import (
     transmitq_index,
 )
 from pyvirtio.driver.mmio import MmioDriverError, MmioDriverTransport
+from pyvirtio.driver.transport import check_device_id, wait_until
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = ["ConsoleDriver", "ConsoleDriverError"]
@@ -93,8 +94,7 @@ class ConsoleDriver:
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         timeout: float = 5.0,
     ) -> None:
-        if transport.device_id != DeviceId.CONSOLE:
-            raise MmioDriverError(f"device ID {transport.device_id} is not a console")
+        check_device_id(transport.device_id, DeviceId.CONSOLE, MmioDriverError, "a console")
         if rx_buffers <= 0 or buffer_size <= 0:
             raise ValueError("rx_buffers and buffer_size must be positive")
         self.transport = transport
@@ -215,13 +215,7 @@ class ConsoleDriver:
         self.poll()
         if not state.received and timeout != 0:
             wait = self.timeout if timeout is None else timeout
-            deadline = time.monotonic() + wait
-            while not state.received:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self.transport.wait_interrupt(min(remaining, 0.05))
-                self.poll()
+            self._poll_until(lambda: bool(state.received), time.monotonic() + wait)
         data = bytes(state.received)
         state.received.clear()
         return data
@@ -373,15 +367,17 @@ class ConsoleDriver:
         return self.transport.read_config(offset, size)
 
     def _wait_for(self, condition: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + self.timeout
-        while True:
+        if not self._poll_until(condition, time.monotonic() + self.timeout):
+            raise ConsoleDriverError(f"timed out waiting for {what}")
+
+    def _poll_until(self, condition: Callable[[], bool], deadline: float) -> bool:
+        """Poll after every interrupt until ``condition()``; False once ``deadline`` passed."""
+
+        def done() -> bool:
             self.poll()
-            if condition():
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ConsoleDriverError(f"timed out waiting for {what}")
-            self.transport.wait_interrupt(min(remaining, 0.05))
+            return condition()
+
+        return wait_until(self.transport, done, deadline)
 
 
 def _in_flight(queue: DriverQueue) -> int:

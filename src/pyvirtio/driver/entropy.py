@@ -15,6 +15,7 @@ import time
 
 from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.driver.mmio import MmioDriverError, MmioDriverTransport
+from pyvirtio.driver.transport import check_device_id, wait_until
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "EntropyDriver", "EntropyDriverError"]
 
@@ -48,8 +49,7 @@ class EntropyDriver:
         timeout: float = 5.0,
         max_empty: int = 100,
     ) -> None:
-        if transport.device_id != DeviceId.ENTROPY:
-            raise MmioDriverError(f"device ID {transport.device_id} is not an entropy device")
+        check_device_id(transport.device_id, DeviceId.ENTROPY, MmioDriverError, "an entropy device")
         if buffer_size <= 0 or max_empty <= 0:
             raise ValueError("buffer_size and max_empty must be positive")
         self.transport = transport
@@ -96,24 +96,27 @@ class EntropyDriver:
         self.queue.add([], [(buffer, length)], token=buffer)
         if self.queue.kick_needed():
             transport.notify(REQUESTQ)
-        deadline = time.monotonic() + self.timeout
-        while True:
+        got: list[bytes] = []
+
+        def completed() -> bool:
             for token, written in self.queue.used():
                 if token == buffer:
-                    return transport.mem.read(buffer, written)
+                    got.append(transport.mem.read(buffer, written))
+                    return True
                 # A request abandoned after a timeout: its buffer is free now.
                 assert isinstance(token, int)
                 self._abandoned.discard(token)
                 transport.allocator.free(token)
             if transport.needs_reset:
                 raise EntropyDriverError("device needs reset")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                # The buffer stays with the device: do not reuse it.
-                self._abandoned.add(buffer)
-                self._buffer = transport.allocator.alloc(self.buffer_size, zero=False)
-                raise EntropyDriverError(f"no completion within {self.timeout} s")
-            transport.wait_interrupt(min(remaining, 0.05))
+            return False
+
+        if wait_until(transport, completed, time.monotonic() + self.timeout):
+            return got[0]
+        # The buffer stays with the device: do not reuse it.
+        self._abandoned.add(buffer)
+        self._buffer = transport.allocator.alloc(self.buffer_size, zero=False)
+        raise EntropyDriverError(f"no completion within {self.timeout} s")
 
     def close(self) -> None:
         """Reset the device (freeing the rings) and free the request buffer."""

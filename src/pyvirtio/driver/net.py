@@ -62,7 +62,7 @@ from pyvirtio.devices.net.wire import (
     parse_mac,
 )
 from pyvirtio.driver.mmio import MmioDriverError
-from pyvirtio.driver.transport import DriverTransport
+from pyvirtio.driver.transport import DriverTransport, check_device_id
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = ["NetDriver", "NetDriverError", "NetTransport", "Packet"]
@@ -172,8 +172,9 @@ class NetDriver:
         timeout: float = 5.0,
         wait: Callable[[float], object] | None = None,
     ) -> None:
-        if transport.device_id not in (0, DeviceId.NET):
-            raise NetDriverError(f"device ID {transport.device_id} is not a network device")
+        check_device_id(
+            transport.device_id, DeviceId.NET, NetDriverError, "a network device", unknown_ok=True
+        )
         if queue_pairs < 1:
             raise ValueError(f"queue_pairs must be at least 1, not {queue_pairs}")
         self.transport = transport

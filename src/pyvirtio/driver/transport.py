@@ -13,6 +13,8 @@ the choice of ring size, format and indirect tables for a new queue.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from pyvirtio.constants import DeviceStatus, Feature
@@ -22,6 +24,7 @@ from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = [
     "DEFAULT_MAX_INDIRECT",
+    "WAIT_STEP",
     "BufferAllocator",
     "DriverTransport",
     "DriverTransportBase",
@@ -30,10 +33,16 @@ __all__ = [
     "QueueRecord",
     "QueueSetupError",
     "RingPlan",
+    "check_device_id",
+    "wait_until",
 ]
 
 #: Default indirect-table entries per request when INDIRECT_DESC is negotiated.
 DEFAULT_MAX_INDIRECT = 16
+#: Longest one wait for an interrupt lasts in :func:`wait_until`, in seconds: what a
+#: driver waits for is checked again at least this often, since a completion need
+#: not come with an interrupt (suppressed notifications, a lost edge).
+WAIT_STEP = 0.05
 
 
 class MmioDriverError(Exception):
@@ -47,6 +56,38 @@ class FeatureNegotiationError(MmioDriverError):
 
 class QueueSetupError(MmioDriverError):
     """A queue cannot be set up (nonexistent, already in use, bad size, wrong state)."""
+
+
+def check_device_id(
+    found: int | None,
+    expected: int,
+    error: type[Exception],
+    what: str,
+    *,
+    unknown_ok: bool = False,
+) -> None:
+    """Raise ``error`` unless the device behind a transport is of type ``expected``.
+
+    ``found`` is the transport's device ID; ``unknown_ok`` lets an unknown one
+    (0 or None) pass, for drivers that run over vhost-user, where the protocol
+    carries no device type.
+    """
+    if found != expected and not (unknown_ok and not found):
+        raise error(f"device ID {found} is not {what}")
+
+
+def wait_until(transport: DriverTransport, done: Callable[[], bool], deadline: float) -> bool:
+    """Wait for the device's interrupts until ``done()``; False once ``deadline`` has passed.
+
+    ``done`` is asked first and after every interrupt (or :data:`WAIT_STEP`);
+    it reaps what the device used, so it is where a driver makes progress.
+    """
+    while not done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        transport.wait_interrupt(min(remaining, WAIT_STEP))
+    return True
 
 
 class BufferAllocator(Protocol):

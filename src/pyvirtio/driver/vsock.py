@@ -43,7 +43,7 @@ from pyvirtio.devices.vsock.wire import (
     VsockFeature,
     unpack_event,
 )
-from pyvirtio.driver.transport import DriverTransport
+from pyvirtio.driver.transport import DriverTransport, check_device_id, wait_until
 from pyvirtio.virtqueue.common import QueueFullError
 
 __all__ = ["VsockDriver", "VsockDriverError", "VsockSocket"]
@@ -209,8 +209,7 @@ class VsockDriver:
         device_id: int | None = None,
     ) -> None:
         found = getattr(transport, "device_id", device_id)
-        if found and found != DeviceId.VSOCK:
-            raise VsockDriverError(f"device ID {found} is not a vsock device")
+        check_device_id(found, DeviceId.VSOCK, VsockDriverError, "a vsock device", unknown_ok=True)
         self.transport = transport
         self.timeout = timeout
         wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
@@ -281,15 +280,15 @@ class VsockDriver:
         return time.monotonic() + (self.timeout if timeout is None else timeout)
 
     def _wait(self, deadline: float, done: Callable[[], bool]) -> None:
-        while True:
+        def polled() -> bool:
             self.poll()
             if done():
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("vsock operation timed out")
+                return True
             self.rxq.enable_interrupts()
-            self.transport.wait_interrupt(min(remaining, 0.05))
+            return False
+
+        if not wait_until(self.transport, polled, deadline):
+            raise TimeoutError("vsock operation timed out")
 
     def _send_packet(
         self, header: Header, payload: memoryview | bytes = b"", deadline: float | None = None
