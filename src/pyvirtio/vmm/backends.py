@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 __all__ = ["BackendError", "ServedDevice"]
 
@@ -103,12 +102,7 @@ class ServedDevice:
     def __enter__(self) -> ServedDevice:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def __del__(self) -> None:

@@ -14,7 +14,6 @@ import os
 import subprocess
 import threading
 import time
-from types import TracebackType
 
 from pyvirtio.vmm.guest import BOOT_MARKER, EXIT_MARKER
 from pyvirtio.vmm.qemu import MicrovmConfig
@@ -108,12 +107,11 @@ class LiveGuest:
                 inside.append(line)
         return status, "\n".join(inside)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill QEMU if it still runs and release its pipes and the console reader."""
         proc = self._proc
         if proc is None:
             return
