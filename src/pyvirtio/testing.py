@@ -270,11 +270,7 @@ class DeviceConformance:
         device.snapshot()
         device.wake()
         assert device.state is DeviceState.NEW
-        rig = self._rig()
-        rig.transport.sleep()
-        rig.transport.snapshot()
-        rig.transport.wake()
-        assert rig.device.state is DeviceState.NEW
+        _transport_sleep_snapshot_wake(self._rig(), DeviceState.NEW)
 
     def test_sleep_snapshot_wake(self) -> None:
         rig = self._rig()
@@ -285,10 +281,7 @@ class DeviceConformance:
         rig.device.snapshot()
         rig.device.wake(resources)
         assert rig.device.state is DeviceState.ACTIVE
-        rig.transport.sleep()
-        rig.transport.snapshot()
-        rig.transport.wake()
-        assert rig.device.state is DeviceState.ACTIVE
+        _transport_sleep_snapshot_wake(rig, DeviceState.ACTIVE)
 
     def test_suspend_modify_restore(self) -> None:
         probe = self.make_device()
@@ -350,6 +343,14 @@ def _device_snapshot(snapshot: dict[str, Any]) -> bytes:
 def _state_of(device: VirtioDevice) -> DeviceState:
     """The device's state, read through a call so type narrowing does not stick."""
     return device.state
+
+
+def _transport_sleep_snapshot_wake(rig: MmioTestRig, state: DeviceState) -> None:
+    """Sleep, snapshot and wake through the transport; the device must be back in ``state``."""
+    rig.transport.sleep()
+    rig.transport.snapshot()
+    rig.transport.wake()
+    assert rig.device.state is state
 
 
 def _expect_lifecycle_error(call: Callable[[], object], what: str) -> None:
