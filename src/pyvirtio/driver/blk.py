@@ -64,8 +64,11 @@ from pyvirtio.devices.block.wire import (
     DISCARD_SEGMENT_SIZE,
     GET_ID_BYTES,
     HEADER_SIZE,
+    S_OK,
     SECTOR_SIZE,
     SEGMENT,
+    T_IN,
+    T_OUT,
     BlkConfig,
     BlkFeature,
     RequestType,
@@ -108,9 +111,6 @@ _RO_MASK = BlkFeature.RO.mask
 
 #: A slot's header and its status byte (at _STATUS_OFFSET), written at once.
 _HEADER_AND_STATUS = struct.Struct("<IIQB")
-_IN = int(RequestType.IN)
-_OK = int(Status.OK)
-_OUT = int(RequestType.OUT)
 
 
 class BlkError(OSError):
@@ -478,7 +478,7 @@ class BlkDriver:
         self, offset: int, addr: int, length: int, *, queue: int = 0, kick: bool = True
     ) -> int:
         """Read ``length`` bytes at ``offset`` into guest memory at ``addr``."""
-        return self._submit_one(_IN, offset, addr, length, queue, kick)
+        return self._submit_one(T_IN, offset, addr, length, queue, kick)
 
     def _submit_one(
         self, req_type: int, offset: int, addr: int, length: int, queue: int, kick: bool
@@ -488,7 +488,7 @@ class BlkDriver:
         Anything unusual (an empty or oversized buffer, a bad argument) goes
         the general way, which raises the precise error.
         """
-        write = req_type == _OUT
+        write = req_type == T_OUT
         window = self._fast_range
         config = self.config
         if (
@@ -547,7 +547,7 @@ class BlkDriver:
         self, offset: int, addr: int, length: int, *, queue: int = 0, kick: bool = True
     ) -> int:
         """Write ``length`` bytes from guest memory at ``addr`` to ``offset``."""
-        return self._submit_one(_OUT, offset, addr, length, queue, kick)
+        return self._submit_one(T_OUT, offset, addr, length, queue, kick)
 
     def submit_writev(
         self,
@@ -671,7 +671,7 @@ class BlkDriver:
                 assert isinstance(token, int)
                 slot = in_flight.pop(token)
                 status = slots[slot * _SLOT + _STATUS_OFFSET]
-                if status == _OK and written:
+                if status == S_OK and written:
                     done.append((token, 0))
                 else:
                     done.append((token, _status_result(status, written)))

@@ -58,12 +58,17 @@ from pyvirtio.devices.block.request import BadRequest, Limits, Request, RequestP
 from pyvirtio.devices.block.wire import (
     CONFIG_WRITEBACK_OFFSET,
     GET_ID_BYTES,
+    S_IOERR,
+    S_OK,
     SECTOR_SIZE,
     STATUS_SIZE,
+    T_DISCARD,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
     BlkConfig,
     BlkFeature,
-    RequestType,
-    Status,
     pack_config,
 )
 from pyvirtio.irq import DeviceInterrupt
@@ -99,16 +104,8 @@ MAX_WRITE_ZEROES_SECTORS = 1 << 21
 #: Seconds between two log lines of the same kind of host I/O failure.
 IO_LOG_INTERVAL = 60.0
 
-#: Plain ints for the hot path's comparisons (an IntEnum member lookup costs more).
-_IN = int(RequestType.IN)
-_OUT = int(RequestType.OUT)
-_FLUSH = int(RequestType.FLUSH)
-_GET_ID = int(RequestType.GET_ID)
-_DISCARD = int(RequestType.DISCARD)
-_OK = int(Status.OK)
-_IOERR = int(Status.IOERR)
 #: Requests whose data area the device writes.
-_FILLS_DATA = frozenset({_IN, _GET_ID})
+_FILLS_DATA = frozenset({T_IN, T_GET_ID})
 
 CacheMode = Literal["writeback", "writethrough"]
 
@@ -485,32 +482,32 @@ class Block(VirtioDevice):
         req_type = request.type
         backend = self._backend
         try:
-            if req_type == _IN:
+            if req_type == T_IN:
                 backend.read_into(request.views, request.offset, request.length)
-                return Served(chain, _OK, False, True)
-            if req_type == _OUT:
+                return Served(chain, S_OK, False, True)
+            if req_type == T_OUT:
                 backend.write_from(request.views, request.offset, request.length)
-                return Served(chain, _OK, True, False)
-            if req_type == _FLUSH:
+                return Served(chain, S_OK, True, False)
+            if req_type == T_FLUSH:
                 if not self._read_only:
                     backend.flush()
-                return Served(chain, _OK, False, False)
-            if req_type == _GET_ID:
+                return Served(chain, S_OK, False, False)
+            if req_type == T_GET_ID:
                 # The data MUST be 20 bytes; a shorter buffer gets a prefix
                 # and a longer one is NUL-padded.
                 _copy_into(request.views, self._id_bytes)
-                return Served(chain, _OK, False, True)
+                return Served(chain, S_OK, False, True)
             for segment in request.segments:  # DISCARD or WRITE_ZEROES
-                if req_type == _DISCARD:
+                if req_type == T_DISCARD:
                     backend.discard(segment.offset, segment.length)
                 else:
                     backend.write_zeroes(segment.offset, segment.length, unmap=segment.unmap)
-            return Served(chain, _OK, True, False)
+            return Served(chain, S_OK, True, False)
         except OSError as exc:
             self._io_log.warn(
                 "io", exc.errno, "request %d (type %d) failed: %s", chain.head, req_type, exc
             )
-            return Served(chain, _IOERR, False, req_type in _FILLS_DATA)
+            return Served(chain, S_IOERR, False, req_type in _FILLS_DATA)
 
     def _sync(self, served: list[Served]) -> bool:
         """In writethrough mode, make the served writes durable; True if that failed."""
@@ -532,9 +529,9 @@ class Block(VirtioDevice):
         completions: list[tuple[DescriptorChain, int]] = []
         write_status = self._parser.write_status
         for chain, status, modified, data_written in served:
-            if status == _OK and not (sync_failed and modified):
+            if status == S_OK and not (sync_failed and modified):
                 try:
-                    write_status(chain, _OK)
+                    write_status(chain, S_OK)
                 except GuestMemoryError as exc:  # regions removed since the chain was parsed
                     raise VirtqueueError(str(exc)) from exc
                 completions.append((chain, chain.writable_len))
@@ -542,7 +539,7 @@ class Block(VirtioDevice):
                 completions.append((chain, 0))
             else:
                 self.io_errors += 1
-                final = _IOERR if sync_failed and modified else status
+                final = S_IOERR if sync_failed and modified else status
                 completions.append((chain, self._write_status(chain, final, data_written)))
         queue.add_used_batch(completions)
 
@@ -550,7 +547,7 @@ class Block(VirtioDevice):
         """Write the status byte (the last device-writable byte); returns the used length."""
         total = chain.writable_len
         try:
-            if status != _OK and total > STATUS_SIZE:
+            if status != S_OK and total > STATUS_SIZE:
                 if not data_written:
                     self._parser.write_status(chain, status)
                     return 0  # only the last byte written: nothing from the first counts

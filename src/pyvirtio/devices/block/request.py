@@ -32,12 +32,18 @@ from pyvirtio.devices.block.wire import (
     DISCARD_SEGMENT_SIZE,
     HEADER,
     HEADER_SIZE,
+    S_IOERR,
+    S_UNSUPP,
     SECTOR_SIZE,
     SEGMENT,
     SEGMENT_F_UNMAP,
     STATUS_SIZE,
-    RequestType,
-    Status,
+    T_DISCARD,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+    T_WRITE_ZEROES,
 )
 from pyvirtio.memory import GuestMemory, GuestMemoryError, RegionWindow
 from pyvirtio.virtqueue.common import DescriptorChain, VirtqueueError
@@ -52,18 +58,9 @@ __all__ = [
     "Served",
 ]
 
-#: Plain ints for the hot path's comparisons (an IntEnum member lookup costs more).
-_IN = int(RequestType.IN)
-_OUT = int(RequestType.OUT)
-_FLUSH = int(RequestType.FLUSH)
-_GET_ID = int(RequestType.GET_ID)
-_DISCARD = int(RequestType.DISCARD)
-_WRITE_ZEROES = int(RequestType.WRITE_ZEROES)
-_IOERR = int(Status.IOERR)
-_UNSUPP = int(Status.UNSUPP)
 #: Requests that move data: the ones worth moving off the ring's thread.
-TRANSFERS = frozenset({_IN, _OUT})
-_WRITES = frozenset({_OUT, _DISCARD, _WRITE_ZEROES})
+TRANSFERS = frozenset({T_IN, T_OUT})
+_WRITES = frozenset({T_OUT, T_DISCARD, T_WRITE_ZEROES})
 #: Descriptors a request has besides its data: the header and the status byte.
 _FRAMING_DESCRIPTORS = 2
 _unpack_header = HEADER.unpack_from
@@ -172,7 +169,7 @@ class RequestParser:
             raise BadRequest(None, "no device-writable status byte; cannot answer")
         if len(readable) + len(writable) > self._max_descriptors:
             raise BadRequest(
-                _IOERR,
+                S_IOERR,
                 f"{len(readable) + len(writable) - _FRAMING_DESCRIPTORS} data segments "
                 f"(seg_max {limits.seg_max})",
             )
@@ -182,7 +179,7 @@ class RequestParser:
         if writable_len > size_max:
             self._check_size_max(writable)
         if readable_len < HEADER_SIZE:
-            raise BadRequest(_IOERR, f"header is {readable_len} bytes, not {HEADER_SIZE}")
+            raise BadRequest(S_IOERR, f"header is {readable_len} bytes, not {HEADER_SIZE}")
         # The header, through the region window when it is there (the usual case).
         mem = chain.mem
         window = self._window
@@ -200,10 +197,10 @@ class RequestParser:
         if limits.read_only and req_type in _WRITES:
             # MUST set IOERR and MUST NOT write any data (device-types/blk:
             # Device Requirements: Device Operation).
-            raise BadRequest(_IOERR, f"type {req_type} on a read-only device")
-        if req_type == _IN:
+            raise BadRequest(S_IOERR, f"type {req_type} on a read-only device")
+        if req_type == T_IN:
             if readable_len != HEADER_SIZE:
-                raise BadRequest(_IOERR, "IN request with device-readable data")
+                raise BadRequest(S_IOERR, "IN request with device-readable data")
             length = writable_len - STATUS_SIZE
             offset = sector * SECTOR_SIZE
             if length % SECTOR_SIZE or offset + length > self._capacity_bytes:
@@ -213,7 +210,7 @@ class RequestParser:
             else:
                 views = chain.writable_views(0, length)
             return Request(req_type, offset, length, views)
-        if req_type == _OUT:
+        if req_type == T_OUT:
             if writable_len != STATUS_SIZE:
                 raise self._bad_writable(req_type)
             length = readable_len - HEADER_SIZE
@@ -225,23 +222,23 @@ class RequestParser:
             else:
                 views = chain.readable_views(HEADER_SIZE, length)
             return Request(req_type, offset, length, views)
-        if req_type == _FLUSH:
+        if req_type == T_FLUSH:
             # sector MUST be 0 and data SHOULD be absent (driver requirements);
             # neither changes what a flush means, so both are ignored.
             return Request(req_type, 0, 0, [])
-        if req_type == _GET_ID:
+        if req_type == T_GET_ID:
             if readable_len != HEADER_SIZE:
-                raise BadRequest(_IOERR, "GET_ID request with device-readable data")
+                raise BadRequest(S_IOERR, "GET_ID request with device-readable data")
             length = writable_len - STATUS_SIZE
             return Request(req_type, 0, length, chain.writable_views(0, length))
-        if req_type == _DISCARD and limits.max_discard_seg:
+        if req_type == T_DISCARD and limits.max_discard_seg:
             return self._discard_write_zeroes(chain, req_type, discard=True)
-        if req_type == _WRITE_ZEROES and limits.max_write_zeroes_seg:
+        if req_type == T_WRITE_ZEROES and limits.max_write_zeroes_seg:
             return self._discard_write_zeroes(chain, req_type, discard=False)
         # GET_LIFETIME (VIRTIO_BLK_F_LIFETIME not offered), SECURE_ERASE, the
         # zone commands (MUST be UNSUPP without VIRTIO_BLK_F_ZONED), and
         # anything unknown.
-        raise BadRequest(_UNSUPP, f"unsupported type {req_type}")
+        raise BadRequest(S_UNSUPP, f"unsupported type {req_type}")
 
     def write_status(self, chain: DescriptorChain, status: int) -> None:
         """Write ``status`` into the request's last device-writable byte.
@@ -268,7 +265,7 @@ class RequestParser:
         size_max = self.limits.size_max
         for _addr, length in ranges:
             if length > size_max:
-                raise BadRequest(_IOERR, f"a descriptor of {length} bytes (size_max {size_max})")
+                raise BadRequest(S_IOERR, f"a descriptor of {length} bytes (size_max {size_max})")
 
     def _locate(self, mem: GuestMemory, addr: int, length: int) -> tuple[memoryview, int]:
         """(region view, offset) of a range inside one region, through the window."""
@@ -291,16 +288,16 @@ class RequestParser:
     @staticmethod
     def _bad_writable(req_type: int) -> BadRequest:
         """A request that writes to the disk has no device-writable data."""
-        return BadRequest(_IOERR, f"type {req_type} request with device-writable data")
+        return BadRequest(S_IOERR, f"type {req_type} request with device-writable data")
 
     def _bad_range(self, req_type: int, sector: int, length: int) -> BadRequest:
         """Why data of ``length`` bytes at ``sector`` is refused."""
         if length % SECTOR_SIZE:
             return BadRequest(
-                _IOERR, f"type {req_type} data length {length} is not a multiple of {SECTOR_SIZE}"
+                S_IOERR, f"type {req_type} data length {length} is not a multiple of {SECTOR_SIZE}"
             )
         return BadRequest(
-            _IOERR, f"sector {sector} + {length} bytes is beyond capacity {self.limits.capacity}"
+            S_IOERR, f"sector {sector} + {length} bytes is beyond capacity {self.limits.capacity}"
         )
 
     def _views(
@@ -339,23 +336,23 @@ class RequestParser:
         max_sectors = limits.max_discard_sectors if discard else limits.max_write_zeroes_sectors
         if length == 0 or length % DISCARD_SEGMENT_SIZE:
             raise BadRequest(
-                _IOERR, f"{what} data length {length} is not a positive multiple of 16"
+                S_IOERR, f"{what} data length {length} is not a positive multiple of 16"
             )
         count = length // DISCARD_SEGMENT_SIZE
         if count > max_seg:
-            raise BadRequest(_IOERR, f"{what} with {count} segments (max {max_seg})")
+            raise BadRequest(S_IOERR, f"{what} with {count} segments (max {max_seg})")
         raw = list(SEGMENT.iter_unpack(chain.read(HEADER_SIZE, length)))
         # UNSUPP cases first: the spec makes them MUSTs (device-types/blk:
         # Device Requirements: Device Operation).
         for _sector, _num, flags in raw:
             if flags & ~SEGMENT_F_UNMAP:
-                raise BadRequest(_UNSUPP, f"{what} segment with unknown flags {flags:#x}")
+                raise BadRequest(S_UNSUPP, f"{what} segment with unknown flags {flags:#x}")
             if discard and flags & SEGMENT_F_UNMAP:
-                raise BadRequest(_UNSUPP, "DISCARD segment with the unmap flag")
+                raise BadRequest(S_UNSUPP, "DISCARD segment with the unmap flag")
         segments = []
         for sector, num, flags in raw:
             if num > max_sectors:
-                raise BadRequest(_IOERR, f"{what} segment of {num} sectors (max {max_sectors})")
+                raise BadRequest(S_IOERR, f"{what} segment of {num} sectors (max {max_sectors})")
             offset = sector * SECTOR_SIZE
             if offset + num * SECTOR_SIZE > self._capacity_bytes:
                 raise self._bad_range(req_type, sector, num * SECTOR_SIZE)

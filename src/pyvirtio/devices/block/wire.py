@@ -26,6 +26,15 @@ __all__ = [
     "SEGMENT",
     "SEGMENT_F_UNMAP",
     "STATUS_SIZE",
+    "S_IOERR",
+    "S_OK",
+    "S_UNSUPP",
+    "T_DISCARD",
+    "T_FLUSH",
+    "T_GET_ID",
+    "T_IN",
+    "T_OUT",
+    "T_WRITE_ZEROES",
     "BlkConfig",
     "BlkFeature",
     "RequestType",
@@ -73,6 +82,20 @@ class Status(enum.IntEnum):
     OK = 0
     IOERR = 1
     UNSUPP = 2
+
+
+#: The request types and statuses as plain ints, named as in the spec
+#: (VIRTIO_BLK_T_*, VIRTIO_BLK_S_*), for hot paths' comparisons: a module
+#: global is cheaper than an IntEnum member lookup.
+T_IN = int(RequestType.IN)
+T_OUT = int(RequestType.OUT)
+T_FLUSH = int(RequestType.FLUSH)
+T_GET_ID = int(RequestType.GET_ID)
+T_DISCARD = int(RequestType.DISCARD)
+T_WRITE_ZEROES = int(RequestType.WRITE_ZEROES)
+S_OK = int(Status.OK)
+S_IOERR = int(Status.IOERR)
+S_UNSUPP = int(Status.UNSUPP)
 
 
 #: The protocol's unit for ``sector``, ``capacity`` and data lengths.
