@@ -19,6 +19,7 @@ from pyvirtio.device import (
     QueueResources,
     VirtioDevice,
     expect_bool,
+    expect_object,
     expect_str,
     expect_uint,
 )
@@ -289,6 +290,11 @@ def test_expect_helpers() -> None:
         expect_bool(1)
     with pytest.raises(ValueError):
         expect_str(b"x")
+    state = {"a": 1}
+    assert expect_object(state, "toy state") is state
+    for value in ([], None, "{}"):
+        with pytest.raises(ValueError, match="toy state must be an object"):
+            expect_object(value, "toy state")
 
 
 def test_recording_interrupt_is_a_device_interrupt() -> None:

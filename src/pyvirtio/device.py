@@ -63,6 +63,7 @@ __all__ = [
     "QueueResources",
     "VirtioDevice",
     "expect_bool",
+    "expect_object",
     "expect_str",
     "expect_uint",
 ]
@@ -419,6 +420,13 @@ class VirtioDevice:
 
 
 # -- checking snapshot models (for _restore_model implementations) --------------------------
+
+
+def expect_object(value: Any, what: str) -> dict[str, Any]:
+    """``value`` if it is a JSON object; else ValueError naming ``what``."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object")
+    return value
 
 
 def expect_uint(value: Any) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvirtio.constants import DeviceId, Feature
-from pyvirtio.device import QueueResources, VirtioDevice
+from pyvirtio.device import QueueResources, VirtioDevice, expect_object, expect_uint
 
 __all__ = ["BOOT_TIMER_CONFIG_SIZE", "BootTimer"]
 
@@ -144,10 +144,6 @@ class BootTimer(VirtioDevice):
         return {"elapsed_us": self.elapsed_us()}
 
     def _restore_model(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise ValueError("boot-timer state must be an object")
-        elapsed = state.get("elapsed_us")
-        if not isinstance(elapsed, int) or isinstance(elapsed, bool) or elapsed < 0:
-            raise ValueError(f"bad elapsed_us {elapsed!r}")
+        elapsed = expect_uint(expect_object(state, "boot-timer state").get("elapsed_us"))
         # Still asleep: freeze at the saved value; wake re-bases the start.
         self._frozen_us = elapsed

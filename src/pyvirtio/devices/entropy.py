@@ -30,7 +30,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyvirtio.constants import DeviceId
-from pyvirtio.device import COMMON_FEATURES, QueueResources, VirtioDevice
+from pyvirtio.device import (
+    COMMON_FEATURES,
+    QueueResources,
+    VirtioDevice,
+    expect_object,
+    expect_uint,
+)
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue
@@ -160,14 +166,10 @@ class Entropy(VirtioDevice):
         }
 
     def _restore_model(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise ValueError("entropy state must be an object")
-        values: dict[str, int] = {}
-        for key in ("bytes_served", "bad_requests", "source_failures"):
-            value = state.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"bad {key} {value!r}")
-            values[key] = value
-        self.bytes_served = values["bytes_served"]
-        self.bad_requests = values["bad_requests"]
-        self.source_failures = values["source_failures"]
+        state = expect_object(state, "entropy state")
+        bytes_served = expect_uint(state.get("bytes_served"))
+        bad_requests = expect_uint(state.get("bad_requests"))
+        source_failures = expect_uint(state.get("source_failures"))
+        self.bytes_served = bytes_served
+        self.bad_requests = bad_requests
+        self.source_failures = source_failures

@@ -45,6 +45,7 @@ from pyvirtio.device import (
     ActivationError,
     QueueResources,
     VirtioDevice,
+    expect_object,
     expect_uint,
 )
 from pyvirtio.devices.balloon.request import (
@@ -587,8 +588,7 @@ class Balloon(VirtioDevice):
         }
 
     def _restore_model(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise ValueError("balloon state must be an object")
+        state = expect_object(state, "balloon state")
         num_pages = expect_uint(state["num_pages"])
         actual = expect_uint(state["actual"])
         poison = expect_uint(state["poison_val"])
@@ -652,8 +652,7 @@ def _chain_state(chain: DescriptorChain) -> dict[str, Any]:
 
 
 def _check_chain_state(state: Any) -> None:
-    if not isinstance(state, dict):
-        raise ValueError("held stats buffer must be an object")
+    state = expect_object(state, "held stats buffer")
     expect_uint(state["head"])
     expect_uint(state["ring_slots"])
     for key in ("readable", "writable"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pyvirtio.device import expect_object
+
 __all__ = ["load", "save"]
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,7 @@ def load(state: Any, path: str | None, options: dict[str, Any], name: str) -> bo
     since the guest was using it; the path may differ (the image may have
     moved), which is logged.  Raises ValueError for anything else.
     """
-    if not isinstance(state, dict):
-        raise ValueError("block state must be an object")
+    state = expect_object(state, "block state")
     saved_options = state.get("options")
     writeback = state.get("writeback")
     saved_path = state.get("path")

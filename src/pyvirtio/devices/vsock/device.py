@@ -53,6 +53,7 @@ from pyvirtio.device import (
     DeviceState,
     QueueResources,
     VirtioDevice,
+    expect_object,
     expect_uint,
 )
 from pyvirtio.devices.vsock.connection import (
@@ -228,8 +229,7 @@ class Vsock(VirtioDevice):
         return {"guest_cid": self.guest_cid, "next_host_port": self._next_host_port}
 
     def _restore_model(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise ValueError("vsock state must be an object")
+        state = expect_object(state, "vsock state")
         if expect_uint(state.get("guest_cid")) != self.guest_cid:
             raise ValueError(f"snapshot is of guest CID {state.get('guest_cid')}")
         self._next_host_port = expect_uint(state.get("next_host_port"))
