@@ -16,7 +16,7 @@ fcntl, threads) only when first used, so ``pyvirtio.devices.block.wire``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pyvirtio.devices.block.wire import (
     CONFIG_SIZE,
@@ -32,6 +32,7 @@ from pyvirtio.devices.block.wire import (
     pack_config,
     unpack_config,
 )
+from pyvirtio.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from pyvirtio.devices.block.device import (
@@ -72,25 +73,16 @@ __all__ = [
 ]
 
 _LAZY = {
-    "DEFAULT_QUEUE_SIZE": "device",
-    "DEFAULT_SIZE_MAX": "device",
-    "MAX_DISCARD_SECTORS": "device",
-    "MAX_DISCARD_SEG": "device",
-    "MAX_WRITE_ZEROES_SECTORS": "device",
-    "MAX_WRITE_ZEROES_SEG": "device",
-    "Block": "device",
-    "CacheMode": "device",
-    "BlockBackend": "io",
-    "FileBackend": "io",
+    "DEFAULT_QUEUE_SIZE": ".device",
+    "DEFAULT_SIZE_MAX": ".device",
+    "MAX_DISCARD_SECTORS": ".device",
+    "MAX_DISCARD_SEG": ".device",
+    "MAX_WRITE_ZEROES_SECTORS": ".device",
+    "MAX_WRITE_ZEROES_SEG": ".device",
+    "Block": ".device",
+    "CacheMode": ".device",
+    "BlockBackend": ".io",
+    "FileBackend": ".io",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

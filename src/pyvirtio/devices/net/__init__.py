@@ -9,8 +9,9 @@ re-exported here for existing users.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pyvirtio.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from pyvirtio.devices.net.backends import (
@@ -49,14 +50,7 @@ _HOMES = {
     "poll_devices": "pyvirtio.vmm.host_loop",
 }
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _HOMES, globals())
 
 
 def __dir__() -> list[str]:
