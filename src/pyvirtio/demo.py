@@ -56,7 +56,7 @@ def _make_queues(
         packed_ring=packed_ring,
         event_idx=event_idx,
         indirect=indirect,
-        max_indirect=MAX_INDIRECT if indirect else 0,
+        max_indirect=MAX_INDIRECT,
     )
     device_queue = packed.PackedDeviceQueue if packed_ring else split.SplitDeviceQueue
     ring_areas = allocations[:3]  # descriptor, driver and device areas
