@@ -278,7 +278,20 @@ class BalloonDriver:
         mem = transport.mem
         pending = 0
         pos = 0
-        deadline = time.monotonic() + self.timeout
+
+        def used_some() -> bool:
+            nonlocal pending
+            before = pending
+            for token, _ in queue.used():
+                assert isinstance(token, int)
+                self._free_buffers.append(token)
+                pending -= 1
+            if pending != before:
+                return True
+            self._service_stats()
+            self._check_device()
+            return False
+
         while pos < len(pfns) or pending:
             added = False
             while pos < len(pfns) and queue.num_free >= 1:
@@ -292,23 +305,11 @@ class BalloonDriver:
                 added = True
             if added and queue.kick_needed():
                 transport.notify(index)
-            done = False
-            for token, _ in queue.used():
-                assert isinstance(token, int)
-                self._free_buffers.append(token)
-                pending -= 1
-                done = True
-            if done:
-                deadline = time.monotonic() + self.timeout
-                continue
-            self._service_stats()
-            self._check_device()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            # Each request used restarts the clock: a long transfer is not a late one.
+            if not wait_until(transport, used_some, time.monotonic() + self.timeout):
                 raise BalloonDriverError(
                     f"{role.value}: {pending} requests not used within {self.timeout} s"
                 )
-            transport.wait_interrupt(min(remaining, 0.05))
 
     def _buffer(self) -> int:
         """A PFN-array buffer (recycled after the device used it)."""
