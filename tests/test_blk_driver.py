@@ -307,7 +307,7 @@ def test_ioerr_becomes_eio(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_unsupp_becomes_enotsup(setup: Setup) -> None:
     drv = setup.driver
     # No public API sends GET_LIFETIME (the device does not offer LIFETIME).
-    token = drv._submit(0, RequestType.GET_LIFETIME, 0, (), [], "lifetime", 0, True)
+    token = drv._submit(0, RequestType.GET_LIFETIME, 0, (), [], True)
     assert drv.wait() == [(token, -errno.ENOTSUP)]
 
 

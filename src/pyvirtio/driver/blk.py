@@ -439,8 +439,6 @@ class BlkDriver:
         sector: int,
         readable: Sequence[tuple[int, int]],
         writable: Sequence[tuple[int, int]],
-        op: str,
-        offset: int,
         kick: bool,
         allocations: Sequence[int] = (),
     ) -> int:
@@ -539,9 +537,7 @@ class BlkDriver:
         """Read into a scatter list of ``(guest address, length)`` buffers."""
         segments, total = self._segments(iovecs, "read")
         self._check_range(offset, total, "read")
-        return self._submit(
-            queue, RequestType.IN, offset // SECTOR_SIZE, (), segments, "read", offset, kick
-        )
+        return self._submit(queue, RequestType.IN, offset // SECTOR_SIZE, (), segments, kick)
 
     def submit_write(
         self, offset: int, addr: int, length: int, *, queue: int = 0, kick: bool = True
@@ -561,9 +557,7 @@ class BlkDriver:
         self._check_writable("write")
         segments, total = self._segments(iovecs, "write")
         self._check_range(offset, total, "write")
-        return self._submit(
-            queue, RequestType.OUT, offset // SECTOR_SIZE, segments, (), "write", offset, kick
-        )
+        return self._submit(queue, RequestType.OUT, offset // SECTOR_SIZE, segments, (), kick)
 
     def submit_flush(self, *, queue: int = 0, kick: bool = True) -> int:
         """Make completed writes durable.
@@ -577,7 +571,7 @@ class BlkDriver:
             token = next(self._tokens)
             self._done.append((token, 0))
             return token
-        return self._submit(queue, RequestType.FLUSH, 0, (), (), "flush", 0, kick)
+        return self._submit(queue, RequestType.FLUSH, 0, (), (), kick)
 
     def submit_discard(self, offset: int, length: int, *, queue: int = 0, kick: bool = True) -> int:
         """Tell the device ``[offset, offset + length)`` is unused (contents become undefined)."""
@@ -639,7 +633,7 @@ class BlkDriver:
         try:
             self.mem.write(addr, data)
             return self._submit(
-                queue, req_type, 0, [(addr, len(data))], (), op, offset, kick, allocations=[addr]
+                queue, req_type, 0, [(addr, len(data))], (), kick, allocations=[addr]
             )
         except BaseException:
             self.transport.allocator.free(addr)
@@ -649,9 +643,7 @@ class BlkDriver:
         """Fetch the device ID string (20 bytes, NUL-padded) into guest memory at ``addr``."""
         if not self._in_memory(addr, GET_ID_BYTES):
             raise ValueError(f"get_id: buffer {addr:#x}+{GET_ID_BYTES} is not in guest memory")
-        return self._submit(
-            queue, RequestType.GET_ID, 0, (), [(addr, GET_ID_BYTES)], "get_id", 0, kick
-        )
+        return self._submit(queue, RequestType.GET_ID, 0, (), [(addr, GET_ID_BYTES)], kick)
 
     # -- completion ----------------------------------------------------------------------------
 
