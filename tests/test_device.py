@@ -60,9 +60,10 @@ class Toy(VirtioDevice):
         self.hooks.append(f"queue {index}")
         if index == 1:
             raise VirtqueueError("broken on purpose")
+        echoed = []
         while (chain := queue.pop()) is not None:
-            queue.add_used(chain, chain.write(chain.read_all()))
-        self.signal_used(index)
+            echoed.append((chain, chain.write(chain.read_all())))
+        self._return_used(index, queue, echoed)
 
     def _snapshot_model(self) -> Any:
         return {"value": self.value}
@@ -212,6 +213,9 @@ def test_queue_notify_serves_only_an_active_device(caplog: pytest.LogCaptureFixt
     rig.activate()
     toy.queue_notify(0)
     assert rig.used(0) == [(token, 4)]
+    assert rig.interrupt.used == [0]
+    # Nothing served, nothing returned: no interrupt.
+    toy.queue_notify(0)
     assert rig.interrupt.used == [0]
     with caplog.at_level(logging.WARNING):
         toy.queue_notify(7)

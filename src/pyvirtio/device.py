@@ -53,7 +53,7 @@ from typing import Any
 from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue.common import DeviceQueue, VirtqueueError
+from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, VirtqueueError
 
 __all__ = [
     "COMMON_FEATURES",
@@ -373,6 +373,15 @@ class VirtioDevice:
             return
         if self._resources.queues[index].needs_notification():
             self._resources.interrupt.signal_used_queue(index)
+
+    def _return_used(
+        self, index: int, queue: DeviceQueue, completions: Sequence[tuple[DescriptorChain, int]]
+    ) -> None:
+        """Put ``completions`` ((chain, bytes written) pairs) in ``queue``'s used ring at once
+        and interrupt the driver for queue ``index`` if it wants; nothing when empty."""
+        if completions:
+            queue.add_used_batch(completions)
+            self.signal_used(index)
 
     def report_broken(self, reason: str) -> None:
         """The device cannot go on until reset (VIRTIO 2.1.2: DEVICE_NEEDS_RESET)."""

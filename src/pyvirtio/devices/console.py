@@ -407,7 +407,7 @@ class Console(VirtioDevice):
                 del state.input[:written]
                 completions.append((chain, written))
         finally:
-            self._complete(index, queue, completions)
+            self._return_used(index, queue, completions)
 
     def _process_output(self, port: int, queue: DeviceQueue) -> None:
         """Collect the port's transmit buffers, pausing while its output buffer is full."""
@@ -435,14 +435,7 @@ class Console(VirtioDevice):
                 else:
                     state.output += data
         finally:
-            self._complete(index, queue, completions)
-
-    def _complete(
-        self, index: int, queue: DeviceQueue, completions: list[tuple[DescriptorChain, int]]
-    ) -> None:
-        if completions:
-            queue.add_used_batch(completions)
-            self.signal_used(index)
+            self._return_used(index, queue, completions)
 
     # -- control queues ----------------------------------------------------------------
 
@@ -472,7 +465,7 @@ class Console(VirtioDevice):
                 completions.append((chain, chain.write(message)))
                 self._control_pending.popleft()
         finally:
-            self._complete(CONTROL_RECEIVEQ, queue, completions)
+            self._return_used(CONTROL_RECEIVEQ, queue, completions)
         if len(self._control_pending) < CONTROL_BACKLOG_LIMIT:
             self._kick_control_tx_if_stalled()
 
@@ -499,7 +492,7 @@ class Console(VirtioDevice):
                     continue
                 self._handle_control(*CONTROL_HEADER.unpack_from(raw))
         finally:
-            self._complete(CONTROL_TRANSMITQ, queue, completions)
+            self._return_used(CONTROL_TRANSMITQ, queue, completions)
         self._deliver_control()
 
     def _handle_control(self, port: int, event: int, value: int) -> None:

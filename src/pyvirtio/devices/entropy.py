@@ -113,9 +113,7 @@ class Entropy(VirtioDevice):
         finally:
             # Even if the ring turned out malformed half way, return what
             # was served (the device needs a reset either way).
-            if completions:
-                queue.add_used_batch(completions)
-                self.signal_used(index)
+            self._return_used(index, queue, completions)
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Fill one request; returns the bytes written."""

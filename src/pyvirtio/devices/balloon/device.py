@@ -406,9 +406,7 @@ class Balloon(VirtioDevice):
                 # Nothing is written to any of these buffers.
                 completions.append((chain, 0))
         finally:
-            if completions:
-                queue.add_used_batch(completions)
-                self.signal_used(index)
+            self._return_used(index, queue, completions)
 
     def _page_request(self, chain: DescriptorChain, kind: str) -> PageRequest | None:
         """An inflate or deflate request, parsed (None: refused whole)."""

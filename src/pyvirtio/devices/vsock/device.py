@@ -272,9 +272,7 @@ class Vsock(VirtioDevice):
                 completions.append((chain, 0))
                 self._tx_packet(chain)
         finally:
-            if completions:
-                queue.add_used_batch(completions)
-                self.signal_used(TXQ)
+            self._return_used(TXQ, queue, completions)
 
     def _tx_packet(self, chain: DescriptorChain) -> None:
         if chain.readable_len < HEADER_SIZE:
@@ -404,9 +402,7 @@ class Vsock(VirtioDevice):
                     if not endpoint.has_control():
                         break
         finally:
-            if completions:
-                queue.add_used_batch(completions)
-                self.signal_used(RXQ)
+            self._return_used(RXQ, queue, completions)
 
     @staticmethod
     def _has_host_data(conn: Connection) -> bool:
