@@ -193,6 +193,42 @@ def test_sleep_wake_hands_the_queues_back_and_forth() -> None:
         toy.wake(resources)
 
 
+class ServesPosted(Toy):
+    """A Toy that serves queue 0 whenever it becomes active."""
+
+    def _serve_posted(self) -> None:
+        self.hooks.append("serve posted")
+        self.queue_notify(0)
+
+
+def test_buffers_posted_while_not_active_are_served_once_active() -> None:
+    toy = ServesPosted()
+    rig = DirectRig(toy)
+    rig.post(0, [b"early"], [5], "before DRIVER_OK")  # the notify is ignored
+    rig.activate()
+    assert toy.hooks == ["activate", "serve posted", "queue 0"]
+    assert rig.used(0) == [("before DRIVER_OK", 5)]
+    resources = toy.sleep()
+    rig.post(0, [b"late"], [4], "while asleep")  # ignored too
+    assert rig.used(0) == []
+    toy.wake(resources)
+    assert toy.hooks[-4:] == ["sleep", "wake", "serve posted", "queue 0"]
+    assert rig.used(0) == [("while asleep", 4)]
+    # Waking a device that was not active serves nothing.
+    toy.reset()
+    toy.wake(toy.sleep())
+    assert toy.hooks[-1] == "reset"
+
+
+def test_a_model_serves_nothing_on_activation_unless_it_says_so() -> None:
+    toy = Toy()
+    rig = DirectRig(toy)
+    rig.post(0, [b"early"], [5], "before DRIVER_OK")
+    rig.activate()
+    assert toy.hooks == ["activate"]
+    assert rig.used(0) == []
+
+
 def test_sleep_of_an_inactive_device_wakes_inactive() -> None:
     toy = Toy()
     assert toy.sleep() is None

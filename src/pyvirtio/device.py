@@ -35,6 +35,9 @@ Lifecycle (after crosvm's ``VirtioDevice``)::
   finished first and the queues are handed back to the caller.
 * ``wake(resources)``: asleep(X) -> X; an asleep(active) device needs its
   memory, interrupt and queues back.
+* Whenever the device becomes active (``activate``, or ``wake`` to active)
+  the model's ``_serve_posted`` serves what the driver made available
+  meanwhile: notifications are ignored while the device is not active.
 * ``snapshot()`` (asleep only) -> bytes; ``restore(bytes)`` (asleep only)
   replaces the device's state, including which state ``wake`` returns to.
 
@@ -240,6 +243,7 @@ class VirtioDevice:
         self._resources = resources
         self.needs_reset = False
         self._state = DeviceState.ACTIVE
+        self._serve_posted()
 
     def reset(self) -> None:
         """Return to a fresh state: queues dropped, negotiation forgotten."""
@@ -278,6 +282,7 @@ class VirtioDevice:
             self._resources = resources
             self._state = DeviceState.ACTIVE
             self._on_wake(resources)
+            self._serve_posted()
         else:
             self._state = target
         self._asleep_from = None
@@ -408,6 +413,15 @@ class VirtioDevice:
 
     def _on_wake(self, resources: QueueResources) -> None:
         """Resume after sleep; resources are the (possibly restored) queues."""
+
+    def _serve_posted(self) -> None:
+        """Serve what the driver made available while the device was not active.
+
+        Called once the device is active, after ``activate`` and after an
+        active device wakes: notifications meanwhile were ignored, and a
+        driver may post buffers before DRIVER_OK.  Models process their
+        queues here (as if notified) and any host-side work that waited.
+        """
 
     def _process_queue(self, index: int, queue: DeviceQueue) -> None:
         """Handle available buffers on ``queue``; VirtqueueError marks the device broken."""

@@ -58,8 +58,6 @@ from pyvirtio.device import (
     expect_bool,
     expect_uint,
 )
-from pyvirtio.irq import DeviceInterrupt
-from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue
 
 __all__ = [
@@ -316,13 +314,6 @@ class Console(VirtioDevice):
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def activate(
-        self, mem: GuestMemory, interrupt: DeviceInterrupt, queues: Sequence[DeviceQueue]
-    ) -> None:
-        super().activate(mem, interrupt, queues)
-        # Buffers posted before DRIVER_OK, and input fed before activation.
-        self._service_all()
-
     def _on_reset(self) -> None:
         # The host streams survive a reset (the host side never saw it); the
         # handshake and replies meant for the old driver do not.
@@ -339,8 +330,6 @@ class Console(VirtioDevice):
         if self._config_change_pending:
             self._config_change_pending = False
             resources.interrupt.signal_config_change()
-        # Notifications that arrived while asleep were ignored.
-        self._service_all()
 
     def wake(self, resources: QueueResources | None = None) -> None:
         super().wake(resources)
@@ -348,7 +337,8 @@ class Console(VirtioDevice):
         # the new config when it next sets the device up.
         self._config_change_pending = False
 
-    def _service_all(self) -> None:
+    def _serve_posted(self) -> None:
+        # Input the host fed meanwhile waits too.
         for port in range(self.ports):
             self._kick(transmitq_index(port))
             self._deliver_input(port)

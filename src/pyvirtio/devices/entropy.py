@@ -26,19 +26,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from pyvirtio.constants import DeviceId
 from pyvirtio.device import (
     COMMON_FEATURES,
-    QueueResources,
     VirtioDevice,
     expect_object,
     expect_uint,
 )
-from pyvirtio.irq import DeviceInterrupt
-from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue
 
 __all__ = ["DEFAULT_MAX_REQUEST", "REQUESTQ", "Entropy"]
@@ -87,19 +84,7 @@ class Entropy(VirtioDevice):
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def activate(
-        self,
-        mem: GuestMemory,
-        interrupt: DeviceInterrupt,
-        queues: Sequence[DeviceQueue],
-    ) -> None:
-        super().activate(mem, interrupt, queues)
-        # A driver may post buffers (and even notify, which is ignored before
-        # activation) before DRIVER_OK: serve them now.
-        self.queue_notify(REQUESTQ)
-
-    def _on_wake(self, resources: QueueResources) -> None:
-        # Notifications that arrived while asleep were ignored.
+    def _serve_posted(self) -> None:
         self.queue_notify(REQUESTQ)
 
     # -- request processing --------------------------------------------------------

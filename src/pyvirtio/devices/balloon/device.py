@@ -36,7 +36,7 @@ keeps serving.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from pyvirtio.constants import DeviceId
@@ -71,7 +71,6 @@ from pyvirtio.devices.balloon.wire import (
     coalesce_pfns,
     queue_layout,
 )
-from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue
@@ -353,11 +352,9 @@ class Balloon(VirtioDevice):
         self._layout = layout
         self._roles = {index: role for role, index in layout.items()}
 
-    def activate(
-        self, mem: GuestMemory, interrupt: DeviceInterrupt, queues: Sequence[DeviceQueue]
-    ) -> None:
-        super().activate(mem, interrupt, queues)
-        # Buffers a driver posted before DRIVER_OK (the first stats buffer).
+    def _serve_posted(self) -> None:
+        # Only the queues the negotiated features give a role (the first
+        # stats buffer is posted before DRIVER_OK).
         for index in sorted(self._roles):
             self.queue_notify(index)
 
@@ -380,8 +377,6 @@ class Balloon(VirtioDevice):
         self._restored_stats_chain = None
         if saved is not None:
             self._stats_chain = _chain_from_state(resources.mem, saved)
-        for index in sorted(self._roles):
-            self.queue_notify(index)
 
     # -- queues --------------------------------------------------------------------
 

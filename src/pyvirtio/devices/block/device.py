@@ -46,11 +46,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from pyvirtio.constants import DeviceId
-from pyvirtio.device import COMMON_FEATURES, QueueResources, VirtioDevice
+from pyvirtio.device import COMMON_FEATURES, VirtioDevice
 from pyvirtio.devices.block import persist
 from pyvirtio.devices.block.io import BlockBackend, FileBackend, is_power_of_two, zero_views
 from pyvirtio.devices.block.pipeline import Pipeline
@@ -71,8 +70,7 @@ from pyvirtio.devices.block.wire import (
     BlkFeature,
     pack_config,
 )
-from pyvirtio.irq import DeviceInterrupt
-from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.memory import GuestMemoryError
 from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, VirtqueueError
 from pyvirtio.workers import IoWorkers
@@ -421,21 +419,12 @@ class Block(VirtioDevice):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def activate(
-        self, mem: GuestMemory, interrupt: DeviceInterrupt, queues: Sequence[DeviceQueue]
-    ) -> None:
-        super().activate(mem, interrupt, queues)
-        # Requests posted before DRIVER_OK (their notifications were ignored).
+    def _serve_posted(self) -> None:
         for index in range(self.num_queues):
             self.queue_notify(index)
 
     def _on_sleep(self) -> None:
         """Nothing to drain: every request completes inside ``queue_notify``."""
-
-    def _on_wake(self, resources: QueueResources) -> None:
-        # Notifications that arrived while asleep were ignored.
-        for index in range(self.num_queues):
-            self.queue_notify(index)
 
     # -- request processing ------------------------------------------------------------------
 

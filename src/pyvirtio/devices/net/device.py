@@ -48,7 +48,7 @@ import logging
 import os
 import select
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +91,6 @@ from pyvirtio.devices.net.wire import (
     missing_requirements,
     parse_mac,
 )
-from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, VirtqueueError
@@ -487,11 +486,8 @@ class Net(VirtioDevice):
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def activate(
-        self, mem: GuestMemory, interrupt: DeviceInterrupt, queues: Sequence[DeviceQueue]
-    ) -> None:
-        super().activate(mem, interrupt, queues)
-        # Buffers posted before DRIVER_OK, frames waiting in the back end.
+    def _serve_posted(self) -> None:
+        # Buffers posted meanwhile, frames waiting in the back end.
         self._guarded(self._service_all)
 
     def _on_activate(self, resources: QueueResources) -> None:
@@ -567,7 +563,6 @@ class Net(VirtioDevice):
         if self._config_change_pending:
             self._config_change_pending = False
             resources.interrupt.signal_config_change()
-        self._guarded(self._service_all)
 
     def wake(self, resources: QueueResources | None = None) -> None:
         super().wake(resources)

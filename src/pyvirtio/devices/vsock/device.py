@@ -44,7 +44,6 @@ import errno
 import logging
 import select
 import socket
-from collections.abc import Sequence
 from typing import Any
 
 from pyvirtio.constants import DeviceId
@@ -79,8 +78,6 @@ from pyvirtio.devices.vsock.wire import (
     pack_config,
     pack_event,
 )
-from pyvirtio.irq import DeviceInterrupt
-from pyvirtio.memory import GuestMemory
 from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue
 
@@ -184,12 +181,6 @@ class Vsock(VirtioDevice):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def activate(
-        self, mem: GuestMemory, interrupt: DeviceInterrupt, queues: Sequence[DeviceQueue]
-    ) -> None:
-        super().activate(mem, interrupt, queues)
-        self._kick_all()
-
     def _on_activate(self, resources: QueueResources) -> None:
         self._drop_connections("device activated")
         self.endpoint = self._new_endpoint(seqpacket=self.has_feature(VsockFeature.SEQPACKET))
@@ -205,10 +196,7 @@ class Vsock(VirtioDevice):
         # owner's accounting: hand it back to the guest empty.
         self._return_spare()
 
-    def _on_wake(self, resources: QueueResources) -> None:
-        self._kick_all()
-
-    def _kick_all(self) -> None:
+    def _serve_posted(self) -> None:
         for index in (TXQ, EVENTQ, RXQ):
             self.queue_notify(index)
 
