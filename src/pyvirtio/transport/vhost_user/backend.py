@@ -63,15 +63,17 @@ from pyvirtio.transport.vhost_user.protocol import (
     encode,
     fds_from_ancillary,
 )
+from pyvirtio.transport.vhost_user.rings import (
+    QEMU_MAX_RING_SIZE,
+    check_queue_count,
+    max_ring_size,
+)
 from pyvirtio.transport.vhost_user.session import (
     DEFAULT_MAX_MEM_SLOTS,
     DEFAULT_PROTOCOL_FEATURES,
     LOG_INTERVAL,
-    QEMU_MAX_RING_SIZE,
     SUPPORTED_PROTOCOL_FEATURES,
     VhostUserSession,
-    check_queue_count,
-    max_ring_size,
 )
 from pyvirtio.virtqueue.common import DeviceQueue
 

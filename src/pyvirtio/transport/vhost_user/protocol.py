@@ -24,6 +24,7 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pyvirtio.constants import FeatureBit
 
@@ -91,6 +92,8 @@ __all__ = [
     "has_explicit_reply",
     "vring_fd_payload",
 ]
+
+_T = TypeVar("_T")
 
 # -- header ---------------------------------------------------------------------
 
@@ -499,6 +502,13 @@ class Message:
     @property
     def need_reply(self) -> bool:
         return bool(self.flags & FLAG_NEED_REPLY)
+
+    def payload_as(self, kind: type[_T]) -> _T:
+        """The payload, which the request's layout makes a ``kind`` (TypeError if not)."""
+        payload = self.payload
+        if not isinstance(payload, kind):
+            raise TypeError(f"{self.request.name}: payload {payload!r} is no {kind.__name__}")
+        return payload
 
     def __repr__(self) -> str:
         flags = []

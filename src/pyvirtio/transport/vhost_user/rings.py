@@ -2,7 +2,8 @@
 
 Pure bookkeeping for :mod:`.session`: a :class:`Vring` collects SET_VRING_NUM,
 SET_VRING_ADDR, SET_VRING_BASE and the started/enabled state
-(vhost-user.rst "Ring states"); :func:`build_queue` turns a ready one into a
+(vhost-user.rst "Ring states"), within the limits :func:`check_queue_count`,
+:func:`max_ring_size` and :func:`check_base` set; :func:`build_queue` turns a ready one into a
 :class:`~pyvirtio.virtqueue.common.DeviceQueue` positioned at its base, and
 :func:`ring_position` reads a stopped queue's position back as the
 GET_VRING_BASE value.  :func:`build_queue` is the one place a ring's queue is
@@ -16,13 +17,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvirtio.constants import Feature
+from pyvirtio.device import VirtioDevice
 from pyvirtio.memory import GuestMemory
-from pyvirtio.transport.vhost_user.protocol import VringAddr
-from pyvirtio.virtqueue.common import DeviceQueue
+from pyvirtio.transport.vhost_user.protocol import VRING_FD_INDEX_MASK, VringAddr
+from pyvirtio.virtqueue.common import MAX_QUEUE_SIZE, DeviceQueue
 from pyvirtio.virtqueue.packed import PackedDeviceQueue
 from pyvirtio.virtqueue.split import SplitDeviceQueue
 
-__all__ = ["RingError", "Vring", "build_queue", "check_base", "ring_position"]
+__all__ = [
+    "QEMU_MAX_RING_SIZE",
+    "RingError",
+    "Vring",
+    "build_queue",
+    "check_base",
+    "check_queue_count",
+    "max_ring_size",
+    "ring_position",
+]
 
 #: Packed ring positions: a 15-bit index and the wrap counter in bit 15, as
 #: QEMU encodes them (avail half in bits 0-15, used half in bits 16-31).
@@ -30,6 +41,8 @@ PACKED_WRAP = 0x8000
 PACKED_INDEX = 0x7FFF
 #: A split ring's base is its 16-bit next-avail index.
 SPLIT_BASE_LIMIT = 0xFFFF
+#: QEMU's VIRTQUEUE_MAX_SIZE: the largest ring QEMU's device models configure.
+QEMU_MAX_RING_SIZE = 1024
 
 
 class RingError(Exception):
@@ -61,6 +74,23 @@ class Vring:
         self.started = False
         self.enabled = False
         self.queue = None
+
+
+def check_queue_count(device: VirtioDevice) -> None:
+    """vhost-user addresses rings by an 8-bit index (VRING_FD_INDEX_MASK)."""
+    if device.num_queues > VRING_FD_INDEX_MASK + 1:
+        raise ValueError(f"{device.name}: {device.num_queues} queues, vhost-user allows 256")
+
+
+def max_ring_size(device: VirtioDevice, index: int) -> int:
+    """The largest SET_VRING_NUM accepted for ring ``index`` of ``device``.
+
+    vhost-user has no message to tell the front end a maximum: QEMU sizes
+    rings from its own device model (virtio-net's tx/rx_queue_size, up to
+    VIRTQUEUE_MAX_SIZE).  So the limit is the device's own maximum or
+    QEMU's, whichever is larger; beyond it a size is refused.
+    """
+    return min(max(device.queue_max_sizes[index], QEMU_MAX_RING_SIZE), MAX_QUEUE_SIZE)
 
 
 def check_base(index: int, base: int, num: int | None, *, packed: bool) -> None:

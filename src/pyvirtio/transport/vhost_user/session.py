@@ -42,10 +42,11 @@ for each ring in turn) report where each ring really is and a restart
 without a new SET_VRING_BASE resumes there (:mod:`.rings` encodes packed
 positions).
 
-Addresses.  Regions are mapped into one GuestMemory keyed by guest-physical
-address, which is what descriptors hold ("Memory access"); SET_VRING_ADDR
-gives ring addresses as front-end user addresses, translated through the
-region table (user base -> guest base) when the queue is built.
+Addresses.  The memory table is a :class:`~.memory_table.RegionTable`
+(``memory_table``): regions mapped into one GuestMemory keyed by
+guest-physical address, which is what descriptors hold ("Memory access");
+SET_VRING_ADDR gives ring addresses as front-end user addresses, which it
+translates when the queue is built.
 
 Hostile input.  A malformed message ends the session (one Disconnect).  A
 well-formed request that cannot be honoured is refused: nothing changes,
@@ -62,6 +63,9 @@ Extending it.  A new request is one handler in
 actions through ``_actions``).  Per-ring work on every pop and completion
 (inflight tracking) wraps the queue where every ring's queue is made,
 :meth:`VhostUserSession._build_queue`; the device sees only the wrapper.
+A rule on memory regions (slots, overlaps, sealing, translation) goes to
+:class:`~.memory_table.RegionTable`; the memory handlers here decide only
+when the device stops around a change.
 """
 
 from __future__ import annotations
@@ -69,12 +73,11 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pyvirtio.constants import DeviceStatus, Feature
 from pyvirtio.device import DeviceState, VirtioDevice
 from pyvirtio.irq import DeviceInterrupt
-from pyvirtio.memory import GuestMemory, GuestMemoryError, UnsealedMemoryError
+from pyvirtio.memory import GuestMemoryError
 from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.transport.vhost_user.actions import (
     Action,
@@ -97,6 +100,7 @@ from pyvirtio.transport.vhost_user.inflight_shm import (
     allocate,
     map_front_end_region,
 )
+from pyvirtio.transport.vhost_user.memory_table import RegionRefused, RegionTable
 from pyvirtio.transport.vhost_user.protocol import (
     FLAG_REPLY,
     VERSION,
@@ -106,7 +110,6 @@ from pyvirtio.transport.vhost_user.protocol import (
     ConfigSpace,
     FrontendRequest,
     InflightDesc,
-    MemoryRegionDesc,
     MemoryTable,
     Message,
     MessageParser,
@@ -120,13 +123,16 @@ from pyvirtio.transport.vhost_user.protocol import (
     has_explicit_reply,
 )
 from pyvirtio.transport.vhost_user.rings import (
+    QEMU_MAX_RING_SIZE,
     RingError,
     Vring,
     build_queue,
     check_base,
+    check_queue_count,
+    max_ring_size,
     ring_position,
 )
-from pyvirtio.virtqueue.common import MAX_QUEUE_SIZE, DeviceQueue, VirtqueueError
+from pyvirtio.virtqueue.common import DeviceQueue, VirtqueueError
 from pyvirtio.virtqueue.disabled import DisabledQueue
 from pyvirtio.virtqueue.split import SplitDeviceQueue
 
@@ -158,8 +164,6 @@ DEFAULT_PROTOCOL_FEATURES = (
 SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD.mask
 #: Answer to GET_MAX_MEM_SLOTS (QEMU caps it to what the platform supports).
 DEFAULT_MAX_MEM_SLOTS = 32
-#: QEMU's VIRTQUEUE_MAX_SIZE: the largest ring QEMU's device models configure.
-QEMU_MAX_RING_SIZE = 1024
 #: A repeated error of one kind is logged at most once per this many seconds.
 LOG_INTERVAL = 30.0
 
@@ -172,23 +176,6 @@ _ACK = 0
 _NACK = 1
 
 
-def check_queue_count(device: VirtioDevice) -> None:
-    """vhost-user addresses rings by an 8-bit index (VRING_FD_INDEX_MASK)."""
-    if device.num_queues > VRING_FD_INDEX_MASK + 1:
-        raise ValueError(f"{device.name}: {device.num_queues} queues, vhost-user allows 256")
-
-
-def max_ring_size(device: VirtioDevice, index: int) -> int:
-    """The largest SET_VRING_NUM accepted for ring ``index`` of ``device``.
-
-    vhost-user has no message to tell the front end a maximum: QEMU sizes
-    rings from its own device model (virtio-net's tx/rx_queue_size, up to
-    VIRTQUEUE_MAX_SIZE).  So the limit is the device's own maximum or
-    QEMU's, whichever is larger; beyond it a size is refused.
-    """
-    return min(max(device.queue_max_sizes[index], QEMU_MAX_RING_SIZE), MAX_QUEUE_SIZE)
-
-
 class _Refused(Exception):
     """A well-formed request the session cannot honour (answered with a NACK)."""
 
@@ -197,26 +184,8 @@ class _Fatal(Exception):
     """A request whose failure leaves no way to answer: the connection is dropped."""
 
 
-@dataclass
-class _Region:
-    """One shared memory region: where it is for the guest and for the front end."""
-
-    guest_addr: int
-    size: int
-    user_addr: int
-
-    def contains_user(self, addr: int) -> bool:
-        return self.user_addr <= addr < self.user_addr + self.size
-
-    def overlaps_user(self, other: _Region) -> bool:
-        return (
-            self.user_addr < other.user_addr + other.size
-            and other.user_addr < self.user_addr + self.size
-        )
-
-
 #: Errors that refuse a request (a NACK) rather than end the session.
-_REFUSALS = (_Refused, RingError, GuestMemoryError, VirtqueueError)
+_REFUSALS = (_Refused, RegionRefused, RingError, GuestMemoryError, VirtqueueError)
 
 
 class VhostUserSession:
@@ -245,7 +214,6 @@ class VhostUserSession:
         self.device = device
         self.interrupt = interrupt
         self.protocol_features_offered = protocol_features & SUPPORTED_PROTOCOL_FEATURES
-        self.max_mem_slots = max_mem_slots
         self.unsealed_memory = UnsealedMemory(unsealed_memory)
         self.name = name
         self.parser = MessageParser(FrontendRequest, replies=False)
@@ -257,15 +225,19 @@ class VhostUserSession:
         self.owner = False
         #: The driver's status byte (SET_STATUS).
         self.status = 0
-        self.memory = GuestMemory()
+        #: The front end's regions; ``memory`` is where they are mapped.
+        self.memory_table = RegionTable(
+            max_slots=max_mem_slots,
+            allow_unsealed=self.unsealed_memory is UnsealedMemory.ALLOW,
+            name=name,
+        )
+        self.memory = self.memory_table.memory
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         #: True once the session ended (a Disconnect was issued, or close()).
         self.closed = False
-        self._regions: list[_Region] = []
         self._received = received
         self._device_log = device_log or RateLimitedLog(log, name, interval=LOG_INTERVAL)
         self._refusals = RateLimitedLog(log, name, interval=LOG_INTERVAL)
-        self._warned_unsealed = False
         #: The inflight region (GET/SET_INFLIGHT_FD), None until the front end sets one.
         self.inflight: InflightArea | None = None
         #: Fds the next reply carries (GET_INFLIGHT_FD's memfd).
@@ -322,6 +294,8 @@ class VhostUserSession:
             actions.append(self._disconnect(f"{request.name} failed: {exc}"))
             return actions
         except _REFUSALS as exc:
+            if isinstance(exc, RegionRefused):
+                self._close(exc.fds)
             self._refusals.warn("refused", request.name, "%s refused: %s", request.name, exc)
             if message.need_reply:
                 self._reply(request, _NACK)
@@ -414,8 +388,7 @@ class VhostUserSession:
             log.exception("%s: device reset failed", self)
         for vring in self.vrings:
             vring.queue = None
-        self.memory.close()
-        self._regions.clear()
+        self.memory_table.close()
         self.inflight = None  # unmapped once the last queue holding a view of it is gone
         fds = self.parser.take_fds()
         return [CloseFds(tuple(fds))] if fds else []
@@ -479,8 +452,7 @@ class VhostUserSession:
         migrating) is accepted; a front end must stop the rings first
         (GET_VRING_BASE) to change anything else.
         """
-        assert isinstance(message.payload, int)
-        value = message.payload
+        value = message.payload_as(int)
         offered = self.offered_features()
         if value & ~offered:
             raise _Refused(f"features {value & ~offered:#x} never offered")
@@ -504,8 +476,7 @@ class VhostUserSession:
         return self.protocol_features_offered
 
     def _set_protocol_features(self, message: Message) -> Payload:
-        assert isinstance(message.payload, int)
-        value = message.payload
+        value = message.payload_as(int)
         if value & ~self.protocol_features_offered:
             raise _Refused(
                 f"protocol features {value & ~self.protocol_features_offered:#x} never offered"
@@ -541,134 +512,43 @@ class VhostUserSession:
     def _get_queue_num(self, message: Message) -> Payload:
         return self.device.num_queues
 
+    @property
+    def max_mem_slots(self) -> int:
+        """The GET_MAX_MEM_SLOTS answer, enforced on ADD_MEM_REG."""
+        return self.memory_table.max_slots
+
     def _get_max_mem_slots(self, message: Message) -> Payload:
         return self.max_mem_slots
 
-    # -- memory --------------------------------------------------------------------------------
-
-    def _map_region(self, mem: GuestMemory, desc: MemoryRegionDesc, fd: int) -> _Region:
-        """Map ``fd`` for ``desc`` into ``mem``, which then owns the fd (else it is closed)."""
-        if desc.memory_size == 0:
-            self._close((fd,))
-            raise _Refused("memory region of size 0")
-        try:
-            region = mem.add_fd(
-                desc.guest_phys_addr,
-                desc.memory_size,
-                fd,
-                desc.mmap_offset,
-                take_ownership=True,
-                allow_unsealed=self.unsealed_memory is UnsealedMemory.ALLOW,
-            )
-        except UnsealedMemoryError as exc:
-            self._close((fd,))
-            raise _Refused(
-                f"memory region at guest {desc.guest_phys_addr:#x}: {exc} (a memfd made "
-                "without MFD_ALLOW_SEALING, or a hugetlbfs or regular file), so the front "
-                "end could truncate it and crash this back end; refused (start with "
-                "--unsealed-memory allow to accept such memory from a trusted front end)"
-            ) from exc
-        except GuestMemoryError as exc:
-            self._close((fd,))
-            raise _Refused(f"cannot map memory region: {exc}") from exc
-        if not region.sealed and not self._warned_unsealed:
-            self._warned_unsealed = True
-            log.warning(
-                "%s: memory region at guest %#x cannot be sealed against shrinking; mapped "
-                "as --unsealed-memory allow says: this front end can crash this back end "
-                "by truncating it",
-                self,
-                desc.guest_phys_addr,
-            )
-        return _Region(desc.guest_phys_addr, desc.memory_size, desc.userspace_addr)
-
-    @staticmethod
-    def _check_user_overlap(regions: list[_Region], new: _Region) -> None:
-        for other in regions:
-            if new.overlaps_user(other):
-                raise _Refused(
-                    f"user range [{new.user_addr:#x}, +{new.size:#x}) overlaps "
-                    f"[{other.user_addr:#x}, +{other.size:#x})"
-                )
+    # -- memory (what a table may hold is memory_table's) --------------------------------------
 
     def _set_mem_table(self, message: Message) -> Payload:
         """SET_MEM_TABLE: replace every region (mapping all new ones before dropping any)."""
-        table = message.payload
-        assert isinstance(table, MemoryTable)
-        staging = GuestMemory()
-        new_regions: list[_Region] = []
-        fds = list(message.fds)
-        try:
-            while fds:
-                fd = fds.pop(0)
-                region = self._map_region(staging, table.regions[len(new_regions)], fd)
-                self._check_user_overlap(new_regions, region)
-                new_regions.append(region)
-        except _Refused:
-            self._close(fds)
-            staging.close()
-            raise
+        staged = self.memory_table.stage(message.payload_as(MemoryTable), message.fds)
         # The rings may move with the memory: stop, swap, and restart below.
         self._stop_device("SET_MEM_TABLE")
-        for old in list(self.memory.regions):
-            self.memory.remove_region(old.guest_base)
-        for mapped in list(staging.regions):
-            self.memory.add_region(staging.remove_region(mapped.guest_base, close=False))
-        self._regions = new_regions
+        self.memory_table.install(staged)
         self._try_activate()
         return None
 
     def _add_mem_reg(self, message: Message) -> Payload:
-        payload = message.payload
-        assert isinstance(payload, SingleMemoryRegion)
         (fd,) = message.fds
-        desc = payload.region
-        new = _Region(desc.guest_phys_addr, desc.memory_size, desc.userspace_addr)
-        try:
-            if len(self._regions) >= self.max_mem_slots:
-                raise _Refused(f"all {self.max_mem_slots} memory slots are in use")
-            self._check_user_overlap(self._regions, new)
-        except _Refused:
-            self._close((fd,))
-            raise
-        self._regions.append(self._map_region(self.memory, desc, fd))
+        self.memory_table.add(message.payload_as(SingleMemoryRegion).region, fd)
         self._try_activate()
         return None
 
     def _rem_mem_reg(self, message: Message) -> Payload:
         """REM_MEM_REG: identified by guest address, user address and size; fd is closed."""
         self._close(message.fds)
-        payload = message.payload
-        assert isinstance(payload, SingleMemoryRegion)
-        desc = payload.region
-        wanted = _Region(desc.guest_phys_addr, desc.memory_size, desc.userspace_addr)
-        if wanted not in self._regions:
-            raise _Refused(
-                f"no region at guest {desc.guest_phys_addr:#x} / user {desc.userspace_addr:#x} "
-                f"of size {desc.memory_size:#x}"
-            )
-        if any(vring.queue is not None and self._ring_in(vring, wanted) for vring in self.vrings):
+        region = self.memory_table.find(message.payload_as(SingleMemoryRegion).region)
+        if any(vring.queue is not None and region.holds_ring(vring.addr) for vring in self.vrings):
             self._stop_device("REM_MEM_REG of a region holding a ring")
-        self._regions.remove(wanted)
-        self.memory.remove_region(wanted.guest_addr)
+        self.memory_table.remove(region)
         return None
 
-    @staticmethod
-    def _ring_in(vring: Vring, region: _Region) -> bool:
-        addr = vring.addr
-        if addr is None:
-            return False
-        return any(
-            region.contains_user(a)
-            for a in (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
-        )
-
     def _user_to_guest(self, addr: int, what: str) -> int:
-        """Translate a front-end user address to guest-physical (vhost-user.rst "Memory access")."""
-        for region in self._regions:
-            if region.contains_user(addr):
-                return region.guest_addr + (addr - region.user_addr)
-        raise _Refused(f"{what} user address {addr:#x} is in no memory region")
+        """A ring address as guest-physical, for ``build_queue`` (refused if in no region)."""
+        return self.memory_table.to_guest(addr, what)
 
     # -- rings ---------------------------------------------------------------------------------
 
@@ -678,8 +558,7 @@ class VhostUserSession:
             self._stop_device(f"{what} on running ring {vring.index}")
 
     def _set_vring_num(self, message: Message) -> Payload:
-        state = message.payload
-        assert isinstance(state, VringState)
+        state = message.payload_as(VringState)
         vring = self._vring(state.index)
         maximum = self.max_ring_size(state.index)
         if not 1 <= state.num <= maximum:
@@ -689,16 +568,14 @@ class VhostUserSession:
         return None
 
     def _set_vring_addr(self, message: Message) -> Payload:
-        addr = message.payload
-        assert isinstance(addr, VringAddr)
+        addr = message.payload_as(VringAddr)
         vring = self._vring(addr.index)
         self._reconfigure(vring, "SET_VRING_ADDR")
         vring.addr = addr
         return None
 
     def _set_vring_base(self, message: Message) -> Payload:
-        state = message.payload
-        assert isinstance(state, VringState)
+        state = message.payload_as(VringState)
         vring = self._vring(state.index)
         packed = bool(self.features & Feature.RING_PACKED.mask)
         check_base(state.index, state.num, vring.num, packed=packed)
@@ -708,8 +585,7 @@ class VhostUserSession:
 
     def _get_vring_base(self, message: Message) -> Payload:
         """GET_VRING_BASE: stop the ring and report where it is ("Ring states")."""
-        state = message.payload
-        assert isinstance(state, VringState)
+        state = message.payload_as(VringState)
         index = state.index
         if not 0 <= index < len(self.vrings):
             raise _Fatal(f"ring {index} does not exist")
@@ -722,8 +598,7 @@ class VhostUserSession:
 
     def _vring_fd(self, message: Message) -> tuple[Vring, int | None]:
         """The ring and fd of SET_VRING_KICK/CALL/ERR (the fd is closed if refused)."""
-        assert isinstance(message.payload, int)
-        value = message.payload
+        value = message.payload_as(int)
         fd = None if value & VRING_FD_NOFD else message.fds[0]
         try:
             vring = self._vring(value & VRING_FD_INDEX_MASK)
@@ -756,8 +631,7 @@ class VhostUserSession:
         return None
 
     def _set_vring_enable(self, message: Message) -> Payload:
-        state = message.payload
-        assert isinstance(state, VringState)
+        state = message.payload_as(VringState)
         vring = self._vring(state.index)
         if state.num not in (0, 1):
             raise _Refused(f"ring {state.index}: enable value {state.num} is not 0 or 1")
@@ -773,8 +647,7 @@ class VhostUserSession:
         return None
 
     def _vring_kick(self, message: Message) -> Payload:
-        state = message.payload
-        assert isinstance(state, VringState)
+        state = message.payload_as(VringState)
         self.kick(self._vring(state.index).index)
         return None
 
@@ -965,8 +838,7 @@ class VhostUserSession:
     # -- config, status, back-end channel ------------------------------------------------------
 
     def _get_config(self, message: Message) -> Payload:
-        request = message.payload
-        assert isinstance(request, ConfigSpace)
+        request = message.payload_as(ConfigSpace)
         try:
             end = len(self.device.config_bytes())
             if request.offset + request.size > end:
@@ -981,8 +853,7 @@ class VhostUserSession:
         return ConfigSpace(request.offset, request.flags, data[: request.size])
 
     def _set_config(self, message: Message) -> Payload:
-        request = message.payload
-        assert isinstance(request, ConfigSpace)
+        request = message.payload_as(ConfigSpace)
         if request.flags not in (0, 1):
             raise _Refused(f"SET_CONFIG flags {request.flags:#x}")
         self.device.write_config(request.offset, request.data)
@@ -990,8 +861,7 @@ class VhostUserSession:
 
     def _set_status(self, message: Message) -> Payload:
         """SET_STATUS (STATUS): the driver's status byte as QEMU relays it."""
-        assert isinstance(message.payload, int)
-        value = message.payload & 0xFF
+        value = message.payload_as(int) & 0xFF
         added = value & ~self.status
         if value == 0:
             self._stop_device("SET_STATUS 0")
