@@ -34,7 +34,6 @@ from pyvirtio.constants import Feature
 from pyvirtio.device import DeviceState, LifecycleError
 from pyvirtio.devices.net import STAT_KEYS, Net, NetHeader, SocketPairBackend, poll_devices
 from pyvirtio.devices.net.backends import TUN_F_CSUM, TUN_F_TSO4, tun_offload_flags
-from pyvirtio.devices.net.device import _GSO_HOST, _gso_allowed
 from pyvirtio.devices.net.wire import (
     CONFIG_LAYOUT,
     GUEST_OFFLOADS,
@@ -897,21 +896,3 @@ def test_control_features_without_ctrl_vq_when_the_front_end_owns_the_control_qu
     net = Net(backend, queue_pairs=2, front_end_control=True)
     assert net.features_acceptable(acked)
     assert not net.features_acceptable(Feature.VERSION_1.mask | NetFeature.GUEST_TSO4.mask)
-
-
-@pytest.mark.parametrize(
-    ("gso", "flags", "features", "allowed"),
-    [
-        (Gso.TCPV4, HdrFlag.NEEDS_CSUM, F.HOST_TSO4.mask, True),
-        (Gso.TCPV4, HdrFlag.NEEDS_CSUM, F.HOST_TSO6.mask, False),  # wrong TSO feature
-        (Gso.TCPV4, 0, F.HOST_TSO4.mask, False),  # GSO without a checksum request
-        (Gso.TCPV6 | Gso.ECN, HdrFlag.NEEDS_CSUM, F.HOST_TSO6.mask, False),  # ECN not acked
-        (Gso.TCPV6 | Gso.ECN, HdrFlag.NEEDS_CSUM, F.HOST_TSO6.mask | F.HOST_ECN.mask, True),
-        (Gso.UDP, HdrFlag.NEEDS_CSUM, F.HOST_UFO.mask, True),
-        (Gso.UDP_L4, HdrFlag.NEEDS_CSUM, F.HOST_TSO4.mask | F.HOST_UFO.mask, False),  # unknown
-    ],
-)
-def test_gso_allowed_by_type_ecn_and_checksum(
-    gso: int, flags: int, features: int, allowed: bool
-) -> None:
-    assert _gso_allowed(gso, flags, features, _GSO_HOST, F.HOST_ECN.mask) is allowed
