@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Self
 
 __all__ = [
     "MAX_CONFIG_SIZE",
@@ -66,30 +67,69 @@ def _check_fields(name: str, values: Iterable[tuple[int, int]]) -> None:
             raise ValueError(f"{name}: {value!r} does not fit in {bits} bits")
 
 
+class _Fixed:
+    """A payload that is one fixed layout: its dataclass fields in order, ``LAYOUT``.
+
+    ``pack`` checks that each field fits its width in the layout (ValueError)
+    and appends ``PADDING`` zero bytes; ``unpack`` takes any of ``SIZES``
+    (struct.error otherwise).
+    """
+
+    __slots__ = ()
+    LAYOUT: ClassVar[struct.Struct]
+    #: Zero bytes after the fields that senders may or may not put there.
+    PADDING: ClassVar[int] = 0
+    #: The payload sizes a peer may send: the layout's, and with PADDING.
+    SIZES: ClassVar[tuple[int, ...]]
+    _FIELDS: ClassVar[tuple[str, ...]]
+    _WIDTHS: ClassVar[tuple[int, ...]]
+
+    if TYPE_CHECKING:
+
+        def __init__(self, *values: int) -> None: ...
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        # The subclass's own annotations are its fields, in order (LAYOUT and
+        # PADDING are assigned without one).
+        cls._FIELDS = tuple(cls.__annotations__)
+        size = cls.LAYOUT.size
+        cls.SIZES = (size, size + cls.PADDING) if cls.PADDING else (size,)
+        # Bits of each field: its format character's size ("<" first).
+        cls._WIDTHS = tuple(8 * struct.calcsize("<" + c) for c in cls.LAYOUT.format[1:])
+
+    def pack(self) -> bytes:
+        values = [getattr(self, name) for name in self._FIELDS]
+        _check_fields(type(self).__name__, zip(values, self._WIDTHS, strict=True))
+        return self.LAYOUT.pack(*values) + bytes(self.PADDING)
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        if len(data) not in cls.SIZES:
+            raise struct.error(f"{cls.__name__} takes {cls.SIZES} bytes, not {len(data)}")
+        return cls(*cls.LAYOUT.unpack_from(data))
+
+
 @dataclass(frozen=True)
-class VringState:
+class VringState(_Fixed):
     """vhost-user.rst "A vring state description": ring index and a number (size, base...)."""
+
+    LAYOUT = _VRING_STATE
 
     index: int
     num: int
 
-    def pack(self) -> bytes:
-        _check_fields("VringState", ((self.index, 32), (self.num, 32)))
-        return _VRING_STATE.pack(self.index, self.num)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VringState:
-        return cls(*_VRING_STATE.unpack(data))
-
 
 @dataclass(frozen=True)
-class VringAddr:
+class VringAddr(_Fixed):
     """vhost-user.rst "A vring address description".
 
     The three ring addresses are the front end's *user* addresses (unless
     VIRTIO_F_IOMMU_PLATFORM is negotiated); a back end translates them
     through the ``user_addr`` of its memory regions ("Memory access").
     """
+
+    LAYOUT = _VRING_ADDR
 
     index: int
     flags: int
@@ -98,58 +138,17 @@ class VringAddr:
     avail_user_addr: int
     log_guest_addr: int = 0
 
-    def pack(self) -> bytes:
-        _check_fields(
-            "VringAddr",
-            (
-                (self.index, 32),
-                (self.flags, 32),
-                (self.desc_user_addr, 64),
-                (self.used_user_addr, 64),
-                (self.avail_user_addr, 64),
-                (self.log_guest_addr, 64),
-            ),
-        )
-        return _VRING_ADDR.pack(
-            self.index,
-            self.flags,
-            self.desc_user_addr,
-            self.used_user_addr,
-            self.avail_user_addr,
-            self.log_guest_addr,
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VringAddr:
-        return cls(*_VRING_ADDR.unpack(data))
-
 
 @dataclass(frozen=True)
-class MemoryRegionDesc:
+class MemoryRegionDesc(_Fixed):
     """One region of "Memory regions description": guest and user base, size, fd offset."""
+
+    LAYOUT = _REGION
 
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int
     mmap_offset: int
-
-    def pack(self) -> bytes:
-        _check_fields(
-            "MemoryRegionDesc",
-            (
-                (self.guest_phys_addr, 64),
-                (self.memory_size, 64),
-                (self.userspace_addr, 64),
-                (self.mmap_offset, 64),
-            ),
-        )
-        return _REGION.pack(
-            self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> MemoryRegionDesc:
-        return cls(*_REGION.unpack(data))
 
 
 @dataclass(frozen=True)
@@ -233,66 +232,38 @@ class ConfigSpace:
 
 
 @dataclass(frozen=True)
-class LogDesc:
+class LogDesc(_Fixed):
     """vhost-user.rst "Log description": size and offset of the dirty log (LOG_SHMFD)."""
+
+    LAYOUT = _LOG
 
     mmap_size: int
     mmap_offset: int
 
-    def pack(self) -> bytes:
-        _check_fields("LogDesc", ((self.mmap_size, 64), (self.mmap_offset, 64)))
-        return _LOG.pack(self.mmap_size, self.mmap_offset)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> LogDesc:
-        return cls(*_LOG.unpack(data))
-
 
 @dataclass(frozen=True)
-class VringArea:
+class VringArea(_Fixed):
     """vhost-user.rst "Vring area description" (back-end VRING_HOST_NOTIFIER_MSG)."""
+
+    LAYOUT = _AREA
 
     index_flags: int
     size: int
     offset: int
 
-    def pack(self) -> bytes:
-        _check_fields("VringArea", ((self.index_flags, 64), (self.size, 64), (self.offset, 64)))
-        return _AREA.pack(self.index_flags, self.size, self.offset)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VringArea:
-        return cls(*_AREA.unpack(data))
-
 
 @dataclass(frozen=True)
-class InflightDesc:
+class InflightDesc(_Fixed):
     """vhost-user.rst "Inflight description" (GET/SET_INFLIGHT_FD).
 
     The spec lists 20 bytes of fields; QEMU and libvhost-user send the C
     struct, padded to 24.  Both decode; encoding gives 24.
     """
 
+    LAYOUT = _INFLIGHT
+    PADDING = 4
+
     mmap_size: int
     mmap_offset: int
     num_queues: int
     queue_size: int
-
-    def pack(self) -> bytes:
-        _check_fields(
-            "InflightDesc",
-            (
-                (self.mmap_size, 64),
-                (self.mmap_offset, 64),
-                (self.num_queues, 16),
-                (self.queue_size, 16),
-            ),
-        )
-        return (
-            _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
-            + b"\0" * 4
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> InflightDesc:
-        return cls(*_INFLIGHT.unpack_from(data))

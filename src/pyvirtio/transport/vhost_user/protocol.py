@@ -31,15 +31,10 @@ from pyvirtio.constants import FeatureBit
 # The layouts' structs and field check are shared with the payload
 # module (one package, one definition of each layout).
 from pyvirtio.transport.vhost_user.payloads import (
-    _AREA,
     _CONFIG_HEAD,
-    _INFLIGHT,
-    _LOG,
     _REGION,
     _TABLE_HEAD,
     _U64,
-    _VRING_ADDR,
-    _VRING_STATE,
     MAX_CONFIG_SIZE,
     MAX_FDS,
     MAX_MEM_REGIONS,
@@ -250,15 +245,37 @@ class PayloadKind(enum.Enum):
     RAW = "bytes"
 
 
+_Structure = (
+    type[VringState]
+    | type[VringAddr]
+    | type[MemoryTable]
+    | type[SingleMemoryRegion]
+    | type[ConfigSpace]
+    | type[LogDesc]
+    | type[VringArea]
+    | type[InflightDesc]
+)
+#: The layouts that are a structure of :mod:`.payloads`: its class, which packs and unpacks it.
+_STRUCTURES: dict[PayloadKind, _Structure] = {
+    PayloadKind.VRING_STATE: VringState,
+    PayloadKind.VRING_ADDR: VringAddr,
+    PayloadKind.MEM_TABLE: MemoryTable,
+    PayloadKind.MEM_REGION: SingleMemoryRegion,
+    PayloadKind.CONFIG: ConfigSpace,
+    PayloadKind.LOG: LogDesc,
+    PayloadKind.VRING_AREA: VringArea,
+    PayloadKind.INFLIGHT: InflightDesc,
+}
+
 _FIXED_SIZES: dict[PayloadKind, tuple[int, ...]] = {
     PayloadKind.EMPTY: (0,),
-    PayloadKind.U64: (8,),
-    PayloadKind.VRING_STATE: (_VRING_STATE.size,),
-    PayloadKind.VRING_ADDR: (_VRING_ADDR.size,),
-    PayloadKind.MEM_REGION: (8 + _REGION.size,),
-    PayloadKind.LOG: (_LOG.size,),
-    PayloadKind.VRING_AREA: (_AREA.size,),
-    PayloadKind.INFLIGHT: (_INFLIGHT.size, 24),
+    PayloadKind.U64: (_U64.size,),
+    PayloadKind.MEM_REGION: (_U64.size + _REGION.size,),
+    PayloadKind.VRING_STATE: VringState.SIZES,
+    PayloadKind.VRING_ADDR: VringAddr.SIZES,
+    PayloadKind.LOG: LogDesc.SIZES,
+    PayloadKind.VRING_AREA: VringArea.SIZES,
+    PayloadKind.INFLIGHT: InflightDesc.SIZES,
 }
 
 
@@ -398,72 +415,51 @@ def decode_payload(request: Request, data: bytes, *, is_reply: bool = False) -> 
 
 
 def _decode_kind(kind: PayloadKind, data: bytes) -> Payload:
-    match kind:
-        case PayloadKind.EMPTY:
-            return None
-        case PayloadKind.U64:
-            value: int = _U64.unpack(data)[0]
-            return value
-        case PayloadKind.VRING_STATE:
-            return VringState.unpack(data)
-        case PayloadKind.VRING_ADDR:
-            return VringAddr.unpack(data)
-        case PayloadKind.MEM_TABLE:
-            return MemoryTable.unpack(data)
-        case PayloadKind.MEM_REGION:
-            return SingleMemoryRegion.unpack(data)
-        case PayloadKind.CONFIG:
-            return ConfigSpace.unpack(data)
-        case PayloadKind.LOG:
-            return LogDesc.unpack(data)
-        case PayloadKind.VRING_AREA:
-            return VringArea.unpack(data)
-        case PayloadKind.INFLIGHT:
-            return InflightDesc.unpack(data)
-        case _:
-            return bytes(data)
+    structure = _STRUCTURES.get(kind)
+    if structure is not None:
+        return structure.unpack(data)
+    if kind is PayloadKind.EMPTY:
+        return None
+    if kind is PayloadKind.U64:
+        value: int = _U64.unpack(data)[0]
+        return value
+    return bytes(data)
 
 
 def _encode_kind(kind: PayloadKind, payload: Payload) -> bytes:
-    match kind:
-        case PayloadKind.EMPTY:
-            if payload is not None:
-                raise ValueError(f"expected no payload, got {payload!r}")
-            return b""
-        case PayloadKind.U64:
-            if not isinstance(payload, int):
-                raise ValueError(f"expected a u64 payload, got {payload!r}")
-            _check_fields("u64", ((payload, 64),))
-            return _U64.pack(payload)
-        case PayloadKind.RAW | PayloadKind.RAW_FIXED:
-            if not isinstance(payload, bytes):
-                raise ValueError(f"expected bytes, got {payload!r}")
-            return payload
-    expected: type = {
-        PayloadKind.VRING_STATE: VringState,
-        PayloadKind.VRING_ADDR: VringAddr,
-        PayloadKind.MEM_TABLE: MemoryTable,
-        PayloadKind.MEM_REGION: SingleMemoryRegion,
-        PayloadKind.CONFIG: ConfigSpace,
-        PayloadKind.LOG: LogDesc,
-        PayloadKind.VRING_AREA: VringArea,
-        PayloadKind.INFLIGHT: InflightDesc,
-    }[kind]
-    if not isinstance(payload, _STRUCTURES) or not isinstance(payload, expected):
-        raise ValueError(f"expected a {expected.__name__} payload, got {payload!r}")
-    return payload.pack()
+    structure = _STRUCTURES.get(kind)
+    if structure is not None:
+        if not isinstance(payload, structure):
+            raise ValueError(f"expected a {structure.__name__} payload, got {payload!r}")
+        return payload.pack()
+    if kind is PayloadKind.EMPTY:
+        if payload is not None:
+            raise ValueError(f"expected no payload, got {payload!r}")
+        return b""
+    if kind is PayloadKind.U64:
+        if not isinstance(payload, int):
+            raise ValueError(f"expected a u64 payload, got {payload!r}")
+        _check_fields("u64", ((payload, 64),))
+        return _U64.pack(payload)
+    if not isinstance(payload, bytes):
+        raise ValueError(f"expected bytes, got {payload!r}")
+    return payload
 
 
-_STRUCTURES = (
-    VringState,
-    VringAddr,
-    MemoryTable,
-    SingleMemoryRegion,
-    ConfigSpace,
-    LogDesc,
-    VringArea,
-    InflightDesc,
-)
+def _fd_bounds(request: Request, payload: Payload, is_reply: bool) -> tuple[int, int]:
+    """How many fds a message may carry: the schema's bounds, or exactly what the
+    payload says (SET_VRING_KICK/CALL/ERR: one unless NOFD; SET_MEM_TABLE: one a region)."""
+    schema, kind, min_fds, max_fds = _kind_and_fds(request, is_reply)
+    if is_reply:
+        return min_fds, max_fds
+    if schema.vring_fd:
+        assert isinstance(payload, int)
+        wanted = 0 if payload & VRING_FD_NOFD else 1
+        return wanted, wanted
+    if kind is PayloadKind.MEM_TABLE:
+        assert isinstance(payload, MemoryTable)
+        return len(payload.regions), len(payload.regions)
+    return min_fds, max_fds
 
 
 def vring_fd_payload(index: int, has_fd: bool) -> int:
@@ -530,7 +526,7 @@ def encode(message: Message) -> bytes:
     payload type, a value that does not fit its field, too many fds).
     """
     is_reply = message.is_reply
-    schema, kind, min_fds, max_fds = _kind_and_fds(message.request, is_reply)
+    schema, kind, _, _ = _kind_and_fds(message.request, is_reply)
     if message.flags & ~_KNOWN_FLAGS or message.flags & _VERSION_MASK != VERSION:
         raise ValueError(f"invalid flags {message.flags:#x}")
     body = _encode_kind(kind, message.payload)
@@ -538,12 +534,7 @@ def encode(message: Message) -> bytes:
     if problem is not None:
         raise ValueError(f"{message.request.name}: payload of {problem}")
     nfds = len(message.fds)
-    if schema.vring_fd and not is_reply:
-        assert isinstance(message.payload, int)
-        min_fds = max_fds = 0 if message.payload & VRING_FD_NOFD else 1
-    elif kind is PayloadKind.MEM_TABLE and not is_reply:
-        assert isinstance(message.payload, MemoryTable)
-        min_fds = max_fds = len(message.payload.regions)
+    min_fds, max_fds = _fd_bounds(message.request, message.payload, is_reply)
     if not min_fds <= nfds <= max_fds:
         raise ValueError(f"{message.request.name}: {nfds} fds, expected {min_fds}..{max_fds}")
     return _HEADER.pack(int(message.request), message.flags, len(body)) + body
@@ -699,14 +690,7 @@ class MessageParser:
         except ProtocolError as exc:
             self._fds = fds
             raise self._fail(str(exc)) from None
-        schema, kind, min_fds, max_fds = _kind_and_fds(request, is_reply)
-        if schema.vring_fd and not is_reply:
-            assert isinstance(payload, int)
-            want = 0 if payload & VRING_FD_NOFD else 1
-            min_fds = max_fds = want
-        elif kind is PayloadKind.MEM_TABLE and not is_reply:
-            assert isinstance(payload, MemoryTable)
-            min_fds = max_fds = len(payload.regions)
+        min_fds, max_fds = _fd_bounds(request, payload, is_reply)
         if not min_fds <= len(fds) <= max_fds:
             self._fds = fds
             expected = str(min_fds) if min_fds == max_fds else f"{min_fds} to {max_fds}"
