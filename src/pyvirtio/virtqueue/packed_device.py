@@ -7,6 +7,7 @@ import struct
 from collections.abc import Sequence
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.virtqueue.base import DeviceRing
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -31,13 +32,13 @@ from pyvirtio.virtqueue.packed_layout import (
     check_geometry,
     enable_events,
     need_event,
+    packed_state,
     ring_position,
 )
 from pyvirtio.virtqueue.ring import (
     DESC,
     DESC_SIZE,
     U64_LIMIT,
-    StateReader,
     full_barrier,
     words,
 )
@@ -86,7 +87,7 @@ def _store_used_run(
         d16[start * 8 + 7 : stop * 8 : step * 8] = flags
 
 
-class PackedDeviceQueue:
+class PackedDeviceQueue(DeviceRing):
     """The device side of a packed virtqueue: parses available chains, writes used ones.
 
     Everything read from the ring is validated (packed-ring.tex, "Scatter-
@@ -103,9 +104,6 @@ class PackedDeviceQueue:
         "_d64",
         "_dev16",
         "_drv16",
-        "_hi",
-        "_lo",
-        "_mem",
         "_next_avail",
         "_next_used",
         "_notify_flags",
@@ -113,37 +111,12 @@ class PackedDeviceQueue:
         "_track_avail_event",
         "_used_since_signal",
         "_used_wrap",
-        "_window",
-        "_window_table",
-        "broken",
-        "desc_addr",
-        "device_addr",
-        "driver_addr",
-        "event_idx",
-        "indirect",
-        "size",
     )
 
-    def __init__(
-        self,
-        mem: GuestMemory,
-        size: int,
-        desc_addr: int,
-        driver_addr: int,
-        device_addr: int,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-    ) -> None:
-        ring, drv, dev = check_geometry(mem, size, desc_addr, driver_addr, device_addr)
-        self._mem = mem
-        self.size = size
-        self.desc_addr = desc_addr
-        self.driver_addr = driver_addr
-        self.device_addr = device_addr
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self.broken = False
+    def _map_rings(self) -> None:
+        ring, drv, dev = check_geometry(
+            self.mem, self.size, self.desc_addr, self.driver_addr, self.device_addr
+        )
         self._ring = ring  # bytes, for whole-descriptor unpacks
         self._d16 = words(ring, "H")
         self._d32 = words(ring, "I")
@@ -156,11 +129,7 @@ class PackedDeviceQueue:
         self._used_since_signal = 0  # ring slots used since needs_notification()
         self._set_notify_flags(RING_EVENT_FLAGS_ENABLE)
         # Buffers are checked inline against the largest region (pop).
-        self._window = GuestMemory.NO_WINDOW
-        # Its fields, in slots for the hot path (NamedTuple fields load slower).
-        self._window_table: object = None
-        self._lo = 1
-        self._hi = 0
+        self._forget_window()
 
     def _set_avail(self, pos: int, wrap: int) -> None:
         """Set the next available position and the device's view of the driver wrap counter.
@@ -220,7 +189,7 @@ class PackedDeviceQueue:
         try:
             size = self.size
             ring = self._ring
-            mem = self._mem
+            mem = self.mem
             # Buffers inside the largest region are checked inline against
             # its window, while the window is current (GuestMemory.window).
             if self._window_table is not mem.regions:
@@ -317,17 +286,6 @@ class PackedDeviceQueue:
         chain.ring_slots = slots
         return chain
 
-    def _take_window(self) -> None:
-        """The region table changed: check buffers against its largest region from now on."""
-        window = self._window = self._mem.largest_window()
-        self._window_table = window.table
-        self._lo = window.base
-        self._hi = window.end
-
-    def _fail(self, message: str) -> VirtqueueError:
-        self.broken = True
-        return VirtqueueError(message)
-
     def _check_range(self, addr: int, length: int, pos: int) -> None:
         """The slow bounds check, for buffers outside the cached region window."""
         end = addr + length
@@ -335,7 +293,7 @@ class PackedDeviceQueue:
             raise self._fail(
                 f"descriptor {pos}: buffer {addr:#x}+{length:#x} overflows the address space"
             )
-        if not self._mem.is_valid(addr, length):
+        if not self.mem.is_valid(addr, length):
             raise self._fail(
                 f"descriptor {pos}: buffer [{addr:#x}, {end:#x}) is outside guest memory"
             )
@@ -359,7 +317,7 @@ class PackedDeviceQueue:
                 f"descriptor {pos}: indirect table of {length // DESC_SIZE} entries exceeds "
                 f"the limit of {MAX_INDIRECT_ENTRIES}"
             )
-        mem = self._mem
+        mem = self.mem
         window = self._window  # made current by pop
         lo = window.base
         hi = window.end
@@ -641,19 +599,16 @@ class PackedDeviceQueue:
         """
         return {
             "format": "packed",
-            "size": self.size,
-            "desc_addr": self.desc_addr,
-            "driver_addr": self.driver_addr,
-            "device_addr": self.device_addr,
-            "next_avail": self._next_avail,
-            "avail_wrap_counter": bool(self._avail_wrap),
-            "next_used": self._next_used,
-            "used_wrap_counter": bool(self._used_wrap),
-            "used_since_signal": self._used_since_signal,
-            "notify_flags": self._notify_flags,
-            "event_idx": self.event_idx,
-            "indirect": self.indirect,
-            "broken": self.broken,
+            **self._state(
+                {
+                    "next_avail": self._next_avail,
+                    "avail_wrap_counter": bool(self._avail_wrap),
+                    "next_used": self._next_used,
+                    "used_wrap_counter": bool(self._used_wrap),
+                    "used_since_signal": self._used_since_signal,
+                    "notify_flags": self._notify_flags,
+                }
+            ),
         }
 
     @classmethod
@@ -663,18 +618,8 @@ class PackedDeviceQueue:
         Nothing is written to guest memory.  An inconsistent state raises
         :class:`VirtqueueError`.
         """
-        fields = StateReader(state)
-        if state.get("format", "packed") != "packed":
-            raise VirtqueueError(f"invalid packed queue state: format {state['format']!r}")
-        queue = cls(
-            mem,
-            fields.integer("size"),
-            fields.integer("desc_addr"),
-            fields.integer("driver_addr"),
-            fields.integer("device_addr"),
-            event_idx=fields.flag("event_idx"),
-            indirect=fields.flag("indirect"),
-        )
+        fields = packed_state(state)
+        queue = cls._from_geometry(mem, fields)
         size = queue.size
         next_avail = fields.integer("next_avail")
         next_used = fields.integer("next_used")
@@ -682,7 +627,6 @@ class PackedDeviceQueue:
         used_wrap = int(fields.flag("used_wrap_counter"))
         used_since_signal = fields.integer("used_since_signal")
         notify_flags = fields.integer("notify_flags")
-        broken = fields.flag("broken")
         if not (0 <= next_avail < size and 0 <= next_used < size):
             raise VirtqueueError(
                 f"invalid packed queue state: positions {next_avail}/{next_used} for size {size}"
@@ -698,5 +642,4 @@ class PackedDeviceQueue:
             )
         queue._used_since_signal = used_since_signal
         queue._set_notify_flags(notify_flags)
-        queue.broken = broken
         return queue

@@ -6,6 +6,7 @@ import struct
 from collections.abc import Iterator, Sequence
 
 from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue.base import DriverRing
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_WRITE,
@@ -15,7 +16,6 @@ from pyvirtio.virtqueue.common import (
 )
 from pyvirtio.virtqueue.packed_layout import (
     AVAIL_USED,
-    DESC_ALIGN,
     DESC_F_AVAIL,
     DESC_F_USED,
     MAX_INDIRECT_ENTRIES,
@@ -29,16 +29,14 @@ from pyvirtio.virtqueue.packed_layout import (
     area_sizes,
     check_geometry,
     enable_events,
-    indirect_area_size,
     need_event,
+    packed_state,
     ring_position,
 )
 from pyvirtio.virtqueue.ring import (
     DESC,
     DESC_SIZE,
-    StateReader,
     Words,
-    area_view,
     full_barrier,
     words,
 )
@@ -52,7 +50,7 @@ _pack_desc_head = struct.Struct("<QIH").pack_into
 _unpack_used = struct.Struct("<IH").unpack_from
 
 
-class PackedDriverQueue:
+class PackedDriverQueue(DriverRing):
     """The driver side of a packed virtqueue: makes buffers available, collects used ones.
 
     Buffer IDs come from a free list, so the device may complete buffers in
@@ -75,11 +73,9 @@ class PackedDriverQueue:
         "_dev16",
         "_drv16",
         "_free_ids",
-        "_indirect_base",
         "_irq_flags",
         "_next_avail",
         "_next_used",
-        "_num_free",
         "_ring",
         "_slots",
         "_t16",
@@ -90,75 +86,20 @@ class PackedDriverQueue:
         "_used_expect",
         "_used_wrap",
         "_wlen",
-        "broken",
-        "desc_addr",
-        "device_addr",
-        "driver_addr",
-        "event_idx",
-        "indirect",
-        "indirect_addr",
-        "max_indirect",
-        "size",
     )
 
-    def __init__(
-        self,
-        mem: GuestMemory,
-        size: int,
-        desc_addr: int,
-        driver_addr: int,
-        device_addr: int,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        indirect_addr: int | None = None,
-        max_indirect: int = 0,
-    ) -> None:
-        self._setup(
-            mem,
-            size,
-            desc_addr,
-            driver_addr,
-            device_addr,
-            event_idx=event_idx,
-            indirect=indirect,
-            indirect_addr=indirect_addr,
-            max_indirect=max_indirect,
-        )
-        # "The descriptor ring is zero-initialized" (packed-ring.tex, "The
-        # Virtqueue Descriptor Format"); zeroed event areas mean ENABLE.
-        for addr, length in zip(
-            (desc_addr, driver_addr, device_addr), area_sizes(size), strict=True
-        ):
-            mem.fill(addr, length, 0)
+    def _area_sizes(self) -> tuple[int, int, int]:
+        return area_sizes(self.size)
 
     @classmethod
     def from_state(cls, mem: GuestMemory, state: QueueState) -> PackedDriverQueue:
         """Rebuild an idle queue (nothing in flight) from :meth:`state`.
 
         Guest memory is not touched, unlike the constructor, which zeroes the
-        ring: the ring is expected to be where the state says.  Tokens are
-        arbitrary objects and not part of the state, hence the idle rule.
+        ring: the ring is expected to be where the state says.
         """
-        fields = StateReader(state)
-        if state.get("format", "packed") != "packed":
-            raise VirtqueueError(f"invalid packed queue state: format {state['format']!r}")
-        if fields.integer("in_flight") != 0:
-            raise ValueError("only a queue with nothing in flight can be rebuilt from state")
-        indirect = fields.flag("indirect")
-        max_indirect = fields.integer("max_indirect")
-        queue = cls.__new__(cls)
-        queue._setup(
-            mem,
-            fields.integer("size"),
-            fields.integer("desc_addr"),
-            fields.integer("driver_addr"),
-            fields.integer("device_addr"),
-            event_idx=fields.flag("event_idx"),
-            indirect=indirect,
-            indirect_addr=fields.integer("indirect_addr") if indirect and max_indirect else None,
-            max_indirect=max_indirect,
-        )
+        fields = packed_state(state)
+        queue = cls._idle_from_state(mem, fields)
         size = queue.size
         queue._next_avail = ring_position(fields.integer("next_avail"), size, "next_avail")
         queue._avail_wrap = int(fields.flag("avail_wrap_counter"))
@@ -171,31 +112,10 @@ class PackedDriverQueue:
         queue._added_since_kick = fields.integer("added_since_kick")
         irq_flags = fields.integer("interrupt_flags", 0, RING_EVENT_FLAGS_DESC)
         queue._set_irq_flags(irq_flags)
-        queue.broken = fields.flag("broken")
         return queue
 
-    def _setup(
-        self,
-        mem: GuestMemory,
-        size: int,
-        desc_addr: int,
-        driver_addr: int,
-        device_addr: int,
-        *,
-        event_idx: bool,
-        indirect: bool,
-        indirect_addr: int | None,
-        max_indirect: int,
-    ) -> None:
-        ring, drv, dev = check_geometry(mem, size, desc_addr, driver_addr, device_addr)
-        self.size = size
-        self.desc_addr = desc_addr
-        self.driver_addr = driver_addr
-        self.device_addr = device_addr
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self.broken = False
-        if not indirect:
+    def _map_indirect(self, indirect_addr: int | None, max_indirect: int) -> None:
+        if not self.indirect:
             max_indirect = 0
         if not 0 <= max_indirect <= MAX_INDIRECT_ENTRIES:
             raise VirtqueueError(f"max_indirect {max_indirect} not in 0..{MAX_INDIRECT_ENTRIES}")
@@ -208,16 +128,16 @@ class PackedDriverQueue:
         if max_indirect:
             if indirect_addr is None:
                 raise VirtqueueError("indirect tables need indirect_addr")
-            table = area_view(
-                mem,
-                "indirect table area",
-                indirect_addr,
-                indirect_area_size(size, max_indirect),
-                DESC_ALIGN,
-            )
+            table = self._indirect_area("indirect table area", indirect_addr, max_indirect)
             self._t16 = words(table, "H")
             self._t32 = words(table, "I")
             self._t64 = words(table, "Q")
+
+    def _map_rings(self) -> None:
+        size = self.size
+        ring, drv, dev = check_geometry(
+            self.mem, size, self.desc_addr, self.driver_addr, self.device_addr
+        )
         self._ring = ring  # bytes, for packing a descriptor's fields at once
         self._d16 = words(ring, "H")
         self._d32 = words(ring, "I")
@@ -255,11 +175,6 @@ class PackedDriverQueue:
             f"PackedDriverQueue(size={self.size}, free={self._num_free}, "
             f"in_flight={self.in_flight})"
         )
-
-    @property
-    def num_free(self) -> int:
-        """Ring descriptors free for new requests."""
-        return self._num_free
 
     @property
     def in_flight(self) -> int:
@@ -414,10 +329,6 @@ class PackedDriverQueue:
 
     # -- used buffers -----------------------------------------------------------
 
-    def _fail(self, message: str) -> VirtqueueError:
-        self.broken = True
-        return VirtqueueError(message)
-
     def has_used(self) -> bool:
         """Whether :meth:`used` would yield something (or raise)."""
         return self.broken or self._used_ready()
@@ -519,21 +430,18 @@ class PackedDriverQueue:
         """Snapshot of the queue's positions and counters, as a plain dict."""
         return {
             "format": "packed",
-            "size": self.size,
-            "desc_addr": self.desc_addr,
-            "driver_addr": self.driver_addr,
-            "device_addr": self.device_addr,
-            "next_avail": self._next_avail,
-            "avail_wrap_counter": bool(self._avail_wrap),
-            "next_used": self._next_used,
-            "used_wrap_counter": bool(self._used_wrap),
-            "num_free": self._num_free,
-            "in_flight": self.in_flight,
-            "added_since_kick": self._added_since_kick,
-            "interrupt_flags": self._irq_flags,
-            "event_idx": self.event_idx,
-            "indirect": self.indirect,
-            "indirect_addr": self.indirect_addr,
-            "max_indirect": self.max_indirect,
-            "broken": self.broken,
+            **self._state(
+                {
+                    "next_avail": self._next_avail,
+                    "avail_wrap_counter": bool(self._avail_wrap),
+                    "next_used": self._next_used,
+                    "used_wrap_counter": bool(self._used_wrap),
+                    "num_free": self._num_free,
+                    "in_flight": self.in_flight,
+                    "added_since_kick": self._added_since_kick,
+                    "interrupt_flags": self._irq_flags,
+                    "indirect_addr": self.indirect_addr,
+                    "max_indirect": self.max_indirect,
+                }
+            ),
         }

@@ -14,12 +14,16 @@ from pyvirtio.virtqueue.common import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     MAX_QUEUE_SIZE,
+    QueueState,
+    VirtqueueError,
 )
 from pyvirtio.virtqueue.ring import (
     DESC_SIZE,
+    StateReader,
     Words,
     area_view,
     check_queue_size,
+    indirect_area_size,
 )
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "enable_events",
     "indirect_area_size",
     "need_event",
+    "packed_state",
     "ring_position",
 ]
 
@@ -88,8 +93,6 @@ READ_MORE = DESC_F_NEXT
 WRITE_LAST = DESC_F_WRITE
 WRITE_MORE = DESC_F_WRITE | DESC_F_NEXT
 
-#: One ``struct pvirtq_desc`` (packed-ring.tex, "The Virtqueue Descriptor Format").
-
 
 def area_sizes(size: int) -> tuple[int, int, int]:
     """Bytes of (descriptor ring, driver event area, device event area) for ``size``.
@@ -99,13 +102,15 @@ def area_sizes(size: int) -> tuple[int, int, int]:
     return DESC_SIZE * size, EVENT_SIZE, EVENT_SIZE
 
 
-def indirect_area_size(size: int, max_indirect: int) -> int:
-    """Bytes a :class:`PackedDriverQueue` needs for its indirect tables.
+def packed_state(state: QueueState) -> StateReader:
+    """The fields of a packed queue's state dict; VirtqueueError if it is another format's.
 
-    One table of ``max_indirect`` descriptors per buffer ID, so a table is
-    free exactly when its buffer ID is.
+    Packed states say ``"format": "packed"`` (older ones said nothing).
     """
-    return size * max_indirect * DESC_SIZE
+    fields = StateReader(state)
+    if state.get("format", "packed") != "packed":
+        raise VirtqueueError(f"invalid packed queue state: format {state['format']!r}")
+    return fields
 
 
 def ring_position(position: object, size: int, what: str) -> int:

@@ -23,6 +23,7 @@ __all__ = [
     "CHAIN_BYTES_LIMIT",
     "DESC",
     "DESC_SIZE",
+    "INDIRECT_ALIGN",
     "U64_LIMIT",
     "LittleEndianWords",
     "StateReader",
@@ -30,6 +31,7 @@ __all__ = [
     "area_view",
     "check_queue_size",
     "full_barrier",
+    "indirect_area_size",
     "read_span",
     "words",
     "write_span",
@@ -40,6 +42,8 @@ __all__ = [
 DESC_SIZE = 16
 #: One descriptor: split ``(addr, len, flags, next)``, packed ``(addr, len, id, flags)``.
 DESC = struct.Struct("<QIHH")
+#: Alignment of an indirect descriptor table: a descriptor's, in either format.
+INDIRECT_ALIGN = 16
 #: One past the highest guest-physical address.
 U64_LIMIT = 1 << 64
 #: split-ring.tex, "The Virtqueue Descriptor Table": a chain is at most 2**32 bytes
@@ -155,6 +159,16 @@ def check_queue_size(size: object, *, power_of_two: bool) -> int:
     elif not 1 <= size <= MAX_QUEUE_SIZE:
         raise VirtqueueError(f"queue size {size} is not in 1..{MAX_QUEUE_SIZE}")
     return size
+
+
+def indirect_area_size(size: int, max_indirect: int) -> int:
+    """Bytes a driver queue of ``size`` needs for its indirect tables, in either format.
+
+    One table of ``max_indirect`` descriptors per head slot (split) or buffer
+    ID (packed), so a table is owned by exactly one request in flight and
+    needs no allocator.
+    """
+    return size * max_indirect * DESC_SIZE
 
 
 def area_view(mem: GuestMemory, what: str, addr: object, length: int, align: int) -> memoryview:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.virtqueue.base import DeviceRing
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -80,7 +81,7 @@ def _check_buffer(mem: GuestMemory, addr: int, length: int, where: str) -> None:
         )
 
 
-class SplitDeviceQueue:
+class SplitDeviceQueue(DeviceRing):
     """The device side of a split virtqueue.
 
     Reads the descriptor table and available ring, writes the used ring
@@ -105,8 +106,6 @@ class SplitDeviceQueue:
         "_avail_ring",
         "_desc",
         "_heads",
-        "_hi",
-        "_lo",
         "_mask",
         "_next_avail",
         "_next_used",
@@ -115,39 +114,14 @@ class SplitDeviceQueue:
         "_track_avail_event",
         "_used",
         "_used_ring",
-        "_window",
-        "_window_table",
-        "broken",
-        "desc_addr",
-        "device_addr",
-        "driver_addr",
-        "event_idx",
-        "indirect",
         "inflight",
-        "mem",
-        "size",
     )
 
-    def __init__(
-        self,
-        mem: GuestMemory,
-        size: int,
-        desc_addr: int,
-        driver_addr: int,
-        device_addr: int,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-    ) -> None:
-        desc, avail, used = check_layout(mem, size, desc_addr, driver_addr, device_addr)
-        self.mem = mem
-        self.size = size
-        self.desc_addr = desc_addr
-        self.driver_addr = driver_addr
-        self.device_addr = device_addr
-        self.event_idx = bool(event_idx)
-        self.indirect = bool(indirect)
-        self.broken = False
+    def _map_rings(self) -> None:
+        size = self.size
+        desc, avail, used = check_layout(
+            self.mem, size, self.desc_addr, self.driver_addr, self.device_addr
+        )
         self._mask = size - 1
         self._desc = desc
         # Available ring as u16 slots: flags 0, idx 1, ring 2.., used_event 2+size;
@@ -167,12 +141,8 @@ class SplitDeviceQueue:
         self._notify_enabled = True
         # pop keeps avail_event current while this is set.
         self._track_avail_event = self.event_idx
-        # Buffers are checked inline against the largest region (walk).
-        self._window = GuestMemory.NO_WINDOW
-        # Its fields, in slots for the hot path (NamedTuple fields load slower).
-        self._window_table: object = None
-        self._lo = 1
-        self._hi = 0
+        # Buffers are checked inline against the largest region (pop).
+        self._forget_window()
         #: Set by a host that records chains in flight (None: nothing recorded).
         self.inflight: InflightRecorder | None = None
 
@@ -186,19 +156,14 @@ class SplitDeviceQueue:
 
     def state(self) -> QueueState:
         """Everything needed to rebuild this queue over the same guest memory."""
-        return {
-            "size": self.size,
-            "desc_addr": self.desc_addr,
-            "driver_addr": self.driver_addr,
-            "device_addr": self.device_addr,
-            "next_avail": self._next_avail,
-            "next_used": self._next_used,
-            "signalled_used": self._signalled_used,
-            "notifications_enabled": self._notify_enabled,
-            "event_idx": self.event_idx,
-            "indirect": self.indirect,
-            "broken": self.broken,
-        }
+        return self._state(
+            {
+                "next_avail": self._next_avail,
+                "next_used": self._next_used,
+                "signalled_used": self._signalled_used,
+                "notifications_enabled": self._notify_enabled,
+            }
+        )
 
     @classmethod
     def from_state(cls, mem: GuestMemory, state: QueueState) -> SplitDeviceQueue:
@@ -208,21 +173,12 @@ class SplitDeviceQueue:
         them.  A malformed state raises VirtqueueError.
         """
         fields = StateReader(state)
-        queue = cls(
-            mem,
-            fields.integer("size"),
-            fields.integer("desc_addr"),
-            fields.integer("driver_addr"),
-            fields.integer("device_addr"),
-            event_idx=fields.flag("event_idx"),
-            indirect=fields.flag("indirect"),
-        )
+        queue = cls._from_geometry(mem, fields)
         queue._next_avail = fields.u16("next_avail")
         queue._next_used = fields.u16("next_used")
         queue._signalled_used = fields.u16("signalled_used")
         queue._notify_enabled = fields.flag("notifications_enabled")
         queue._track_avail_event = queue.event_idx and queue._notify_enabled
-        queue.broken = fields.flag("broken")
         return queue
 
     # -- ring positions, for hosts (vhost-user SET_VRING_BASE / GET_VRING_BASE) --
@@ -415,13 +371,6 @@ class SplitDeviceQueue:
         chain.writable_len = wlen
         chain.ring_slots = 1
         return chain
-
-    def _take_window(self) -> None:
-        """The region table changed: check buffers against its largest region from now on."""
-        window = self._window = self.mem.largest_window()
-        self._window_table = window.table
-        self._lo = window.base
-        self._hi = window.end
 
     def _read_ahead(self, next_avail: int, pending: int) -> int:
         """Read the ``pending`` ring entries from ``next_avail``; return the first.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 
-from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue.base import DriverRing
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -24,7 +25,6 @@ from pyvirtio.virtqueue.ring import (
     words,
 )
 from pyvirtio.virtqueue.split_layout import (
-    DESC_ALIGN,
     MAX_INDIRECT_DESCS,
     READ_MORE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -33,7 +33,6 @@ from pyvirtio.virtqueue.split_layout import (
     WRITE_MORE,
     area_sizes,
     check_layout,
-    indirect_area_size,
 )
 
 __all__ = ["SplitDriverQueue"]
@@ -41,7 +40,7 @@ __all__ = ["SplitDriverQueue"]
 _pack_desc = DESC.pack_into
 
 
-class SplitDriverQueue:
+class SplitDriverQueue(DriverRing):
     """The driver side of a split virtqueue.
 
     Writes descriptors and the available ring, reads the used ring
@@ -70,76 +69,20 @@ class SplitDriverQueue:
         "_last_used",
         "_mask",
         "_next",
-        "_num_free",
         "_track_used_event",
         "_used",
         "_used_event",
         "_used_ring",
-        "broken",
-        "desc_addr",
-        "device_addr",
-        "driver_addr",
-        "event_idx",
-        "indirect",
-        "indirect_addr",
-        "max_indirect",
-        "mem",
-        "size",
     )
 
-    def __init__(
-        self,
-        mem: GuestMemory,
-        size: int,
-        desc_addr: int,
-        driver_addr: int,
-        device_addr: int,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        indirect_addr: int | None = None,
-        max_indirect: int = 0,
-    ) -> None:
-        self._setup(
-            mem,
-            size,
-            desc_addr,
-            driver_addr,
-            device_addr,
-            event_idx=event_idx,
-            indirect=indirect,
-            indirect_addr=indirect_addr,
-            max_indirect=max_indirect,
-        )
-        # split-ring.tex, "Available Buffer Notification Suppression": the driver
-        # initialises the used ring's flags to 0; idx fields start at 0 too.
-        for addr, length in zip(
-            (desc_addr, driver_addr, device_addr), area_sizes(size), strict=True
-        ):
-            mem.fill(addr, length, 0)
+    def _area_sizes(self) -> tuple[int, int, int]:
+        return area_sizes(self.size)
 
-    def _setup(
-        self,
-        mem: GuestMemory,
-        size: int,
-        desc_addr: int,
-        driver_addr: int,
-        device_addr: int,
-        *,
-        event_idx: bool,
-        indirect: bool,
-        indirect_addr: int | None,
-        max_indirect: int,
-    ) -> None:
-        desc, avail, used = check_layout(mem, size, desc_addr, driver_addr, device_addr)
-        self.mem = mem
-        self.size = size
-        self.desc_addr = desc_addr
-        self.driver_addr = driver_addr
-        self.device_addr = device_addr
-        self.event_idx = bool(event_idx)
-        self.indirect = bool(indirect)
-        self.broken = False
+    def _map_rings(self) -> None:
+        size = self.size
+        desc, avail, used = check_layout(
+            self.mem, size, self.desc_addr, self.driver_addr, self.device_addr
+        )
         self._mask = size - 1
         self._desc = desc
         self._avail = words(avail, "H")
@@ -147,28 +90,6 @@ class SplitDriverQueue:
         self._used_event = words(avail[4 + 2 * size : 6 + 2 * size], "H")
         self._used = words(used, "H")
         self._used_ring = words(used[4 : 4 + 8 * size], "I")
-        self._ind_view: memoryview | None = None
-        self._ind_stride = 0
-        self.indirect_addr = 0
-        self.max_indirect = 0
-        if self.indirect:
-            if indirect_addr is None:
-                raise ValueError("indirect=True needs indirect_addr")
-            if not 1 <= max_indirect <= MAX_INDIRECT_DESCS:
-                raise ValueError(f"max_indirect {max_indirect} outside 1..{MAX_INDIRECT_DESCS}")
-            if indirect_addr % DESC_ALIGN:
-                raise VirtqueueError(f"indirect area {indirect_addr:#x} is not 16-byte aligned")
-            length = indirect_area_size(size, max_indirect)
-            try:
-                self._ind_view = mem.view(indirect_addr, length)
-            except GuestMemoryError as exc:
-                raise VirtqueueError(
-                    f"indirect area [{indirect_addr:#x}, {indirect_addr + length:#x}) is not "
-                    f"inside one guest memory region: {exc}"
-                ) from exc
-            self.indirect_addr = indirect_addr
-            self.max_indirect = max_indirect
-            self._ind_stride = max_indirect * DESC_SIZE
         # Free descriptors form a private singly linked list; a chain is always
         # taken from its front, so the chain's next links are the list's.
         self._next = [*range(1, size), 0]
@@ -185,6 +106,21 @@ class SplitDriverQueue:
         # used() keeps used_event current while this is set.
         self._track_used_event = self.event_idx
 
+    def _map_indirect(self, indirect_addr: int | None, max_indirect: int) -> None:
+        self._ind_view: memoryview | None = None
+        self._ind_stride = 0
+        self.indirect_addr = self._indirect_base = 0
+        self.max_indirect = 0
+        if self.indirect:
+            if indirect_addr is None:
+                raise ValueError("indirect=True needs indirect_addr")
+            if not 1 <= max_indirect <= MAX_INDIRECT_DESCS:
+                raise ValueError(f"max_indirect {max_indirect} outside 1..{MAX_INDIRECT_DESCS}")
+            self._ind_view = self._indirect_area("indirect area", indirect_addr, max_indirect)
+            self.indirect_addr = self._indirect_base = indirect_addr
+            self.max_indirect = max_indirect
+            self._ind_stride = max_indirect * DESC_SIZE
+
     def __repr__(self) -> str:
         return (
             f"SplitDriverQueue(size={self.size}, avail_idx={self._avail_idx}, "
@@ -192,11 +128,6 @@ class SplitDriverQueue:
         )
 
     # -- state ------------------------------------------------------------------
-
-    @property
-    def num_free(self) -> int:
-        """Descriptors free for new requests."""
-        return self._num_free
 
     @property
     def in_flight(self) -> int:
@@ -211,23 +142,18 @@ class SplitDriverQueue:
         Tokens are arbitrary objects and are not included, so only a queue
         with nothing in flight can be rebuilt with :meth:`from_state`.
         """
-        return {
-            "size": self.size,
-            "desc_addr": self.desc_addr,
-            "driver_addr": self.driver_addr,
-            "device_addr": self.device_addr,
-            "event_idx": self.event_idx,
-            "indirect": self.indirect,
-            "indirect_addr": self.indirect_addr,
-            "max_indirect": self.max_indirect,
-            "avail_idx": self._avail_idx,
-            "last_used": self._last_used,
-            "kick_marker": self._kick_marker,
-            "interrupts_enabled": self._interrupts_enabled,
-            "num_free": self._num_free,
-            "in_flight": self.in_flight,
-            "broken": self.broken,
-        }
+        return self._state(
+            {
+                "indirect_addr": self.indirect_addr,
+                "max_indirect": self.max_indirect,
+                "avail_idx": self._avail_idx,
+                "last_used": self._last_used,
+                "kick_marker": self._kick_marker,
+                "interrupts_enabled": self._interrupts_enabled,
+                "num_free": self._num_free,
+                "in_flight": self.in_flight,
+            }
+        )
 
     @classmethod
     def from_state(cls, mem: GuestMemory, state: QueueState) -> SplitDriverQueue:
@@ -237,27 +163,12 @@ class SplitDriverQueue:
         rings: the rings' indices are expected to be where the state says.
         """
         fields = StateReader(state)
-        if fields.integer("in_flight") != 0:
-            raise ValueError("only a queue with nothing in flight can be rebuilt from state")
-        indirect = fields.flag("indirect")
-        queue = cls.__new__(cls)
-        queue._setup(
-            mem,
-            fields.integer("size"),
-            fields.integer("desc_addr"),
-            fields.integer("driver_addr"),
-            fields.integer("device_addr"),
-            event_idx=fields.flag("event_idx"),
-            indirect=indirect,
-            indirect_addr=fields.integer("indirect_addr") if indirect else None,
-            max_indirect=fields.integer("max_indirect") if indirect else 0,
-        )
+        queue = cls._idle_from_state(mem, fields)
         queue._avail_idx = fields.u16("avail_idx")
         queue._last_used = fields.u16("last_used")
         queue._kick_marker = fields.u16("kick_marker")
         queue._interrupts_enabled = fields.flag("interrupts_enabled")
         queue._track_used_event = queue.event_idx and queue._interrupts_enabled
-        queue.broken = fields.flag("broken")
         if queue.in_flight:
             raise ValueError("queue state has avail_idx != last_used but nothing in flight")
         return queue
@@ -393,7 +304,7 @@ class SplitDriverQueue:
                 pack(table, base + 32, last[0], last[1], WRITE_LAST, 0)
                 cache[head] = (first, last)
             pack(table, base + 16, data[0], data[1], data_flags, 2)
-            pack(self._desc, head * DESC_SIZE, self.indirect_addr + base, 48, DESC_F_INDIRECT, 0)
+            pack(self._desc, head * DESC_SIZE, self._indirect_base + base, 48, DESC_F_INDIRECT, 0)
             return wlen
         cache[head] = None  # the entries are rewritten below
         # Readable then writable entries in one loop, the WRITE bit set from
@@ -421,7 +332,7 @@ class SplitDriverQueue:
         pack(
             self._desc,
             head * 16,
-            self.indirect_addr + base,
+            self._indirect_base + base,
             total * DESC_SIZE,
             DESC_F_INDIRECT,
             0,

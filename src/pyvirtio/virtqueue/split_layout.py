@@ -17,6 +17,7 @@ from pyvirtio.virtqueue.ring import (
     DESC_SIZE,
     area_view,
     check_queue_size,
+    indirect_area_size,
 )
 
 __all__ = [
@@ -72,15 +73,6 @@ def area_sizes(size: int) -> tuple[int, int, int]:
     (split-ring.tex, "Split Virtqueues").
     """
     return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
-
-
-def indirect_area_size(size: int, max_indirect: int) -> int:
-    """Bytes a :class:`SplitDriverQueue` needs for its indirect tables.
-
-    One table of ``max_indirect`` descriptors per head slot, so a table is
-    owned by exactly one in-flight request and needs no allocator.
-    """
-    return size * max_indirect * DESC_SIZE
 
 
 def check_layout(
