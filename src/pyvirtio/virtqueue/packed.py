@@ -53,9 +53,8 @@ from pyvirtio.virtqueue.packed_layout import (
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     area_sizes,
-    indirect_area_size,
 )
-from pyvirtio.virtqueue.ring import DESC_SIZE
+from pyvirtio.virtqueue.ring import DESC_SIZE, indirect_area_size
 
 __all__ = [
     "DESC_ALIGN",

@@ -24,23 +24,22 @@ from pyvirtio.virtqueue.packed_layout import (
     MAX_INDIRECT_ENTRIES,
     READ_LAST,
     RING_EVENT_FLAGS_DESC,
-    RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     WRAP_BIT,
     WRITE_LAST,
     WRITE_MORE,
-    check_geometry,
+    disable_events,
     enable_events,
-    need_event,
+    event_wanted,
+    map_ring,
     packed_state,
     ring_position,
+    ring_positions,
 )
 from pyvirtio.virtqueue.ring import (
     DESC,
     DESC_SIZE,
     U64_LIMIT,
-    full_barrier,
-    words,
 )
 
 __all__ = ["PackedDeviceQueue"]
@@ -51,6 +50,19 @@ _new_object = object.__new__
 #: Batches of at least this many used descriptors are stored with strided
 #: slice assignments; below it, their fixed cost outweighs a store per field.
 _BULK_MIN = 16
+
+
+def _beyond_popped(total: int, limit: int, chain: DescriptorChain) -> ValueError:
+    """A batch of used descriptors would cover more ring slots than were popped."""
+    return ValueError(
+        f"used descriptors for {total} ring slots, {limit} in flight "
+        f"({chain!r} occupies {chain.ring_slots})"
+    )
+
+
+def _beyond_writable(written: int, chain: DescriptorChain) -> ValueError:
+    """A completion reports more bytes written than the chain can take."""
+    return ValueError(f"written={written} for a chain with {chain.writable_len} writable bytes")
 
 
 def _store_used_run(
@@ -114,15 +126,8 @@ class PackedDeviceQueue(DeviceRing):
     )
 
     def _map_rings(self) -> None:
-        ring, drv, dev = check_geometry(
-            self.mem, self.size, self.desc_addr, self.driver_addr, self.device_addr
-        )
-        self._ring = ring  # bytes, for whole-descriptor unpacks
-        self._d16 = words(ring, "H")
-        self._d32 = words(ring, "I")
-        self._d64 = words(ring, "Q")
-        self._drv16 = words(drv, "H")  # read only: [0] off_wrap, [1] flags
-        self._dev16 = words(dev, "H")  # written by us
+        # The driver's event area is read only, the device's written by us.
+        self._ring, self._d16, self._d32, self._d64, self._drv16, self._dev16 = map_ring(self)
         self._next_used = 0
         self._used_wrap = 1
         self._set_avail(0, 1)
@@ -417,14 +422,9 @@ class PackedDeviceQueue(DeviceRing):
                 slots = chain.ring_slots
                 total += slots
                 if total > limit or slots < 1:
-                    raise ValueError(
-                        f"used descriptors for {total} ring slots, {limit} in flight "
-                        f"({chain!r} occupies {slots})"
-                    )
+                    raise _beyond_popped(total, limit, chain)
                 if written > chain.writable_len:
-                    raise ValueError(
-                        f"written={written} for a chain with {chain.writable_len} writable bytes"
-                    )
+                    raise _beyond_writable(written, chain)
                 d32[pos * 4 + 2] = written  # ValueError unless 0 <= written < 2**32
                 d16[pos * 8 + 6] = chain.head
                 flags = used_flags + DESC_F_WRITE if written else used_flags
@@ -467,16 +467,11 @@ class PackedDeviceQueue(DeviceRing):
             slots = chain.ring_slots
             total += slots
             if total > limit or slots < 1:
-                raise ValueError(
-                    f"used descriptors for {total} ring slots, {limit} in flight "
-                    f"({chain!r} occupies {slots})"
-                )
+                raise _beyond_popped(total, limit, chain)
             if slots != step:
                 return 0
             if not 0 <= written <= chain.writable_len:
-                raise ValueError(
-                    f"written={written} for a chain with {chain.writable_len} writable bytes"
-                )
+                raise _beyond_writable(written, chain)
             heads.append(chain.head)
             lens.append(written)
         size = self.size
@@ -516,16 +511,12 @@ class PackedDeviceQueue(DeviceRing):
         """Whether to send a used buffer notification now; resets the count since the last.
 
         Reads the driver event suppression structure (packed-ring.tex, "Event
-        Suppression Structure Format"): see :func:`need_event`.
+        Suppression Structure Format"): see :func:`event_wanted`.
         """
-        full_barrier()  # used descriptors visible before reading the driver's area
-        drv16 = self._drv16
-        flags = drv16[1]
-        off_wrap = drv16[0]  # after flags: at least as new as the DESC it goes with
         count = self._used_since_signal
         self._used_since_signal = 0
-        return need_event(
-            flags, off_wrap, self.event_idx, self._next_used, self._used_wrap, count, self.size
+        return event_wanted(
+            self._drv16, self.event_idx, self._next_used, self._used_wrap, count, self.size
         )
 
     def enable_notifications(self) -> bool:
@@ -540,13 +531,11 @@ class PackedDeviceQueue(DeviceRing):
         self._set_notify_flags(
             enable_events(self._dev16, self.event_idx, self._next_avail, self._avail_wrap)
         )
-        full_barrier()
         return self.has_available()
 
     def disable_notifications(self) -> None:
         """Tell the driver not to send available buffer notifications (a hint)."""
-        self._dev16[1] = RING_EVENT_FLAGS_DISABLE
-        self._set_notify_flags(RING_EVENT_FLAGS_DISABLE)
+        self._set_notify_flags(disable_events(self._dev16))
 
     # -- ring positions, for hosts (vhost-user SET_VRING_BASE / GET_VRING_BASE) --
 
@@ -601,10 +590,9 @@ class PackedDeviceQueue(DeviceRing):
             "format": "packed",
             **self._state(
                 {
-                    "next_avail": self._next_avail,
-                    "avail_wrap_counter": bool(self._avail_wrap),
-                    "next_used": self._next_used,
-                    "used_wrap_counter": bool(self._used_wrap),
+                    **ring_positions(
+                        self._next_avail, self._avail_wrap, self._next_used, self._used_wrap
+                    ),
                     "used_since_signal": self._used_since_signal,
                     "notify_flags": self._notify_flags,
                 }

@@ -21,23 +21,23 @@ from pyvirtio.virtqueue.packed_layout import (
     MAX_INDIRECT_ENTRIES,
     READ_MORE,
     RING_EVENT_FLAGS_DESC,
-    RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     WRAP_BIT,
     WRITE_LAST,
     WRITE_MORE,
     area_sizes,
-    check_geometry,
+    disable_events,
     enable_events,
-    need_event,
+    event_wanted,
+    map_ring,
     packed_state,
     ring_position,
+    ring_positions,
 )
 from pyvirtio.virtqueue.ring import (
     DESC,
     DESC_SIZE,
     Words,
-    full_barrier,
     words,
 )
 
@@ -88,6 +88,12 @@ class PackedDriverQueue(DriverRing):
         "_wlen",
     )
 
+    def __repr__(self) -> str:
+        return (
+            f"PackedDriverQueue(size={self.size}, free={self._num_free}, "
+            f"in_flight={self.in_flight})"
+        )
+
     def _area_sizes(self) -> tuple[int, int, int]:
         return area_sizes(self.size)
 
@@ -135,15 +141,8 @@ class PackedDriverQueue(DriverRing):
 
     def _map_rings(self) -> None:
         size = self.size
-        ring, drv, dev = check_geometry(
-            self.mem, size, self.desc_addr, self.driver_addr, self.device_addr
-        )
-        self._ring = ring  # bytes, for packing a descriptor's fields at once
-        self._d16 = words(ring, "H")
-        self._d32 = words(ring, "I")
-        self._d64 = words(ring, "Q")
-        self._drv16 = words(drv, "H")  # written by us: [0] off_wrap, [1] flags
-        self._dev16 = words(dev, "H")  # read only
+        # The driver's event area is written by us, the device's read only.
+        self._ring, self._d16, self._d32, self._d64, self._drv16, self._dev16 = map_ring(self)
         # Driver ring wrap counter starts at 1: available descriptors carry
         # AVAIL = counter and USED = !counter (packed-ring.tex, "Driver and
         # Device Ring Wrap Counters").
@@ -169,12 +168,6 @@ class PackedDriverQueue(DriverRing):
         """
         self._irq_flags = flags
         self._track_used_event = flags == RING_EVENT_FLAGS_DESC
-
-    def __repr__(self) -> str:
-        return (
-            f"PackedDriverQueue(size={self.size}, free={self._num_free}, "
-            f"in_flight={self.in_flight})"
-        )
 
     @property
     def in_flight(self) -> int:
@@ -315,16 +308,12 @@ class PackedDriverQueue(DriverRing):
 
         Reads the device event suppression structure after a full barrier
         (packed-ring.tex, "Sending Available Buffer Notifications"); see
-        :func:`need_event` for the DESC comparison.
+        :func:`event_wanted` for the DESC comparison.
         """
-        full_barrier()
-        dev16 = self._dev16
-        flags = dev16[1]
-        off_wrap = dev16[0]  # after flags: at least as new as the DESC it goes with
         count = self._added_since_kick
         self._added_since_kick = 0
-        return need_event(
-            flags, off_wrap, self.event_idx, self._next_avail, self._avail_wrap, count, self.size
+        return event_wanted(
+            self._dev16, self.event_idx, self._next_avail, self._avail_wrap, count, self.size
         )
 
     # -- used buffers -----------------------------------------------------------
@@ -418,13 +407,11 @@ class PackedDriverQueue(DriverRing):
         self._set_irq_flags(
             enable_events(self._drv16, self.event_idx, self._next_used, self._used_wrap)
         )
-        full_barrier()
         return self._used_ready()
 
     def disable_interrupts(self) -> None:
         """Tell the device not to send used buffer notifications (a hint)."""
-        self._drv16[1] = RING_EVENT_FLAGS_DISABLE
-        self._set_irq_flags(RING_EVENT_FLAGS_DISABLE)
+        self._set_irq_flags(disable_events(self._drv16))
 
     def state(self) -> QueueState:
         """Snapshot of the queue's positions and counters, as a plain dict."""
@@ -432,10 +419,9 @@ class PackedDriverQueue(DriverRing):
             "format": "packed",
             **self._state(
                 {
-                    "next_avail": self._next_avail,
-                    "avail_wrap_counter": bool(self._avail_wrap),
-                    "next_used": self._next_used,
-                    "used_wrap_counter": bool(self._used_wrap),
+                    **ring_positions(
+                        self._next_avail, self._avail_wrap, self._next_used, self._used_wrap
+                    ),
                     "num_free": self._num_free,
                     "in_flight": self.in_flight,
                     "added_since_kick": self._added_since_kick,

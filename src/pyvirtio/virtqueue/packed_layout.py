@@ -9,6 +9,7 @@ in :mod:`.packed_device`, the driver side in :mod:`.packed_driver`, and
 from __future__ import annotations
 
 from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue.base import RingQueue
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -23,7 +24,8 @@ from pyvirtio.virtqueue.ring import (
     Words,
     area_view,
     check_queue_size,
-    indirect_area_size,
+    full_barrier,
+    words,
 )
 
 __all__ = [
@@ -47,11 +49,14 @@ __all__ = [
     "WRITE_MORE",
     "area_sizes",
     "check_geometry",
+    "disable_events",
     "enable_events",
-    "indirect_area_size",
+    "event_wanted",
+    "map_ring",
     "need_event",
     "packed_state",
     "ring_position",
+    "ring_positions",
 ]
 
 
@@ -120,6 +125,16 @@ def ring_position(position: object, size: int, what: str) -> int:
     return position
 
 
+def ring_positions(next_avail: int, avail_wrap: int, next_used: int, used_wrap: int) -> QueueState:
+    """The ring positions and wrap counters of either side, as its state dict has them."""
+    return {
+        "next_avail": next_avail,
+        "avail_wrap_counter": bool(avail_wrap),
+        "next_used": next_used,
+        "used_wrap_counter": bool(used_wrap),
+    }
+
+
 def check_geometry(
     mem: GuestMemory, size: int, desc_addr: int, driver_addr: int, device_addr: int
 ) -> tuple[memoryview, memoryview, memoryview]:
@@ -136,10 +151,35 @@ def check_geometry(
     )
 
 
-def need_event(
-    flags: int, off_wrap: int, event_idx: bool, new: int, wrap: int, count: int, size: int
+def map_ring(queue: RingQueue) -> tuple[memoryview, Words, Words, Words, Words, Words]:
+    """Check a packed queue's geometry and map its areas (:func:`check_geometry`).
+
+    Returns the descriptor ring as bytes (for whole-descriptor packs and
+    unpacks) and as u16, u32 and u64 words, then the driver and device event
+    suppression areas as u16 words (``[0]`` off_wrap, ``[1]`` flags).
+    """
+    ring, drv, dev = check_geometry(
+        queue.mem, queue.size, queue.desc_addr, queue.driver_addr, queue.device_addr
+    )
+    return (
+        ring,
+        words(ring, "H"),
+        words(ring, "I"),
+        words(ring, "Q"),
+        words(drv, "H"),
+        words(dev, "H"),
+    )
+
+
+def event_wanted(
+    area: Words | tuple[int, int], event_idx: bool, new: int, wrap: int, count: int, size: int
 ) -> bool:
     """Whether the other side asked to be notified, given ``count`` new ring slots.
+
+    Reads the other side's event suppression ``area`` after a full barrier,
+    so that our new descriptors are visible before its fields are read
+    (packed-ring.tex, "Sending Available Buffer Notifications"); flags first,
+    then off_wrap, which is then at least as new as the DESC it goes with.
 
     packed-ring.tex, "Event Suppression Structure Format": DISABLE never,
     ENABLE always, DESC (only with VIRTIO_F_EVENT_IDX) when the descriptor at
@@ -150,6 +190,9 @@ def need_event(
     ring's ``vring_need_event`` comparison.  DESC without EVENT_IDX and the
     reserved value 3 count as ENABLE: an extra notification is always safe.
     """
+    full_barrier()
+    flags = area[1]
+    off_wrap = area[0]
     mode = flags & 0x3
     if mode == RING_EVENT_FLAGS_DISABLE:
         return False
@@ -163,17 +206,33 @@ def need_event(
     return ((new - off - 1) & 0xFFFF) < count
 
 
+def need_event(
+    flags: int, off_wrap: int, event_idx: bool, new: int, wrap: int, count: int, size: int
+) -> bool:
+    """:func:`event_wanted` for an event suppression structure's field values."""
+    return event_wanted((off_wrap, flags), event_idx, new, wrap, count, size)
+
+
 def enable_events(area: Words, event_idx: bool, position: int, wrap: int) -> int:
     """Ask the other side for notifications through an event suppression ``area``.
 
     With EVENT_IDX, DESC at ``position`` and ``wrap`` (the offset stored
     before the flags that make it count); otherwise ENABLE
-    (packed-ring.tex, "Event Suppression Structure Format").  Returns the
-    flags written.
+    (packed-ring.tex, "Event Suppression Structure Format"), then a full
+    barrier.  Returns the flags written.
     """
     if event_idx:
         area[0] = position + wrap * WRAP_BIT
-        area[1] = RING_EVENT_FLAGS_DESC
-        return RING_EVENT_FLAGS_DESC
-    area[1] = RING_EVENT_FLAGS_ENABLE
-    return RING_EVENT_FLAGS_ENABLE
+        area[1] = flags = RING_EVENT_FLAGS_DESC
+    else:
+        area[1] = flags = RING_EVENT_FLAGS_ENABLE
+    # Enabled before the caller re-checks the ring for what arrived meanwhile
+    # (packed-ring.tex, "Receiving Used Buffers From The Device").
+    full_barrier()
+    return flags
+
+
+def disable_events(area: Words) -> int:
+    """Tell the other side notifications are not needed (a hint); returns the flags written."""
+    area[1] = RING_EVENT_FLAGS_DISABLE
+    return RING_EVENT_FLAGS_DISABLE

@@ -35,6 +35,7 @@ there :func:`~pyvirtio.virtqueue.ring.full_barrier` is used.
 
 from __future__ import annotations
 
+from pyvirtio.virtqueue.ring import indirect_area_size
 from pyvirtio.virtqueue.split_device import SplitDeviceQueue
 from pyvirtio.virtqueue.split_driver import SplitDriverQueue
 from pyvirtio.virtqueue.split_layout import (
@@ -44,7 +45,6 @@ from pyvirtio.virtqueue.split_layout import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_USED_F_NO_NOTIFY,
     area_sizes,
-    indirect_area_size,
 )
 
 __all__ = [

@@ -24,7 +24,6 @@ from pyvirtio.virtqueue.ring import (
     StateReader,
     full_barrier,
     read_span,
-    words,
     write_span,
 )
 from pyvirtio.virtqueue.split_layout import (
@@ -35,7 +34,8 @@ from pyvirtio.virtqueue.split_layout import (
     VIRTQ_USED_F_NO_NOTIFY,
     WRITE_LAST,
     WRITE_MORE,
-    check_layout,
+    enable_events,
+    map_rings,
 )
 
 __all__ = ["InflightRecorder", "SplitDeviceQueue"]
@@ -118,21 +118,17 @@ class SplitDeviceQueue(DeviceRing):
     )
 
     def _map_rings(self) -> None:
-        size = self.size
-        desc, avail, used = check_layout(
-            self.mem, size, self.desc_addr, self.driver_addr, self.device_addr
-        )
-        self._mask = size - 1
-        self._desc = desc
-        # Available ring as u16 slots: flags 0, idx 1, ring 2.., used_event 2+size;
-        # the ring entries alone, indexed by ``idx & mask``.
-        self._avail = words(avail, "H")
-        self._avail_ring = words(avail[4 : 4 + 2 * size], "H")
-        # Used ring as u16 slots (flags 0, idx 1, avail_event 2+4*size), its
-        # elements as u32 pairs (id, len) from byte 4, and avail_event alone.
-        self._used = words(used, "H")
-        self._used_ring = words(used[4 : 4 + 8 * size], "I")
-        self._avail_event = words(used[4 + 8 * size : 6 + 8 * size], "H")
+        # Every area but used_event, which only the driver writes.
+        (
+            self._desc,
+            self._avail,
+            self._avail_ring,
+            _,
+            self._used,
+            self._used_ring,
+            self._avail_event,
+        ) = map_rings(self)
+        self._mask = self.size - 1
         self._next_avail = 0
         # Available ring entries read ahead by pop, the next one last.
         self._heads: list[int] = []
@@ -541,11 +537,7 @@ class SplitDeviceQueue(DeviceRing):
         """
         self._notify_enabled = True
         self._track_avail_event = self.event_idx
-        if self.event_idx:
-            self._avail_event[0] = self._next_avail
-        else:
-            self._used[0] = 0
-        full_barrier()
+        enable_events(self._avail_event, self._used, self.event_idx, self._next_avail)
         return self._avail[1] != self._next_avail
 
     def disable_notifications(self) -> None:

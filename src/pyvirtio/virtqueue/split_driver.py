@@ -22,7 +22,6 @@ from pyvirtio.virtqueue.ring import (
     StateReader,
     full_barrier,
     read_span,
-    words,
 )
 from pyvirtio.virtqueue.split_layout import (
     MAX_INDIRECT_DESCS,
@@ -32,7 +31,8 @@ from pyvirtio.virtqueue.split_layout import (
     WRITE_LAST,
     WRITE_MORE,
     area_sizes,
-    check_layout,
+    enable_events,
+    map_rings,
 )
 
 __all__ = ["SplitDriverQueue"]
@@ -80,16 +80,17 @@ class SplitDriverQueue(DriverRing):
 
     def _map_rings(self) -> None:
         size = self.size
-        desc, avail, used = check_layout(
-            self.mem, size, self.desc_addr, self.driver_addr, self.device_addr
-        )
+        # Every area but avail_event, which only the device writes.
+        (
+            self._desc,
+            self._avail,
+            self._avail_ring,
+            self._used_event,
+            self._used,
+            self._used_ring,
+            _,
+        ) = map_rings(self)
         self._mask = size - 1
-        self._desc = desc
-        self._avail = words(avail, "H")
-        self._avail_ring = words(avail[4 : 4 + 2 * size], "H")
-        self._used_event = words(avail[4 + 2 * size : 6 + 2 * size], "H")
-        self._used = words(used, "H")
-        self._used_ring = words(used[4 : 4 + 8 * size], "I")
         # Free descriptors form a private singly linked list; a chain is always
         # taken from its front, so the chain's next links are the list's.
         self._next = [*range(1, size), 0]
@@ -447,11 +448,7 @@ class SplitDriverQueue(DriverRing):
         """
         self._interrupts_enabled = True
         self._track_used_event = self.event_idx
-        if self.event_idx:
-            self._used_event[0] = self._last_used
-        else:
-            self._avail[0] = 0
-        full_barrier()
+        enable_events(self._used_event, self._avail, self.event_idx, self._last_used)
         return self._used[1] != self._last_used
 
     def disable_interrupts(self) -> None:

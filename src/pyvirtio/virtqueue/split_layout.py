@@ -8,6 +8,7 @@ side is in :mod:`.split_device`, the driver side in :mod:`.split_driver`, and
 from __future__ import annotations
 
 from pyvirtio.memory import GuestMemory
+from pyvirtio.virtqueue.base import RingQueue
 from pyvirtio.virtqueue.common import (
     DESC_F_NEXT,
     DESC_F_WRITE,
@@ -15,9 +16,11 @@ from pyvirtio.virtqueue.common import (
 )
 from pyvirtio.virtqueue.ring import (
     DESC_SIZE,
+    Words,
     area_view,
     check_queue_size,
-    indirect_area_size,
+    full_barrier,
+    words,
 )
 
 __all__ = [
@@ -34,7 +37,8 @@ __all__ = [
     "WRITE_MORE",
     "area_sizes",
     "check_layout",
-    "indirect_area_size",
+    "enable_events",
+    "map_rings",
 ]
 
 
@@ -86,3 +90,44 @@ def check_layout(
         area_view(mem, "available ring", driver_addr, avail_bytes, AVAIL_ALIGN),
         area_view(mem, "used ring", device_addr, used_bytes, USED_ALIGN),
     )
+
+
+def map_rings(queue: RingQueue) -> tuple[memoryview, Words, Words, Words, Words, Words, Words]:
+    """Check a split queue's geometry (:func:`check_layout`) and map its areas.
+
+    Returns the descriptor table as bytes; the available ring as u16 words
+    (flags 0, idx 1, ring 2.., used_event 2+size), its entries alone
+    (indexed by ``idx & mask``) and ``used_event`` alone; the used ring as
+    u16 words (flags 0, idx 1, avail_event 2+4*size), its elements as u32
+    pairs (id, len) and ``avail_event`` alone.
+    """
+    size = queue.size
+    desc, avail, used = check_layout(
+        queue.mem, size, queue.desc_addr, queue.driver_addr, queue.device_addr
+    )
+    return (
+        desc,
+        words(avail, "H"),
+        words(avail[4 : 4 + 2 * size], "H"),
+        words(avail[4 + 2 * size : 6 + 2 * size], "H"),
+        words(used, "H"),
+        words(used[4 : 4 + 8 * size], "I"),
+        words(used[4 + 8 * size : 6 + 8 * size], "H"),
+    )
+
+
+def enable_events(event: Words, flags: Words, event_idx: bool, index: int) -> None:
+    """Ask the other side for notifications again, then a full barrier.
+
+    With EVENT_IDX the ``event`` word (``avail_event`` or ``used_event``)
+    names ``index``, the next one we will consume; without it our ring's
+    ``flags`` are cleared (split-ring.tex, "Available Buffer Notification
+    Suppression" and "Used Buffer Notification Suppression").  The barrier
+    orders that store before the caller re-checks the other side's idx for
+    what arrived meanwhile.
+    """
+    if event_idx:
+        event[0] = index
+    else:
+        flags[0] = 0
+    full_barrier()
