@@ -1,25 +1,9 @@
-"""Virtqueues: one module per ring format, each holding the device and driver side."""
+"""Virtqueues: one module per ring format, each holding the device and driver side.
+
+The package re-exports :mod:`.common`, what both formats share.
+"""
 
 from __future__ import annotations
 
-from pyvirtio.virtqueue.common import (
-    MAX_QUEUE_SIZE,
-    DescriptorChain,
-    DeviceQueue,
-    DriverQueue,
-    QueueFullError,
-    QueueState,
-    VirtqueueError,
-    ring_need_event,
-)
-
-__all__ = [
-    "MAX_QUEUE_SIZE",
-    "DescriptorChain",
-    "DeviceQueue",
-    "DriverQueue",
-    "QueueFullError",
-    "QueueState",
-    "VirtqueueError",
-    "ring_need_event",
-]
+from pyvirtio.virtqueue.common import *  # noqa: F403
+from pyvirtio.virtqueue.common import __all__ as __all__

@@ -9,12 +9,13 @@ pyvirtio never needs to know which format a queue uses.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 
 __all__ = [
     "MAX_QUEUE_SIZE",
+    "Buffers",
     "DescriptorChain",
     "DeviceQueue",
     "DriverQueue",
@@ -31,6 +32,9 @@ MAX_QUEUE_SIZE = 32768
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
+
+#: A scatter-gather list: ``(guest address, length)`` pairs, in order.
+Buffers: TypeAlias = Sequence[tuple[int, int]]
 
 #: Plain-dict form of a queue's state, for snapshots (values are ints and bools).
 QueueState = dict[str, Any]
@@ -213,12 +217,7 @@ class DriverQueue(Protocol):
     def num_free(self) -> int:
         """Ring descriptors free for new requests."""
 
-    def add(
-        self,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
-        token: object,
-    ) -> None:
+    def add(self, readable: Buffers, writable: Buffers, token: object) -> None:
         """Expose a buffer to the device.  Raises QueueFullError when there is no room."""
 
     def kick_needed(self) -> bool:

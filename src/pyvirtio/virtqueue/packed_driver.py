@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.base import DriverRing
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_WRITE,
+    Buffers,
     QueueFullError,
     QueueState,
     VirtqueueError,
@@ -176,12 +177,7 @@ class PackedDriverQueue(DriverRing):
 
     # -- making buffers available -----------------------------------------------
 
-    def add(
-        self,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
-        token: object,
-    ) -> None:
+    def add(self, readable: Buffers, writable: Buffers, token: object) -> None:
         """Make a buffer available: readable elements, then writable ones.
 
         Follows packed-ring.tex, "Placing Available Buffers Into The
@@ -276,8 +272,8 @@ class PackedDriverQueue(DriverRing):
     def _write_table(
         self,
         bid: int,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
+        readable: Buffers,
+        writable: Buffers,
     ) -> int:
         """Fill buffer ID ``bid``'s indirect table; returns the writable byte count.
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.base import DriverRing
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
+    Buffers,
     QueueFullError,
     QueueState,
     VirtqueueError,
@@ -176,12 +177,7 @@ class SplitDriverQueue(DriverRing):
 
     # -- available ring ---------------------------------------------------------
 
-    def add(
-        self,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
-        token: object,
-    ) -> None:
+    def add(self, readable: Buffers, writable: Buffers, token: object) -> None:
         """Expose a request of device-readable then device-writable buffers.
 
         ``readable`` and ``writable`` are ``(guest address, length)`` lists.
@@ -262,8 +258,8 @@ class SplitDriverQueue(DriverRing):
     def _fill_indirect(
         self,
         head: int,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
+        readable: Buffers,
+        writable: Buffers,
         total: int,
     ) -> int:
         """Write the indirect table of head slot ``head`` and its ring descriptor.
