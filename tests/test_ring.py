@@ -119,29 +119,22 @@ def test_driver_rebuild_keeps_guest_memory_and_its_indirect_area(
     cls: DriverClass,
 ) -> None:
     with GuestMemory.anonymous(0x10000) as mem:
-        queue = cls(
-            mem,
-            8,
-            DESC_ADDR,
-            DRIVER_ADDR,
-            DEVICE_ADDR,
-            indirect=True,
-            indirect_addr=INDIRECT_ADDR,
-            max_indirect=4,
+        queue, idle = (
+            cls(
+                mem,
+                8,
+                DESC_ADDR,
+                DRIVER_ADDR,
+                DEVICE_ADDR,
+                indirect=True,
+                indirect_addr=INDIRECT_ADDR,
+                max_indirect=4,
+            )
+            for _ in range(2)
         )
         queue.add([(DATA_ADDR, 16)], [], "busy")
         with pytest.raises(ValueError, match="nothing in flight"):
             cls.from_state(mem, queue.state())
-        idle = cls(
-            mem,
-            8,
-            DESC_ADDR,
-            DRIVER_ADDR,
-            DEVICE_ADDR,
-            indirect=True,
-            indirect_addr=INDIRECT_ADDR,
-            max_indirect=4,
-        )
         mem.fill(DESC_ADDR, 16, 0xAB)  # the constructor zeroes the rings, a rebuild must not
         rebuilt = cls.from_state(mem, idle.state())
         assert mem.read(DESC_ADDR, 16) == b"\xab" * 16
