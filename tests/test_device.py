@@ -143,6 +143,30 @@ def test_config_changed_bumps_generation_and_signals_only_when_active() -> None:
     assert toy.config_generation == 0  # a 32-bit register wraps
 
 
+def test_a_config_change_while_asleep_is_signalled_once_on_wake() -> None:
+    toy, rig = active_toy()
+    resources = toy.sleep()
+    assert resources is not None
+    toy.config_changed()
+    toy.config_changed()
+    assert rig.interrupt.config_changes == 0  # asleep: nothing reaches the driver
+    toy.wake(resources)
+    assert rig.interrupt.config_changes == 1
+    toy.sleep()
+    toy.wake(resources)
+    assert rig.interrupt.config_changes == 1  # told once, not again
+
+
+def test_a_config_change_while_asleep_inactive_is_not_signalled() -> None:
+    toy, rig = active_toy()
+    toy.reset()
+    toy.sleep()
+    toy.config_changed()
+    toy.wake()
+    rig.activate()
+    assert rig.interrupt.config_changes == 0  # the new driver reads the config anyway
+
+
 # -- lifecycle --------------------------------------------------------------------------------
 
 

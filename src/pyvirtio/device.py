@@ -118,6 +118,9 @@ class VirtioDevice:
         self._asleep_from: DeviceState | None = None
         self._resources: QueueResources | None = None
         self._config_generation = 0
+        #: The config space changed while asleep: the driver is told on wake
+        #: ("Device Configuration Space": the device notifies each change).
+        self._config_change_pending = False
         #: Queues whose ring the transport has disabled (vhost-user SET_VRING_ENABLE 0).
         self._disabled_queues: set[int] = set()
         self.needs_reset = False
@@ -197,6 +200,8 @@ class VirtioDevice:
         self._config_generation = (self._config_generation + 1) & 0xFFFF_FFFF
         if self._resources is not None and self._state is DeviceState.ACTIVE:
             self._resources.interrupt.signal_config_change()
+        elif self._state is DeviceState.ASLEEP:
+            self._config_change_pending = True
 
     # -- shared memory ---------------------------------------------------------
 
@@ -255,6 +260,7 @@ class VirtioDevice:
             self._state = DeviceState.INACTIVE
         self._acked = 0
         self._disabled_queues.clear()
+        self._config_change_pending = False
         self.needs_reset = False
 
     def sleep(self) -> QueueResources | None:
@@ -282,9 +288,14 @@ class VirtioDevice:
             self._resources = resources
             self._state = DeviceState.ACTIVE
             self._on_wake(resources)
+            if self._config_change_pending:
+                resources.interrupt.signal_config_change()
             self._serve_posted()
         else:
+            # Only an active device can notify; the driver reads the new
+            # config when it next sets the device up.
             self._state = target
+        self._config_change_pending = False
         self._asleep_from = None
 
     def snapshot(self) -> bytes:

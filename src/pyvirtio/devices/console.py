@@ -53,7 +53,6 @@ from pyvirtio.constants import DeviceId
 from pyvirtio.device import (
     COMMON_FEATURES,
     DeviceState,
-    QueueResources,
     VirtioDevice,
     expect_bool,
     expect_uint,
@@ -204,8 +203,6 @@ class Console(VirtioDevice):
         self._driver_ready = False
         #: The control transmitq was left alone because too many replies wait.
         self._control_tx_stalled = False
-        #: A config change happened while asleep: notify the driver on wake.
-        self._config_change_pending = False
         #: emerg_wr bytes dropped because port 0's output was full.
         self.emergency_dropped = 0
         self._warned: set[str] = set()
@@ -271,8 +268,6 @@ class Console(VirtioDevice):
             return
         self.cols, self.rows = cols, rows
         self.config_changed()
-        if self.state is DeviceState.ASLEEP:
-            self._config_change_pending = True
         if self.multiport and self._driver_ready:
             message = control_message(0, ControlEvent.RESIZE, 0, RESIZE_PAYLOAD.pack(cols, rows))
             # Only the latest size matters: replace a RESIZE still queued.
@@ -320,22 +315,10 @@ class Console(VirtioDevice):
         self._control_pending.clear()
         self._driver_ready = False
         self._control_tx_stalled = False
-        self._config_change_pending = False
         for state in self._ports:
             state.ready = False
             state.guest_open = False
             state.tx_stalled = False
-
-    def _on_wake(self, resources: QueueResources) -> None:
-        if self._config_change_pending:
-            self._config_change_pending = False
-            resources.interrupt.signal_config_change()
-
-    def wake(self, resources: QueueResources | None = None) -> None:
-        super().wake(resources)
-        # Only an active device can tell the driver; otherwise it will read
-        # the new config when it next sets the device up.
-        self._config_change_pending = False
 
     def _serve_posted(self) -> None:
         # Input the host fed meanwhile waits too.

@@ -179,7 +179,6 @@ class Net(VirtioDevice):
         self.rx_filter = RxFilter()
         self._link_up = link_up
         self._backend_gone = False
-        self._config_change_pending = False
         self._limiter = RateLimitedLog(log, self.name, interval=LOG_INTERVAL)
         # Negotiated shape, set at activation and wake.
         self._mrg = False
@@ -249,8 +248,6 @@ class Net(VirtioDevice):
             return
         self._link_up = up
         self.config_changed()
-        if self.state is DeviceState.ASLEEP:
-            self._config_change_pending = True
         if up:
             self._guarded(self._service_all)
 
@@ -351,7 +348,6 @@ class Net(VirtioDevice):
         self.mac = self.base_mac
         self._pairs = 1
         self._guest_offloads = 0
-        self._config_change_pending = False
         self._apply_offloads()
 
     def _on_sleep(self) -> None:
@@ -379,15 +375,6 @@ class Net(VirtioDevice):
 
     def _on_wake(self, resources: QueueResources) -> None:
         self._configure()
-        if self._config_change_pending:
-            self._config_change_pending = False
-            resources.interrupt.signal_config_change()
-
-    def wake(self, resources: QueueResources | None = None) -> None:
-        super().wake(resources)
-        # Only an active device can notify; otherwise the driver reads the
-        # new state when it next sets the device up.
-        self._config_change_pending = False
 
     def _running(self) -> bool:
         return self.state is DeviceState.ACTIVE and not self.needs_reset
