@@ -670,6 +670,28 @@ def test_multiqueue_pairs_and_steering() -> None:
     assert len(bench.received(0)) == 5 and bench.received(1) == []
 
 
+def test_a_frame_waiting_for_a_receiveq_that_gets_disabled_goes_to_an_enabled_pair() -> None:
+    """A front end that chooses pairs by enabling rings (QEMU's virtio-net, DPDK's
+    virtio-user) may disable the receiveq a frame was steered to while the frame
+    waits for buffers there.  The frame is steered afresh, at once: waiting would
+    hold every later frame of every pair behind it until that ring came back,
+    and nothing says it will (vhost-user.rst "Ring states")."""
+    bench = NetBench(queue_pairs=2)
+    net = bench.net
+    assert bench.ctrl(bytes([CtrlClass.MQ, CtrlMq.VQ_PAIRS_SET]) + struct.pack("<H", 2)) == OK
+    bench.post_rx(4, pair=0)  # pair 1 has no receive buffers yet
+    out = udp_frame(b"q", dst_mac=PEER_MAC, src_mac=DEV_MAC, src=IP_B, dst=IP_A, sport=9, dport=7)
+    bench.transmit(out, pair=1)
+    assert len(bench.wire()) == 1
+    reply = udp_frame(b"r", src=IP_A, dst=IP_B, sport=7, dport=9)
+    bench.inject(reply)  # steered to pair 1, where it waits
+    bench.inject(frame_of(70))  # behind it, in the back end
+    assert bench.received(0) == [] and net.stats["rx_frames"] == 0
+    net.set_queue_enabled(2, False)  # the front end stops using pair 1
+    assert [f for _, f in bench.received(0)] == [reply, frame_of(70)]
+    assert bench.received(1) == []
+
+
 # -- lifecycle -------------------------------------------------------------------------------------
 
 

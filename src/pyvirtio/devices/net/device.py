@@ -455,6 +455,19 @@ class Net(VirtioDevice):
                 )
             self._complete(index, done)
 
+    def set_queue_enabled(self, index: int, enabled: bool) -> None:
+        """As :meth:`VirtioDevice.set_queue_enabled`; a frame waiting for a receiveq
+        the front end disables is steered afresh at once (:meth:`_steer`).
+
+        Front ends choose pairs by disabling rings (QEMU's virtio-net, DPDK's
+        virtio-user), and nothing says a disabled ring comes back: a frame
+        left waiting for it would hold up every later frame of every pair.
+        """
+        super().set_queue_enabled(index, enabled)
+        if not enabled and self._rx_len and index == 2 * self._rx_pair:
+            self._rx_waiting = False
+            self._guarded(self._rx_pump)
+
     def _tx_resume(self) -> None:
         blocked, self._tx_blocked = self._tx_blocked, None
         if blocked is None:
@@ -557,6 +570,9 @@ class Net(VirtioDevice):
                         continue
                     self._rx_len = n
                     self._rx_pair = self._steer() if self._pairs > 1 else 0
+                elif self._pairs > 1 and not self.queue_enabled(2 * self._rx_pair):
+                    # Its receiveq was disabled while it waited (set_queue_enabled).
+                    self._rx_pair = self._steer()
                 index = 2 * self._rx_pair
                 if not self.queue_enabled(index):
                     self._rx_waiting = True  # the frame waits until the ring is enabled again
