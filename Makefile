@@ -6,15 +6,41 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the real-peer and real-guest tests use: QEMU (microvm, qtest),
 # qemu-storage-daemon, busybox for guest initramfs images, iproute2 for netns,
-# DPDK's dpdk-testpmd (virtio-user and vhost PMD) for the net interop tests.
-DEB_PACKAGES := qemu-system-x86 qemu-system-common qemu-utils busybox-static iproute2 kmod dpdk dpdk-dev
-DEB_BINARIES := qemu-system-x86_64 qemu-storage-daemon busybox ip dpdk-testpmd
+# DPDK's dpdk-testpmd (virtio-user and vhost PMD) for the net interop tests;
+# gcc and python3-dev (Python.h) for the mypyc build of the hot modules.
+DEB_PACKAGES := qemu-system-x86 qemu-system-common qemu-utils busybox-static iproute2 kmod dpdk dpdk-dev \
+	gcc python3-dev
+DEB_BINARIES := qemu-system-x86_64 qemu-storage-daemon busybox ip dpdk-testpmd gcc
+PYTHON_H = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h
 
-.PHONY: demo test lint typecheck unit fuzz bench clean debs
+# The mypyc build: the hot modules (pyvirtio.compiled.HOT_MODULES) compiled
+# from the same source, installed (not editable) into a venv of its own, so
+# compiled files never shadow the sources of the editable .venv.  Rebuilt
+# whenever a source changes.
+VENV_COMPILED := .venv-compiled
+PY_COMPILED := $(VENV_COMPILED)/bin/python
+COMPILED_STAMP := $(VENV_COMPILED)/.installed
+SOURCES := $(shell find src -name '*.py')
+# What the compiled build is tested with: everything built on the hot
+# modules (rings, memory, block, vhost-user session and back end, the
+# driver) and a real Linux guest on `pyvirtio serve blk` run compiled.
+COMPILED_TESTS := tests/test_compiled.py tests/test_memory.py tests/test_ring.py \
+	tests/test_split.py tests/test_split_device.py tests/test_split_driver.py \
+	tests/test_split_properties.py tests/test_packed.py tests/test_packed_device.py \
+	tests/test_packed_driver.py tests/test_packed_properties.py tests/test_block_wire.py \
+	tests/test_block_request.py tests/test_block_pipeline.py tests/test_block_device.py \
+	tests/test_blk_driver.py tests/test_vhost_user_session.py \
+	tests/test_vhost_user_session_inflight.py tests/test_vhost_user_inflight.py \
+	tests/test_vhost_user_backend.py tests/test_demo.py \
+	tests/e2e/test_vhost_user_guest.py::test_linux_guest_uses_pyvirtio_block_and_entropy
 
-# Install the Debian packages only when a binary is missing (needs root, as on CI).
+.PHONY: demo test lint typecheck unit unit-compiled compiled fuzz bench clean debs
+
+# Install the Debian packages only when a binary (or Python.h) is missing
+# (needs root, as on CI).
 debs:
 	@missing=""; for b in $(DEB_BINARIES); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	[ -f "$(PYTHON_H)" ] || missing="$$missing Python.h"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages (missing:$$missing)"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
@@ -33,14 +59,29 @@ demo: $(STAMP) debs
 	$(VENV)/bin/pyvirtio demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks fuzz
-	$(VENV)/bin/ruff format --check src tests benchmarks fuzz
+	$(VENV)/bin/ruff check src tests benchmarks fuzz setup.py
+	$(VENV)/bin/ruff format --check src tests benchmarks fuzz setup.py
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict src
 
 unit: $(STAMP) debs
-	$(VENV)/bin/pytest -q
+	PYVIRTIO_EXPECT_COMPILED=0 $(VENV)/bin/pytest -q
+
+$(COMPILED_STAMP): pyproject.toml setup.py $(SOURCES) | debs
+	test -x $(PY_COMPILED) || $(PYTHON) -m venv $(VENV_COMPILED)
+	$(PY_COMPILED) -m pip install -q --upgrade pip
+	$(PY_COMPILED) -m pip install -q 'setuptools>=77' wheel 'mypy>=1.10'
+	rm -rf build  # setuptools would reuse extensions left from an earlier build
+	PYVIRTIO_MYPYC=1 $(PY_COMPILED) -m pip install -q --no-build-isolation '.[dev]'
+	rm -rf build
+	touch $(COMPILED_STAMP)
+
+compiled: $(COMPILED_STAMP)
+	$(VENV_COMPILED)/bin/pyvirtio --version
+
+unit-compiled: $(COMPILED_STAMP) debs
+	PYVIRTIO_EXPECT_COMPILED=1 $(VENV_COMPILED)/bin/pytest -q -p no:cacheprovider $(COMPILED_TESTS)
 
 # A short run of every fuzz/fuzz_*.py (each stops at FUZZ_RUNS inputs or
 # FUZZ_SECONDS, whichever comes first); logs and crash inputs go to FUZZ_LOGS.
@@ -60,10 +101,10 @@ fuzz: $(STAMP)
 	done; \
 	if [ -n "$$failed" ]; then echo "fuzz targets failed:$$failed"; exit 1; fi
 
-test: lint typecheck fuzz unit
+test: lint typecheck fuzz unit unit-compiled
 
 bench: $(STAMP)
 	$(PY) benchmarks/virtqueue.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis $(FUZZ_LOGS)
+	rm -rf $(VENV) $(VENV_COMPILED) build .pytest_cache .mypy_cache .ruff_cache .hypothesis $(FUZZ_LOGS)

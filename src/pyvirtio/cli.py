@@ -24,6 +24,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(requests=args.requests, guest=not args.no_guest)
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from pyvirtio import compiled
+
+    print(f"pyvirtio {__version__} ({compiled.summary()})")
+    print(f"python {sys.version.split()[0]} at {sys.executable}")
+    for module in compiled.HOT_MODULES:
+        print(f"  {module}: {'compiled' if compiled.is_compiled(module) else 'pure Python'}")
+    return 0
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the version and whether the hot modules run compiled (looked up on use)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show the version, pure Python or compiled, and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from pyvirtio.compiled import summary
+
+        print(f"pyvirtio {__version__} ({summary()})")
+        parser.exit()
+
+
 def _cmd_guest_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -195,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyvirtio", description="virtio devices, transports and drivers in Python"
     )
-    parser.add_argument("--version", action="version", version=f"pyvirtio {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument(
         "--log-level",
         default="warning",
@@ -209,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-guest", action="store_true", help="only the ring self-check, no QEMU guest"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    info = sub.add_parser(
+        "info", help="version, interpreter, and which hot modules run compiled (mypyc)"
+    )
+    info.set_defaults(func=_cmd_info)
 
     serve = sub.add_parser(
         "serve",

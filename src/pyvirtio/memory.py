@@ -40,6 +40,7 @@ access; see :meth:`GuestMemory.window` for when a window stays valid.
 from __future__ import annotations
 
 import bisect
+import builtins
 import contextlib
 import fcntl
 import mmap
@@ -110,7 +111,9 @@ class MemoryRegion:
     fd_offset: int = 0
     owns_fd: bool = False
     sealed: bool = True
-    view: memoryview = field(init=False, repr=False)
+    # Spelled through ``builtins``: a compiled dataclass looks its field types up
+    # by name in the module, where ``memoryview`` is not a global.
+    view: builtins.memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.mapping)
@@ -156,7 +159,7 @@ class RegionWindow(NamedTuple):
     table: tuple[MemoryRegion, ...]
     base: int
     end: int
-    view: memoryview
+    view: builtins.memoryview  # see MemoryRegion.view
 
     def covers(self, mem: GuestMemory, addr: int, length: int) -> bool:
         """Whether ``[addr, addr + length)`` lies in this window and the window is current."""

@@ -559,7 +559,7 @@ class PackedDeviceQueue(DeviceRing):
         """The device ring wrap counter (starts True)."""
         return bool(self._used_wrap)
 
-    def set_next_avail(self, position: int, wrap_counter: bool) -> None:
+    def set_next_avail(self, position: object, wrap_counter: bool) -> None:
         """Resume popping at ring ``position`` with the driver wrap counter ``wrap_counter``.
 
         What a host does when told where the driver's buffers continue
@@ -568,7 +568,7 @@ class PackedDeviceQueue(DeviceRing):
         """
         self._set_avail(ring_position(position, self.size, "next_avail"), int(bool(wrap_counter)))
 
-    def set_next_used(self, position: int, wrap_counter: bool) -> None:
+    def set_next_used(self, position: object, wrap_counter: bool) -> None:
         """Resume completing at ring ``position`` with device wrap counter ``wrap_counter``.
 
         The notification count restarts there.

@@ -17,7 +17,7 @@ import threading
 from typing import Literal, Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
-from pyvirtio.virtqueue.common import MAX_QUEUE_SIZE, QueueState, VirtqueueError
+from pyvirtio.virtqueue.common import MAX_QUEUE_SIZE, VirtqueueError
 
 __all__ = [
     "CHAIN_BYTES_LIMIT",
@@ -194,7 +194,7 @@ class StateReader:
 
     __slots__ = ("_state",)
 
-    def __init__(self, state: QueueState) -> None:
+    def __init__(self, state: object) -> None:
         if not isinstance(state, dict):
             raise VirtqueueError(f"queue state is not a dict: {type(state).__name__}")
         self._state = state

@@ -185,7 +185,7 @@ class SplitDeviceQueue(DeviceRing):
         return self._next_avail
 
     @next_avail.setter
-    def next_avail(self, index: int) -> None:
+    def next_avail(self, index: object) -> None:
         """Resume popping at available-ring index ``index`` (0..65535).
 
         What a host does when the ring's owner tells it where the driver's
@@ -201,7 +201,7 @@ class SplitDeviceQueue(DeviceRing):
         return self._next_used
 
     @next_used.setter
-    def next_used(self, index: int) -> None:
+    def next_used(self, index: object) -> None:
         """Resume completing at used-ring index ``index`` (0..65535).
 
         The notification marker moves with it, so the first completion

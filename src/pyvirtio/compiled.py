@@ -1,0 +1,58 @@
+"""Which of pyvirtio's hot modules the running install has compiled with mypyc.
+
+pyvirtio ships one source.  The default install runs it as plain Python; a
+build with ``PYVIRTIO_MYPYC=1`` (``make compiled``) also compiles the
+modules listed in :data:`HOT_MODULES` to C extensions with mypyc, as black
+and mypy ship, and a module that is not compiled is simply imported from
+its ``.py`` file.  Behaviour is the same either way; only speed differs.
+
+:data:`HOT_MODULES` is the one list: ``setup.py`` reads it (without
+importing pyvirtio) to know what to compile, and :func:`compiled_modules`
+reports which of them this interpreter actually loads compiled.
+``pyvirtio --version`` prints the summary.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+
+__all__ = ["HOT_MODULES", "compiled_modules", "is_compiled", "summary"]
+
+#: The modules a compiled build compiles: what every request crosses (guest
+#: memory, the device side of both ring formats, block request parsing and
+#: the pipeline), chosen by instruction counts.  Not (yet) compiled:
+#: virtqueue.common (its runtime-checkable protocols must stay Python
+#: classes) and the driver queues (``cls.__new__`` in ``from_state``).
+#: setup.py parses this tuple, so it stays a literal of string literals.
+HOT_MODULES = (
+    "pyvirtio.memory",
+    "pyvirtio.virtqueue.ring",
+    "pyvirtio.virtqueue.split_layout",
+    "pyvirtio.virtqueue.split_device",
+    "pyvirtio.virtqueue.packed_layout",
+    "pyvirtio.virtqueue.packed_device",
+    "pyvirtio.devices.block.wire",
+    "pyvirtio.devices.block.request",
+    "pyvirtio.devices.block.pipeline",
+)
+
+
+def is_compiled(module: str) -> bool:
+    """Whether ``module`` is imported from a C extension (False if it cannot be found)."""
+    spec = importlib.util.find_spec(module)
+    origin = spec.origin if spec is not None else None
+    return origin is not None and origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def compiled_modules() -> list[str]:
+    """The :data:`HOT_MODULES` this interpreter loads compiled (empty: pure Python)."""
+    return [module for module in HOT_MODULES if is_compiled(module)]
+
+
+def summary() -> str:
+    """One line for ``pyvirtio --version``: pure Python, or how many hot modules are compiled."""
+    count = len(compiled_modules())
+    if count == 0:
+        return "pure Python"
+    return f"compiled with mypyc: {count} of {len(HOT_MODULES)} hot modules"
