@@ -52,6 +52,10 @@ and the driver while the device serves them.
 the driver side for that case against each back end; ``--profile-backend``
 runs ``pyvirtio serve`` under cProfile and prints its top entries at the end.
 
+The pyvirtio back end runs under this script's interpreter: run it with
+``.venv-compiled/bin/python`` to measure the mypyc build (``make compiled``)
+on both sides; the first line says which build ran.
+
 Targets: the driver at least 150k IOPS at QD32 against qsd-null; the
 pyvirtio back end at least 0.75x tuned qsd's 4 KiB IOPS at QD1 and QD32 and
 at least as many MB/s for 1 MiB reads at QD8 (paired ratios).
@@ -75,6 +79,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from pyvirtio.compiled import summary
 from pyvirtio.constants import DeviceId
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.vhost_user import VhostUserFrontend
@@ -345,7 +350,8 @@ def main() -> None:
             f"iothread poll-max-ns={int(args.backend_poll_us * 1000)}, "
             f"driver polling {args.driver_poll_us:g} us, kick every {args.kick_every}; "
             f"{args.seconds:g} s x {args.runs} runs per case, back ends interleaved, medians; "
-            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+            f"pyvirtio (driver and back end: {sys.executable}) {summary()}"
         )
         backends: dict[str, Backend] = {}
         table: dict[str, dict[str, Result]] = {kind: {} for kind in kinds}

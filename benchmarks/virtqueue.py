@@ -8,6 +8,9 @@ driver drains the used ring.  One line per case; the target is at least
 600,000 single-buffer split round trips per second on one core.
 
     python benchmarks/virtqueue.py [--seconds 1.0] [--runs 3] [--batch 64] [--size 256]
+
+Any environment's interpreter runs it: ``.venv-compiled/bin/python`` measures
+the mypyc build (``make compiled``); the first line says which build ran.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+from pyvirtio.compiled import summary
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import packed, split
 
@@ -87,7 +91,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="chains per notification")
     parser.add_argument("--size", type=int, default=256, help="queue size")
     args = parser.parse_args()
-    print(f"queue size {args.size}, batch {args.batch}, EVENT_IDX on, median of {args.runs}")
+    print(
+        f"queue size {args.size}, batch {args.batch}, EVENT_IDX on, median of {args.runs}; "
+        f"pyvirtio {summary()}"
+    )
     for name, factory in (("split", make_split), ("packed", make_packed)):
         for buffers in (1, 2, 4):
             rates = [
