@@ -20,11 +20,11 @@ import importlib.util
 __all__ = ["HOT_MODULES", "compiled_modules", "is_compiled", "summary"]
 
 #: The modules a compiled build compiles: what every request crosses (guest
-#: memory, the device side of both ring formats, block request parsing and
-#: the pipeline), chosen by instruction counts.  Not (yet) compiled:
-#: virtqueue.common (its runtime-checkable protocols must stay Python
-#: classes) and the driver queues (``cls.__new__`` in ``from_state``).
-#: setup.py parses this tuple, so it stays a literal of string literals.
+#: memory, the device side of both ring formats, the block model, its
+#: request parsing and pipeline, the vhost-user back end's loop and front
+#: end), chosen by instruction counts.  ARCHITECTURE.md ("Compiled build")
+#: says what is left out and why.  setup.py parses this tuple, so it stays
+#: a literal of string literals.
 HOT_MODULES = (
     "pyvirtio.memory",
     "pyvirtio.virtqueue.ring",
@@ -35,6 +35,9 @@ HOT_MODULES = (
     "pyvirtio.devices.block.wire",
     "pyvirtio.devices.block.request",
     "pyvirtio.devices.block.pipeline",
+    "pyvirtio.devices.block.device",
+    "pyvirtio.transport.vhost_user.backend",
+    "pyvirtio.driver.vhost_user",
 )
 
 
