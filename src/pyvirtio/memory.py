@@ -50,7 +50,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Final, NamedTuple
 
 __all__ = [
     "PAGE_SIZE",
@@ -62,11 +62,11 @@ __all__ = [
     "seal_against_shrinking",
 ]
 
-_U64_LIMIT = 1 << 64
+_U64_LIMIT: Final = 1 << 64
 
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+_U16: Final = struct.Struct("<H")
+_U32: Final = struct.Struct("<I")
+_U64: Final = struct.Struct("<Q")
 
 
 class GuestMemoryError(Exception):
@@ -167,7 +167,7 @@ class RegionWindow(NamedTuple):
 
 
 #: A window that covers nothing: every check against it fails (for "no window yet").
-_NO_VIEW = memoryview(b"")
+_NO_VIEW: Final = memoryview(b"")
 
 
 class GuestMemory:
@@ -582,7 +582,7 @@ class GuestMemory:
 
 
 #: The granule of :meth:`GuestMemory.discard`: the host's page size.
-PAGE_SIZE = mmap.PAGESIZE
+PAGE_SIZE: Final = mmap.PAGESIZE
 
 
 def _check_geometry(base: int, size: int) -> None:

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from pyvirtio.constants import DeviceStatus
 from pyvirtio.driver.memory import GuestAllocator
@@ -88,7 +88,7 @@ __all__ = [
 T = TypeVar("T")
 
 #: Protocol features the front end takes when offered.
-DEFAULT_FRONTEND_PROTOCOL_FEATURES = (
+DEFAULT_FRONTEND_PROTOCOL_FEATURES: Final = (
     ProtocolFeature.MQ.mask
     | ProtocolFeature.REPLY_ACK.mask
     | ProtocolFeature.CONFIG.mask
@@ -97,14 +97,14 @@ DEFAULT_FRONTEND_PROTOCOL_FEATURES = (
     | ProtocolFeature.STATUS.mask
     | ProtocolFeature.INFLIGHT_SHMFD.mask
 )
-_F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
+_F_PROTOCOL: Final = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 #: SET_VRING_BASE of a fresh packed ring: avail and used index 0 with wrap
 #: counters 1, in QEMU's encoding (avail in bits 0-15, used in 16-31).
-_PACKED_FRESH_BASE = 0x8000 | 0x8000 << 16
-_ANCILLARY_SPACE = socket.CMSG_SPACE(4 * MAX_FDS)
-_CONNECT_RETRY = 0.01
+_PACKED_FRESH_BASE: Final = 0x8000 | 0x8000 << 16
+_ANCILLARY_SPACE: Final = socket.CMSG_SPACE(4 * MAX_FDS)
+_CONNECT_RETRY: Final = 0.01
 #: Largest ring a vhost-user front end sets up (a split ring's 2^15 limit).
-_MAX_RING_SIZE = 32768
+_MAX_RING_SIZE: Final = 32768
 
 
 class VhostUserError(MmioDriverError):

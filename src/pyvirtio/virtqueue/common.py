@@ -9,7 +9,7 @@ pyvirtio never needs to know which format a queue uses.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 
@@ -26,12 +26,12 @@ __all__ = [
 ]
 
 #: Largest queue size either format allows (split-ring.tex / packed-ring.tex).
-MAX_QUEUE_SIZE = 32768
+MAX_QUEUE_SIZE: Final = 32768
 
 #: Descriptor flags, identical in both formats (VIRTQ_DESC_F_*).
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
+DESC_F_NEXT: Final = 1
+DESC_F_WRITE: Final = 2
+DESC_F_INDIRECT: Final = 4
 
 #: A scatter-gather list: ``(guest address, length)`` pairs, in order.
 Buffers: TypeAlias = Sequence[tuple[int, int]]

@@ -205,6 +205,10 @@ class PackedDeviceQueue(DeviceRing):
             writable_len = 0
             pos = head
             slots = 1
+            # Declared ints: compiled, they compare and add as machine words.
+            addr: int
+            length: int
+            bid: int
             while True:
                 # The flags were read (and found available) first.
                 addr, length, bid, _ = _unpack_desc(ring, pos * DESC_SIZE)

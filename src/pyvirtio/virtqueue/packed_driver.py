@@ -357,6 +357,9 @@ class PackedDriverQueue(DriverRing):
                 write = bool(flags & DESC_F_WRITE)
             else:
                 return
+            # Declared ints: compiled, they compare and add as machine words.
+            length: int
+            bid: int
             length, bid = _unpack_used(ring, pos * 16 + 8)  # after the flags
             n = slots[bid] if bid < size else 0
             if not n:

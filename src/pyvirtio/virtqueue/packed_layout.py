@@ -8,6 +8,8 @@ in :mod:`.packed_device`, the driver side in :mod:`.packed_driver`, and
 
 from __future__ import annotations
 
+from typing import Final
+
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.base import RingQueue
 from pyvirtio.virtqueue.common import (
@@ -61,42 +63,42 @@ __all__ = [
 
 
 #: Alignment of the descriptor ring (packed-ring.tex, "Structure Size and Alignment").
-DESC_ALIGN = 16
+DESC_ALIGN: Final = 16
 #: Alignment of each event suppression structure (same table).
-EVENT_ALIGN = 4
+EVENT_ALIGN: Final = 4
 #: Bytes per ``struct pvirtq_event_suppress``.
-EVENT_SIZE = 4
+EVENT_SIZE: Final = 4
 
 #: Availability flag bits (packed-ring.tex, "Driver and Device Ring Wrap Counters").
-DESC_F_AVAIL = 1 << 7
-DESC_F_USED = 1 << 15
-AVAIL_USED = DESC_F_AVAIL | DESC_F_USED
+DESC_F_AVAIL: Final = 1 << 7
+DESC_F_USED: Final = 1 << 15
+AVAIL_USED: Final = DESC_F_AVAIL | DESC_F_USED
 
 #: ``desc_event_flags`` values (packed-ring.tex, "Driver and Device Event Suppression").
-RING_EVENT_FLAGS_ENABLE = 0x0
-RING_EVENT_FLAGS_DISABLE = 0x1
-RING_EVENT_FLAGS_DESC = 0x2
+RING_EVENT_FLAGS_ENABLE: Final = 0x0
+RING_EVENT_FLAGS_DISABLE: Final = 0x1
+RING_EVENT_FLAGS_DESC: Final = 0x2
 
 #: Most entries the device accepts in one indirect table.  The spec leaves the
 #: limit to the device ("The device MAY limit the number of buffers it will
 #: allow in a list"); this is the largest queue size, as for a direct chain.
-MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
+MAX_INDIRECT_ENTRIES: Final = MAX_QUEUE_SIZE
 
-_U32_MAX = 0xFFFF_FFFF
+_U32_MAX: Final = 0xFFFF_FFFF
 #: The wrap counter's bit in an event suppression ``off_wrap`` (and in the
 #: ring positions vhost-user exchanges).
-WRAP_SHIFT = 15
-WRAP_BIT = 1 << WRAP_SHIFT
-OFF_MASK = WRAP_BIT - 1
+WRAP_SHIFT: Final = 15
+WRAP_BIT: Final = 1 << WRAP_SHIFT
+OFF_MASK: Final = WRAP_BIT - 1
 
 #: A descriptor's NEXT, WRITE and INDIRECT bits, and the values of the first
 #: two that hot loops compare with (CPython 3.11 specialises int compares,
 #: not ``&``); anything above ``WRITE_MORE`` has INDIRECT set.
-KIND_MASK = DESC_F_NEXT | DESC_F_WRITE | DESC_F_INDIRECT
-READ_LAST = 0
-READ_MORE = DESC_F_NEXT
-WRITE_LAST = DESC_F_WRITE
-WRITE_MORE = DESC_F_WRITE | DESC_F_NEXT
+KIND_MASK: Final = DESC_F_NEXT | DESC_F_WRITE | DESC_F_INDIRECT
+READ_LAST: Final = 0
+READ_MORE: Final = DESC_F_NEXT
+WRITE_LAST: Final = DESC_F_WRITE
+WRITE_MORE: Final = DESC_F_WRITE | DESC_F_NEXT
 
 
 def area_sizes(size: int) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ import array
 import struct
 import sys
 import threading
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.common import MAX_QUEUE_SIZE, VirtqueueError
@@ -39,16 +39,16 @@ __all__ = [
 
 #: Bytes of one descriptor, in either format (``struct virtq_desc`` /
 #: ``struct pvirtq_desc``: le64 addr, le32 len, then two le16 fields).
-DESC_SIZE = 16
+DESC_SIZE: Final = 16
 #: One descriptor: split ``(addr, len, flags, next)``, packed ``(addr, len, id, flags)``.
-DESC = struct.Struct("<QIHH")
+DESC: Final = struct.Struct("<QIHH")
 #: Alignment of an indirect descriptor table: a descriptor's, in either format.
-INDIRECT_ALIGN = 16
+INDIRECT_ALIGN: Final = 16
 #: One past the highest guest-physical address.
-U64_LIMIT = 1 << 64
+U64_LIMIT: Final = 1 << 64
 #: split-ring.tex, "The Virtqueue Descriptor Table": a chain is at most 2**32 bytes
 #: (the packed ring takes the same limit).
-CHAIN_BYTES_LIMIT = 1 << 32
+CHAIN_BYTES_LIMIT: Final = 1 << 32
 
 WordCode = Literal["H", "I", "Q"]
 

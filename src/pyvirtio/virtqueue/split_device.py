@@ -280,6 +280,11 @@ class SplitDeviceQueue(DeviceRing):
             wlen = 0
             index = head
             count = 1
+            # Declared ints: compiled, they compare and add as machine words.
+            addr: int
+            length: int
+            flags: int
+            nxt: int
             addr, length, flags, nxt = _unpack_desc(table, head * DESC_SIZE)
             while True:
                 # Dispatch on the NEXT and WRITE bits (READ_* < WRITE_LAST <=

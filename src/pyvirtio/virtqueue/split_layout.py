@@ -7,6 +7,8 @@ side is in :mod:`.split_device`, the driver side in :mod:`.split_driver`, and
 
 from __future__ import annotations
 
+from typing import Final
+
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.base import RingQueue
 from pyvirtio.virtqueue.common import (
@@ -43,30 +45,30 @@ __all__ = [
 
 
 #: Alignment of each area (split-ring.tex, "Split Virtqueues", alignment table).
-DESC_ALIGN = 16
-AVAIL_ALIGN = 2
-USED_ALIGN = 4
+DESC_ALIGN: Final = 16
+AVAIL_ALIGN: Final = 2
+USED_ALIGN: Final = 4
 
 #: Available ring flag: the driver asks for no used-buffer notifications.
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_AVAIL_F_NO_INTERRUPT: Final = 1
 #: Used ring flag: the device asks for no available-buffer notifications.
-VIRTQ_USED_F_NO_NOTIFY = 1
+VIRTQ_USED_F_NO_NOTIFY: Final = 1
 
 #: Most descriptors an indirect table may hold (as many as the largest queue).
-MAX_INDIRECT_DESCS = MAX_QUEUE_SIZE
+MAX_INDIRECT_DESCS: Final = MAX_QUEUE_SIZE
 
 #: The four values of a descriptor's NEXT and WRITE bits.  Hot loops compare
 #: flags with these (CPython 3.11 specialises int compares, not ``&``) after
 #: INDIRECT and the reserved bits are dealt with.
-READ_LAST = 0
-READ_MORE = DESC_F_NEXT
-WRITE_LAST = DESC_F_WRITE
-WRITE_MORE = DESC_F_WRITE | DESC_F_NEXT
+READ_LAST: Final = 0
+READ_MORE: Final = DESC_F_NEXT
+WRITE_LAST: Final = DESC_F_WRITE
+WRITE_MORE: Final = DESC_F_WRITE | DESC_F_NEXT
 
 #: Batches of at least this many used elements are read or written with one
 #: slice per lap of the ring; below it, the slice's fixed cost outweighs a
 #: store or load per element.
-BULK_MIN = 8
+BULK_MIN: Final = 8
 
 
 def area_sizes(size: int) -> tuple[int, int, int]:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pyvirtio.constants import DeviceId
 from pyvirtio.device import COMMON_FEATURES, VirtioDevice
@@ -89,21 +89,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Largest descriptor the device accepts, advertised in ``size_max``.
-DEFAULT_SIZE_MAX = 1 << 20
+DEFAULT_SIZE_MAX: Final = 1 << 20
 #: Default (and maximum offered) size of each request queue.
-DEFAULT_QUEUE_SIZE = 256
+DEFAULT_QUEUE_SIZE: Final = 256
 #: Segments per discard / write-zeroes request.
-MAX_DISCARD_SEG = 128
-MAX_WRITE_ZEROES_SEG = 128
+MAX_DISCARD_SEG: Final = 128
+MAX_WRITE_ZEROES_SEG: Final = 128
 #: Sectors per discard / write-zeroes segment (4 GiB / 1 GiB): bounds the work
 #: one request can ask of the host, in particular the zero-writing fallback.
-MAX_DISCARD_SECTORS = 1 << 23
-MAX_WRITE_ZEROES_SECTORS = 1 << 21
+MAX_DISCARD_SECTORS: Final = 1 << 23
+MAX_WRITE_ZEROES_SECTORS: Final = 1 << 21
 #: Seconds between two log lines of the same kind of host I/O failure.
-IO_LOG_INTERVAL = 60.0
+IO_LOG_INTERVAL: Final = 60.0
 
 #: Requests whose data area the device writes.
-_FILLS_DATA = frozenset({T_IN, T_GET_ID})
+_FILLS_DATA: Final = frozenset({T_IN, T_GET_ID})
 
 CacheMode = Literal["writeback", "writethrough"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue as _queue
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pyvirtio.devices.block.request import TRANSFERS, Request, Served
 from pyvirtio.devices.block.wire import Status
@@ -36,9 +36,9 @@ __all__ = ["SIGNAL_BATCH", "Pipeline"]
 log = logging.getLogger(__name__)
 
 #: Completions that may share one interrupt while requests wait in the ring.
-SIGNAL_BATCH = 4
+SIGNAL_BATCH: Final = 4
 #: Tag of the event a helper sends the idle ring thread: requests wait again.
-_CALL_BACK = object()
+_CALL_BACK: Final = object()
 
 
 class Pipeline:

@@ -26,7 +26,7 @@ chain.  What a driver cannot make the device do, whatever it puts in a chain:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from pyvirtio.devices.block.wire import (
     DISCARD_SEGMENT_SIZE,
@@ -59,10 +59,10 @@ __all__ = [
 ]
 
 #: Requests that move data: the ones worth moving off the ring's thread.
-TRANSFERS = frozenset({T_IN, T_OUT})
-_WRITES = frozenset({T_OUT, T_DISCARD, T_WRITE_ZEROES})
+TRANSFERS: Final = frozenset({T_IN, T_OUT})
+_WRITES: Final = frozenset({T_OUT, T_DISCARD, T_WRITE_ZEROES})
 #: Descriptors a request has besides its data: the header and the status byte.
-_FRAMING_DESCRIPTORS = 2
+_FRAMING_DESCRIPTORS: Final = 2
 _unpack_header = HEADER.unpack_from
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from pyvirtio.constants import FeatureBit
 
@@ -87,35 +88,35 @@ class Status(enum.IntEnum):
 #: The request types and statuses as plain ints, named as in the spec
 #: (VIRTIO_BLK_T_*, VIRTIO_BLK_S_*), for hot paths' comparisons: a module
 #: global is cheaper than an IntEnum member lookup.
-T_IN = int(RequestType.IN)
-T_OUT = int(RequestType.OUT)
-T_FLUSH = int(RequestType.FLUSH)
-T_GET_ID = int(RequestType.GET_ID)
-T_DISCARD = int(RequestType.DISCARD)
-T_WRITE_ZEROES = int(RequestType.WRITE_ZEROES)
-S_OK = int(Status.OK)
-S_IOERR = int(Status.IOERR)
-S_UNSUPP = int(Status.UNSUPP)
+T_IN: Final = int(RequestType.IN)
+T_OUT: Final = int(RequestType.OUT)
+T_FLUSH: Final = int(RequestType.FLUSH)
+T_GET_ID: Final = int(RequestType.GET_ID)
+T_DISCARD: Final = int(RequestType.DISCARD)
+T_WRITE_ZEROES: Final = int(RequestType.WRITE_ZEROES)
+S_OK: Final = int(Status.OK)
+S_IOERR: Final = int(Status.IOERR)
+S_UNSUPP: Final = int(Status.UNSUPP)
 
 
 #: The protocol's unit for ``sector``, ``capacity`` and data lengths.
-SECTOR_SIZE = 512
+SECTOR_SIZE: Final = 512
 #: ``type``, ``reserved``, ``sector``: the device-readable head of every request.
-HEADER_SIZE = 16
-HEADER = struct.Struct("<IIQ")
+HEADER_SIZE: Final = 16
+HEADER: Final = struct.Struct("<IIQ")
 #: The device-writable ``status`` byte that ends every request.
-STATUS_SIZE = 1
+STATUS_SIZE: Final = 1
 #: ``struct virtio_blk_discard_write_zeroes``: ``sector``, ``num_sectors``, ``flags``.
-DISCARD_SEGMENT_SIZE = 16
-SEGMENT = struct.Struct("<QII")
+DISCARD_SEGMENT_SIZE: Final = 16
+SEGMENT: Final = struct.Struct("<QII")
 #: The only defined flag of a discard / write-zeroes segment.
-SEGMENT_F_UNMAP = 1
+SEGMENT_F_UNMAP: Final = 1
 #: Length of the device ID string a GET_ID request returns.
-GET_ID_BYTES = 20
+GET_ID_BYTES: Final = 20
 #: ``sizeof(struct virtio_blk_config)``, up to and including ``zoned``.
-CONFIG_SIZE = 96
+CONFIG_SIZE: Final = 96
 #: Offset of the ``writeback`` byte in the configuration space.
-CONFIG_WRITEBACK_OFFSET = 32
+CONFIG_WRITEBACK_OFFSET: Final = 32
 
 
 @dataclass(slots=True)
@@ -147,7 +148,7 @@ class BlkConfig:
 # max_discard_sectors, max_discard_seg, discard_sector_alignment,
 # max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap,
 # unused1[3], secure erase (3 x u32), zoned (5 x u32, u8, u8[3]).
-_CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIII B3x III IIIIIB3x")
+_CONFIG: Final = struct.Struct("<QII HBB I BBHI BBH IIIII B3x III IIIIIB3x")
 assert _CONFIG.size == CONFIG_SIZE
 
 

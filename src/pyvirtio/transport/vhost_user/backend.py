@@ -41,6 +41,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Final
 
 from pyvirtio.device import VirtioDevice
 from pyvirtio.memory import GuestMemory
@@ -89,27 +90,27 @@ log = logging.getLogger(__name__)
 
 #: How long replies may wait for a front end that does not read them before
 #: it is dropped (the loop never waits for it meanwhile).
-DEFAULT_SEND_TIMEOUT = 5.0
+DEFAULT_SEND_TIMEOUT: Final = 5.0
 #: Replies a front end has not read yet, in bytes, before it is dropped.  QEMU
 #: waits for each reply before its next request: a few dozen bytes at most.
-MAX_UNSENT_REPLIES = 256 * 1024
+MAX_UNSENT_REPLIES: Final = 256 * 1024
 #: Connections the kernel queues before accept (connect then fails with EAGAIN).
-LISTEN_BACKLOG = 128
+LISTEN_BACKLOG: Final = 128
 #: Front ends accepted while another is served, waiting for their turn.
-MAX_WAITING_FRONT_ENDS = 4
+MAX_WAITING_FRONT_ENDS: Final = 4
 
 #: Ancillary buffer for one recvmsg: room for more fds than a message may
 #: carry, so "too many" reaches the parser as a clear error; beyond 64 the
 #: kernel truncates (MSG_CTRUNC, also refused) and closes the rest.
-_ANCILLARY_SPACE = socket.CMSG_SPACE(4 * 64)
-_EVENT_ONE = 1
+_ANCILLARY_SPACE: Final = socket.CMSG_SPACE(4 * 64)
+_EVENT_ONE: Final = 1
 #: Longest stretch of ring polling before the loop looks at its fds again.
-_POLL_SLICE = 0.001
-_EVENTFD_LINK = "anon_inode:[eventfd]"
-_CONNECTION_EVENTS = select.EPOLLIN | select.EPOLLRDHUP
+_POLL_SLICE: Final = 0.001
+_EVENTFD_LINK: Final = "anon_inode:[eventfd]"
+_CONNECTION_EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP
 #: A kick fd that reports these is gone (the front end closed its end).
-_KICK_GONE = select.EPOLLHUP | select.EPOLLERR
-_CALL = NotifyKind.CALL
+_KICK_GONE: Final = select.EPOLLHUP | select.EPOLLERR
+_CALL: Final = NotifyKind.CALL
 
 
 class _Connection:
