@@ -20,7 +20,7 @@ import importlib.util
 __all__ = ["HOT_MODULES", "compiled_modules", "is_compiled", "summary"]
 
 #: The modules a compiled build compiles: what every request crosses (guest
-#: memory, the device side of both ring formats, the block model, its
+#: memory, both sides of both ring formats, the block model, its
 #: request parsing and pipeline, the vhost-user back end's loop and front
 #: end), chosen by instruction counts.  ARCHITECTURE.md ("Compiled build")
 #: says what is left out and why.  setup.py parses this tuple, so it stays
@@ -28,10 +28,13 @@ __all__ = ["HOT_MODULES", "compiled_modules", "is_compiled", "summary"]
 HOT_MODULES = (
     "pyvirtio.memory",
     "pyvirtio.virtqueue.ring",
+    "pyvirtio.virtqueue.base",
     "pyvirtio.virtqueue.split_layout",
     "pyvirtio.virtqueue.split_device",
+    "pyvirtio.virtqueue.split_driver",
     "pyvirtio.virtqueue.packed_layout",
     "pyvirtio.virtqueue.packed_device",
+    "pyvirtio.virtqueue.packed_driver",
     "pyvirtio.devices.block.wire",
     "pyvirtio.devices.block.request",
     "pyvirtio.devices.block.pipeline",

@@ -18,7 +18,7 @@ as plain slots, which costs the same as slots of their own class.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import QueueState, VirtqueueError
@@ -101,16 +101,18 @@ class RingQueue:
         }
 
     @classmethod
-    def _from_geometry(cls: type[_Queue], mem: GuestMemory, fields: StateReader) -> _Queue:
+    def _from_geometry(
+        cls: type[_Queue], mem: GuestMemory, fields: StateReader, **options: Any
+    ) -> _Queue:
         """A queue with the geometry and features of a state dict; guest memory untouched.
 
-        The positions are the caller's to restore.  Unlike a driver side's
-        constructor, this never zeroes the rings: they are wherever the
-        snapshot left them.
+        The positions are the caller's to restore.  ``options`` are further
+        constructor arguments: a driver side passes ``zero_rings=False``, as
+        the rings are wherever the snapshot left them.  (Through the
+        constructor, never ``cls.__new__``: a class compiled by mypyc is only
+        ever built by its ``__init__``.)
         """
-        queue = cls.__new__(cls)
-        RingQueue.__init__(
-            queue,
+        queue = cls(
             mem,
             fields.integer("size"),
             fields.integer("desc_addr"),
@@ -118,6 +120,7 @@ class RingQueue:
             fields.integer("device_addr"),
             event_idx=fields.flag("event_idx"),
             indirect=fields.flag("indirect"),
+            **options,
         )
         queue.broken = fields.flag("broken")
         return queue
@@ -152,6 +155,9 @@ class DeviceRing(RingQueue):
 class DriverRing(RingQueue):
     """A driver side: zeroes its rings when built, and may own indirect tables.
 
+    ``zero_rings=False`` takes over rings that already hold a driver's state
+    instead (what :meth:`_idle_from_state` does).
+
     With ``indirect``, a request of 2..``max_indirect`` buffers takes one
     ring descriptor pointing at a table of the area at ``indirect_addr``
     (:func:`~.ring.indirect_area_size` bytes, one table per head slot or
@@ -179,11 +185,14 @@ class DriverRing(RingQueue):
         indirect: bool = False,
         indirect_addr: int | None = None,
         max_indirect: int = 0,
+        zero_rings: bool = True,
     ) -> None:
         super().__init__(
             mem, size, desc_addr, driver_addr, device_addr, event_idx=event_idx, indirect=indirect
         )
         self._map_indirect(indirect_addr, max_indirect)
+        if not zero_rings:  # taking over rings that hold a driver's state (from_state)
+            return
         # The driver initialises the rings: split-ring.tex, "Available Buffer
         # Notification Suppression" (used flags 0, idx fields 0);
         # packed-ring.tex, "The Virtqueue Descriptor Format" ("The descriptor
@@ -221,8 +230,8 @@ class DriverRing(RingQueue):
         """
         if fields.integer("in_flight") != 0:
             raise ValueError("only a queue with nothing in flight can be rebuilt from state")
-        queue = cls._from_geometry(mem, fields)
-        max_indirect = fields.integer("max_indirect") if queue.indirect else 0
+        max_indirect = fields.integer("max_indirect") if fields.flag("indirect") else 0
         indirect_addr = fields.integer("indirect_addr") if max_indirect else None
-        queue._map_indirect(indirect_addr, max_indirect)
-        return queue
+        return cls._from_geometry(
+            mem, fields, indirect_addr=indirect_addr, max_indirect=max_indirect, zero_rings=False
+        )
