@@ -41,7 +41,7 @@ def ext_modules() -> list[object]:
     paths = [str(Path("src", *module.split(".")).with_suffix(".py")) for module in hot_modules()]
     # mypy reads [tool.mypy] (strict) from pyproject.toml: what compiles is
     # exactly what the type check accepts.
-    return list(mypycify(paths, opt_level=os.environ.get("PYVIRTIO_MYPYC_OPT", "3")))
+    return list(mypycify(paths, opt_level="3"))
 
 
 setup(ext_modules=ext_modules())
