@@ -51,8 +51,19 @@ def make_packed(mem: GuestMemory, size: int, event_idx: bool) -> tuple[object, o
     return drv, dev
 
 
-def run_case(factory: QueueFactory, buffers: int, size: int, batch: int, seconds: float) -> float:
-    """Round trips per second for chains of ``buffers`` buffers (first readable, rest writable)."""
+def run_case(
+    factory: QueueFactory,
+    buffers: int,
+    size: int,
+    batch: int,
+    seconds: float,
+    rounds: int = 0,
+) -> float:
+    """Round trips per second for chains of ``buffers`` buffers (first readable, rest writable).
+
+    With ``rounds``, exactly that many notification rounds run whatever the
+    time: fixed work, for instruction counts under callgrind.
+    """
     mem = GuestMemory.anonymous(16 << 20)
     drv, dev = factory(mem, size, True)
     add = drv.add  # type: ignore[attr-defined]
@@ -79,7 +90,11 @@ def run_case(factory: QueueFactory, buffers: int, size: int, batch: int, seconds
         needs_notification()
         for _token, _written in used():
             done += 1
-        if time.perf_counter() >= deadline:
+        if rounds:
+            rounds -= 1
+            if not rounds:
+                break
+        elif time.perf_counter() >= deadline:
             break
     return done / (time.perf_counter() - start)
 
@@ -90,15 +105,26 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per case (median reported)")
     parser.add_argument("--batch", type=int, default=64, help="chains per notification")
     parser.add_argument("--size", type=int, default=256, help="queue size")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="fixed notification rounds per run instead of --seconds (for callgrind)",
+    )
+    parser.add_argument(
+        "--format", choices=("split", "packed"), help="only this ring format (default both)"
+    )
     args = parser.parse_args()
     print(
         f"queue size {args.size}, batch {args.batch}, EVENT_IDX on, median of {args.runs}; "
         f"pyvirtio {summary()}"
     )
     for name, factory in (("split", make_split), ("packed", make_packed)):
+        if args.format not in (None, name):
+            continue
         for buffers in (1, 2, 4):
             rates = [
-                run_case(factory, buffers, args.size, args.batch, args.seconds)
+                run_case(factory, buffers, args.size, args.batch, args.seconds, args.rounds)
                 for _ in range(args.runs)
             ]
             rate = statistics.median(rates)
