@@ -288,12 +288,12 @@ def test_packed_tracking_writes_the_spec_fields() -> None:
     assert packed_header(region)[3:5] == (2, 2)  # free_head, old_free_head
     second = tracker.pop([PackedDescriptor(0x3000, 4, 3, 2)])
     assert second == 2
-    # Complete the second chain first (out of order).
-    tracker.before_publish([second])
+    # Complete the second chain (buffer ID 3) first: out of order.
+    tracker.before_publish([3])
     assert packed_header(region)[3] == 2  # free_head is the completed entry
     assert packed_desc(region, 2)[1] == 3  # its last links to the old free head
     assert packed_header(region)[5] == 1  # used_idx advanced by the chain length
-    tracker.after_publish([second])
+    tracker.after_publish([3])
     assert packed_desc(region, 2)[0] == 0
     assert packed_header(region)[3:] == (2, 2, 1, 1, 1, 1)
 
@@ -301,10 +301,10 @@ def test_packed_tracking_writes_the_spec_fields() -> None:
 def test_packed_recovery_resubmits_the_stored_descriptors_in_counter_order() -> None:
     region, tracker = fresh_packed(8)
     first = tracker.pop([PackedDescriptor(0xA000, 16, 1, 1), PackedDescriptor(0xB000, 8, 1, 2)])
-    second = tracker.pop([PackedDescriptor(0xC000, 16, 2, 2)])
+    tracker.pop([PackedDescriptor(0xC000, 16, 2, 2)])
     third = tracker.pop([PackedDescriptor(0xD000, 16, 3, 2)])
-    tracker.before_publish([second])
-    tracker.after_publish([second])
+    tracker.before_publish([2])
+    tracker.after_publish([2])
     recovery = recover_packed(memoryview(region), 8, lambda slot: 0)
     assert [entry for entry, _ in recovery.resubmit] == [first, third]
     assert recovery.resubmit[0][1] == (
@@ -320,7 +320,7 @@ def test_packed_recovery_resubmits_the_stored_descriptors_in_counter_order() -> 
 def test_packed_crash_mid_completion_rolls_back_when_not_published() -> None:
     region, tracker = fresh_packed(4)
     head = tracker.pop([PackedDescriptor(0x1000, 4, 0, 2)])
-    tracker.before_publish([head])  # used flags not yet written in the ring
+    tracker.before_publish([0])  # used flags not yet written in the ring
     slot_flags = AVAIL  # slot 0 still looks available in wrap 1
     recovery = recover_packed(memoryview(region), 4, lambda slot: slot_flags)
     assert not recovery.committed_batch
@@ -331,7 +331,7 @@ def test_packed_crash_mid_completion_rolls_back_when_not_published() -> None:
 def test_packed_crash_mid_completion_commits_when_published() -> None:
     region, tracker = fresh_packed(4)
     head = tracker.pop([PackedDescriptor(0x1000, 4, 0, 2)])
-    tracker.before_publish([head])
+    tracker.before_publish([0])
     seen: list[int] = []
 
     def flags(slot: int) -> int:
@@ -349,9 +349,9 @@ def test_packed_crash_mid_completion_commits_when_published() -> None:
 def test_packed_positions_wrap() -> None:
     region, tracker = fresh_packed(2)
     for _ in range(3):
-        head = tracker.pop([PackedDescriptor(0x1000, 4, 0, 2)])
-        tracker.before_publish([head])
-        tracker.after_publish([head])
+        tracker.pop([PackedDescriptor(0x1000, 4, 0, 2)])
+        tracker.before_publish([0])
+        tracker.after_publish([0])
     assert packed_header(region)[5:] == (1, 1, 0, 0)  # used_idx 1 in wrap 0
     head = tracker.pop([PackedDescriptor(0x1000, 4, 0, 2)])
     recovery = recover_packed(memoryview(region), 2, lambda slot: 0)
@@ -413,8 +413,33 @@ def packed_region(
         # Two chains with the same counter.
         (
             (0, 1, 4, 2, 2, 0, 0, 1, 1),
-            {0: (1, 9, 0, 1, 5, 0, 0, 0, 0), 1: (1, 9, 1, 1, 5, 0, 0, 0, 0)},
+            {0: (1, 9, 0, 1, 5, 0, 0, 0, 0), 1: (1, 9, 1, 1, 5, 1, 0, 0, 0)},
             "repeats counter 5",
+        ),
+        # Two chains with the same buffer ID: completions could not tell them apart.
+        (
+            (0, 1, 4, 2, 2, 0, 0, 1, 1),
+            {0: (1, 9, 0, 1, 5, 7, 0, 0, 0), 1: (1, 9, 1, 1, 6, 7, 0, 0, 0)},
+            "buffer ID 7 is in flight twice",
+        ),
+        # A two-descriptor chain whose first descriptor lacks NEXT: the ring
+        # walker would take it as two chains of one.
+        (
+            (0, 1, 4, 2, 2, 0, 0, 1, 1),
+            {0: (1, 1, 1, 2, 5, 7, 0, 0, 0), 1: (0, 9, 0, 0, 0, 7, 0, 0, 0)},
+            "descriptor 0 of 2 lacks the NEXT flag",
+        ),
+        # A one-descriptor chain with NEXT: it would swallow the next slot.
+        (
+            (0, 1, 4, 1, 1, 0, 0, 1, 1),
+            {0: (1, 9, 0, 1, 5, 7, 1, 0, 0)},
+            "descriptor 0 of 1 has the NEXT flag",
+        ),
+        # INDIRECT inside a NEXT-linked chain.
+        (
+            (0, 1, 4, 2, 2, 0, 0, 1, 1),
+            {0: (1, 1, 1, 2, 5, 7, 1 | 4, 0, 0), 1: (0, 9, 0, 0, 0, 7, 0, 0, 0)},
+            "INDIRECT in a chain",
         ),
     ],
 )

@@ -119,6 +119,7 @@ _PACKED_OFF_OLD_USED_WRAP = 21
 
 # Packed descriptor flags (VIRTIO 1.2 2.8.1, 2.8.22).
 _DESC_F_NEXT = 1
+_DESC_F_INDIRECT = 4
 _DESC_F_AVAIL = 1 << 7
 _DESC_F_USED = 1 << 15
 
@@ -414,18 +415,28 @@ class PackedRecovery(NamedTuple):
 
 
 def recover_packed(
-    region: memoryview, ring_size: int, read_ring_flags: Callable[[int], int]
+    region: memoryview,
+    ring_size: int,
+    read_ring_flags: Callable[[int], int],
+    used_idx: int = 0,
+    used_wrap: bool = True,
 ) -> PackedRecovery:
     """Validate, repair and read a packed queue region ("When reconnecting").
 
     ``read_ring_flags(slot)`` returns the flags word of descriptor ring slot
     ``slot`` (the host reads guest memory).  A fresh region (version 0) is
-    initialised (free list 0, 1, ...; wrap counters 1) and yields nothing.
+    initialised (free list 0, 1, ...) at the ring's used position
+    ``used_idx``/``used_wrap`` (what the front end said; wrap counters start
+    at 1) and yields nothing.  Otherwise the region, not the front end, says
+    where the ring is: QEMU keeps no packed ring position of its own across a
+    back end's crash.
     """
     version, _ = _check_header(region, ring_size, PACKED_HEADER_SIZE, PACKED_DESC_SIZE, "packed")
     if version == 0:
-        _init_packed(region, ring_size)
-        return PackedRecovery((), 0, True, 0, True, False, 0)
+        if not 0 <= used_idx < ring_size:
+            raise InflightError(f"packed used position {used_idx} outside a ring of {ring_size}")
+        _init_packed(region, ring_size, used_idx, used_wrap)
+        return PackedRecovery((), used_idx, used_wrap, used_idx, used_wrap, False, 0)
     snapshot = bytes(region[: PACKED_HEADER_SIZE + PACKED_DESC_SIZE * ring_size])
     (
         _,
@@ -476,6 +487,7 @@ def recover_packed(
         steps += 1
     chains: list[tuple[int, int, tuple[PackedDescriptor, ...]]] = []
     owned = free[:]
+    ids: set[int] = set()
     total = 0
     for index, (flag, _, last, num, counter, _, _, _, _) in enumerate(entries):
         if flag > 1:
@@ -499,6 +511,14 @@ def recover_packed(
                 link = next_
         if link != last:
             raise InflightError(f"packed inflight entry {index}: last {last}, chain ends at {link}")
+        _check_chain_shape(index, descriptors)
+        # The buffer ID is in the last descriptor; the driver keeps it unique
+        # among its buffers in flight, and completions name chains by it.
+        if descriptors[-1].id in ids:
+            raise InflightError(
+                f"packed inflight entry {index}: buffer ID {descriptors[-1].id} is in flight twice"
+            )
+        ids.add(descriptors[-1].id)
         total += num
         chains.append((counter, index, tuple(descriptors)))
     chains.sort()
@@ -540,11 +560,32 @@ def recover_packed(
     )
 
 
-def _init_packed(region: memoryview, ring_size: int) -> None:
+def _check_chain_shape(index: int, descriptors: Sequence[PackedDescriptor]) -> None:
+    """A stored chain must be one the ring walker takes in exactly ``num`` slots.
+
+    NEXT on every descriptor but the last, and INDIRECT only alone
+    (packed-ring.tex, "Scatter-Gather Support" and "Indirect Flag"), so that
+    a resubmitted chain occupies the ring slots the region accounts for.
+    """
+    for position, descriptor in enumerate(descriptors):
+        chained = bool(descriptor.flags & _DESC_F_NEXT)
+        if chained != (position + 1 < len(descriptors)):
+            raise InflightError(
+                f"packed inflight entry {index}: descriptor {position} of {len(descriptors)} "
+                f"{'has' if chained else 'lacks'} the NEXT flag"
+            )
+        if descriptor.flags & _DESC_F_INDIRECT and len(descriptors) > 1:
+            raise InflightError(f"packed inflight entry {index}: INDIRECT in a chain")
+
+
+def _init_packed(region: memoryview, ring_size: int, used_idx: int, used_wrap: bool) -> None:
     region[: PACKED_HEADER_SIZE + PACKED_DESC_SIZE * ring_size] = bytes(
         PACKED_HEADER_SIZE + PACKED_DESC_SIZE * ring_size
     )
-    _PACKED_HEADER.pack_into(region, 0, 0, INFLIGHT_VERSION, ring_size, 0, 0, 0, 0, 1, 1)
+    wrap = int(used_wrap)
+    _PACKED_HEADER.pack_into(
+        region, 0, 0, INFLIGHT_VERSION, ring_size, 0, 0, used_idx, used_idx, wrap, wrap
+    )
     for index in range(ring_size):
         _U16.pack_into(
             region, PACKED_HEADER_SIZE + PACKED_DESC_SIZE * index + _PACKED_DESC_OFF_NEXT, index + 1
@@ -556,17 +597,31 @@ class PackedInflight:
 
     Built from the region after :func:`recover_packed`: the free list and
     every in-flight chain's links are read back once (they were validated) and
-    kept here; from then on the region is only written.  ``pop`` returns the
-    entry that identifies the chain; the completion hooks take those entries.
+    kept here; from then on the region is only written.  Chains are named by
+    their buffer ID, as the device queue completes them (the ID is in a
+    chain's last descriptor, packed-ring.tex "Next Flag: Descriptor
+    Chaining").  ``pop`` runs for every chain taken from the ring, with its
+    ring descriptors as (addr, len, id, flags); ``before_publish`` runs when
+    the batch's used descriptors are written but for the first one's flags,
+    which publish it; ``after_publish`` runs after.
+
+    After a recovery the queue takes the resubmitted chains first, in order,
+    from the ring slots it rewrote (:meth:`PackedDeviceQueue.resubmit
+    <pyvirtio.virtqueue.packed_device.PackedDeviceQueue.resubmit>`): they are
+    in the region already, so ``pop`` checks them against their entries and
+    writes nothing, and a crash while they are resubmitted recovers them
+    again the same way.
     """
 
     __slots__ = (
         "_counter",
+        "_entry_of",
         "_free_head",
         "_last",
         "_next",
         "_num",
         "_region",
+        "_resubmitted",
         "_ring_size",
         "_taken",
         "_used_idx",
@@ -585,6 +640,12 @@ class PackedInflight:
         self._used_wrap = recovery.used_wrap
         #: Entries holding descriptors in flight; the rest are on the free list.
         self._taken = sum(len(descriptors) for _, descriptors in recovery.resubmit)
+        #: The head entry of every chain in flight, by buffer ID.
+        self._entry_of = {descriptors[-1].id: entry for entry, descriptors in recovery.resubmit}
+        #: (entry, descriptor count) of the chains still to be taken again, next one last.
+        self._resubmitted = [
+            (entry, len(descriptors)) for entry, descriptors in reversed(recovery.resubmit)
+        ]
         self._next: list[int] = []
         self._last: list[int] = []
         self._num: list[int] = []
@@ -596,15 +657,33 @@ class PackedInflight:
             self._last.append(last)
             self._num.append(num)
 
-    def pop(self, descriptors: Sequence[PackedDescriptor]) -> int:
-        """A chain was taken from the ring: copy it into free entries; return its head entry."""
+    def pop(self, descriptors: Sequence[tuple[int, int, int, int]]) -> int:
+        """A chain was taken from the ring: copy it into free entries; return its head entry.
+
+        ``descriptors`` are its ring descriptors, (addr, len, id, flags) each.
+        InflightError, with nothing written, for a chain the region cannot
+        hold or whose buffer ID is already in flight (a driver that breaks
+        packed-ring.tex's rules), or a resubmitted chain that came back
+        different.
+        """
         count = len(descriptors)
+        if self._resubmitted:
+            entry, num = self._resubmitted.pop()
+            if count != num or self._entry_of.get(descriptors[-1][2]) != entry:
+                raise InflightError(
+                    f"resubmitted packed chain (entry {entry}, {num} descriptors) came back as "
+                    f"{count} descriptors"
+                )
+            return entry
         if not 1 <= count <= self._ring_size - self._taken:
             # Only a driver that makes slots available twice gets here.
             raise InflightError(
                 f"packed chain of {count} descriptors with {self._taken} of "
                 f"{self._ring_size} already in flight"
             )
+        buffer_id = descriptors[-1][2]
+        if buffer_id in self._entry_of:
+            raise InflightError(f"packed chain with buffer ID {buffer_id}, already in flight")
         region = self._region
         head = self._free_head
         base = PACKED_HEADER_SIZE + PACKED_DESC_SIZE * head
@@ -614,17 +693,9 @@ class PackedInflight:
         region[base] = 1
         entry = head
         last = head
-        for descriptor in descriptors:
+        for addr, length, id_, flags in descriptors:
             offset = PACKED_HEADER_SIZE + PACKED_DESC_SIZE * entry
-            struct.pack_into(
-                "<HHIQ",
-                region,
-                offset + 16,
-                descriptor.id,
-                descriptor.flags,
-                descriptor.len,
-                descriptor.addr,
-            )
+            struct.pack_into("<HHIQ", region, offset + 16, id_, flags, length, addr)
             last = entry
             entry = self._next[entry]
             _U16.pack_into(region, _PACKED_OFF_FREE_HEAD, entry)
@@ -633,15 +704,29 @@ class PackedInflight:
         struct.pack_into("<HH", region, base + 4, last, count)
         self._free_head = entry
         self._taken += count
+        self._entry_of[buffer_id] = head
         _U16.pack_into(region, _PACKED_OFF_OLD_FREE_HEAD, entry)
         return head
 
-    def before_publish(self, heads: Sequence[int]) -> None:
-        """Return the batch's entries to the free list and advance the used position."""
+    def _entries(self, ids: Sequence[int]) -> list[int]:
+        """The head entries of the chains ``ids`` name; InflightError if one is not in flight."""
+        try:
+            entries = [self._entry_of[buffer_id] for buffer_id in ids]
+        except KeyError as exc:
+            raise InflightError(f"completion of buffer ID {exc.args[0]}, not in flight") from None
+        if len(set(entries)) != len(entries):
+            raise InflightError(f"one batch completes a buffer ID twice: {list(ids)}")
+        return entries
+
+    def before_publish(self, ids: Sequence[int]) -> None:
+        """Return the batch's entries to the free list and advance the used position.
+
+        InflightError, with nothing changed, if an ID is not in flight.
+        """
         region = self._region
         used = self._used_idx
         wrap = self._used_wrap
-        for head in heads:
+        for head in self._entries(ids):
             last = self._last[head]
             self._next[last] = self._free_head
             _U16.pack_into(
@@ -661,11 +746,12 @@ class PackedInflight:
         _U16.pack_into(region, _PACKED_OFF_USED_IDX, used)
         region[_PACKED_OFF_USED_WRAP] = int(wrap)
 
-    def after_publish(self, heads: Sequence[int]) -> None:
+    def after_publish(self, ids: Sequence[int]) -> None:
         """The batch's used flags are written: clear it and make the new positions the old ones."""
         region = self._region
-        for head in heads:
-            region[PACKED_HEADER_SIZE + PACKED_DESC_SIZE * head] = 0
+        entry_of = self._entry_of
+        for buffer_id in ids:
+            region[PACKED_HEADER_SIZE + PACKED_DESC_SIZE * entry_of.pop(buffer_id)] = 0
         _U16.pack_into(region, _PACKED_OFF_OLD_FREE_HEAD, self._free_head)
         _U16.pack_into(region, _PACKED_OFF_OLD_USED_IDX, self._used_idx)
         region[_PACKED_OFF_OLD_USED_WRAP] = int(self._used_wrap)
