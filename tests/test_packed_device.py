@@ -6,7 +6,7 @@ guest memory, the way a buggy or hostile driver would leave them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -20,7 +20,11 @@ from helpers.packed import (
     avail,
     device,
     expect_broken,
+    get_desc,
+    pair,
     put_desc,
+    round_trip,
+    used_bits,
 )
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import (
@@ -263,3 +267,128 @@ def test_ring_positions_must_lie_in_the_ring(mem: GuestMemory, bad: object) -> N
     with pytest.raises(ValueError, match="not a position in a ring of 8"):
         dev.set_next_used(bad, True)  # type: ignore[arg-type]
     assert (dev.next_avail, dev.next_used) == (0, 0)
+
+
+# -- inflight recording (the hook vhost-user's inflight tracking plugs into) ----------------
+
+
+class _InflightLog:
+    """Records the hook calls, and whether the batch's first used descriptor was visible."""
+
+    def __init__(self, mem: GuestMemory, size: int) -> None:
+        self.mem = mem
+        self.size = size
+        self.calls: list[tuple[str, object, bool]] = []
+        self.refuse_id: int | None = None
+
+    def first_used_visible(self, queue: PackedDeviceQueue) -> bool:
+        flags = queue.slot_flags(queue.next_used)
+        return (flags & (DESC_F_AVAIL | DESC_F_USED)) == used_bits(int(queue.used_wrap_counter))
+
+    def pop(self, descriptors: Sequence[tuple[int, int, int, int]]) -> None:
+        if descriptors[-1][2] == self.refuse_id:
+            raise ValueError(f"buffer ID {self.refuse_id} is already in flight")
+        self.calls.append(("pop", list(descriptors), False))
+
+    def before_publish(self, ids: Sequence[int]) -> None:
+        self.calls.append(("before", list(ids), False))
+
+    def after_publish(self, ids: Sequence[int]) -> None:
+        self.calls.append(("after", list(ids), False))
+
+
+@pytest.mark.parametrize("batch", [2, 20], ids=["field-stores", "strided-stores"])
+def test_inflight_hook_sees_every_pop_and_brackets_the_publishing_store(
+    mem: GuestMemory, batch: int
+) -> None:
+    drv, dev = pair(mem, 64)
+    log = _InflightLog(mem, 64)
+    seen: list[bool] = []
+    dev.inflight = log
+    for n in range(batch):
+        drv.add([(DATA, 4)], [(DATA + 0x100 * n, 16)], n)
+    chains = [dev.pop() for _ in range(batch)]
+    pops = [call for call in log.calls if call[0] == "pop"]
+    assert len(pops) == batch
+    # The ring descriptors of each chain, as the driver laid them out.
+    assert pops[1][1] == [get_desc(mem, 2), get_desc(mem, 3)]
+    assert [descs[-1][2] for _, descs, _ in pops] == list(range(batch))  # type: ignore[index]
+    log.calls.clear()
+    before_publish = log.before_publish
+
+    def watch_before(ids: Sequence[int]) -> None:
+        seen.append(log.first_used_visible(dev))
+        before_publish(ids)
+
+    log.before_publish = watch_before  # type: ignore[method-assign]
+    first_used = dev.next_used, dev.used_wrap_counter
+    completions = [(chain, 16) for chain in reversed(chains)]  # out of order
+    dev.add_used_batch(completions)  # type: ignore[arg-type]
+    ids = list(reversed(range(batch)))
+    assert log.calls == [("before", ids, False), ("after", ids, False)]
+    assert seen == [False]  # before: the batch's first used descriptor not yet visible
+    dev.set_next_used(*first_used)
+    assert log.first_used_visible(dev)  # after: published
+    assert [token for token, _ in drv.used()] == ids
+
+
+def test_untracked_queue_has_no_recorder_and_tracking_can_start_any_time(
+    mem: GuestMemory,
+) -> None:
+    drv, dev = pair(mem)
+    assert dev.inflight is None
+    round_trip(drv, dev, "untracked")
+    log = _InflightLog(mem, 8)
+    dev.inflight = log
+    round_trip(drv, dev, "tracked")
+    assert [call[0] for call in log.calls] == ["pop", "before", "after"]
+    dev.inflight = None
+    round_trip(drv, dev, "untracked again")
+    assert len(log.calls) == 3
+
+
+def test_inflight_recorder_refusing_a_chain_breaks_the_queue(mem: GuestMemory) -> None:
+    drv, dev = pair(mem)
+    log = _InflightLog(mem, 8)
+    log.refuse_id = 7
+    dev.inflight = log
+    drv.add([], [(DATA, 8)], "seven")
+    put_desc(mem, 0, DATA, 8, 7, avail() | DESC_F_WRITE)  # the driver's ID, rewritten
+    expect_broken(dev, "buffer ID 7 is already in flight")
+
+
+def test_resubmitted_chains_go_first_through_the_one_walker(mem: GuestMemory) -> None:
+    drv, dev = pair(mem, 8)
+    for n in range(6):  # the ring moves on: 6 two-slot chains, 12 slots, one wrap
+        drv.add([(DATA, 4)], [(DATA + 0x100, 8)], n)
+        chain = dev.pop()
+        assert chain is not None
+        dev.add_used(chain, 0)
+        assert list(drv.used()) == [(n, 0)]
+    drv.add([(DATA, 4)], [(DATA + 0x200, 8)], "a")  # slots 4, 5
+    drv.add([], [(DATA + 0x300, 8)], "b")  # slot 6
+    drv.add([(DATA, 4)], [(DATA + 0x400, 8)], "c")  # slots 7, 0 (across the wrap)
+    a_desc = [get_desc(mem, 4), get_desc(mem, 5)]
+    c_desc = [get_desc(mem, 7), get_desc(mem, 0)]
+    taken = [dev.pop() for _ in range(3)]
+    # b completed; its used descriptor overwrote a's first slot.
+    dev.add_used(taken[1], 8)  # type: ignore[arg-type]
+    assert [token for token, _ in drv.used()] == ["b"]
+    drv.add([], [(DATA + 0x500, 8)], "d")  # slot 1: the driver goes on
+    # A new owner: used position after b (5, wrap 0); c then a were in flight.
+    restarted = device(mem, 8)
+    restarted.set_next_used(5, False)
+    restarted.set_next_avail(5, False)
+    restarted.resubmit([c_desc, a_desc])
+    assert [token for token, _ in drv.used()] == []  # nothing looks used to the driver
+    order = []
+    while (chain := restarted.pop()) is not None:
+        order.append(chain)
+        restarted.add_used(chain, chain.writable_len)
+    heads = [chain.head for chain in order]
+    assert heads == [c_desc[-1][2], a_desc[-1][2], get_desc(mem, 1)[2]]
+    assert [chain.readable_len + chain.writable_len for chain in order] == [12, 12, 8]
+    assert (restarted.next_avail, restarted.avail_wrap_counter) == (2, True)
+    assert [token for token, _ in drv.used()] == ["c", "a", "d"]
+    with pytest.raises(ValueError, match="for a ring of 8"):
+        restarted.resubmit([[(DATA, 8, 0, 0)]] * 9)

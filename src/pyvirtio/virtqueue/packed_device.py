@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import struct
 from collections.abc import Sequence
+from typing import Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.base import DeviceRing
@@ -42,7 +43,31 @@ from pyvirtio.virtqueue.ring import (
     U64_LIMIT,
 )
 
-__all__ = ["PackedDeviceQueue"]
+__all__ = ["PackedDeviceQueue", "PackedInflightRecorder"]
+
+#: A ring descriptor as the packed format lays it out: (addr, len, id, flags).
+RingDescriptor = tuple[int, int, int, int]
+
+
+class PackedInflightRecorder(Protocol):
+    """What a host records for every chain a packed queue takes and completes.
+
+    vhost-user's inflight tracking (vhost-user.rst "Inflight I/O tracking",
+    :class:`pyvirtio.transport.vhost_user.inflight.PackedInflight`): a copy
+    of each chain in flight, in memory the front end keeps across back-end
+    restarts, since the device overwrites ring slots with used descriptors
+    out of order.  Chains are named by their buffer ID (``chain.head``).
+    """
+
+    def pop(self, descriptors: Sequence[RingDescriptor]) -> object:
+        """A chain was taken: its ring descriptors, in ring order."""
+
+    def before_publish(self, ids: Sequence[int]) -> None:
+        """Used descriptors for ``ids`` are written but for the first one's flags."""
+
+    def after_publish(self, ids: Sequence[int]) -> None:
+        """The batch is published: ``ids`` are no longer in flight."""
+
 
 _unpack_desc = DESC.unpack_from
 _new_object = object.__new__
@@ -116,9 +141,11 @@ class PackedDeviceQueue(DeviceRing):
         "_d64",
         "_dev16",
         "_drv16",
+        "_inflight",
         "_next_avail",
         "_next_used",
         "_notify_flags",
+        "_pop_extras",
         "_ring",
         "_track_avail_event",
         "_used_since_signal",
@@ -132,6 +159,7 @@ class PackedDeviceQueue(DeviceRing):
         self._used_wrap = 1
         self._set_avail(0, 1)
         self._used_since_signal = 0  # ring slots used since needs_notification()
+        self._inflight: PackedInflightRecorder | None = None  # see the inflight property
         self._set_notify_flags(RING_EVENT_FLAGS_ENABLE)
         # Buffers are checked inline against the largest region (pop).
         self._forget_window()
@@ -155,6 +183,18 @@ class PackedDeviceQueue(DeviceRing):
         """
         self._notify_flags = flags
         self._track_avail_event = flags == RING_EVENT_FLAGS_DESC
+        self._pop_extras = self._track_avail_event or self._inflight is not None
+
+    @property
+    def inflight(self) -> PackedInflightRecorder | None:
+        """The recorder a host set to record chains in flight (None: nothing recorded)."""
+        return self._inflight
+
+    @inflight.setter
+    def inflight(self, recorder: PackedInflightRecorder | None) -> None:
+        self._inflight = recorder
+        # pop tests one flag for everything it may have to do after a walk.
+        self._pop_extras = self._track_avail_event or recorder is not None
 
     def __repr__(self) -> str:
         return (
@@ -171,6 +211,10 @@ class PackedDeviceQueue(DeviceRing):
             return True
         flags = self._d16[self._next_avail * 8 + 7]
         return (flags & AVAIL_USED) == self._avail_expect
+
+    def slot_flags(self, slot: int) -> int:
+        """The flags word of ring slot ``slot`` now (for a host repairing a ring)."""
+        return self._d16[ring_position(slot, self.size, "slot") * 8 + 7]
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None; :class:`VirtqueueError` if malformed.
@@ -277,10 +321,8 @@ class PackedDeviceQueue(DeviceRing):
             self._set_avail(pos - size, self._avail_wrap ^ 1)
         else:
             self._next_avail = pos
-        if self._track_avail_event:
-            # Keep asking for the descriptor after the ones consumed, or the
-            # driver's next additions would pass the old offset unnoticed.
-            self._dev16[0] = self._next_avail + self._avail_wrap * WRAP_BIT
+        if self._pop_extras:
+            self._after_pop(head, slots, bid)
         # The chain builder: slots filled directly (the buffer ID is in the
         # last descriptor of the list); a Python-level __init__ call costs as
         # much as the rest of a one-descriptor pop.  The chain-shape tests
@@ -294,6 +336,36 @@ class PackedDeviceQueue(DeviceRing):
         chain.writable_len = writable_len
         chain.ring_slots = slots
         return chain
+
+    def _after_pop(self, head: int, slots: int, buffer_id: int) -> None:
+        """What pop does only when asked to: the event offset, the inflight record."""
+        if self._track_avail_event:
+            # Keep asking for the descriptor after the ones consumed, or the
+            # driver's next additions would pass the old offset unnoticed.
+            self._dev16[0] = self._next_avail + self._avail_wrap * WRAP_BIT
+        if self._inflight is not None:
+            try:
+                self._inflight.pop(self._ring_descriptors(head, slots, buffer_id))
+            except ValueError as exc:  # a driver that reused a buffer ID in flight
+                raise self._fail(f"descriptor chain at {head}: {exc}") from exc
+
+    def _ring_descriptors(self, pos: int, slots: int, buffer_id: int) -> list[RingDescriptor]:
+        """The ``slots`` ring descriptors of the chain at ``pos``, for the inflight recorder.
+
+        The buffer ID recorded is the one :meth:`pop` read (the ring may have
+        changed since, under a driver that breaks the rules).
+        """
+        ring = self._ring
+        size = self.size
+        descriptors: list[RingDescriptor] = []
+        for _ in range(slots):
+            descriptors.append(_unpack_desc(ring, pos * DESC_SIZE))
+            pos += 1
+            if pos == size:
+                pos = 0
+        addr, length, _id, flags = descriptors[-1]
+        descriptors[-1] = (addr, length, buffer_id, flags)
+        return descriptors
 
     def _check_range(self, addr: int, length: int, pos: int) -> None:
         """The slow bounds check, for buffers outside the cached region window."""
@@ -401,63 +473,80 @@ class PackedDeviceQueue(DeviceRing):
         batch complete.  An invalid element (ValueError, see :meth:`add_used`)
         is found before the first flags are stored, so the driver sees nothing
         of a refused batch, and no descriptor beyond those popped is touched.
+
+        That store is the one place a batch is published, whichever way the
+        rest was stored: an inflight recorder (:attr:`inflight`) hears of the
+        batch just before and just after it.
         """
         count = len(completions)
         if not count:
             return
         limit = self._slots_in_flight()
-        if count >= _BULK_MIN and isinstance(self._d16, memoryview):
-            step = self._add_used_uniform(completions, limit)
-            if step:
-                return
-            # Chains of different lengths: the loop below (which validates again).
-        size = self.size
         d16 = self._d16
-        d32 = self._d32
-        pos = self._next_used
-        wrap = self._used_wrap
-        # Used flags: AVAIL == USED == the used wrap counter, WRITE if written.
-        used_flags = AVAIL_USED if wrap else 0
-        first_index = pos * 8 + 7  # the first element's flags word, stored last
+        first_index = self._next_used * 8 + 7  # the first element's flags word, stored last
         first_flags = -1
-        total = 0
-        try:
-            for chain, written in completions:
-                slots = chain.ring_slots
-                total += slots
-                if total > limit or slots < 1:
-                    raise _beyond_popped(total, limit, chain)
-                if written > chain.writable_len:
-                    raise _beyond_writable(written, chain)
-                d32[pos * 4 + 2] = written  # ValueError unless 0 <= written < 2**32
-                d16[pos * 8 + 6] = chain.head
-                flags = used_flags + DESC_F_WRITE if written else used_flags
-                if first_flags < 0:
-                    first_flags = flags
-                else:
-                    d16[pos * 8 + 7] = flags
-                pos += slots
-                if pos >= size:
-                    pos -= size
-                    wrap ^= 1
-                    used_flags ^= AVAIL_USED
-        except (ValueError, OverflowError, TypeError) as exc:
-            raise ValueError(f"add_used: written count or buffer ID out of range ({exc})") from exc
-        d16[first_index] = first_flags  # publishes the whole batch
-        self._next_used = pos
-        self._used_wrap = wrap
-        self._used_since_signal += total
+        if count >= _BULK_MIN and isinstance(d16, memoryview):
+            # -1 for chains of different lengths: the loop below (which validates again).
+            first_flags = self._add_used_uniform(completions, limit)
+        if first_flags < 0:
+            size = self.size
+            d32 = self._d32
+            pos = self._next_used
+            wrap = self._used_wrap
+            # Used flags: AVAIL == USED == the used wrap counter, WRITE if written.
+            used_flags = AVAIL_USED if wrap else 0
+            total = 0
+            try:
+                for chain, written in completions:
+                    slots = chain.ring_slots
+                    total += slots
+                    if total > limit or slots < 1:
+                        raise _beyond_popped(total, limit, chain)
+                    if written > chain.writable_len:
+                        raise _beyond_writable(written, chain)
+                    d32[pos * 4 + 2] = written  # ValueError unless 0 <= written < 2**32
+                    d16[pos * 8 + 6] = chain.head
+                    flags = used_flags + DESC_F_WRITE if written else used_flags
+                    if first_flags < 0:
+                        first_flags = flags
+                    else:
+                        d16[pos * 8 + 7] = flags
+                    pos += slots
+                    if pos >= size:
+                        pos -= size
+                        wrap ^= 1
+                        used_flags ^= AVAIL_USED
+            except (ValueError, OverflowError, TypeError) as exc:
+                raise ValueError(
+                    f"add_used: written count or buffer ID out of range ({exc})"
+                ) from exc
+            self._next_used = pos
+            self._used_wrap = wrap
+            self._used_since_signal += total
+        inflight = self._inflight
+        if inflight is None:
+            d16[first_index] = first_flags  # publishes the whole batch
+            return
+        # vhost-user.rst "Inflight I/O tracking": the batch is recorded as
+        # completing, published, then cleared, so a crash between any two
+        # steps can be repaired.
+        ids = [chain.head for chain, _ in completions]
+        inflight.before_publish(ids)
+        d16[first_index] = first_flags
+        inflight.after_publish(ids)
 
     def _add_used_uniform(
         self, completions: Sequence[tuple[DescriptorChain, int]], limit: int
     ) -> int:
-        """add_used_batch for a large batch of chains of one length: strided slice stores.
+        """add_used_batch's stores for a large batch of chains of one length: strided slices.
 
         Chains that each took ``step`` ring slots have their used descriptors
         ``step`` apart, so each lap's part of the batch is a few strided
-        slice stores instead of three stores per chain.  Returns ``step``, or
-        0 without storing anything when the chains' lengths differ.
-        Everything is validated before the first store, as in
+        slice stores instead of three stores per chain.  Stores all but the
+        first descriptor's flags, moves the used position past the batch and
+        returns those flags for :meth:`add_used_batch` to publish the batch
+        with; or -1 without storing anything when the chains' lengths
+        differ.  Everything is validated before the first store, as in
         :meth:`add_used_batch`.
         """
         d16 = self._d16
@@ -473,7 +562,7 @@ class PackedDeviceQueue(DeviceRing):
             if total > limit or slots < 1:
                 raise _beyond_popped(total, limit, chain)
             if slots != step:
-                return 0
+                return -1
             if not 0 <= written <= chain.writable_len:
                 raise _beyond_writable(written, chain)
             heads.append(chain.head)
@@ -482,7 +571,6 @@ class PackedDeviceQueue(DeviceRing):
         pos = self._next_used
         wrap = self._used_wrap
         used_flags = AVAIL_USED if wrap else 0  # AVAIL == USED == the used wrap counter
-        first = pos * 8 + 7  # the first element's flags word, stored last
         count = min(len(heads), (size - pos + step - 1) // step)  # on this lap
         try:
             _store_used_run(d16, d32, pos, step, heads[:count], lens[:count], used_flags, True)
@@ -503,11 +591,10 @@ class PackedDeviceQueue(DeviceRing):
                     )
         except OverflowError as exc:
             raise ValueError(f"add_used: written count or buffer ID out of range ({exc})") from exc
-        d16[first] = used_flags + DESC_F_WRITE if lens[0] else used_flags  # publishes the batch
         self._next_used = pos
         self._used_wrap = wrap
         self._used_since_signal += total
-        return step
+        return used_flags + DESC_F_WRITE if lens[0] else used_flags
 
     # -- notifications ----------------------------------------------------------
 
@@ -580,6 +667,41 @@ class PackedDeviceQueue(DeviceRing):
         self._next_used = ring_position(position, self.size, "next_used")
         self._used_wrap = int(bool(wrap_counter))
         self._used_since_signal = 0
+
+    def resubmit(self, chains: Sequence[Sequence[RingDescriptor]]) -> None:
+        """Make ``chains`` the next ones :meth:`pop` takes, in order, ahead of the driver's.
+
+        For a host that restarts a ring whose chains were taken but not
+        completed by a previous owner (vhost-user inflight tracking), from
+        copies of their ring descriptors (addr, len, id, flags): put both
+        positions where the previous owner's used position was
+        (:meth:`set_next_used`, :meth:`set_next_avail`), then pass them here.
+        They are written back into the ring from there, as available
+        descriptors of each slot's lap, and go through the one walker as if
+        the driver had made them available.  Those slots are the device's:
+        the previous owner took them and wrote no used descriptor past the
+        used position, and the driver only polls the flags of the first,
+        which stay available, not used (packed-ring.tex, "Receiving Used
+        Buffers From The Device").  ValueError, with nothing written, for
+        chains that do not fit in the ring.
+        """
+        total = sum(len(chain) for chain in chains)
+        if total > self.size or not all(chains):
+            raise ValueError(
+                f"{len(chains)} resubmitted chains of {total} descriptors for a ring of {self.size}"
+            )
+        ring = self._ring
+        pos = self._next_avail
+        expect = self._avail_expect
+        for chain in chains:
+            for addr, length, buffer_id, flags in chain:
+                DESC.pack_into(ring, pos * DESC_SIZE, addr, length, buffer_id, flags)
+                # The flags last, marked available in this slot's lap.
+                self._d16[pos * 8 + 7] = (flags & ~AVAIL_USED & 0xFFFF) | expect
+                pos += 1
+                if pos == self.size:
+                    pos = 0
+                    expect ^= AVAIL_USED
 
     # -- state ----------------------------------------------------------------
 
