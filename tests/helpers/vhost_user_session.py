@@ -27,6 +27,7 @@ from pyvirtio.transport.vhost_user.protocol import (
     vring_fd_payload,
 )
 from pyvirtio.transport.vhost_user.session import VhostUserSession
+from pyvirtio.virtqueue.packed import PackedDriverQueue
 from pyvirtio.virtqueue.split import SplitDriverQueue
 
 R = FrontendRequest
@@ -35,6 +36,8 @@ MEM_SIZE = 1 << 20
 USER_BASE = 0x7F00_0000_0000
 QUEUE_SIZE = 16
 DESC, AVAIL, USED, BUFFER = 0x1000, 0x2000, 0x3000, 0x10000
+#: SET_VRING_BASE of a packed ring at its start: avail and used halves at 0, wrap counters 1.
+PACKED_START = 0x8000_8000
 
 
 class FrontEnd:
@@ -61,12 +64,18 @@ class FrontEnd:
         assert fd is not None
         return os.dup(fd)
 
-    def set_up_ring(self, *, kick_fd: int, call_fd: int) -> list[Action]:
-        """Features, memory and ring 0, as QEMU sends them; the actions of the last steps."""
+    def set_up_ring(self, *, kick_fd: int, call_fd: int, packed: bool = False) -> list[Action]:
+        """Features, memory and ring 0, as QEMU sends them; the actions of the last steps.
+
+        ``packed``: the ring is packed (RING_PACKED negotiated), positioned
+        at the start (both wrap counters 1, as QEMU sends them).
+        """
         self.send(R.SET_OWNER)
         # Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled; the
-        # plain split driver queue below uses neither event index nor indirect.
-        unused = Feature.EVENT_IDX.mask | Feature.INDIRECT_DESC.mask | Feature.RING_PACKED.mask
+        # plain driver queues below use neither event index nor indirect.
+        unused = Feature.EVENT_IDX.mask | Feature.INDIRECT_DESC.mask
+        if not packed:
+            unused |= Feature.RING_PACKED.mask
         self.send(R.SET_FEATURES, self.session.device.offered_features & ~unused)
         self.send(
             R.SET_MEM_TABLE,
@@ -76,10 +85,14 @@ class FrontEnd:
         self.send(R.SET_VRING_NUM, VringState(0, QUEUE_SIZE))
         addr = VringAddr(0, 0, USER_BASE + DESC, USER_BASE + USED, USER_BASE + AVAIL)
         self.send(R.SET_VRING_ADDR, addr)
-        self.send(R.SET_VRING_BASE, VringState(0, 0))
+        self.send(R.SET_VRING_BASE, VringState(0, PACKED_START if packed else 0))
         actions = self.send(R.SET_VRING_CALL, vring_fd_payload(0, call_fd), fds=(call_fd,))
         actions += self.send(R.SET_VRING_KICK, vring_fd_payload(0, kick_fd), fds=(kick_fd,))
         return actions
 
     def driver_queue(self) -> SplitDriverQueue:
         return SplitDriverQueue(self.mem, QUEUE_SIZE, DESC, AVAIL, USED)
+
+    def packed_driver_queue(self) -> PackedDriverQueue:
+        """The packed ring of ``set_up_ring(packed=True)``: driver area AVAIL, device area USED."""
+        return PackedDriverQueue(self.mem, QUEUE_SIZE, DESC, AVAIL, USED)

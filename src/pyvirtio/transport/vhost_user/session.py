@@ -92,7 +92,9 @@ from pyvirtio.transport.vhost_user.actions import (
 )
 from pyvirtio.transport.vhost_user.inflight import (
     InflightError,
+    PackedInflight,
     SplitInflight,
+    recover_packed,
     recover_split,
 )
 from pyvirtio.transport.vhost_user.inflight_shm import (
@@ -134,6 +136,7 @@ from pyvirtio.transport.vhost_user.rings import (
 )
 from pyvirtio.virtqueue.common import DeviceQueue, VirtqueueError
 from pyvirtio.virtqueue.disabled import DisabledQueue
+from pyvirtio.virtqueue.packed import PackedDeviceQueue
 from pyvirtio.virtqueue.split import SplitDeviceQueue
 
 __all__ = [
@@ -714,9 +717,9 @@ class VhostUserSession:
     def _track_inflight(self, index: int, queue: DeviceQueue) -> None:
         """Recover ring ``index`` from the inflight region and record its chains from now on.
 
-        Before the device sees the queue: every head the previous back end
+        Before the device sees the queue: every chain the previous back end
         left in flight is queued for resubmission, oldest first, ahead of
-        any new request, and the ring's next available index lands past
+        any new request, and the ring's next available position lands past
         them.  A region that does not check out is refused (logged) and the
         ring runs untracked from the front end's base, as without the
         feature.
@@ -724,19 +727,13 @@ class VhostUserSession:
         area = self.inflight
         if area is None or not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
             return
-        if not isinstance(queue, SplitDeviceQueue):
-            self._device_log.warn(
-                "inflight-packed",
-                None,
-                "ring %d: inflight tracking of packed rings is not implemented; a restart of "
-                "this back end may lose or repeat requests in flight",
-                index,
-            )
-            return
         try:
             region = area.queue(index)
-            avail_idx = self.memory.read_u16(queue.driver_addr + 2)
-            recovery = recover_split(region, queue.size, queue.next_used, avail_idx)
+            if isinstance(queue, PackedDeviceQueue):
+                resubmitted, repaired = self._recover_packed(region, queue)
+            else:
+                assert isinstance(queue, SplitDeviceQueue)
+                resubmitted, repaired = self._recover_split(region, queue)
         except (InflightError, GuestMemoryError) as exc:
             self._device_log.warn(
                 "inflight-refused",
@@ -746,19 +743,41 @@ class VhostUserSession:
                 exc,
             )
             return
-        if recovery.resubmit or recovery.repaired_batch:
+        if resubmitted or repaired:
             log.info(
                 "%s: ring %d: resubmitting %d request(s) left in flight%s",
                 self,
                 index,
-                len(recovery.resubmit),
-                ", last batch of completions repaired" if recovery.repaired_batch else "",
+                resubmitted,
+                ", last batch of completions repaired" if repaired else "",
             )
+
+    def _recover_split(self, region: memoryview, queue: SplitDeviceQueue) -> tuple[int, bool]:
+        """Recover a split ring; (chains resubmitted, last batch repaired)."""
+        avail_idx = self.memory.read_u16(queue.driver_addr + 2)
+        recovery = recover_split(region, queue.size, queue.next_used, avail_idx)
         # Every chain the previous owner took is completed (below the used
         # index) or in flight: resume at the used index with those first.
         queue.next_avail = (recovery.next_avail - len(recovery.resubmit)) & 0xFFFF
         queue.resubmit(recovery.resubmit)
         queue.inflight = SplitInflight(region, queue.size, recovery.next_counter)
+        return len(recovery.resubmit), recovery.repaired_batch
+
+    def _recover_packed(self, region: memoryview, queue: PackedDeviceQueue) -> tuple[int, bool]:
+        """Recover a packed ring; (chains resubmitted, a completion in progress committed).
+
+        The region says where the ring is: after a crash QEMU 7.2 sends back
+        the packed base of the ring's last start, not where it got to.
+        """
+        recovery = recover_packed(
+            region, queue.size, queue.slot_flags, queue.next_used, queue.used_wrap_counter
+        )
+        tracker = PackedInflight(region, queue.size, recovery)
+        queue.set_next_used(recovery.used_idx, recovery.used_wrap)
+        queue.set_next_avail(recovery.used_idx, recovery.used_wrap)
+        queue.resubmit([descriptors for _, descriptors in recovery.resubmit])
+        queue.inflight = tracker
+        return len(recovery.resubmit), recovery.committed_batch
 
     def _maybe_activate(self, *, driver_ok: bool = False) -> None:
         """Apply the activation policy (module docstring) after a ring or memory change."""
@@ -796,8 +815,9 @@ class VhostUserSession:
             if not isinstance(queue, DisabledQueue):
                 vring.queue = queue
         log.info(
-            "%s: device activated with rings %s",
+            "%s: device activated with %s rings %s",
             self,
+            "packed" if self.features & Feature.RING_PACKED.mask else "split",
             [v.index for v in vrings if v.queue is not None],
         )
         for vring in vrings:
