@@ -100,16 +100,17 @@ def run_held_write(
     serve_args: list[str],
     *,
     graceful: bool = False,
+    packed: bool = False,
 ) -> tuple[str, bytes, str]:
     """Hold one write, complete four later ones, kill (``graceful``: SIGTERM), restart;
-    (guest output, image, logs)."""
+    (guest output, image, logs).  ``packed``: the device offers packed rings."""
     disk = scratch / "disk.raw"
     disk.write_bytes(bytes(DISK_MIB << 20))
     socket = scratch / "blk.sock"
     marker = scratch / "held"
     initrd = initramfs_with_script(guest, HOLD_SCRIPT, scratch)
     vm = MicrovmConfig(guest.kernel, initrd, accel=accel)
-    vm.add_vhost_user_blk(socket, reconnect=1)
+    vm.add_vhost_user_blk(socket, reconnect=1, packed=packed)
     logs = ""
     for attempt in range(2):  # one retry for a boot that hangs (TCG clock calibration)
         marker.unlink(missing_ok=True)
@@ -178,15 +179,22 @@ def test_restart_without_inflight_tracking_loses_the_unfinished_request(
     )
 
 
-@pytest.mark.parametrize("graceful", [False, True], ids=["sigkill", "sigterm"])
+@pytest.mark.parametrize(
+    ("graceful", "packed"),
+    [(False, False), (True, False), (False, True)],
+    ids=["sigkill", "sigterm", "sigkill-packed"],
+)
 def test_restart_with_inflight_tracking_resubmits_the_unfinished_request(
-    guest: GuestArtifacts, accel: str, scratch: Path, graceful: bool
+    guest: GuestArtifacts, accel: str, scratch: Path, graceful: bool, packed: bool
 ) -> None:
     """The fix: the restarted back end resubmits the held write first, completes it once.
 
     With SIGTERM the old process finishes what it can and exits; the write it
-    could not finish (held) stays recorded for the new one."""
-    out, image, logs = run_held_write(guest, accel, scratch, [], graceful=graceful)
+    could not finish (held) stays recorded for the new one.  With packed
+    rings the region also says where the ring is: QEMU sends back a stale
+    packed base after a crash."""
+    out, image, logs = run_held_write(guest, accel, scratch, [], graceful=graceful, packed=packed)
+    check_ring_format(logs, packed=packed, restarts=1)
     assert _lines(out, "held") == ["completed"], out + logs
     assert _lines(out, "after-write") == ["ok"], out + logs
     assert _lines(out, "after-read") == ["ok"], out + logs
@@ -321,6 +329,27 @@ def test_sigkill_under_parallel_o_direct_writers_loses_nothing(
 ) -> None:
     out, image, logs = run_writers_under_kills(guest, accel, scratch, kills=5, seed=15)
     check_writers(out, image, logs)
+
+
+def test_sigkill_under_parallel_o_direct_writers_on_packed_rings_loses_nothing(
+    guest: GuestArtifacts, accel: str, scratch: Path
+) -> None:
+    out, image, logs = run_writers_under_kills(guest, accel, scratch, kills=3, packed=True, seed=17)
+    check_ring_format(logs, packed=True, restarts=3)
+    check_writers(out, image, logs)
+
+
+def check_ring_format(logs: str, *, packed: bool, restarts: int) -> None:
+    """Every back-end process ran the device on the ring format asked for.
+
+    QEMU offers packed rings only with ``packed=on``, and then the guest
+    driver takes them (VIRTIO_F_RING_PACKED is in the features it sets):
+    the back end says which format its rings have when the device starts.
+    """
+    wanted = "packed" if packed else "split"
+    other = "split" if packed else "packed"
+    assert logs.count(f"device activated with {wanted} rings") >= restarts + 1, logs
+    assert f"device activated with {other} rings" not in logs, logs
 
 
 def test_sigterm_upgrade_under_parallel_o_direct_writers_loses_nothing(
