@@ -104,10 +104,18 @@ def _make_device(args: argparse.Namespace, stack: contextlib.ExitStack) -> Virti
         )
         import os
 
-        from pyvirtio.vmm.fault_hooks import HOLD_WRITE_ENV, hold_write
+        from pyvirtio.vmm.fault_hooks import (
+            DELAY_TRANSFERS_ENV,
+            HOLD_WRITE_ENV,
+            delay_transfers,
+            hold_write,
+        )
 
-        if os.environ.get(HOLD_WRITE_ENV):  # a test hook: see vmm/fault_hooks.py
+        # Test hooks: see vmm/fault_hooks.py.
+        if os.environ.get(HOLD_WRITE_ENV):
             hold_write(block, os.environ[HOLD_WRITE_ENV])
+        if os.environ.get(DELAY_TRANSFERS_ENV):
+            delay_transfers(block, os.environ[DELAY_TRANSFERS_ENV])
         return block
     if args.device == "rng":
         from pyvirtio.devices.entropy import Entropy

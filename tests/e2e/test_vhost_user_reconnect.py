@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.vmm.backends import ServedDevice
-from pyvirtio.vmm.fault_hooks import HOLD_WRITE_ENV
+from pyvirtio.vmm.fault_hooks import DELAY_TRANSFERS_ENV, HOLD_WRITE_ENV
 from pyvirtio.vmm.guest import GuestArtifacts, initramfs_with_script
 from pyvirtio.vmm.live_guest import LiveGuest
 from pyvirtio.vmm.qemu import MicrovmConfig
@@ -256,10 +256,12 @@ def run_writers_under_kills(
     packed: bool = False,
     seed: int = 0,
     graceful: bool = False,
+    delay_ms: int = 0,
 ) -> tuple[str, bytes, str]:
     """SIGKILL (``graceful``: SIGTERM) ``serve blk --io-threads 2`` ``kills`` times at
     random moments under the writers, restarting it on the same socket each time;
-    (guest output, image, logs)."""
+    (guest output, image, logs).  ``delay_ms``: each read and write waits up to that
+    long first (vmm/fault_hooks.py), so a kill finds requests in flight."""
     import random
     import time
 
@@ -271,34 +273,39 @@ def run_writers_under_kills(
     vm = MicrovmConfig(guest.kernel, initrd, accel=accel)
     vm.add_vhost_user_blk(socket, reconnect=1, packed=packed)
     args = ["--file", str(disk), "--io-threads", "2"]
-    for attempt in range(2):
-        logs: list[str] = []
-        backend = ServedDevice("blk", socket, args, log_path=scratch / f"b{attempt}-0.log").start()
-        try:
-            with LiveGuest(vm) as live:
-                if not live.booted(timeout=60):
-                    continue
-                live.wait_for("writers-started", 30)
-                for kill_number in range(1, kills + 1):
-                    # A random moment once the front end is back and I/O flows.
-                    wait_serving(backend, 30)
-                    time.sleep(rng.uniform(0.2, 1.0))
-                    if graceful:
-                        # Stops taking requests, finishes those in flight, exits 0.
-                        assert backend.stop() == 0, backend.log()
-                    else:
-                        kill(backend)
-                    logs.append(backend.log())
-                    backend = ServedDevice(
-                        "blk", socket, args, log_path=scratch / f"b{attempt}-{kill_number}.log"
-                    ).start()
-                time.sleep(rng.uniform(0.5, 1.0))
-                live.send("stop")
-                _status, out = live.wait_exit(timeout=120)
-                return out, disk.read_bytes(), "\n---\n".join([*logs, backend.log()])
-        finally:
-            if backend.proc is not None:
-                backend.stop()
+    with pytest.MonkeyPatch.context() as env:
+        if delay_ms:
+            env.setenv(DELAY_TRANSFERS_ENV, str(delay_ms))  # each back-end process inherits it
+        for attempt in range(2):
+            logs: list[str] = []
+            backend = ServedDevice(
+                "blk", socket, args, log_path=scratch / f"b{attempt}-0.log"
+            ).start()
+            try:
+                with LiveGuest(vm) as live:
+                    if not live.booted(timeout=60):
+                        continue
+                    live.wait_for("writers-started", 30)
+                    for kill_number in range(1, kills + 1):
+                        # A random moment once the front end is back and I/O flows.
+                        wait_serving(backend, 30)
+                        time.sleep(rng.uniform(0.2, 1.0))
+                        if graceful:
+                            # Stops taking requests, finishes those in flight, exits 0.
+                            assert backend.stop() == 0, backend.log()
+                        else:
+                            kill(backend)
+                        logs.append(backend.log())
+                        backend = ServedDevice(
+                            "blk", socket, args, log_path=scratch / f"b{attempt}-{kill_number}.log"
+                        ).start()
+                    time.sleep(rng.uniform(0.5, 1.0))
+                    live.send("stop")
+                    _status, out = live.wait_exit(timeout=120)
+                    return out, disk.read_bytes(), "\n---\n".join([*logs, backend.log()])
+            finally:
+                if backend.proc is not None:
+                    backend.stop()
     pytest.fail("guest hung at boot twice")
 
 
@@ -334,9 +341,15 @@ def test_sigkill_under_parallel_o_direct_writers_loses_nothing(
 def test_sigkill_under_parallel_o_direct_writers_on_packed_rings_loses_nothing(
     guest: GuestArtifacts, accel: str, scratch: Path
 ) -> None:
-    out, image, logs = run_writers_under_kills(guest, accel, scratch, kills=3, packed=True, seed=17)
-    check_ring_format(logs, packed=True, restarts=3)
+    """Random SIGKILLs with requests in flight (transfers delayed up to 30 ms, so
+    completions are out of order across the two I/O helpers)."""
+    out, image, logs = run_writers_under_kills(
+        guest, accel, scratch, kills=5, packed=True, seed=17, delay_ms=30
+    )
+    check_ring_format(logs, packed=True, restarts=5)
     check_writers(out, image, logs)
+    # The kills found requests in flight, and the restarted back ends served them.
+    assert "resubmitting" in logs, logs
 
 
 def check_ring_format(logs: str, *, packed: bool, restarts: int) -> None:

@@ -8,22 +8,33 @@ complete as usual, so completions are out of order at a moment a test picks:
 killed then, the back end leaves one request unfinished below requests it
 has finished.  That is the case a restarted back end can only serve right
 with inflight tracking (vhost-user.rst "Inflight I/O tracking").
+
+``PYVIRTIO_TEST_DELAY_TRANSFERS=MS``: every read and write waits a random
+0..MS milliseconds before it is carried out, on whichever thread serves it.
+Requests then stay in flight long enough, and finish out of order across
+``--io-threads`` helpers, for a kill at a random moment to find some
+unfinished below finished ones (without it the guest, not the back end, is
+the bottleneck, and a random kill mostly finds the back end idle).
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pyvirtio.devices.block import Block
+from pyvirtio.devices.block.request import TRANSFERS, Request
 from pyvirtio.devices.block.wire import HEADER, HEADER_SIZE, RequestType
 
-__all__ = ["HOLD_WRITE_ENV", "hold_write"]
+__all__ = ["DELAY_TRANSFERS_ENV", "HOLD_WRITE_ENV", "delay_transfers", "hold_write"]
 
-#: The environment variable ``pyvirtio serve blk`` reads.
+#: The environment variables ``pyvirtio serve blk`` reads.
 HOLD_WRITE_ENV = "PYVIRTIO_TEST_HOLD_WRITE"
+DELAY_TRANSFERS_ENV = "PYVIRTIO_TEST_DELAY_TRANSFERS"
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +72,21 @@ def hold_write(device: Block, spec: str) -> None:
         publish(queue, served, sync_failed)
 
     setattr(device, "_publish", holding_publish)  # noqa: B010 - instance override on purpose
+
+
+def delay_transfers(device: Block, spec: str) -> None:
+    """Delay every read and write by a random 0..``spec`` milliseconds before it is carried out."""
+    limit = float(spec) / 1000
+    if not 0 < limit <= 10:
+        raise ValueError(f"{DELAY_TRANSFERS_ENV}={spec!r}: expected 0 < MS <= 10000")
+    carry_out: Callable[..., Any] = device._carry_out
+    rng = random.Random()
+
+    def delayed_carry_out(chain: Any, request: Request) -> Any:
+        # Reads and writes are carried out outside the ring lock
+        # (pipeline.py): other requests are taken and finish meanwhile.
+        if request.type in TRANSFERS:
+            time.sleep(rng.uniform(0, limit))
+        return carry_out(chain, request)
+
+    setattr(device, "_carry_out", delayed_carry_out)  # noqa: B010 - instance override on purpose
