@@ -65,6 +65,7 @@ __all__ = [
     "SplitRecovery",
     "allocation_geometry",
     "check_geometry",
+    "in_use",
     "packed_queue_region_size",
     "queue_region",
     "recover_packed",
@@ -207,6 +208,11 @@ def queue_region(buffer: memoryview, geometry: InflightGeometry, queue: int) -> 
         raise InflightError(f"queue {queue} has no inflight region ({geometry.num_queues} queues)")
     start = queue * geometry.queue_region_size
     return buffer[start : start + geometry.queue_region_size]
+
+
+def in_use(region: memoryview) -> bool:
+    """Whether a back end initialised this queue region (a non-zero version), i.e. a restart."""
+    return len(region) >= SPLIT_HEADER_SIZE and _U16.unpack_from(region, 8)[0] != 0
 
 
 def _check_header(

@@ -94,6 +94,7 @@ from pyvirtio.transport.vhost_user.inflight import (
     InflightError,
     PackedInflight,
     SplitInflight,
+    in_use,
     recover_packed,
     recover_split,
 )
@@ -723,12 +724,19 @@ class VhostUserSession:
         them.  A region that does not check out is refused (logged) and the
         ring runs untracked from the front end's base, as without the
         feature.
+
+        A ring restarted from a region in use is signalled once: the previous
+        back end may have published completions and died before it signalled
+        them (interrupts are batched), and the driver would wait for them
+        forever; a spare used buffer notification costs the driver a look.
         """
         area = self.inflight
         if area is None or not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
             return
         try:
             region = area.queue(index)
+            if in_use(region):
+                self.interrupt.signal_used_queue(index)
             if isinstance(queue, PackedDeviceQueue):
                 resubmitted, repaired = self._recover_packed(region, queue)
             else:
