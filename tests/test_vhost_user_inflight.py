@@ -8,9 +8,11 @@ the module fails these tests.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 
+from pyvirtio.transport.vhost_user import inflight as inflight_module
 from pyvirtio.transport.vhost_user.inflight import (
     InflightError,
     PackedDescriptor,
@@ -464,3 +466,53 @@ def test_packed_tracker_ignores_later_scribbles_on_the_links() -> None:
     assert heads == [0, 1, 2, 3]
     tracker.before_publish(heads)
     tracker.after_publish(heads)
+
+
+class _Killed(BaseException):
+    """The back end dies here."""
+
+
+@pytest.mark.parametrize("stores", range(6))
+def test_packed_pop_killed_after_any_store_is_recovered(
+    monkeypatch: pytest.MonkeyPatch, stores: int
+) -> None:
+    # The region stores of one pop, cut short after ``stores`` of them (a
+    # two-descriptor chain takes five: both copies, the head's fields, then
+    # free_head and old_free_head): recovery never refuses the region.  The
+    # chain is in flight once old_free_head, which recovery goes by, moved
+    # past it; before that it was never handed to the device, and the ring
+    # still holds it where the next available position is.
+    region, tracker = fresh_packed(4)
+    done = 0
+    real_pack_into = struct.pack_into
+    real_u16 = inflight_module._U16
+
+    def pack_into(fmt: str | bytes, buffer: Any, offset: int, *values: Any) -> None:
+        nonlocal done
+        if done == stores:
+            raise _Killed
+        done += 1
+        real_pack_into(fmt, buffer, offset, *values)
+
+    class U16:
+        @staticmethod
+        def pack_into(buffer: Any, offset: int, value: int) -> None:
+            pack_into(real_u16.format, buffer, offset, value)
+
+    monkeypatch.setattr(inflight_module.struct, "pack_into", pack_into)
+    monkeypatch.setattr(inflight_module, "_U16", U16)
+    chain = [PackedDescriptor(0x1000, 16, 9, 1), PackedDescriptor(0x2000, 8, 9, 2)]
+    if stores < 5:
+        with pytest.raises(_Killed):
+            tracker.pop(chain)
+    else:
+        tracker.pop(chain)
+    monkeypatch.undo()
+    recovery = recover_packed(memoryview(region), 4, lambda slot: 0)
+    if stores == 5:
+        assert recovery.resubmit == ((0, tuple(chain)),)
+        assert (recovery.next_avail, recovery.used_idx) == (2, 0)
+    else:
+        assert recovery.resubmit == ()
+        assert (recovery.next_avail, recovery.used_idx) == (0, 0)
+        assert packed_desc(region, 0)[0] == 0  # the free entry's byte is cleared

@@ -690,13 +690,11 @@ class PackedInflight:
         buffer_id = descriptors[-1][2]
         if buffer_id in self._entry_of:
             raise InflightError(f"packed chain with buffer ID {buffer_id}, already in flight")
+        # The copy goes into free entries first, then the head's fields and
+        # inflight byte, then free_head, and last old_free_head, which
+        # recovery goes by: killed before that, the entries are still free.
         region = self._region
         head = self._free_head
-        base = PACKED_HEADER_SIZE + PACKED_DESC_SIZE * head
-        _U16.pack_into(region, base + 6, 0)  # num
-        _U64.pack_into(region, base + 8, self._counter)
-        self._counter += 1
-        region[base] = 1
         entry = head
         last = head
         for addr, length, id_, flags in descriptors:
@@ -704,14 +702,17 @@ class PackedInflight:
             struct.pack_into("<HHIQ", region, offset + 16, id_, flags, length, addr)
             last = entry
             entry = self._next[entry]
-            _U16.pack_into(region, _PACKED_OFF_FREE_HEAD, entry)
+        base = PACKED_HEADER_SIZE + PACKED_DESC_SIZE * head
+        struct.pack_into("<HHQ", region, base + 4, last, count, self._counter)  # last, num, counter
+        self._counter += 1
+        region[base] = 1
+        _U16.pack_into(region, _PACKED_OFF_FREE_HEAD, entry)
+        _U16.pack_into(region, _PACKED_OFF_OLD_FREE_HEAD, entry)
         self._last[head] = last
         self._num[head] = count
-        struct.pack_into("<HH", region, base + 4, last, count)
         self._free_head = entry
         self._taken += count
         self._entry_of[buffer_id] = head
-        _U16.pack_into(region, _PACKED_OFF_OLD_FREE_HEAD, entry)
         return head
 
     def _entries(self, ids: Sequence[int]) -> list[int]:
