@@ -289,6 +289,7 @@ def run_writers_under_kills(
                     for kill_number in range(1, kills + 1):
                         # A random moment once the front end is back and I/O flows.
                         wait_serving(backend, 30)
+                        wait_writing(backend, 30)
                         time.sleep(rng.uniform(0.2, 1.0))
                         if graceful:
                             # Stops taking requests, finishes those in flight, exits 0.
@@ -307,6 +308,26 @@ def run_writers_under_kills(
                 if backend.proc is not None:
                     backend.stop()
     pytest.fail("guest hung at boot twice")
+
+
+def wait_writing(backend: ServedDevice, timeout: float, amount: int = 1 << 20) -> None:
+    """Wait until the back end process has written ``amount`` bytes (the writers' data).
+
+    Its log lines count too (``wchar`` of /proc/PID/io), but they are a few
+    hundred bytes: the guest's writers take seconds to start under TCG.
+    """
+    import time
+
+    assert backend.proc is not None
+    io = Path(f"/proc/{backend.proc.pid}/io")
+    deadline = time.monotonic() + timeout
+    while True:
+        fields = dict(line.split(": ") for line in io.read_text().splitlines())
+        if int(fields["wchar"]) >= amount:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no guest writes in {timeout:.0f}s:\n{backend.log()}")
+        time.sleep(0.02)
 
 
 def wait_serving(backend: ServedDevice, timeout: float) -> None:
