@@ -162,9 +162,10 @@ DEFAULT_PROTOCOL_FEATURES = (
     | ProtocolFeature.STATUS.mask
 )
 #: Protocol features a session can honour at all.  INFLIGHT_SHMFD is offered
-#: where a host asks for it (``serve blk``; QEMU uses it for vhost-user-blk
-#: and -scsi only, and offering it to QEMU 7.2's vhost-user-vsock-device was
-#: seen to change how that device behaves).
+#: where a host asks for it (``serve blk``): QEMU 7.2 sends GET/SET_INFLIGHT_FD
+#: for vhost-user-blk and -scsi only (to vhost-user-vsock-device it negotiates
+#: the bit and nothing more; and a restarted vsock back end has lost its
+#: connections, so resubmitted packets would only be answered with resets).
 SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD.mask
 #: Answer to GET_MAX_MEM_SLOTS (QEMU caps it to what the platform supports).
 DEFAULT_MAX_MEM_SLOTS = 32
