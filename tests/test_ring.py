@@ -26,14 +26,14 @@ def test_little_endian_words_match_native_casts() -> None:
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_spans_read_and_write_every_step(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+def test_spans_read_little_endian_slots(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     monkeypatch.setattr(ring, "NATIVE_LITTLE", native)
     data = bytearray(32)
+    data[4:8] = (5).to_bytes(4, "little")
+    data[28:32] = (7).to_bytes(4, "little")
     slots = ring.words(memoryview(data), "I")
-    ring.write_span(slots, 1, [5, 6, 7], step=2)
-    assert ring.read_span(slots, 0, 8) == [0, 5, 0, 6, 0, 7, 0, 0]
-    with pytest.raises(ValueError):
-        ring.write_span(slots, 0, [1 << 32])
+    assert ring.read_span(slots, 0, 8) == [0, 5, 0, 0, 0, 0, 0, 7]
+    assert ring.read_span(slots, 1, 2) == [5]
 
 
 def test_queue_sizes() -> None:

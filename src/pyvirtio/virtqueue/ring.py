@@ -10,7 +10,6 @@ dict is validated field by field.  Those primitives live here, once.
 
 from __future__ import annotations
 
-import array
 import struct
 import sys
 import threading
@@ -34,7 +33,6 @@ __all__ = [
     "indirect_area_size",
     "read_span",
     "words",
-    "write_span",
 ]
 
 #: Bytes of one descriptor, in either format (``struct virtq_desc`` /
@@ -109,23 +107,6 @@ def read_span(slots: Words, start: int, stop: int) -> list[int]:
     if isinstance(slots, memoryview):
         return slots[start:stop].tolist()
     return [slots[index] for index in range(start, stop)]
-
-
-def write_span(slots: Words, start: int, values: list[int], step: int = 1) -> None:
-    """Store ``values`` in every ``step``-th slot from ``start``; ValueError if one does not fit.
-
-    One slice assignment on native views: a fraction of the cost of a store
-    per slot.
-    """
-    if isinstance(slots, memoryview):
-        try:
-            packed = array.array(slots.format, values)
-        except OverflowError as exc:
-            raise ValueError(f"value out of range for a ring field: {exc}") from exc
-        slots[start : start + len(values) * step : step] = packed
-    else:
-        for offset, value in enumerate(values):
-            slots[start + offset * step] = value
 
 
 _barrier_lock = threading.Lock()

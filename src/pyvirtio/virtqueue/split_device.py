@@ -24,7 +24,6 @@ from pyvirtio.virtqueue.ring import (
     StateReader,
     full_barrier,
     read_span,
-    write_span,
 )
 from pyvirtio.virtqueue.split_layout import (
     BULK_MIN,
@@ -272,6 +271,8 @@ class SplitDeviceQueue(DeviceRing):
             # The bounds are read from slots: most chains are one descriptor.
             if self._window_table is not mem.regions:
                 self._take_window()
+            lo = self._lo
+            hi = self._hi
             table: memoryview | bytes = self._desc
             entries = size  # descriptors in ``table``, the bound of ``next``
             readable: list[tuple[int, int]] = []
@@ -290,7 +291,7 @@ class SplitDeviceQueue(DeviceRing):
                 # Dispatch on the NEXT and WRITE bits (READ_* < WRITE_LAST <=
                 # WRITE_MORE); anything above is INDIRECT or reserved bits.
                 if flags < WRITE_LAST:
-                    if addr < self._lo or addr + length > self._hi:
+                    if addr < lo or addr + length > hi:
                         _check_buffer(mem, addr, length, self._where(table, index))
                     if writable:
                         raise VirtqueueError(
@@ -302,7 +303,7 @@ class SplitDeviceQueue(DeviceRing):
                     if flags == READ_LAST:
                         break
                 elif flags <= WRITE_MORE:
-                    if addr < self._lo or addr + length > self._hi:
+                    if addr < lo or addr + length > hi:
                         _check_buffer(mem, addr, length, self._where(table, index))
                     writable.append((addr, length))
                     wlen += length
@@ -420,9 +421,10 @@ class SplitDeviceQueue(DeviceRing):
             raise VirtqueueError(
                 f"indirect table of {length // DESC_SIZE} descriptors exceeds {MAX_INDIRECT_DESCS}"
             )
-        window = self._window
-        if window.covers(self.mem, addr, length):
-            return window.view[addr - window.base : addr - window.base + length]
+        # pop took the window for the current region table: its bounds suffice.
+        lo = self._lo
+        if lo <= addr and addr + length <= self._hi:
+            return self._window.view[addr - lo : addr - lo + length]
         _check_buffer(self.mem, addr, length, "descriptor (indirect table)")
         return self.mem.read(addr, length)
 
@@ -472,8 +474,11 @@ class SplitDeviceQueue(DeviceRing):
         used_idx = self._next_used
         ring = self._used_ring
         pos = (used_idx & self._mask) * 2
-        # The (id, len) u32 pairs, each checked, before anything is stored.
-        values: list[int] = []
+        end = 2 * size
+        # Each (id, len) pair is checked and stored in its slot.  Slots past
+        # the used idx are the device's (split-ring.tex, "The Virtqueue Used
+        # Ring"): if one element is invalid the idx is not moved, and the
+        # driver sees none of them.
         for chain, written in completions:
             head = chain.head
             if not 0 <= written <= chain.writable_len:
@@ -483,24 +488,11 @@ class SplitDeviceQueue(DeviceRing):
                 )
             if not 0 <= head < size:
                 raise ValueError(f"chain head {head} is not a descriptor of this queue")
-            values.append(head)
-            values.append(written)
-        if count < BULK_MIN:
-            # A few elements: store each in place (cheaper than a slice then).
-            end = 2 * size
-            for value in values:
-                ring[pos] = value
-                pos += 1
-                if pos == end:
-                    pos = 0
-        else:
-            # Many: one slice assignment per lap of the ring.
-            room = 2 * size - pos
-            if len(values) <= room:
-                write_span(ring, pos, values)
-            else:
-                write_span(ring, pos, values[:room])
-                write_span(ring, 0, values[room:])
+            ring[pos] = head
+            ring[pos + 1] = written
+            pos += 2
+            if pos == end:
+                pos = 0
         used_idx = (used_idx + count) & 0xFFFF
         self._next_used = used_idx
         inflight = self.inflight

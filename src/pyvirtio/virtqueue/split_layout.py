@@ -65,9 +65,9 @@ READ_MORE: Final = DESC_F_NEXT
 WRITE_LAST: Final = DESC_F_WRITE
 WRITE_MORE: Final = DESC_F_WRITE | DESC_F_NEXT
 
-#: Batches of at least this many used elements are read or written with one
-#: slice per lap of the ring; below it, the slice's fixed cost outweighs a
-#: store or load per element.
+#: At least this many available-ring entries pending are read with one slice
+#: per lap of the ring; below it, the slice's fixed cost outweighs a load per
+#: entry.
 BULK_MIN: Final = 8
 
 

@@ -254,10 +254,13 @@ class RequestParser:
             else:
                 return
         addr += length - STATUS_SIZE
+        # RegionWindow.covers, inline: one status byte per request.
         window = self._window
-        if not window.covers(chain.mem, addr, STATUS_SIZE):
+        base = window.base
+        if not (window.table is chain.mem.regions and base <= addr < window.end):
             window = self._window = chain.mem.window(addr, STATUS_SIZE)
-        window.view[addr - window.base] = status
+            base = window.base
+        window.view[addr - base] = status
 
     # -- pieces -----------------------------------------------------------------------------
 
