@@ -151,12 +151,24 @@ class RequestParser:
         self._capacity_bytes = limits.capacity * SECTOR_SIZE
         self._max_descriptors = limits.seg_max + _FRAMING_DESCRIPTORS
         #: The guest memory region last used: headers, data and status bytes
-        #: are found there without searching the region table.
-        self._window: RegionWindow = GuestMemory.NO_WINDOW
+        #: are found there without searching the region table.  Its fields
+        #: are kept as attributes too (NamedTuple fields load slower), valid
+        #: while ``_table is mem.regions`` (GuestMemory.window).
+        self._table: object = None
+        self._base = 1
+        self._end = 0
+        self._view = GuestMemory.NO_WINDOW.view
 
     def forget_memory(self) -> None:
         """Let go of guest memory (on device reset: the host may unmap it)."""
-        self._window = GuestMemory.NO_WINDOW  # its view keeps the mapping (and fd) alive
+        self._use(GuestMemory.NO_WINDOW)  # its view keeps the mapping (and fd) alive
+
+    def _use(self, window: RegionWindow) -> None:
+        """Find requests in ``window`` from now on."""
+        self._table = window.table
+        self._base = window.base
+        self._end = window.end
+        self._view = window.view
 
     def parse(self, chain: DescriptorChain) -> Request:
         """Validate ``chain`` as a request; raises :class:`BadRequest` if the device refuses it."""
@@ -182,16 +194,15 @@ class RequestParser:
             raise BadRequest(S_IOERR, f"header is {readable_len} bytes, not {HEADER_SIZE}")
         # The header, through the region window when it is there (the usual case).
         mem = chain.mem
-        window = self._window
         addr, n = readable[0]
-        base = window.base
+        base = self._base
         if (
             n >= HEADER_SIZE
-            and window.table is mem.regions
+            and self._table is mem.regions
             and base <= addr
-            and addr + HEADER_SIZE <= window.end
+            and addr + HEADER_SIZE <= self._end
         ):
-            req_type, _reserved, sector = _unpack_header(window.view, addr - base)
+            req_type, _reserved, sector = _unpack_header(self._view, addr - base)
         else:
             req_type, _reserved, sector = self._header(chain)
         if limits.read_only and req_type in _WRITES:
@@ -255,12 +266,9 @@ class RequestParser:
                 return
         addr += length - STATUS_SIZE
         # RegionWindow.covers, inline: one status byte per request.
-        window = self._window
-        base = window.base
-        if not (window.table is chain.mem.regions and base <= addr < window.end):
-            window = self._window = chain.mem.window(addr, STATUS_SIZE)
-            base = window.base
-        window.view[addr - base] = status
+        if not (self._table is chain.mem.regions and self._base <= addr < self._end):
+            self._use(chain.mem.window(addr, STATUS_SIZE))
+        self._view[addr - self._base] = status
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -272,10 +280,9 @@ class RequestParser:
 
     def _locate(self, mem: GuestMemory, addr: int, length: int) -> tuple[memoryview, int]:
         """(region view, offset) of a range inside one region, through the window."""
-        window = self._window
-        if not window.covers(mem, addr, length):
-            window = self._window = mem.window(addr, length)
-        return window.view, addr - window.base
+        if not (self._table is mem.regions and self._base <= addr and addr + length <= self._end):
+            self._use(mem.window(addr, length))
+        return self._view, addr - self._base
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int, int]:
         """(type, reserved, sector), from however many descriptors hold the header."""
@@ -312,17 +319,16 @@ class RequestParser:
         try:
             for i in range(start, stop):
                 addr, n = ranges[i]
-                window = self._window
-                base = window.base
-                if not (window.table is table and base <= addr and addr + n <= window.end):
+                base = self._base
+                if not (self._table is table and base <= addr and addr + n <= self._end):
                     try:
-                        window = self._window = mem.window(addr, n)
+                        self._use(mem.window(addr, n))
                     except GuestMemoryError:
                         views.extend(mem.views([(addr, n)]))  # a range across regions
                         continue
-                    base = window.base
+                    base = self._base
                 offset = addr - base
-                views.append(window.view[offset : offset + n])
+                views.append(self._view[offset : offset + n])
         except GuestMemoryError as exc:  # regions removed since the chain was parsed
             raise VirtqueueError(str(exc)) from exc
         return views
