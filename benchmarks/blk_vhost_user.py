@@ -34,7 +34,7 @@ qsd-threads; "default" is qsd-file.
     python benchmarks/blk_vhost_user.py [--seconds 1] [--runs 11] [--size-mib 256]
         [--backends qsd-file,qsd-uring,qsd-threads,pyvirtio,qsd-null] [--cases 4k-qd1,...]
         [--backend-poll-us 50] [--backend-io-threads 1] [--driver-poll-us 0]
-        [--kick-every 8] [--profile-driver CASE] [--profile-backend]
+        [--kick-every 8] [--profile-driver CASE] [--profile-backend] [--instructions]
 
 ``--backend-poll-us N`` serves pyvirtio with ``pyvirtio serve --poll-us N``,
 ``--backend-io-threads N`` (N > 0) with ``--io-threads N`` (the defaults
@@ -55,6 +55,14 @@ runs ``pyvirtio serve`` under cProfile and prints its top entries at the end.
 The pyvirtio back end runs under this script's interpreter: run it with
 ``.venv-compiled/bin/python`` to measure the mypyc build (``make compiled``)
 on both sides; the first line says which build ran.
+
+``--instructions`` times nothing: it counts the instructions the ``pyvirtio
+serve blk`` process executes per request, under ``valgrind
+--tool=callgrind`` with PYTHONHASHSEED=0 and ``--poll-us 0`` (no spinning
+counted), a figure the machine's load does not change.  For each case the
+back end serves N and then 5N reads, in rounds of one queue depth
+(submit, one kick, wait for all), each in a process of its own; the
+difference of the two totals over 4N leaves out start-up and shutdown.
 
 Targets: the driver at least 150k IOPS at QD32 against qsd-null; the
 pyvirtio back end at least 0.75x tuned qsd's 4 KiB IOPS at QD1 and QD32 and
@@ -88,6 +96,8 @@ BLOCK = 4096
 BIG = 1 << 20
 MEMORY = 64 << 20
 START_TIMEOUT = 10.0
+#: Start and stop of a back end under callgrind, tens of times slower.
+CALLGRIND_TIMEOUT = 300.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 #: qemu-storage-daemon at its best: back-end name -> aio mode.
@@ -109,9 +119,13 @@ def backend_command(
     profile: Path | None,
     poll_us: float,
     io_threads: int = 0,
+    callgrind: Path | None = None,
 ) -> list[str]:
     if kind in ("pyvirtio", "pyvirtio-inflight"):
         python = [sys.executable]
+        if callgrind is not None:
+            python = ["valgrind", "--tool=callgrind", "-q", f"--callgrind-out-file={callgrind}"]
+            python += [sys.executable]
         if profile is not None:
             python += ["-m", "cProfile", "-o", str(profile)]
         command = [
@@ -167,23 +181,27 @@ class Backend:
         profile: Path | None,
         poll_us: float,
         io_threads: int = 0,
+        callgrind: Path | None = None,
     ) -> None:
         self.kind = kind
         self.sock = tmp / f"{kind}.sock"
+        self.timeout = START_TIMEOUT if callgrind is None else CALLGRIND_TIMEOUT
+        env = None if callgrind is None else {**os.environ, "PYTHONHASHSEED": "0"}
         self.process = subprocess.Popen(
-            backend_command(kind, image, size, self.sock, profile, poll_us, io_threads),
+            backend_command(kind, image, size, self.sock, profile, poll_us, io_threads, callgrind),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=env,
         )
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + self.timeout
         while not self.sock.exists():
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
                 raise SystemExit(f"{kind} exited: {err}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise SystemExit(f"{kind} did not create {self.sock} in {START_TIMEOUT} s")
+                raise SystemExit(f"{kind} did not create {self.sock} in {self.timeout} s")
             time.sleep(0.01)
 
     def cpu_seconds(self) -> float:
@@ -195,7 +213,7 @@ class Backend:
         """SIGTERM (pyvirtio serve then writes its profile), SIGKILL if it lingers."""
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(START_TIMEOUT)
+            self.process.wait(self.timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -262,6 +280,63 @@ def run_case(
     return done / elapsed
 
 
+def run_rounds(drv: BlkDriver, size: int, depth: int, requests: int) -> None:
+    """``requests`` random reads of ``size`` bytes in rounds of ``depth``: submit, kick, wait."""
+    blocks = drv.size // size
+    bufs = [drv.alloc_buffer(size) for _ in range(depth)]
+    rng = random.Random(1)
+    for _ in range(requests // depth):
+        for buf in bufs:
+            drv.submit_read(rng.randrange(blocks) * size, buf.addr, size, kick=False)
+        drv.kick()
+        done = 0
+        while done < depth:
+            for _token, result in drv.wait(1):
+                if result:
+                    raise OSError(-result, "read failed")
+                done += 1
+    for buf in bufs:
+        drv.free_buffer(buf)
+
+
+def callgrind_total(path: Path) -> int:
+    """The instructions a callgrind output file counts in all."""
+    for line in path.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise SystemExit(f"{path}: no totals line")
+
+
+def count_instructions(
+    image: Path, size: int, tmp: Path, cases: list[str], io_threads: int
+) -> None:
+    """Print the pyvirtio back end's instructions per request for each case (--instructions)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind")
+    print(f"pyvirtio serve blk under callgrind, polling 0 us, {io_threads} I/O threads")
+    for case in cases:
+        req_size, depth = CASES[case]
+        few = depth * max(10, 400 // depth)
+        totals = []
+        for requests in (few, 5 * few):
+            out = tmp / f"callgrind-{case}-{requests}.out"
+            backend = Backend("pyvirtio", image, size, tmp, None, 0.0, io_threads, out)
+            try:
+                with VhostUserFrontend(
+                    backend.sock, device_id=DeviceId.BLOCK, memory_size=MEMORY
+                ) as frontend:
+                    drv = BlkDriver(frontend, packed=False, timeout=CALLGRIND_TIMEOUT)
+                    run_rounds(drv, req_size, depth, requests)
+            finally:
+                backend.stop()
+            totals.append(callgrind_total(out))
+        per_request = (totals[1] - totals[0]) / (4 * few)
+        print(
+            f"{case:8s} {per_request:10,.0f} instructions per request "
+            f"({few} and {5 * few} requests: {totals[0]:,} and {totals[1]:,})"
+        )
+
+
 class Result(NamedTuple):
     rate: float  # requests/s
     driver_us: float  # CPU microseconds per request, driver process
@@ -300,6 +375,11 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--profile-driver", choices=list(CASES), default=None)
     parser.add_argument("--profile-backend", action="store_true")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count the pyvirtio back end's instructions per request under callgrind",
+    )
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument(
         "--backend-poll-us",
@@ -342,6 +422,9 @@ def main() -> None:
         with open(image, "rb") as f:  # into the page cache
             while f.read(8 * BIG):
                 pass
+        if args.instructions:
+            count_instructions(image, size, tmp, cases, args.backend_io_threads)
+            return
         profile_path = tmp / "backend.prof" if args.profile_backend else None
         threads = f", {args.backend_io_threads} I/O threads" if args.backend_io_threads > 0 else ""
         print(
