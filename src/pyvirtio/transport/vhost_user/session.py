@@ -90,14 +90,8 @@ from pyvirtio.transport.vhost_user.actions import (
     UnsealedMemory,
     WatchKick,
 )
-from pyvirtio.transport.vhost_user.inflight import (
-    InflightError,
-    PackedInflight,
-    SplitInflight,
-    in_use,
-    recover_packed,
-    recover_split,
-)
+from pyvirtio.transport.vhost_user.inflight import InflightError, in_use
+from pyvirtio.transport.vhost_user.inflight_rings import attach
 from pyvirtio.transport.vhost_user.inflight_shm import (
     InflightArea,
     allocate,
@@ -738,11 +732,8 @@ class VhostUserSession:
             region = area.queue(index)
             if in_use(region):
                 self.interrupt.signal_used_queue(index)
-            if isinstance(queue, PackedDeviceQueue):
-                resubmitted, repaired = self._recover_packed(region, queue)
-            else:
-                assert isinstance(queue, SplitDeviceQueue)
-                resubmitted, repaired = self._recover_split(region, queue)
+            assert isinstance(queue, (SplitDeviceQueue, PackedDeviceQueue))
+            resubmitted, repaired = attach(region, queue, self.memory)
         except (InflightError, GuestMemoryError) as exc:
             self._device_log.warn(
                 "inflight-refused",
@@ -760,33 +751,6 @@ class VhostUserSession:
                 resubmitted,
                 ", last batch of completions repaired" if repaired else "",
             )
-
-    def _recover_split(self, region: memoryview, queue: SplitDeviceQueue) -> tuple[int, bool]:
-        """Recover a split ring; (chains resubmitted, last batch repaired)."""
-        avail_idx = self.memory.read_u16(queue.driver_addr + 2)
-        recovery = recover_split(region, queue.size, queue.next_used, avail_idx)
-        # Every chain the previous owner took is completed (below the used
-        # index) or in flight: resume at the used index with those first.
-        queue.next_avail = (recovery.next_avail - len(recovery.resubmit)) & 0xFFFF
-        queue.resubmit(recovery.resubmit)
-        queue.inflight = SplitInflight(region, queue.size, recovery.next_counter)
-        return len(recovery.resubmit), recovery.repaired_batch
-
-    def _recover_packed(self, region: memoryview, queue: PackedDeviceQueue) -> tuple[int, bool]:
-        """Recover a packed ring; (chains resubmitted, a completion in progress committed).
-
-        The region says where the ring is: after a crash QEMU 7.2 sends back
-        the packed base of the ring's last start, not where it got to.
-        """
-        recovery = recover_packed(
-            region, queue.size, queue.slot_flags, queue.next_used, queue.used_wrap_counter
-        )
-        tracker = PackedInflight(region, queue.size, recovery)
-        queue.set_next_used(recovery.used_idx, recovery.used_wrap)
-        queue.set_next_avail(recovery.used_idx, recovery.used_wrap)
-        queue.resubmit([descriptors for _, descriptors in recovery.resubmit])
-        queue.inflight = tracker
-        return len(recovery.resubmit), recovery.committed_batch
 
     def _maybe_activate(self, *, driver_ok: bool = False) -> None:
         """Apply the activation policy (module docstring) after a ring or memory change."""
