@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--no-inflight", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--packed", action="store_true", help="the device offers packed rings")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     guest = build_guest(progress=None)
@@ -70,12 +71,13 @@ def main() -> None:
         disk.write_bytes(bytes(16 << 20))
         sock = tmp / "blk.sock"
         vm = MicrovmConfig(guest.kernel, initramfs_with_script(guest, SCRIPT, tmp), accel=accel)
-        vm.add_vhost_user_blk(sock, reconnect=1)
+        vm.add_vhost_user_blk(sock, reconnect=1, packed=args.packed)
         serve = ["--file", str(disk), "--io-threads", "2"]
         if args.no_inflight:
             serve.append("--no-inflight")
         back_to_running: list[float] = []
         resubmitted = 0
+        on_packed = 0
         backend = ServedDevice("blk", sock, serve, log_path=tmp / "b0.log").start()
         try:
             with LiveGuest(vm) as live:
@@ -96,6 +98,7 @@ def main() -> None:
                     _wait_log(backend, "device activated", 30)
                     back_to_running.append(time.monotonic() - killed)
                     resubmitted += "resubmitting" in backend.log()
+                    on_packed += "activated with packed rings" in backend.log()
                 _wait_log(backend, "device activated", 30)
                 time.sleep(1.0)
                 live.send("stop")
@@ -113,7 +116,7 @@ def main() -> None:
     mode = "off" if args.no_inflight else "on"
     print(
         f"{args.kills} SIGKILLs of serve blk --io-threads 2 under guest O_DIRECT writers, "
-        f"inflight tracking {mode}, accel {accel}"
+        f"inflight tracking {mode}, {'packed' if args.packed else 'split'} rings, accel {accel}"
     )
     print(
         f"guest stall per restart (largest {len(stalls)} gaps): median "
@@ -127,6 +130,7 @@ def main() -> None:
         f"max {max(back_to_running) * 1000:.0f} ms"
     )
     print(f"restarts that resubmitted requests left in flight: {resubmitted} of {args.kills}")
+    print(f"restarts whose device ran packed rings: {on_packed} of {args.kills}")
     print(f"guest I/O errors: {len(errors)}" + (f" ({errors[0]})" if errors else ""))
 
 
