@@ -183,6 +183,10 @@ class PackedDeviceQueue(DeviceRing):
         """
         self._notify_flags = flags
         self._track_avail_event = flags == RING_EVENT_FLAGS_DESC
+        self._update_pop_extras()
+
+    def _update_pop_extras(self) -> None:
+        # pop tests one flag for everything it may have to do after a walk.
         self._pop_extras = self._track_avail_event or self._inflight is not None
 
     @property
@@ -193,8 +197,7 @@ class PackedDeviceQueue(DeviceRing):
     @inflight.setter
     def inflight(self, recorder: PackedInflightRecorder | None) -> None:
         self._inflight = recorder
-        # pop tests one flag for everything it may have to do after a walk.
-        self._pop_extras = self._track_avail_event or recorder is not None
+        self._update_pop_extras()
 
     def __repr__(self) -> str:
         return (
