@@ -28,6 +28,7 @@ __all__ = ["HOT_MODULES", "compiled_modules", "is_compiled", "summary"]
 HOT_MODULES = (
     "pyvirtio.memory",
     "pyvirtio.virtqueue.ring",
+    "pyvirtio.virtqueue.chain",
     "pyvirtio.virtqueue.base",
     "pyvirtio.virtqueue.split_layout",
     "pyvirtio.virtqueue.split_device",

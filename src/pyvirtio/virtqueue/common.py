@@ -1,9 +1,11 @@
 """What the split and packed ring formats share: errors, descriptor chains, interfaces.
 
-Each ring format lives in its own module (:mod:`.split`, :mod:`.packed`) with
-both of its sides; this module only holds the types both formats return and
-the two protocols a transport or driver programs against, so the rest of
-pyvirtio never needs to know which format a queue uses.
+Each ring format lives in its own modules (:mod:`.split`, :mod:`.packed`) with
+both of its sides; this module holds the constants and types both formats
+use and the two protocols a transport or driver programs against, so the
+rest of pyvirtio never needs to know which format a queue uses.  The errors
+(:mod:`.errors`) and :class:`DescriptorChain` (:mod:`.chain`) have modules of
+their own and are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
 
-from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.virtqueue.chain import DescriptorChain
+from pyvirtio.virtqueue.errors import QueueFullError, VirtqueueError
 
 __all__ = [
     "MAX_QUEUE_SIZE",
@@ -40,19 +43,6 @@ Buffers: TypeAlias = Sequence[tuple[int, int]]
 QueueState = dict[str, Any]
 
 
-class VirtqueueError(Exception):
-    """A malformed ring or descriptor chain; the message names the problem.
-
-    Raised by the device side for anything the driver wrote wrongly.  After
-    it is raised the queue is *broken* (``queue.broken`` is true) and every
-    further ``pop`` raises again, so a transport can set DEVICE_NEEDS_RESET.
-    """
-
-
-class QueueFullError(Exception):
-    """Driver side: the ring has no room for the descriptors of this request."""
-
-
 def ring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """The spec's ``vring_need_event``: did the index move past ``event_idx``?
 
@@ -60,114 +50,6 @@ def ring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     (split-ring.tex, "Used Buffer Notification Suppression").
     """
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
-
-
-class DescriptorChain:
-    """One available buffer as the device sees it.
-
-    ``head`` is the identifier the device hands back in ``add_used``: the head
-    descriptor index for split rings, the buffer ID for packed rings.
-    ``readable`` and ``writable`` are the driver-to-device and
-    device-to-driver parts as ordered ``(guest address, length)`` lists, with
-    indirect tables already flattened.  ``ring_slots`` is how many ring
-    descriptors the chain occupied (packed rings need it to skip them).
-    Every range was checked against guest memory when the chain was parsed.
-    """
-
-    __slots__ = (
-        "head",
-        "mem",
-        "readable",
-        "readable_len",
-        "ring_slots",
-        "writable",
-        "writable_len",
-    )
-
-    def __init__(
-        self,
-        mem: GuestMemory,
-        head: int,
-        readable: list[tuple[int, int]],
-        writable: list[tuple[int, int]],
-        readable_len: int,
-        writable_len: int,
-        ring_slots: int = 1,
-    ) -> None:
-        self.mem = mem
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.readable_len = readable_len
-        self.writable_len = writable_len
-        self.ring_slots = ring_slots
-
-    def __repr__(self) -> str:
-        return (
-            f"DescriptorChain(head={self.head}, readable={self.readable_len}B/"
-            f"{len(self.readable)}, writable={self.writable_len}B/{len(self.writable)})"
-        )
-
-    # -- readable part --------------------------------------------------------
-
-    def read_all(self) -> bytes:
-        """Every readable byte, gathered."""
-        readable = self.readable
-        if len(readable) == 1:
-            addr, length = readable[0]
-            return self.mem.read(addr, length)
-        return self.mem.readv(readable)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """``length`` readable bytes from ``offset`` (fewer if the part is shorter)."""
-        return b"".join(bytes(v) for v in _slice_views(self.mem, self.readable, offset, length))
-
-    def readable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
-        """Zero-copy views of the readable part (optionally a sub-range), e.g. for pwritev."""
-        if length is None:
-            length = max(0, self.readable_len - offset)
-        return _slice_views(self.mem, self.readable, offset, length)
-
-    # -- writable part --------------------------------------------------------
-
-    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
-        """Copy ``data`` into the writable part at ``offset``; returns bytes written."""
-        src = memoryview(data).cast("B")
-        pos = 0
-        for view in _slice_views(self.mem, self.writable, offset, len(src)):
-            n = len(view)
-            view[:] = src[pos : pos + n]
-            pos += n
-        return pos
-
-    def writable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
-        """Zero-copy views of the writable part (optionally a sub-range), e.g. for preadv."""
-        if length is None:
-            length = max(0, self.writable_len - offset)
-        return _slice_views(self.mem, self.writable, offset, length)
-
-
-def _slice_views(
-    mem: GuestMemory, ranges: Sequence[tuple[int, int]], offset: int, length: int
-) -> list[memoryview]:
-    """Views covering ``length`` bytes from ``offset`` of a scatter-gather list."""
-    out: list[memoryview] = []
-    if length <= 0:
-        return out
-    for addr, size in ranges:
-        if offset >= size:
-            offset -= size
-            continue
-        n = min(size - offset, length)
-        try:
-            out.extend(mem.views([(addr + offset, n)]))
-        except GuestMemoryError as exc:  # regions removed since the chain was parsed
-            raise VirtqueueError(str(exc)) from exc
-        length -= n
-        offset = 0
-        if length == 0:
-            break
-    return out
 
 
 @runtime_checkable

@@ -70,7 +70,6 @@ class PackedInflightRecorder(Protocol):
 
 
 _unpack_desc = DESC.unpack_from
-_new_object = object.__new__
 
 #: Batches of at least this many used descriptors are stored with strided
 #: slice assignments; below it, their fixed cost outweighs a store per field.
@@ -326,19 +325,8 @@ class PackedDeviceQueue(DeviceRing):
             self._next_avail = pos
         if self._pop_extras:
             self._after_pop(head, slots, bid)
-        # The chain builder: slots filled directly (the buffer ID is in the
-        # last descriptor of the list); a Python-level __init__ call costs as
-        # much as the rest of a one-descriptor pop.  The chain-shape tests
-        # keep this in step with DescriptorChain.__slots__.
-        chain: DescriptorChain = _new_object(DescriptorChain)
-        chain.mem = mem
-        chain.head = bid
-        chain.readable = readable
-        chain.writable = writable
-        chain.readable_len = readable_len
-        chain.writable_len = writable_len
-        chain.ring_slots = slots
-        return chain
+        # The buffer ID is in the last descriptor of the list.
+        return DescriptorChain(mem, bid, readable, writable, readable_len, writable_len, slots)
 
     def _after_pop(self, head: int, slots: int, buffer_id: int) -> None:
         """What pop does only when asked to: the event offset, the inflight record."""

@@ -60,7 +60,6 @@ class InflightRecorder(Protocol):
 
 
 _unpack_desc = DESC.unpack_from
-_new_object = object.__new__
 
 
 def _ring_index(index: object, what: str) -> int:
@@ -360,19 +359,7 @@ class SplitDeviceQueue(DeviceRing):
         except (GuestMemoryError, struct.error, IndexError, ValueError, OverflowError) as exc:
             self.broken = True
             raise VirtqueueError(f"malformed virtqueue: {exc}") from exc
-        # The chain builder: slots filled directly, a Python-level __init__
-        # call costs as much as the rest of a one-descriptor pop.
-        # test_popped_chains_match_the_constructor_in_every_slot keeps this
-        # in step with DescriptorChain.__slots__.
-        chain: DescriptorChain = _new_object(DescriptorChain)
-        chain.mem = mem
-        chain.head = head
-        chain.readable = readable
-        chain.writable = writable
-        chain.readable_len = rlen
-        chain.writable_len = wlen
-        chain.ring_slots = 1
-        return chain
+        return DescriptorChain(mem, head, readable, writable, rlen, wlen)
 
     def _read_ahead(self, next_avail: int, pending: int) -> int:
         """Read the ``pending`` ring entries from ``next_avail``; return the first.
