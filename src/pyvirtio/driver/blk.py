@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple, Protocol
 
-from pyvirtio.constants import Feature
+from pyvirtio.constants import COMMON_FEATURES, Feature, feature_mask
 from pyvirtio.devices.block.wire import (
     CONFIG_WRITEBACK_OFFSET,
     DISCARD_SEGMENT_SIZE,
@@ -74,7 +74,12 @@ from pyvirtio.devices.block.wire import (
     RequestType,
     Status,
 )
-from pyvirtio.driver.transport import DriverTransport
+from pyvirtio.driver.transport import (
+    DriverTransport,
+    FeatureChoice,
+    check_required_features,
+    requested_features,
+)
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DriverQueue, QueueFullError
 
@@ -94,17 +99,19 @@ _SLOT = 32
 _STATUS_OFFSET = HEADER_SIZE
 #: Status byte value before the device answers, to tell "never written" apart.
 _STATUS_UNSET = 0xFF
-#: The device-specific features this driver understands (and so accepts).
-_BLK_FEATURES = (
-    BlkFeature.SIZE_MAX.mask
-    | BlkFeature.SEG_MAX.mask
-    | BlkFeature.RO.mask
-    | BlkFeature.BLK_SIZE.mask
-    | BlkFeature.FLUSH.mask
-    | BlkFeature.TOPOLOGY.mask
-    | BlkFeature.CONFIG_WCE.mask
-    | BlkFeature.DISCARD.mask
-    | BlkFeature.WRITE_ZEROES.mask
+#: What this driver can use: the ring features and the device-specific
+#: features it understands (MQ is asked for only with more than one queue).
+SUPPORTED_FEATURES = COMMON_FEATURES | feature_mask(
+    BlkFeature.SIZE_MAX,
+    BlkFeature.SEG_MAX,
+    BlkFeature.RO,
+    BlkFeature.BLK_SIZE,
+    BlkFeature.FLUSH,
+    BlkFeature.TOPOLOGY,
+    BlkFeature.CONFIG_WCE,
+    BlkFeature.MQ,
+    BlkFeature.DISCARD,
+    BlkFeature.WRITE_ZEROES,
 )
 _U32_MAX = 0xFFFF_FFFF
 _RO_MASK = BlkFeature.RO.mask
@@ -199,24 +206,16 @@ class BlkDriver:
         self._notifying = True
         # The window of the region last checked, for _in_memory.
         self._fast_range = GuestMemory.NO_WINDOW
-        wanted = Feature.VERSION_1.mask | _BLK_FEATURES
-        for choice, feature in (
+        choices: tuple[FeatureChoice, ...] = (
             (packed, Feature.RING_PACKED),
             (event_idx, Feature.EVENT_IDX),
             (indirect, Feature.INDIRECT_DESC),
-        ):
-            if choice is not False:
-                wanted |= feature.mask
-        if num_queues > 1:
-            wanted |= BlkFeature.MQ.mask
+        )
+        wanted = requested_features(SUPPORTED_FEATURES, None, choices)
+        if num_queues == 1:
+            wanted &= ~BlkFeature.MQ.mask
         features = transport.initialize(wanted)
-        for choice, feature in (
-            (packed, Feature.RING_PACKED),
-            (event_idx, Feature.EVENT_IDX),
-            (indirect, Feature.INDIRECT_DESC),
-        ):
-            if choice and not features & feature.mask:
-                raise BlkError(errno.ENOTSUP, f"the device does not offer {feature.name}")
+        check_required_features(features, choices, partial(BlkError, errno.ENOTSUP))
         self.features = features
         self.config = self._read_config()
         self.num_queues = (

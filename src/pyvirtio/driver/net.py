@@ -62,7 +62,13 @@ from pyvirtio.devices.net.wire import (
     parse_mac,
 )
 from pyvirtio.driver.mmio import MmioDriverError
-from pyvirtio.driver.transport import DriverTransport, check_device_id
+from pyvirtio.driver.transport import (
+    DriverTransport,
+    FeatureChoice,
+    check_device_id,
+    check_required_features,
+    requested_features,
+)
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = ["NetDriver", "NetDriverError", "NetTransport", "Packet"]
@@ -189,16 +195,13 @@ class NetDriver:
         self._received: collections.deque[Packet] = collections.deque()
         #: Frames dropped by the driver: used buffers that carried no valid frame.
         self.rx_errors = 0
-        wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
-        choices = (
-            (packed, Feature.RING_PACKED.mask),
-            (event_idx, Feature.EVENT_IDX.mask),
-            (mrg_rxbuf, F.MRG_RXBUF.mask),
-            (ctrl, F.CTRL_VQ.mask),
+        choices: tuple[FeatureChoice, ...] = (
+            (packed, Feature.RING_PACKED),
+            (event_idx, Feature.EVENT_IDX),
+            (mrg_rxbuf, F.MRG_RXBUF),
+            (ctrl, F.CTRL_VQ),
         )
-        for choice, mask in choices:
-            if choice is False:
-                wanted &= ~mask
+        wanted = requested_features(SUPPORTED_FEATURES, features, choices)
         if not getattr(transport, "config_readable", True):
             wanted &= ~CONFIG_FEATURES
         if ctrl is None and not getattr(transport, "device_answers_control_queue", True):
@@ -214,10 +217,7 @@ class NetDriver:
         if queue_pairs == 1:
             wanted &= ~F.MQ.mask
         negotiated = transport.initialize(_consistent(wanted & self._offer(transport)))
-        for choice, mask in choices:
-            if choice and not negotiated & mask:
-                bit = mask.bit_length() - 1
-                raise NetDriverError(f"the device does not offer feature bit {bit}")
+        check_required_features(negotiated, choices, NetDriverError)
         self.features = negotiated
         self.mac = (
             bytes(transport.read_config_bytes(CONFIG_MAC, 6)) if self.has(F.MAC) else _random_mac()
