@@ -42,7 +42,7 @@ from pyvirtio.devices.console import (
     transmitq_index,
 )
 from pyvirtio.driver.mmio import MmioDriverError, MmioDriverTransport
-from pyvirtio.driver.transport import check_device_id, wait_until
+from pyvirtio.driver.transport import check_device_id, requested_features, wait_until
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = ["ConsoleDriver", "ConsoleDriverError"]
@@ -103,7 +103,7 @@ class ConsoleDriver:
         self.rx_buffers = rx_buffers
         #: Every buffer the driver allocated and has not freed.
         self._owned: set[int] = set()
-        wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
+        wanted = requested_features(SUPPORTED_FEATURES, features)
         if not multiport:
             wanted &= ~(1 << F_MULTIPORT)
         transport.initialize(wanted)
