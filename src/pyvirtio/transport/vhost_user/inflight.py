@@ -114,7 +114,6 @@ _PACKED_OFF_USED_WRAP = 20
 _PACKED_DESC_OFF_NEXT = 2
 
 _U16 = struct.Struct("<H")
-_U64 = struct.Struct("<Q")
 # Old copies (old_free_head .. old_used_wrap_counter are not contiguous, so
 # they are stored field by field; see PackedInflight.complete).
 _PACKED_OFF_OLD_FREE_HEAD = 14
