@@ -88,7 +88,6 @@ _TX_SLOT = 2048
 _ACK_UNSET = 0xFF
 _ZERO_HEADER = bytes(HDR_SIZE)
 
-_HDR = struct.Struct("<BBHHHHH")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
 
