@@ -61,6 +61,7 @@ from pyvirtio.devices.net.wire import (
     missing_requirements,
     parse_mac,
 )
+from pyvirtio.driver.memory import OwnedBuffers
 from pyvirtio.driver.mmio import MmioDriverError
 from pyvirtio.driver.transport import (
     DriverTransport,
@@ -187,7 +188,8 @@ class NetDriver:
         self.timeout = timeout
         self.refill = refill
         self._wait_hook = wait
-        self._owned: set[int] = set()
+        #: Every buffer the driver allocated and has not freed.
+        self._buffers = OwnedBuffers(transport.allocator)
         #: Views of the transmit slots and receive buffers, which live for
         #: the driver's lifetime: frames are copied through them directly.
         self._views: dict[int, memoryview] = {}
@@ -355,7 +357,7 @@ class NetDriver:
             view[:HDR_SIZE] = head
             view[HDR_SIZE:length] = frame
         else:
-            addr = self._alloc(length)
+            addr = self._buffers.alloc(length)
             slot = False
             self.mem.write(addr, head)
             self.mem.write(addr + HDR_SIZE, frame)
@@ -369,7 +371,7 @@ class NetDriver:
             if tx.in_flight.pop(token):
                 tx.slots.append(token)
             else:
-                self._free(token)
+                self._buffers.free(token)
 
     # -- receive ------------------------------------------------------------------------------
 
@@ -480,8 +482,8 @@ class NetDriver:
             raise NetDriverError(f"VIRTIO_NET_F_CTRL_VQ was not negotiated{hint}")
         if self._ctrl_unanswered is not None:
             raise NetDriverError(self._ctrl_unanswered)
-        out = self._alloc(2 + len(data))
-        ack = self._alloc(1)
+        out = self._buffers.alloc(2 + len(data))
+        ack = self._buffers.alloc(1)
         answered = False
         try:
             self.mem.write(out, bytes([cls, command]) + data)
@@ -507,8 +509,8 @@ class NetDriver:
             return self.mem.read(ack, 1)[0]
         finally:
             if answered or self._ctrl_unanswered is None:
-                self._free(out)
-                self._free(ack)
+                self._buffers.free(out)
+                self._buffers.free(ack)
 
     def _command(self, cls: int, command: int, data: bytes, what: str) -> None:
         result = self.control(cls, command, data)
@@ -575,27 +577,16 @@ class NetDriver:
         for view in self._views.values():
             view.release()
         self._views.clear()
-        for addr in self._owned:
-            self.transport.allocator.free(addr)
-        self._owned.clear()
+        self._buffers.free_all()
 
     def _kick(self, index: int, queue: DriverQueue) -> None:
         if queue.kick_needed():
             self.transport.notify(index)
 
-    def _alloc(self, size: int) -> int:
-        addr = self.transport.allocator.alloc(size, 16)
-        self._owned.add(addr)
-        return addr
-
     def _alloc_viewed(self, size: int) -> int:
-        addr = self._alloc(size)
+        addr = self._buffers.alloc(size)
         self._views[addr] = self.mem.view(addr, size)
         return addr
-
-    def _free(self, addr: int) -> None:
-        self._owned.discard(addr)
-        self.transport.allocator.free(addr)
 
     def _wait(self, remaining: float) -> None:
         step = max(0.0, min(remaining, 0.05))
