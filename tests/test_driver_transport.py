@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pyvirtio.constants import DeviceStatus, Feature
+from pyvirtio.constants import DeviceStatus, Feature, feature_mask
 from pyvirtio.driver.memory import GuestAllocator
 from pyvirtio.driver.transport import (
     DEFAULT_MAX_INDIRECT,
@@ -19,6 +19,8 @@ from pyvirtio.driver.transport import (
     QueueSetupError,
     RingPlan,
     check_device_id,
+    check_required_features,
+    requested_features,
     wait_until,
 )
 from pyvirtio.memory import GuestMemory
@@ -160,6 +162,31 @@ def test_check_device_id() -> None:
             check_device_id(unknown, 1, ValueError, "a network device")
     with pytest.raises(ValueError, match="device ID 2 is not a network device"):
         check_device_id(2, 1, ValueError, "a network device", unknown_ok=True)
+
+
+def test_feature_mask() -> None:
+    assert feature_mask() == 0
+    assert feature_mask(Feature.VERSION_1, Feature.EVENT_IDX) == 1 << 32 | 1 << 29
+
+
+def test_requested_features_limit_and_refuse() -> None:
+    supported = feature_mask(Feature.VERSION_1, Feature.RING_PACKED, Feature.EVENT_IDX)
+    assert requested_features(supported) == supported
+    # A limit only narrows: bits outside ``supported`` are never asked for.
+    limit = feature_mask(Feature.VERSION_1, Feature.INDIRECT_DESC)
+    assert requested_features(supported, limit) == Feature.VERSION_1.mask
+    # False refuses a feature; True and None leave it to negotiation.
+    choices = ((False, Feature.RING_PACKED), (True, Feature.EVENT_IDX), (None, Feature.VERSION_1))
+    assert requested_features(supported, None, choices) == feature_mask(
+        Feature.VERSION_1, Feature.EVENT_IDX
+    )
+
+
+def test_check_required_features() -> None:
+    choices = ((True, Feature.RING_PACKED), (None, Feature.EVENT_IDX), (False, Feature.VERSION_1))
+    check_required_features(Feature.RING_PACKED.mask, choices, ValueError)
+    with pytest.raises(ValueError, match="the device does not offer RING_PACKED"):
+        check_required_features(Feature.EVENT_IDX.mask, choices, ValueError)
 
 
 class _Interrupts:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from helpers.mmio_devices import CounterDevice, EchoDevice
 from pyvirtio.constants import DeviceStatus, Feature
 from pyvirtio.device import COMMON_FEATURES, DeviceState
-from pyvirtio.driver.memory import AllocationError, GuestAllocator
+from pyvirtio.driver.memory import AllocationError, GuestAllocator, OwnedBuffers
 from pyvirtio.driver.mmio import (
     DeviceProbeError,
     FeatureNegotiationError,
@@ -362,6 +362,26 @@ def test_allocator_rejects_bad_calls() -> None:
     alloc.free(a)
     with pytest.raises(AllocationError):
         alloc.free(a)
+
+
+def test_owned_buffers_free_only_their_own() -> None:
+    mem = GuestMemory.anonymous(0x1000)
+    mem.fill(0, 0x1000, 0xAA)
+    alloc = GuestAllocator(mem, 0, 0x1000)
+    ring = alloc.alloc(0x100)  # someone else's block in the same allocator
+    zeroed, unzeroed = OwnedBuffers(alloc), OwnedBuffers(alloc, zero=False)
+    a = zeroed.alloc(8)
+    assert mem.read(a, 8) == bytes(8)
+    b = unzeroed.alloc(8)
+    assert mem.read(b, 8) == b"\xaa" * 8
+    c = zeroed.alloc(8)
+    zeroed.free(a)
+    assert not alloc.owns(a) and alloc.owns(c)
+    zeroed.free_all()
+    assert not alloc.owns(c) and alloc.owns(b) and alloc.owns(ring)
+    zeroed.free_all()  # nothing left: freeing again frees nothing twice
+    unzeroed.free_all()
+    assert alloc.free_bytes == 0x1000 - 0x100
 
 
 @settings(max_examples=100, deadline=None)

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["COMMON_FEATURES", "DeviceId", "DeviceStatus", "Feature", "FeatureBit", "feature_names"]
+__all__ = [
+    "COMMON_FEATURES",
+    "DeviceId",
+    "DeviceStatus",
+    "Feature",
+    "FeatureBit",
+    "feature_mask",
+    "feature_names",
+]
 
 
 class FeatureBit(enum.IntEnum):
@@ -41,14 +49,19 @@ class Feature(FeatureBit):
     ADMIN_VQ = 41
 
 
+def feature_mask(*features: FeatureBit) -> int:
+    """The feature bits of ``features`` together (of any one feature-bit enum)."""
+    mask = 0
+    for feature in features:
+        mask |= feature.mask
+    return mask
+
+
 #: Features every pyvirtio device offers and every pyvirtio driver accepts
 #: unless it says otherwise: VERSION_1 (pyvirtio implements no legacy
 #: interface) and the ring features handled entirely by pyvirtio.virtqueue.
-COMMON_FEATURES = (
-    Feature.VERSION_1.mask
-    | Feature.RING_PACKED.mask
-    | Feature.EVENT_IDX.mask
-    | Feature.INDIRECT_DESC.mask
+COMMON_FEATURES = feature_mask(
+    Feature.VERSION_1, Feature.RING_PACKED, Feature.EVENT_IDX, Feature.INDIRECT_DESC
 )
 
 

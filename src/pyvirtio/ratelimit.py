@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Hashable
+from typing import Final
 
 __all__ = ["DEFAULT_MAX_KEYS", "RateLimitedLog"]
 
@@ -37,10 +38,10 @@ class RateLimitedLog:
         interval: float | None = None,
         max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        self.logger = logger
-        self.name = name
-        self.interval = interval
-        self.max_keys = max_keys
+        self.logger: Final = logger
+        self.name: Final = name
+        self.interval: Final = interval
+        self.max_keys: Final = max_keys
         #: Reports per key (logged or suppressed).
         self.counts: dict[tuple[str, Hashable], int] = {}
         #: Per key: when it was last logged, and the reports suppressed since.

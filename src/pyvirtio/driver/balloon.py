@@ -47,7 +47,12 @@ from pyvirtio.devices.balloon.wire import (
     queue_layout,
 )
 from pyvirtio.driver.memory import GuestAllocator
-from pyvirtio.driver.transport import DriverTransport, check_device_id, wait_until
+from pyvirtio.driver.transport import (
+    DriverTransport,
+    check_device_id,
+    requested_features,
+    wait_until,
+)
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = [
@@ -176,7 +181,7 @@ class BalloonDriver:
         self.pool = pool
         self.stats_source = stats_source
         self.timeout = timeout
-        wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
+        wanted = requested_features(SUPPORTED_FEATURES, features)
         self.features = transport.initialize(wanted)
         self.layout = queue_layout(self.features)
         self.queues: dict[BalloonQueue, DriverQueue] = {

@@ -56,9 +56,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
-from pyvirtio.constants import Feature
+from pyvirtio.constants import COMMON_FEATURES, Feature, feature_mask
 from pyvirtio.devices.block.wire import (
     CONFIG_WRITEBACK_OFFSET,
     DISCARD_SEGMENT_SIZE,
@@ -74,9 +74,14 @@ from pyvirtio.devices.block.wire import (
     RequestType,
     Status,
 )
-from pyvirtio.driver.transport import DriverTransport
+from pyvirtio.driver.transport import (
+    DriverTransport,
+    FeatureChoice,
+    check_required_features,
+    requested_features,
+)
 from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue.common import DriverQueue, QueueFullError
+from pyvirtio.virtqueue.common import Buffers, DriverQueue, QueueFullError
 
 __all__ = [
     "DEFAULT_MAX_TRANSFER",
@@ -94,20 +99,21 @@ _SLOT = 32
 _STATUS_OFFSET = HEADER_SIZE
 #: Status byte value before the device answers, to tell "never written" apart.
 _STATUS_UNSET = 0xFF
-#: The device-specific features this driver understands (and so accepts).
-_BLK_FEATURES = (
-    BlkFeature.SIZE_MAX.mask
-    | BlkFeature.SEG_MAX.mask
-    | BlkFeature.RO.mask
-    | BlkFeature.BLK_SIZE.mask
-    | BlkFeature.FLUSH.mask
-    | BlkFeature.TOPOLOGY.mask
-    | BlkFeature.CONFIG_WCE.mask
-    | BlkFeature.DISCARD.mask
-    | BlkFeature.WRITE_ZEROES.mask
+#: What this driver can use: the ring features and the device-specific
+#: features it understands (MQ is asked for only with more than one queue).
+SUPPORTED_FEATURES = COMMON_FEATURES | feature_mask(
+    BlkFeature.SIZE_MAX,
+    BlkFeature.SEG_MAX,
+    BlkFeature.RO,
+    BlkFeature.BLK_SIZE,
+    BlkFeature.FLUSH,
+    BlkFeature.TOPOLOGY,
+    BlkFeature.CONFIG_WCE,
+    BlkFeature.MQ,
+    BlkFeature.DISCARD,
+    BlkFeature.WRITE_ZEROES,
 )
 _U32_MAX = 0xFFFF_FFFF
-_RO_MASK = BlkFeature.RO.mask
 
 #: A slot's header and its status byte (at _STATUS_OFFSET), written at once.
 _HEADER_AND_STATUS = struct.Struct("<IIQB")
@@ -199,26 +205,27 @@ class BlkDriver:
         self._notifying = True
         # The window of the region last checked, for _in_memory.
         self._fast_range = GuestMemory.NO_WINDOW
-        wanted = Feature.VERSION_1.mask | _BLK_FEATURES
-        for choice, feature in (
+        choices: tuple[FeatureChoice, ...] = (
             (packed, Feature.RING_PACKED),
             (event_idx, Feature.EVENT_IDX),
             (indirect, Feature.INDIRECT_DESC),
-        ):
-            if choice is not False:
-                wanted |= feature.mask
-        if num_queues > 1:
-            wanted |= BlkFeature.MQ.mask
+        )
+        wanted = requested_features(SUPPORTED_FEATURES, None, choices)
+        if num_queues == 1:
+            wanted &= ~BlkFeature.MQ.mask
         features = transport.initialize(wanted)
-        for choice, feature in (
-            (packed, Feature.RING_PACKED),
-            (event_idx, Feature.EVENT_IDX),
-            (indirect, Feature.INDIRECT_DESC),
-        ):
-            if choice and not features & feature.mask:
-                raise BlkError(errno.ENOTSUP, f"the device does not offer {feature.name}")
+        check_required_features(features, choices, partial(BlkError, errno.ENOTSUP))
         self.features = features
         self.config = self._read_config()
+        # Read once, at Device Initialization: fixed for the driver's lifetime.
+        #: The logical block size: requests are multiples of it.
+        self.block_size: Final = self.config.blk_size
+        #: Most data segments in one request (0: no limit advertised).
+        self.seg_max: Final = self.config.seg_max
+        #: Largest data segment (0: no limit advertised).
+        self.size_max: Final = self.config.size_max
+        #: Whether the device offered VIRTIO_BLK_F_RO: writes are refused here.
+        self.read_only: Final = self.has(BlkFeature.RO)
         self.num_queues = (
             max(1, min(num_queues, self.config.num_queues)) if self.has(BlkFeature.MQ) else 1
         )
@@ -324,25 +331,6 @@ class BlkDriver:
         return self.config.capacity * SECTOR_SIZE
 
     @property
-    def block_size(self) -> int:
-        """The logical block size: requests are multiples of it."""
-        return self.config.blk_size
-
-    @property
-    def seg_max(self) -> int:
-        """Most data segments in one request (0: no limit advertised)."""
-        return self.config.seg_max
-
-    @property
-    def size_max(self) -> int:
-        """Largest data segment (0: no limit advertised)."""
-        return self.config.size_max
-
-    @property
-    def read_only(self) -> bool:
-        return self.has(BlkFeature.RO)
-
-    @property
     def writeback(self) -> bool:
         """Whether the device caches writes until a flush."""
         if self.has(BlkFeature.CONFIG_WCE):
@@ -437,8 +425,8 @@ class BlkDriver:
         queue: int,
         req_type: int,
         sector: int,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
+        readable: Buffers,
+        writable: Buffers,
         kick: bool,
         allocations: Sequence[int] = (),
     ) -> int:
@@ -488,17 +476,16 @@ class BlkDriver:
         """
         write = req_type == T_OUT
         window = self._fast_range
-        config = self.config
         if (
             0 < length <= self._one_segment
             and offset >= 0
-            and not (offset | length) % config.blk_size
-            and offset + length <= config.capacity * SECTOR_SIZE
+            and not (offset | length) % self.block_size
+            and offset + length <= self.config.capacity * SECTOR_SIZE
             and 0 <= queue < self.num_queues
             and window.table is self.mem.regions
             and window.base <= addr
             and addr + length <= window.end
-            and not (write and self.features & _RO_MASK)
+            and not (write and self.read_only)
         ):
             q = self._queues[queue]
             free = q.free_slots
@@ -527,12 +514,7 @@ class BlkDriver:
         return self.submit_readv(offset, [(addr, length)], queue=queue, kick=kick)
 
     def submit_readv(
-        self,
-        offset: int,
-        iovecs: Iterable[tuple[int, int]],
-        *,
-        queue: int = 0,
-        kick: bool = True,
+        self, offset: int, iovecs: Iterable[tuple[int, int]], *, queue: int = 0, kick: bool = True
     ) -> int:
         """Read into a scatter list of ``(guest address, length)`` buffers."""
         segments, total = self._segments(iovecs, "read")
@@ -546,12 +528,7 @@ class BlkDriver:
         return self._submit_one(T_OUT, offset, addr, length, queue, kick)
 
     def submit_writev(
-        self,
-        offset: int,
-        iovecs: Iterable[tuple[int, int]],
-        *,
-        queue: int = 0,
-        kick: bool = True,
+        self, offset: int, iovecs: Iterable[tuple[int, int]], *, queue: int = 0, kick: bool = True
     ) -> int:
         """Write a gather list of ``(guest address, length)`` buffers."""
         self._check_writable("write")
@@ -828,7 +805,7 @@ class BlkDriver:
             pos += n
         return bytes(out)
 
-    def readv(self, offset: int, iovecs: Sequence[tuple[int, int]], *, queue: int = 0) -> None:
+    def readv(self, offset: int, iovecs: Buffers, *, queue: int = 0) -> None:
         """Read into guest buffers and wait (one request)."""
         self._run(lambda: self.submit_readv(offset, iovecs, queue=queue), "read", offset)
 
@@ -851,7 +828,7 @@ class BlkDriver:
             )
             pos += n
 
-    def writev(self, offset: int, iovecs: Sequence[tuple[int, int]], *, queue: int = 0) -> None:
+    def writev(self, offset: int, iovecs: Buffers, *, queue: int = 0) -> None:
         """Write from guest buffers and wait (one request)."""
         self._run(lambda: self.submit_writev(offset, iovecs, queue=queue), "write", offset)
 

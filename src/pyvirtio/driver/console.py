@@ -41,8 +41,9 @@ from pyvirtio.devices.console import (
     receiveq_index,
     transmitq_index,
 )
+from pyvirtio.driver.memory import OwnedBuffers
 from pyvirtio.driver.mmio import MmioDriverError, MmioDriverTransport
-from pyvirtio.driver.transport import check_device_id, wait_until
+from pyvirtio.driver.transport import check_device_id, requested_features, wait_until
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = ["ConsoleDriver", "ConsoleDriverError"]
@@ -102,8 +103,8 @@ class ConsoleDriver:
         self.buffer_size = buffer_size
         self.rx_buffers = rx_buffers
         #: Every buffer the driver allocated and has not freed.
-        self._owned: set[int] = set()
-        wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
+        self._buffers = OwnedBuffers(transport.allocator, zero=False)
+        wanted = requested_features(SUPPORTED_FEATURES, features)
         if not multiport:
             wanted &= ~(1 << F_MULTIPORT)
         transport.initialize(wanted)
@@ -192,7 +193,7 @@ class ConsoleDriver:
             self._reap_tx(queue)
             if queue.num_free == 0:
                 self._wait_for(lambda: queue.num_free > 0, "transmitq space")
-            addr = self._alloc(len(chunk))
+            addr = self._buffers.alloc(len(chunk))
             self.transport.mem.write(addr, chunk)
             queue.add([(addr, len(chunk))], [], token=addr)
             if queue.kick_needed():
@@ -234,9 +235,7 @@ class ConsoleDriver:
     def close(self) -> None:
         """Reset the device (it lets go of every buffer) and free all driver memory."""
         self.transport.reset()
-        for addr in self._owned:
-            self.transport.allocator.free(addr)
-        self._owned.clear()
+        self._buffers.free_all()
 
     def poll(self) -> None:
         """Collect whatever the device returned: received data, control messages, tx buffers."""
@@ -256,7 +255,7 @@ class ConsoleDriver:
 
     def _fill(self, queue: DriverQueue, count: int, size: int, kick: int | None) -> None:
         for _ in range(min(count, queue.num_free)):
-            addr = self._alloc(size)
+            addr = self._buffers.alloc(size)
             queue.add([], [(addr, size)], token=addr)
         if kick is not None and queue.kick_needed():
             self.transport.notify(kick)
@@ -332,7 +331,7 @@ class ConsoleDriver:
         self._reap_tx(queue)
         if queue.num_free == 0:
             self._wait_for(lambda: queue.num_free > 0, "control tx")
-        addr = self._alloc(_CONTROL_TX_SIZE)
+        addr = self._buffers.alloc(_CONTROL_TX_SIZE)
         self.transport.mem.write(addr, CONTROL_HEADER.pack(port, event, value))
         queue.add([(addr, _CONTROL_TX_SIZE)], [], token=addr)
         if queue.kick_needed():
@@ -343,20 +342,11 @@ class ConsoleDriver:
         count = 0
         for token, _written in queue.used():
             assert isinstance(token, int)
-            self._free(token)
+            self._buffers.free(token)
             count += 1
         return count
 
     # -- helpers ------------------------------------------------------------------------
-
-    def _alloc(self, size: int) -> int:
-        addr = self.transport.allocator.alloc(size, zero=False)
-        self._owned.add(addr)
-        return addr
-
-    def _free(self, addr: int) -> None:
-        self._owned.discard(addr)
-        self.transport.allocator.free(addr)
 
     def _port(self, port: int) -> _PortState:
         if not 0 <= port < self.max_ports:

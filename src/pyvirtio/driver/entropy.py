@@ -15,7 +15,7 @@ import time
 
 from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.driver.mmio import MmioDriverError, MmioDriverTransport
-from pyvirtio.driver.transport import check_device_id, wait_until
+from pyvirtio.driver.transport import check_device_id, requested_features, wait_until
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "EntropyDriver", "EntropyDriverError"]
 
@@ -55,7 +55,7 @@ class EntropyDriver:
         self.transport = transport
         self.timeout = timeout
         self.max_empty = max_empty
-        wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
+        wanted = requested_features(SUPPORTED_FEATURES, features)
         transport.initialize(wanted)
         self.queue = transport.setup_queue(REQUESTQ, queue_size)
         self.buffer_size = buffer_size

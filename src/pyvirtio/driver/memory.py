@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import bisect
 import threading
+from typing import TYPE_CHECKING
 
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import packed, split
 from pyvirtio.virtqueue.common import DriverQueue
 
-__all__ = ["AllocationError", "GuestAllocator", "allocate_driver_queue"]
+if TYPE_CHECKING:
+    from pyvirtio.driver.transport import BufferAllocator
+
+__all__ = ["AllocationError", "GuestAllocator", "OwnedBuffers", "allocate_driver_queue"]
 
 
 class AllocationError(Exception):
@@ -109,6 +113,35 @@ class GuestAllocator:
         """Whether ``addr`` is a live allocation of this allocator."""
         with self._lock:
             return addr in self._allocated
+
+
+class OwnedBuffers:
+    """The buffers one driver took from its transport's allocator, to free together.
+
+    The allocator also holds the rings (and maybe other drivers' buffers),
+    so a driver records its own here and frees them all when it closes,
+    once the device reset has given every one back.  ``zero=False`` skips
+    zeroing buffers the driver or the device fills anyway.
+    """
+
+    def __init__(self, allocator: BufferAllocator, *, zero: bool = True) -> None:
+        self.allocator = allocator
+        self.zero = zero
+        self._owned: set[int] = set()
+
+    def alloc(self, size: int) -> int:
+        addr = self.allocator.alloc(size, zero=self.zero)
+        self._owned.add(addr)
+        return addr
+
+    def free(self, addr: int) -> None:
+        self._owned.discard(addr)
+        self.allocator.free(addr)
+
+    def free_all(self) -> None:
+        for addr in self._owned:
+            self.allocator.free(addr)
+        self._owned.clear()
 
 
 def allocate_driver_queue(

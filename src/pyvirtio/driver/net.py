@@ -61,8 +61,15 @@ from pyvirtio.devices.net.wire import (
     missing_requirements,
     parse_mac,
 )
+from pyvirtio.driver.memory import OwnedBuffers
 from pyvirtio.driver.mmio import MmioDriverError
-from pyvirtio.driver.transport import DriverTransport, check_device_id
+from pyvirtio.driver.transport import (
+    DriverTransport,
+    FeatureChoice,
+    check_device_id,
+    check_required_features,
+    requested_features,
+)
 from pyvirtio.virtqueue.common import DriverQueue
 
 __all__ = ["NetDriver", "NetDriverError", "NetTransport", "Packet"]
@@ -82,7 +89,6 @@ _TX_SLOT = 2048
 _ACK_UNSET = 0xFF
 _ZERO_HEADER = bytes(HDR_SIZE)
 
-_HDR = struct.Struct("<BBHHHHH")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
 
@@ -182,23 +188,21 @@ class NetDriver:
         self.timeout = timeout
         self.refill = refill
         self._wait_hook = wait
-        self._owned: set[int] = set()
+        #: Every buffer the driver allocated and has not freed.
+        self._buffers = OwnedBuffers(transport.allocator)
         #: Views of the transmit slots and receive buffers, which live for
         #: the driver's lifetime: frames are copied through them directly.
         self._views: dict[int, memoryview] = {}
         self._received: collections.deque[Packet] = collections.deque()
         #: Frames dropped by the driver: used buffers that carried no valid frame.
         self.rx_errors = 0
-        wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
-        choices = (
-            (packed, Feature.RING_PACKED.mask),
-            (event_idx, Feature.EVENT_IDX.mask),
-            (mrg_rxbuf, F.MRG_RXBUF.mask),
-            (ctrl, F.CTRL_VQ.mask),
+        choices: tuple[FeatureChoice, ...] = (
+            (packed, Feature.RING_PACKED),
+            (event_idx, Feature.EVENT_IDX),
+            (mrg_rxbuf, F.MRG_RXBUF),
+            (ctrl, F.CTRL_VQ),
         )
-        for choice, mask in choices:
-            if choice is False:
-                wanted &= ~mask
+        wanted = requested_features(SUPPORTED_FEATURES, features, choices)
         if not getattr(transport, "config_readable", True):
             wanted &= ~CONFIG_FEATURES
         if ctrl is None and not getattr(transport, "device_answers_control_queue", True):
@@ -214,10 +218,7 @@ class NetDriver:
         if queue_pairs == 1:
             wanted &= ~F.MQ.mask
         negotiated = transport.initialize(_consistent(wanted & self._offer(transport)))
-        for choice, mask in choices:
-            if choice and not negotiated & mask:
-                bit = mask.bit_length() - 1
-                raise NetDriverError(f"the device does not offer feature bit {bit}")
+        check_required_features(negotiated, choices, NetDriverError)
         self.features = negotiated
         self.mac = (
             bytes(transport.read_config_bytes(CONFIG_MAC, 6)) if self.has(F.MAC) else _random_mac()
@@ -356,7 +357,7 @@ class NetDriver:
             view[:HDR_SIZE] = head
             view[HDR_SIZE:length] = frame
         else:
-            addr = self._alloc(length)
+            addr = self._buffers.alloc(length)
             slot = False
             self.mem.write(addr, head)
             self.mem.write(addr + HDR_SIZE, frame)
@@ -370,7 +371,7 @@ class NetDriver:
             if tx.in_flight.pop(token):
                 tx.slots.append(token)
             else:
-                self._free(token)
+                self._buffers.free(token)
 
     # -- receive ------------------------------------------------------------------------------
 
@@ -481,8 +482,8 @@ class NetDriver:
             raise NetDriverError(f"VIRTIO_NET_F_CTRL_VQ was not negotiated{hint}")
         if self._ctrl_unanswered is not None:
             raise NetDriverError(self._ctrl_unanswered)
-        out = self._alloc(2 + len(data))
-        ack = self._alloc(1)
+        out = self._buffers.alloc(2 + len(data))
+        ack = self._buffers.alloc(1)
         answered = False
         try:
             self.mem.write(out, bytes([cls, command]) + data)
@@ -508,8 +509,8 @@ class NetDriver:
             return self.mem.read(ack, 1)[0]
         finally:
             if answered or self._ctrl_unanswered is None:
-                self._free(out)
-                self._free(ack)
+                self._buffers.free(out)
+                self._buffers.free(ack)
 
     def _command(self, cls: int, command: int, data: bytes, what: str) -> None:
         result = self.control(cls, command, data)
@@ -576,27 +577,16 @@ class NetDriver:
         for view in self._views.values():
             view.release()
         self._views.clear()
-        for addr in self._owned:
-            self.transport.allocator.free(addr)
-        self._owned.clear()
+        self._buffers.free_all()
 
     def _kick(self, index: int, queue: DriverQueue) -> None:
         if queue.kick_needed():
             self.transport.notify(index)
 
-    def _alloc(self, size: int) -> int:
-        addr = self.transport.allocator.alloc(size, 16)
-        self._owned.add(addr)
-        return addr
-
     def _alloc_viewed(self, size: int) -> int:
-        addr = self._alloc(size)
+        addr = self._buffers.alloc(size)
         self._views[addr] = self.mem.view(addr, size)
         return addr
-
-    def _free(self, addr: int) -> None:
-        self._owned.discard(addr)
-        self.transport.allocator.free(addr)
 
     def _wait(self, remaining: float) -> None:
         step = max(0.0, min(remaining, 0.05))

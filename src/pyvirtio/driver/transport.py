@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
-from pyvirtio.constants import DeviceStatus, Feature
+from pyvirtio.constants import DeviceStatus, Feature, FeatureBit
 from pyvirtio.driver.memory import GuestAllocator, allocate_driver_queue
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import DriverQueue
@@ -28,12 +28,15 @@ __all__ = [
     "BufferAllocator",
     "DriverTransport",
     "DriverTransportBase",
+    "FeatureChoice",
     "FeatureNegotiationError",
     "MmioDriverError",
     "QueueRecord",
     "QueueSetupError",
     "RingPlan",
     "check_device_id",
+    "check_required_features",
+    "requested_features",
     "wait_until",
 ]
 
@@ -76,6 +79,32 @@ def check_device_id(
         raise error(f"device ID {found} is not {what}")
 
 
+#: A driver's option for one feature: True requires it, False refuses it,
+#: None takes it if the device offers it.
+FeatureChoice = tuple[bool | None, FeatureBit]
+
+
+def requested_features(
+    supported: int, limit: int | None = None, choices: Iterable[FeatureChoice] = ()
+) -> int:
+    """The features a driver asks for: ``supported``, within ``limit`` (None: no
+    limit), without every feature whose choice is False."""
+    wanted = supported if limit is None else limit & supported
+    for choice, feature in choices:
+        if choice is False:
+            wanted &= ~feature.mask
+    return wanted
+
+
+def check_required_features(
+    negotiated: int, choices: Iterable[FeatureChoice], error: Callable[[str], Exception]
+) -> None:
+    """Raise ``error`` for a feature whose choice is True and that was not negotiated."""
+    for choice, feature in choices:
+        if choice and not negotiated & feature.mask:
+            raise error(f"the device does not offer {feature.name}")
+
+
 def wait_until(transport: DriverTransport, done: Callable[[], bool], deadline: float) -> bool:
     """Wait for the device's interrupts until ``done()``; False once ``deadline`` has passed.
 
@@ -93,7 +122,7 @@ def wait_until(transport: DriverTransport, done: Callable[[], bool], deadline: f
 class BufferAllocator(Protocol):
     """Guest memory for rings and buffers (e.g. :class:`~pyvirtio.driver.memory.GuestAllocator`)."""
 
-    def alloc(self, size: int, align: int = 16) -> int: ...
+    def alloc(self, size: int, align: int = 16, *, zero: bool = True) -> int: ...
 
     def free(self, addr: int) -> None: ...
 

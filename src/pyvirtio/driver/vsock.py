@@ -43,7 +43,12 @@ from pyvirtio.devices.vsock.wire import (
     VsockFeature,
     unpack_event,
 )
-from pyvirtio.driver.transport import DriverTransport, check_device_id, wait_until
+from pyvirtio.driver.transport import (
+    DriverTransport,
+    check_device_id,
+    requested_features,
+    wait_until,
+)
 from pyvirtio.virtqueue.common import QueueFullError
 
 __all__ = ["VsockDriver", "VsockDriverError", "VsockSocket"]
@@ -212,7 +217,7 @@ class VsockDriver:
         check_device_id(found, DeviceId.VSOCK, VsockDriverError, "a vsock device", unknown_ok=True)
         self.transport = transport
         self.timeout = timeout
-        wanted = SUPPORTED_FEATURES if features is None else features & SUPPORTED_FEATURES
+        wanted = requested_features(SUPPORTED_FEATURES, features)
         self.features = transport.initialize(wanted)
         self.rxq = transport.setup_queue(RXQ)
         self.txq = transport.setup_queue(TXQ)

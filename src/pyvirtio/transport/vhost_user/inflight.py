@@ -49,6 +49,9 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from pyvirtio.virtqueue.common import DESC_F_INDIRECT, DESC_F_NEXT
+from pyvirtio.virtqueue.packed_layout import AVAIL_USED, DESC_F_AVAIL, DESC_F_USED
+
 __all__ = [
     "INFLIGHT_ALIGNMENT",
     "INFLIGHT_VERSION",
@@ -111,18 +114,11 @@ _PACKED_OFF_USED_WRAP = 20
 _PACKED_DESC_OFF_NEXT = 2
 
 _U16 = struct.Struct("<H")
-_U64 = struct.Struct("<Q")
 # Old copies (old_free_head .. old_used_wrap_counter are not contiguous, so
 # they are stored field by field; see PackedInflight.complete).
 _PACKED_OFF_OLD_FREE_HEAD = 14
 _PACKED_OFF_OLD_USED_IDX = 18
 _PACKED_OFF_OLD_USED_WRAP = 21
-
-# Packed descriptor flags (VIRTIO 1.2 2.8.1, 2.8.22).
-_DESC_F_NEXT = 1
-_DESC_F_INDIRECT = 4
-_DESC_F_AVAIL = 1 << 7
-_DESC_F_USED = 1 << 15
 
 
 class InflightError(ValueError):
@@ -473,8 +469,8 @@ def recover_packed(
     if (used_idx, used_wrap) != (old_used_idx, old_used_wrap):
         # A completion was in progress.  If the ring slot at old_used_idx no
         # longer looks available in the old wrap, the device had published it.
-        flags = read_ring_flags(old_used_idx) & (_DESC_F_AVAIL | _DESC_F_USED)
-        available = _DESC_F_AVAIL if old_used_wrap else _DESC_F_USED
+        flags = read_ring_flags(old_used_idx) & AVAIL_USED
+        available = DESC_F_AVAIL if old_used_wrap else DESC_F_USED
         if flags != available:
             committed = True
             old_free_head, old_used_idx, old_used_wrap = free_head, used_idx, used_wrap
@@ -574,13 +570,13 @@ def _check_chain_shape(index: int, descriptors: Sequence[PackedDescriptor]) -> N
     a resubmitted chain occupies the ring slots the region accounts for.
     """
     for position, descriptor in enumerate(descriptors):
-        chained = bool(descriptor.flags & _DESC_F_NEXT)
+        chained = bool(descriptor.flags & DESC_F_NEXT)
         if chained != (position + 1 < len(descriptors)):
             raise InflightError(
                 f"packed inflight entry {index}: descriptor {position} of {len(descriptors)} "
                 f"{'has' if chained else 'lacks'} the NEXT flag"
             )
-        if descriptor.flags & _DESC_F_INDIRECT and len(descriptors) > 1:
+        if descriptor.flags & DESC_F_INDIRECT and len(descriptors) > 1:
             raise InflightError(f"packed inflight entry {index}: INDIRECT in a chain")
 
 
