@@ -115,6 +115,9 @@ class VirtioDevice:
         self.offered_features: Final = features
         #: Each queue's largest size (QueueNumMax); their number is the device's queue count.
         self.queue_max_sizes: Final = tuple(queue_max_sizes)
+        self.num_queues: Final = len(self.queue_max_sizes)
+        #: The device's name in log lines ("virtio-net", "virtio-boot-timer").
+        self.name: Final = f"virtio-{self.device_id.name.lower().replace('_', '-')}"
         self._acked = 0
         self._state = DeviceState.NEW
         self._asleep_from: DeviceState | None = None
@@ -134,10 +137,6 @@ class VirtioDevice:
     # -- identity and negotiation --------------------------------------------
 
     @property
-    def name(self) -> str:
-        return f"virtio-{self.device_id.name.lower().replace('_', '-')}"
-
-    @property
     def state(self) -> DeviceState:
         return self._state
 
@@ -148,10 +147,6 @@ class VirtioDevice:
     def has_feature(self, bit: int) -> bool:
         """Whether feature bit number ``bit`` was negotiated."""
         return bool(self._acked >> bit & 1)
-
-    @property
-    def num_queues(self) -> int:
-        return len(self.queue_max_sizes)
 
     def ack_features(self, features: int) -> None:
         """Record the driver's feature choice (bits never offered are dropped, with a log line)."""
