@@ -584,7 +584,7 @@ class Balloon(VirtioDevice):
         actual = expect_uint(state["actual"])
         poison = expect_uint(state["poison_val"])
         interval = state["stats_interval"]
-        if not isinstance(interval, int | float) or isinstance(interval, bool) or interval < 0:
+        if not isinstance(interval, int | float) or isinstance(interval, bool):
             raise ValueError(f"bad stats interval {interval!r}")
         cmd_id = expect_uint(state["cmd_id"])
         last_cmd_id = expect_uint(state["last_cmd_id"])
@@ -605,11 +605,12 @@ class Balloon(VirtioDevice):
         counters = state["counters"]
         if not isinstance(counters, dict) or set(counters) != set(COUNTER_NAMES):
             raise ValueError("balloon counters do not match")
+        # First, as it may refuse (a negative interval, or one without
+        # STATS_VQ) and nothing must have changed then.
+        self.set_stats_interval(interval)
         self._num_pages = num_pages
         self._actual = actual
         self._poison_val = poison
-        self._stats_interval = float(interval)
-        self._stats_due = None
         self._cmd_id = cmd_id
         self._last_cmd_id = last_cmd_id
         self._hinting_for = hinting_for
