@@ -88,9 +88,11 @@ def _device(src: Bytes) -> Any:
         return Block(BLOCK_FD, queue_size=src.pick((8, 16, 256)))
     # Entropy that also offers RING_RESET and NOTIFICATION_DATA: the
     # transport's queue-reset and notification-data paths need a device
-    # that offers them, and entropy has no reason to refuse them.
+    # that offers them, and entropy has no reason to refuse them.  The offer
+    # is fixed at construction (Final) for the library; only this harness
+    # widens it, before any transport has read it.
     device = Entropy(lambda n: b"\x5a" * n, queue_size=8)
-    device._offered |= Feature.RING_RESET.mask | Feature.NOTIFICATION_DATA.mask
+    device.offered_features |= Feature.RING_RESET.mask | Feature.NOTIFICATION_DATA.mask  # type: ignore[misc]
     return device
 
 

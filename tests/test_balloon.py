@@ -403,6 +403,20 @@ def test_restore_refuses_malformed_model() -> None:
     assert device.target_pages == 0 and device.counters["stats_updates"] == 0
 
 
+def test_restore_refuses_a_stats_interval_the_device_cannot_poll() -> None:
+    polled = full_balloon(stats_interval=5)
+    polled.sleep()
+    snap = json.loads(polled.snapshot())
+    no_stats = Balloon(memory_size=RIG_MEMORY_SIZE, stats=False)
+    no_stats.sleep()
+    with pytest.raises(BalloonError, match="STATS_VQ"):
+        no_stats.restore(polled.snapshot())
+    snap["model"]["stats_interval"] = -1
+    with pytest.raises(BalloonError, match="negative"):
+        polled.restore(json.dumps(snap).encode())
+    assert no_stats.stats_interval == 0 and polled.stats_interval == 5
+
+
 def test_inflated_anonymous_memory_leaves_the_resident_set() -> None:
     """Anonymous guest RAM (MADV_DONTNEED): the process's RSS falls by the inflated amount."""
     size = 256 * MIB

@@ -51,7 +51,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.irq import DeviceInterrupt
@@ -111,8 +111,13 @@ class VirtioDevice:
     device_id: DeviceId = DeviceId.INVALID
 
     def __init__(self, features: int, queue_max_sizes: Sequence[int]) -> None:
-        self._offered = features
-        self._queue_max_sizes = tuple(queue_max_sizes)
+        #: The feature bits the device offers (DeviceFeatures), fixed for its lifetime.
+        self.offered_features: Final = features
+        #: Each queue's largest size (QueueNumMax); their number is the device's queue count.
+        self.queue_max_sizes: Final = tuple(queue_max_sizes)
+        self.num_queues: Final = len(self.queue_max_sizes)
+        #: The device's name in log lines ("virtio-net", "virtio-boot-timer").
+        self.name: Final = f"virtio-{self.device_id.name.lower().replace('_', '-')}"
         self._acked = 0
         self._state = DeviceState.NEW
         self._asleep_from: DeviceState | None = None
@@ -132,16 +137,8 @@ class VirtioDevice:
     # -- identity and negotiation --------------------------------------------
 
     @property
-    def name(self) -> str:
-        return f"virtio-{self.device_id.name.lower().replace('_', '-')}"
-
-    @property
     def state(self) -> DeviceState:
         return self._state
-
-    @property
-    def offered_features(self) -> int:
-        return self._offered
 
     @property
     def acked_features(self) -> int:
@@ -151,21 +148,13 @@ class VirtioDevice:
         """Whether feature bit number ``bit`` was negotiated."""
         return bool(self._acked >> bit & 1)
 
-    @property
-    def queue_max_sizes(self) -> tuple[int, ...]:
-        return self._queue_max_sizes
-
-    @property
-    def num_queues(self) -> int:
-        return len(self._queue_max_sizes)
-
     def ack_features(self, features: int) -> None:
         """Record the driver's feature choice (bits never offered are dropped, with a log line)."""
         self._check_awake("ack_features")
-        unknown = features & ~self._offered
+        unknown = features & ~self.offered_features
         if unknown:
             log.warning("%s: driver acked features never offered: %#x", self.name, unknown)
-        self._acked = features & self._offered
+        self._acked = features & self.offered_features
 
     def features_acceptable(self, features: int) -> bool:
         """Whether FEATURES_OK may be set for this feature set.
@@ -173,7 +162,7 @@ class VirtioDevice:
         The default demands VERSION_1 and no bit outside the offer; devices
         with dependent features (content.tex "Feature Bits") add their rules.
         """
-        return not features & ~self._offered and bool(features & Feature.VERSION_1.mask)
+        return not features & ~self.offered_features and bool(features & Feature.VERSION_1.mask)
 
     # -- configuration space ---------------------------------------------------
 
@@ -330,7 +319,7 @@ class VirtioDevice:
         except (ValueError, KeyError, TypeError) as exc:
             raise LifecycleError(f"{self.name}: malformed snapshot: {exc}") from exc
         self._restore_model(model)
-        self._acked = acked & self._offered
+        self._acked = acked & self.offered_features
         self._config_generation = generation
         self.needs_reset = needs_reset
         self._asleep_from = target

@@ -152,6 +152,28 @@ class _Port:
     #: The transmitq was left alone because ``output`` was full.
     tx_stalled: bool = False
 
+    def snapshot(self) -> dict[str, Any]:
+        """The port's streams (base64) and handshake state; the name is configuration."""
+        return {
+            "input": _b64(self.input),
+            "output": _b64(self.output),
+            "ready": self.ready,
+            "guest_open": self.guest_open,
+            "tx_stalled": self.tx_stalled,
+        }
+
+    @classmethod
+    def restored(cls, name: str | None, state: Any) -> _Port:
+        """A port named ``name`` in the state :meth:`snapshot` saved (ValueError if malformed)."""
+        return cls(
+            name,
+            bytearray(_unb64(state["input"])),
+            bytearray(_unb64(state["output"])),
+            ready=expect_bool(state["ready"]),
+            guest_open=expect_bool(state["guest_open"]),
+            tx_stalled=expect_bool(state["tx_stalled"]),
+        )
+
 
 class Console(VirtioDevice):
     """The console device with ``ports`` ports (``ports > 1`` offers MULTIPORT).
@@ -535,16 +557,7 @@ class Console(VirtioDevice):
             "control_tx_stalled": self._control_tx_stalled,
             "emergency_dropped": self.emergency_dropped,
             "control_pending": [_b64(m) for m in self._control_pending],
-            "ports": [
-                {
-                    "input": _b64(p.input),
-                    "output": _b64(p.output),
-                    "ready": p.ready,
-                    "guest_open": p.guest_open,
-                    "tx_stalled": p.tx_stalled,
-                }
-                for p in self._ports
-            ],
+            "ports": [port.snapshot() for port in self._ports],
         }
 
     def _restore_model(self, state: Any) -> None:
@@ -555,14 +568,8 @@ class Console(VirtioDevice):
             if not isinstance(ports, list) or len(ports) != self.ports:
                 raise ValueError(f"snapshot has ports {ports!r}, device has {self.ports}")
             restored = [
-                (
-                    _unb64(p["input"]),
-                    _unb64(p["output"]),
-                    expect_bool(p["ready"]),
-                    expect_bool(p["guest_open"]),
-                    expect_bool(p["tx_stalled"]),
-                )
-                for p in ports
+                _Port.restored(port.name, saved)
+                for port, saved in zip(self._ports, ports, strict=True)
             ]
             control = [_unb64(m) for m in state["control_pending"]]
             driver_ready = expect_bool(state["driver_ready"])
@@ -572,14 +579,7 @@ class Console(VirtioDevice):
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed console state: {exc!r}") from exc
         self.cols, self.rows = cols, rows
-        for port, (inp, out, ready, guest_open, tx_stalled) in zip(
-            self._ports, restored, strict=True
-        ):
-            port.input = bytearray(inp)
-            port.output = bytearray(out)
-            port.ready = ready
-            port.guest_open = guest_open
-            port.tx_stalled = tx_stalled
+        self._ports = restored
         self._control_pending = deque(control)
         self._driver_ready = driver_ready
         self._config_change_pending = config_change_pending

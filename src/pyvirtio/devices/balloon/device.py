@@ -389,9 +389,9 @@ class Balloon(VirtioDevice):
         try:
             while (chain := queue.pop()) is not None:
                 if role is BalloonQueue.INFLATE:
-                    self._inflate(chain)
+                    self._page_request(chain, inflate=True)
                 elif role is BalloonQueue.DEFLATE:
-                    self._deflate(chain)
+                    self._page_request(chain, inflate=False)
                 elif role is BalloonQueue.REPORTING:
                     self._report(chain)
                 elif role is BalloonQueue.FREE_PAGE:
@@ -403,24 +403,25 @@ class Balloon(VirtioDevice):
         finally:
             self._return_used(index, queue, completions)
 
-    def _page_request(self, chain: DescriptorChain, kind: str) -> PageRequest | None:
-        """An inflate or deflate request, parsed (None: refused whole)."""
+    def _page_request(self, chain: DescriptorChain, *, inflate: bool) -> None:
+        """Parse an inflate or deflate request and carry it out (one refused whole does nothing)."""
+        kind = "inflate" if inflate else "deflate"
         self.counters[f"{kind}_requests"] += 1
         request = parse_page_request(chain, self._active_mem(), self.limits)
         if request.error is not None:
             self._malformed(f"{kind} request refused: {request.error}")
-            return None
+            return
         if request.out_of_range:
             self.counters["pfns_out_of_range"] += request.out_of_range
             self._rate_limited(
                 "pfns_out_of_range", f"{request.out_of_range} PFNs outside guest memory ignored"
             )
-        return request
+        if inflate:
+            self._inflate(request)
+        else:
+            self._deflate(request)
 
-    def _inflate(self, chain: DescriptorChain) -> None:
-        request = self._page_request(chain, "inflate")
-        if request is None:
-            return
+    def _inflate(self, request: PageRequest) -> None:
         inflated = self._inflated
         before = len(inflated)
         inflated.update(request.pfns)
@@ -429,10 +430,7 @@ class Balloon(VirtioDevice):
         # inflate request (Device Operation, device requirements).
         self._release(self._active_mem(), request.runs)
 
-    def _deflate(self, chain: DescriptorChain) -> None:
-        request = self._page_request(chain, "deflate")
-        if request is None:
-            return
+    def _deflate(self, request: PageRequest) -> None:
         inflated = self._inflated
         before = len(inflated)
         inflated.difference_update(request.pfns)
@@ -586,7 +584,7 @@ class Balloon(VirtioDevice):
         actual = expect_uint(state["actual"])
         poison = expect_uint(state["poison_val"])
         interval = state["stats_interval"]
-        if not isinstance(interval, int | float) or isinstance(interval, bool) or interval < 0:
+        if not isinstance(interval, int | float) or isinstance(interval, bool):
             raise ValueError(f"bad stats interval {interval!r}")
         cmd_id = expect_uint(state["cmd_id"])
         last_cmd_id = expect_uint(state["last_cmd_id"])
@@ -607,11 +605,12 @@ class Balloon(VirtioDevice):
         counters = state["counters"]
         if not isinstance(counters, dict) or set(counters) != set(COUNTER_NAMES):
             raise ValueError("balloon counters do not match")
+        # First, as it may refuse (a negative interval, or one without
+        # STATS_VQ) and nothing must have changed then.
+        self.set_stats_interval(interval)
         self._num_pages = num_pages
         self._actual = actual
         self._poison_val = poison
-        self._stats_interval = float(interval)
-        self._stats_due = None
         self._cmd_id = cmd_id
         self._last_cmd_id = last_cmd_id
         self._hinting_for = hinting_for

@@ -179,14 +179,16 @@ class Block(VirtioDevice):
         if not 1 <= queue_size <= 32768:
             raise ValueError(f"queue_size must be in [1, 32768], not {queue_size}")
 
-        self._backend: BlockBackend
+        backend: BlockBackend
         if isinstance(storage, (str, os.PathLike, int)):
-            self._backend = FileBackend(storage, read_only=read_only, direct=direct)
+            backend = FileBackend(storage, read_only=read_only, direct=direct)
             self._owns_backend = True
         else:
-            self._backend = storage
+            backend = storage
             self._owns_backend = False
             read_only = read_only or storage.read_only
+        #: The host I/O backend the device uses.
+        self.backend: Final = backend
         self._logical_block_size = logical_block_size
         try:
             self._probe()
@@ -194,7 +196,7 @@ class Block(VirtioDevice):
             self.close()
             raise
 
-        self._read_only = read_only
+        self.read_only: Final = read_only
         self._serial = serial
         self._id_bytes = serial_bytes.ljust(GET_ID_BYTES, b"\0")
         self._cache: CacheMode = cache
@@ -240,7 +242,7 @@ class Block(VirtioDevice):
 
     def _probe(self) -> None:
         """Read capacity and topology from the backend."""
-        geometry = self._backend.geometry(self._logical_block_size)
+        geometry = self.backend.geometry(self._logical_block_size)
         self._physical_block_size = geometry.physical_block_size
         self._opt_io_size = geometry.opt_io_size
         self._capacity = geometry.size // SECTOR_SIZE
@@ -258,7 +260,7 @@ class Block(VirtioDevice):
             capacity=self._capacity,
             size_max=DEFAULT_SIZE_MAX,
             seg_max=self._seg_max,
-            read_only=self._read_only,
+            read_only=self.read_only,
             max_discard_seg=MAX_DISCARD_SEG if self._discard else 0,
             max_discard_sectors=MAX_DISCARD_SECTORS,
             max_write_zeroes_seg=MAX_WRITE_ZEROES_SEG if self._write_zeroes else 0,
@@ -274,28 +276,19 @@ class Block(VirtioDevice):
     # -- resources ------------------------------------------------------------------------
 
     @property
-    def backend(self) -> BlockBackend:
-        """The host I/O backend the device uses."""
-        return self._backend
-
-    @property
     def fd(self) -> int:
         """The backing file descriptor (-1 when the backend is not a file)."""
-        return self._backend.fd if isinstance(self._backend, FileBackend) else -1
+        return self.backend.fd if isinstance(self.backend, FileBackend) else -1
 
     @property
     def path(self) -> str | None:
         """The backing path (None when built from a descriptor or another backend)."""
-        return self._backend.path if isinstance(self._backend, FileBackend) else None
+        return self.backend.path if isinstance(self.backend, FileBackend) else None
 
     @property
     def capacity(self) -> int:
         """Size in 512-byte sectors."""
         return self._capacity
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
 
     @property
     def writeback(self) -> bool:
@@ -309,7 +302,7 @@ class Block(VirtioDevice):
         file when it is collected.
         """
         if getattr(self, "_owns_backend", False):
-            self._backend.close()
+            self.backend.close()
 
     def __enter__(self) -> Block:
         return self
@@ -346,9 +339,7 @@ class Block(VirtioDevice):
         Device Operation).
         """
         self._writeback = (
-            self._cache == "writeback"
-            and self.has_feature(BlkFeature.FLUSH)
-            and not self._read_only
+            self._cache == "writeback" and self.has_feature(BlkFeature.FLUSH) and not self.read_only
         )
 
     def ack_features(self, features: int) -> None:
@@ -398,7 +389,7 @@ class Block(VirtioDevice):
         writethrough or writeback mode by writing respectively 0 and 1".)
         """
         if offset <= CONFIG_WRITEBACK_OFFSET < offset + len(data):
-            if self.has_feature(BlkFeature.CONFIG_WCE) and not self._read_only:
+            if self.has_feature(BlkFeature.CONFIG_WCE) and not self.read_only:
                 value = data[CONFIG_WRITEBACK_OFFSET - offset]
                 self._writeback = value != 0
                 log.debug("%s: cache mode set to %s by the driver", self.name, self.cache_mode)
@@ -469,7 +460,7 @@ class Block(VirtioDevice):
         thread, so it touches nothing but the backend and the request's views.
         """
         req_type = request.type
-        backend = self._backend
+        backend = self.backend
         try:
             if req_type == T_IN:
                 backend.read_into(request.views, request.offset, request.length)
@@ -478,7 +469,7 @@ class Block(VirtioDevice):
                 backend.write_from(request.views, request.offset, request.length)
                 return Served(chain, S_OK, True, False)
             if req_type == T_FLUSH:
-                if not self._read_only:
+                if not self.read_only:
                     backend.flush()
                 return Served(chain, S_OK, False, False)
             if req_type == T_GET_ID:
@@ -503,7 +494,7 @@ class Block(VirtioDevice):
         if self._writeback or not any(s.modified for s in served):
             return False
         try:
-            self._backend.flush()
+            self.backend.flush()
         except OSError as exc:
             log.error("%s: flush failed: %s", self.name, exc)
             return True
@@ -561,10 +552,10 @@ class Block(VirtioDevice):
 
     def _options(self) -> dict[str, Any]:
         return {
-            "read_only": self._read_only,
+            "read_only": self.read_only,
             "serial": self._serial,
             "cache": self._cache,
-            "direct": self._backend.direct,
+            "direct": self.backend.direct,
             "logical_block_size": self._logical_block_size,
             "num_queues": self.num_queues,
             "queue_size": self._queue_size,
@@ -578,7 +569,7 @@ class Block(VirtioDevice):
 
     def _restore_model(self, state: Any) -> None:
         writeback = persist.load(state, self.path, self._options(), self.name)
-        self._writeback = writeback and not self._read_only
+        self._writeback = writeback and not self.read_only
 
 
 def _copy_into(views: list[memoryview], data: bytes) -> None:

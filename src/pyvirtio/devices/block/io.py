@@ -29,7 +29,7 @@ import stat
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 __all__ = [
     "BlockBackend",
@@ -223,20 +223,14 @@ class FileBackend:
                 flags |= os.O_DIRECT
             self._fd = os.open(self.path, flags)
             self._owns_fd = True
-        self._read_only = read_only
-        self._direct = direct
+        self.read_only: Final = read_only
+        #: Opened with O_DIRECT (a refused buffer goes through a bounce buffer).
+        self.direct: Final = direct
 
     @property
     def fd(self) -> int:
+        """The file descriptor (-1 once closed)."""
         return self._fd
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
-    def direct(self) -> bool:
-        return self._direct
 
     def close(self) -> None:
         """Close the file if the backend opened it (idempotent)."""
@@ -259,7 +253,7 @@ class FileBackend:
         if stat.S_ISBLK(st.st_mode):
             size = _ioctl_u64(self._fd, _BLKGETSIZE64)
             host_lbs = _ioctl_u32(self._fd, _BLKSSZGET)
-            if self._direct and logical_block_size < host_lbs:
+            if self.direct and logical_block_size < host_lbs:
                 raise ValueError(
                     f"direct I/O on a device with {host_lbs}-byte sectors needs "
                     f"logical_block_size >= {host_lbs}"
@@ -284,7 +278,7 @@ class FileBackend:
             try:
                 n = os.preadv(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
             except OSError as exc:
-                if self._direct and exc.errno == errno.EINVAL:
+                if self.direct and exc.errno == errno.EINVAL:
                     self._read_bounced(views, offset, length)
                     return
                 raise
@@ -305,7 +299,7 @@ class FileBackend:
             try:
                 n = os.pwritev(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
             except OSError as exc:
-                if self._direct and exc.errno == errno.EINVAL:
+                if self.direct and exc.errno == errno.EINVAL:
                     self._write_bounced(views, offset, length)
                     return
                 raise

@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirtio.constants import FeatureBit
 
@@ -164,38 +166,24 @@ HDR_SIZE = _HDR.size
 assert HDR_SIZE == 12
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class NetHeader:
-    """One ``struct virtio_net_hdr`` (12 bytes, VIRTIO 1.x: ``num_buffers`` always present)."""
+    """One ``struct virtio_net_hdr`` (12 bytes, VIRTIO 1.x: ``num_buffers`` always present).
 
-    __slots__ = (
-        "csum_offset",
-        "csum_start",
-        "flags",
-        "gso_size",
-        "gso_type",
-        "hdr_len",
-        "num_buffers",
-    )
-    STRUCT = _HDR
-    SIZE = HDR_SIZE
+    Fields in wire order, so ``NetHeader(*STRUCT.unpack(...))`` builds one.
+    Equal headers pack to the same bytes.
+    """
 
-    def __init__(
-        self,
-        flags: int = 0,
-        gso_type: int = Gso.NONE,
-        hdr_len: int = 0,
-        gso_size: int = 0,
-        csum_start: int = 0,
-        csum_offset: int = 0,
-        num_buffers: int = 0,
-    ) -> None:
-        self.flags = flags
-        self.gso_type = gso_type
-        self.hdr_len = hdr_len
-        self.gso_size = gso_size
-        self.csum_start = csum_start
-        self.csum_offset = csum_offset
-        self.num_buffers = num_buffers
+    STRUCT: ClassVar[struct.Struct] = _HDR
+    SIZE: ClassVar[int] = HDR_SIZE
+
+    flags: int = 0
+    gso_type: int = Gso.NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int = 0
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview, offset: int = 0) -> NetHeader:
