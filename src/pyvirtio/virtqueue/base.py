@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pyvirtio.memory import GuestMemory
-from pyvirtio.virtqueue.common import QueueState, VirtqueueError
+from pyvirtio.virtqueue.common import QueueState
+from pyvirtio.virtqueue.errors import VirtqueueError
 from pyvirtio.virtqueue.ring import (
     INDIRECT_ALIGN,
     StateReader,

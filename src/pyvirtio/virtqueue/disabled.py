@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyvirtio.virtqueue.common import DescriptorChain, QueueState, VirtqueueError
+from pyvirtio.virtqueue.chain import DescriptorChain
+from pyvirtio.virtqueue.common import QueueState
+from pyvirtio.virtqueue.errors import VirtqueueError
 
 __all__ = ["DisabledQueue"]
 

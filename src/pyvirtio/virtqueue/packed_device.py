@@ -9,14 +9,9 @@ from typing import Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.base import DeviceRing
-from pyvirtio.virtqueue.common import (
-    DESC_F_INDIRECT,
-    DESC_F_NEXT,
-    DESC_F_WRITE,
-    DescriptorChain,
-    QueueState,
-    VirtqueueError,
-)
+from pyvirtio.virtqueue.chain import DescriptorChain
+from pyvirtio.virtqueue.common import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, QueueState
+from pyvirtio.virtqueue.errors import VirtqueueError
 from pyvirtio.virtqueue.packed_layout import (
     AVAIL_USED,
     DESC_F_AVAIL,

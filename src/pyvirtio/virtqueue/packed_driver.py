@@ -7,14 +7,8 @@ from collections.abc import Iterator
 
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.base import DriverRing
-from pyvirtio.virtqueue.common import (
-    DESC_F_INDIRECT,
-    DESC_F_WRITE,
-    Buffers,
-    QueueFullError,
-    QueueState,
-    VirtqueueError,
-)
+from pyvirtio.virtqueue.common import DESC_F_INDIRECT, DESC_F_WRITE, Buffers, QueueState
+from pyvirtio.virtqueue.errors import QueueFullError, VirtqueueError
 from pyvirtio.virtqueue.packed_layout import (
     AVAIL_USED,
     DESC_F_AVAIL,

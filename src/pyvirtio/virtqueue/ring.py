@@ -16,7 +16,8 @@ import threading
 from typing import Final, Literal, Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
-from pyvirtio.virtqueue.common import MAX_QUEUE_SIZE, VirtqueueError
+from pyvirtio.virtqueue.common import MAX_QUEUE_SIZE
+from pyvirtio.virtqueue.errors import VirtqueueError
 
 __all__ = [
     "CHAIN_BYTES_LIMIT",

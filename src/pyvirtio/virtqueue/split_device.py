@@ -8,14 +8,9 @@ from typing import Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.base import DeviceRing
-from pyvirtio.virtqueue.common import (
-    DESC_F_INDIRECT,
-    DESC_F_NEXT,
-    DescriptorChain,
-    QueueState,
-    VirtqueueError,
-    ring_need_event,
-)
+from pyvirtio.virtqueue.chain import DescriptorChain
+from pyvirtio.virtqueue.common import DESC_F_INDIRECT, DESC_F_NEXT, QueueState, ring_need_event
+from pyvirtio.virtqueue.errors import VirtqueueError
 from pyvirtio.virtqueue.ring import (
     CHAIN_BYTES_LIMIT,
     DESC,

@@ -11,11 +11,10 @@ from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     Buffers,
-    QueueFullError,
     QueueState,
-    VirtqueueError,
     ring_need_event,
 )
+from pyvirtio.virtqueue.errors import QueueFullError, VirtqueueError
 from pyvirtio.virtqueue.ring import (
     CHAIN_BYTES_LIMIT,
     DESC,
