@@ -15,8 +15,10 @@ PYTHON_H = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["
 
 # The mypyc build: the hot modules (pyvirtio.compiled.HOT_MODULES) compiled
 # from the same source, installed (not editable) into a venv of its own, so
-# compiled files never shadow the sources of the editable .venv.  Rebuilt
-# whenever a source changes.
+# compiled files never shadow the sources of the editable .venv.  It is the
+# default install (setup.py compiles unless the toolchain is missing), made
+# the way a user's `pip install .` makes it; the editable .venv is the
+# pure-Python fallback.  Rebuilt whenever a source changes.
 VENV_COMPILED := .venv-compiled
 PY_COMPILED := $(VENV_COMPILED)/bin/python
 COMPILED_STAMP := $(VENV_COMPILED)/.installed
@@ -66,7 +68,7 @@ $(COMPILED_STAMP): pyproject.toml setup.py $(SOURCES) | debs
 	$(PY_COMPILED) -m pip install -q --upgrade pip
 	$(PY_COMPILED) -m pip install -q 'setuptools>=77' wheel 'mypy>=1.10'
 	rm -rf build  # setuptools would reuse extensions left from an earlier build
-	PYVIRTIO_MYPYC=1 $(PY_COMPILED) -m pip install -q --no-build-isolation '.[dev]'
+	$(PY_COMPILED) -m pip install -q --no-build-isolation '.[dev]'
 	rm -rf build
 	touch $(COMPILED_STAMP)
 

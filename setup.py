@@ -1,23 +1,35 @@
-"""Optional mypyc build of pyvirtio's hot modules (everything else is in pyproject.toml).
+"""The mypyc build of pyvirtio's hot modules (everything else is in pyproject.toml).
 
-By default pyvirtio installs as pure Python.  With ``PYVIRTIO_MYPYC=1`` the
-modules in ``pyvirtio.compiled.HOT_MODULES`` are compiled to C extensions
-by mypyc from the same source; build it into its own environment with a
-non-editable install (``make compiled``), so compiled files never sit next
-to the sources of an editable checkout.  Needs mypy and a C compiler with
-the Python headers, and no build isolation (mypy comes from the build
-environment): ``PYVIRTIO_MYPYC=1 pip install --no-build-isolation .``
+An install compiles the modules in ``pyvirtio.compiled.HOT_MODULES`` to C
+extensions with mypyc, from the same source, as black and mypy ship: a
+wheel or ``pip install .`` is compiled whenever it can be.  The pure-Python
+modules are the fallback, and an install falls back to them (saying so)
+when mypyc, a C compiler or the Python headers are missing.  An editable
+install stays pure Python, so no compiled file ever sits next to (and
+shadows) a source being edited.
+
+``PYVIRTIO_MYPYC`` overrides the choice: ``1`` compiles or fails the build,
+``0`` never compiles.  The build needs mypy (pyproject.toml lists it as a
+build requirement; with ``--no-build-isolation`` it comes from the
+environment).
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from setuptools import setup
-
 SRC = Path(__file__).resolve().parent / "src"
+
+#: setuptools commands that build extensions (the metadata steps before them need none).
+BUILD_COMMANDS = frozenset({"bdist_wheel", "build", "build_ext", "install"})
+#: setuptools commands that build an editable (in-place) install.
+EDITABLE_COMMANDS = frozenset({"editable_wheel", "develop"})
 
 
 def hot_modules() -> list[str]:
@@ -33,8 +45,51 @@ def hot_modules() -> list[str]:
     raise RuntimeError("src/pyvirtio/compiled.py has no HOT_MODULES tuple")
 
 
+def missing_toolchain() -> list[str]:
+    """What a compiled build needs and this machine lacks (empty: it can compile)."""
+    missing = []
+    try:
+        import mypyc.build  # noqa: F401
+    except ImportError:
+        missing.append("mypyc (pip install mypy)")
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        missing.append(f"a C compiler ({compiler})")
+    if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
+        missing.append("the Python headers (Python.h; Debian: python3-dev)")
+    return missing
+
+
+def should_compile(env: Mapping[str, str], argv: Sequence[str], missing: Sequence[str]) -> bool:
+    """Whether this build compiles the hot modules (see the module docstring).
+
+    ``missing`` is what :func:`missing_toolchain` found; with
+    ``PYVIRTIO_MYPYC=1`` anything missing is an error, by default it means
+    the pure-Python fallback.
+    """
+    choice = env.get("PYVIRTIO_MYPYC", "")
+    if choice not in ("", "0", "1"):
+        raise SystemExit(f"PYVIRTIO_MYPYC={choice!r}: expected 0 (pure Python) or 1 (compiled)")
+    if choice == "0" or not BUILD_COMMANDS.intersection(argv):
+        return False
+    if choice == "1":
+        if missing:
+            raise SystemExit("PYVIRTIO_MYPYC=1 but the build lacks " + ", ".join(missing))
+        return True
+    if EDITABLE_COMMANDS.intersection(argv):
+        return False
+    if missing:
+        print(
+            "pyvirtio: installing pure Python, without the compiled hot modules: missing "
+            + ", ".join(missing),
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
 def ext_modules() -> list[object]:
-    if os.environ.get("PYVIRTIO_MYPYC", "0") in ("", "0"):
+    if not should_compile(os.environ, sys.argv, missing_toolchain()):
         return []
     from mypyc.build import mypycify
 
@@ -44,4 +99,7 @@ def ext_modules() -> list[object]:
     return list(mypycify(paths, opt_level="3"))
 
 
-setup(ext_modules=ext_modules())
+if __name__ == "__main__":
+    from setuptools import setup
+
+    setup(ext_modules=ext_modules())

@@ -1,10 +1,10 @@
 """Which of pyvirtio's hot modules the running install has compiled with mypyc.
 
-pyvirtio ships one source.  The default install runs it as plain Python; a
-build with ``PYVIRTIO_MYPYC=1`` (``make compiled``) also compiles the
-modules listed in :data:`HOT_MODULES` to C extensions with mypyc, as black
-and mypy ship, and a module that is not compiled is simply imported from
-its ``.py`` file.  Behaviour is the same either way; only speed differs.
+pyvirtio ships one source.  An install compiles the modules listed in
+:data:`HOT_MODULES` to C extensions with mypyc, as black and mypy ship; an
+editable install, ``PYVIRTIO_MYPYC=0`` or a missing toolchain gives pure
+Python (setup.py), and a module that is not compiled is simply imported
+from its ``.py`` file.  Behaviour is the same either way; only speed differs.
 
 :data:`HOT_MODULES` is the one list: ``setup.py`` reads it (without
 importing pyvirtio) to know what to compile, and :func:`compiled_modules`
