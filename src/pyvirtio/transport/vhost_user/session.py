@@ -79,17 +79,7 @@ from pyvirtio.device import DeviceState, VirtioDevice
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemoryError
 from pyvirtio.ratelimit import RateLimitedLog
-from pyvirtio.transport.vhost_user.actions import (
-    Action,
-    CloseFds,
-    Disconnect,
-    NotifyKind,
-    Reply,
-    SetBackendChannel,
-    SetNotifyFd,
-    UnsealedMemory,
-    WatchKick,
-)
+from pyvirtio.transport.vhost_user import actions, protocol
 from pyvirtio.transport.vhost_user.inflight import InflightError, in_use
 from pyvirtio.transport.vhost_user.inflight_rings import attach
 from pyvirtio.transport.vhost_user.inflight_shm import (
@@ -98,27 +88,6 @@ from pyvirtio.transport.vhost_user.inflight_shm import (
     map_front_end_region,
 )
 from pyvirtio.transport.vhost_user.memory_table import RegionRefused, RegionTable
-from pyvirtio.transport.vhost_user.protocol import (
-    FLAG_REPLY,
-    VERSION,
-    VHOST_USER_F_PROTOCOL_FEATURES,
-    VRING_FD_INDEX_MASK,
-    VRING_FD_NOFD,
-    ConfigSpace,
-    FrontendRequest,
-    InflightDesc,
-    MemoryTable,
-    Message,
-    MessageParser,
-    Payload,
-    ProtocolError,
-    ProtocolFeature,
-    SingleMemoryRegion,
-    VringAddr,
-    VringState,
-    encode,
-    has_explicit_reply,
-)
 from pyvirtio.transport.vhost_user.rings import (
     QEMU_MAX_RING_SIZE,
     RingError,
@@ -147,32 +116,39 @@ log = logging.getLogger(__name__)
 
 #: Protocol features offered by default (vhost-user.rst "Protocol features").
 DEFAULT_PROTOCOL_FEATURES = (
-    ProtocolFeature.MQ.mask
-    | ProtocolFeature.REPLY_ACK.mask
-    | ProtocolFeature.BACKEND_REQ.mask
-    | ProtocolFeature.CONFIG.mask
-    | ProtocolFeature.RESET_DEVICE.mask
-    | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
-    | ProtocolFeature.STATUS.mask
+    protocol.ProtocolFeature.MQ.mask
+    | protocol.ProtocolFeature.REPLY_ACK.mask
+    | protocol.ProtocolFeature.BACKEND_REQ.mask
+    | protocol.ProtocolFeature.CONFIG.mask
+    | protocol.ProtocolFeature.RESET_DEVICE.mask
+    | protocol.ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
+    | protocol.ProtocolFeature.STATUS.mask
 )
 #: Protocol features a session can honour at all.  INFLIGHT_SHMFD is offered
 #: where a host asks for it (``serve blk``): QEMU 7.2 sends GET/SET_INFLIGHT_FD
 #: for vhost-user-blk and -scsi only (to vhost-user-vsock-device it negotiates
 #: the bit and nothing more; and a restarted vsock back end has lost its
 #: connections, so resubmitted packets would only be answered with resets).
-SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD.mask
+_INFLIGHT_SHMFD = protocol.ProtocolFeature.INFLIGHT_SHMFD.mask
+SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | _INFLIGHT_SHMFD
 #: Answer to GET_MAX_MEM_SLOTS (QEMU caps it to what the platform supports).
 DEFAULT_MAX_MEM_SLOTS = 32
 #: A repeated error of one kind is logged at most once per this many seconds.
 LOG_INTERVAL = 30.0
 
-F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
+F_PROTOCOL = 1 << protocol.VHOST_USER_F_PROTOCOL_FEATURES
 #: VHOST_F_LOG_ALL: QEMU re-sends SET_FEATURES with it set or cleared while
 #: migrating; the only feature change allowed on running rings.
 _F_LOG_ALL = 1 << 26
 #: REPLY_ACK status values (vhost-user.rst "REPLY_ACK": zero is success).
 _ACK = 0
 _NACK = 1
+#: Flags of every reply this session sends.
+_REPLY_FLAGS = protocol.VERSION | protocol.FLAG_REPLY
+
+
+#: A request's handler: the message in, the reply payload out (None: no payload).
+_Handler = Callable[[protocol.Message], protocol.Payload]
 
 
 class _Refused(Exception):
@@ -204,7 +180,7 @@ class VhostUserSession:
         *,
         protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
         max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
-        unsealed_memory: UnsealedMemory | str = UnsealedMemory.REFUSE,
+        unsealed_memory: actions.UnsealedMemory | str = actions.UnsealedMemory.REFUSE,
         name: str = "vhost-user session",
         device_log: RateLimitedLog | None = None,
         received: collections.deque[str] | None = None,
@@ -213,9 +189,9 @@ class VhostUserSession:
         self.device = device
         self.interrupt = interrupt
         self.protocol_features_offered = protocol_features & SUPPORTED_PROTOCOL_FEATURES
-        self.unsealed_memory = UnsealedMemory(unsealed_memory)
+        self.unsealed_memory = actions.UnsealedMemory(unsealed_memory)
         self.name = name
-        self.parser = MessageParser(FrontendRequest, replies=False)
+        self.parser = protocol.MessageParser(protocol.FrontendRequest, replies=False)
         #: Features of the last accepted SET_FEATURES (including bit 30).
         self.features = 0
         self.features_set = False
@@ -227,7 +203,7 @@ class VhostUserSession:
         #: The front end's regions; ``memory`` is where they are mapped.
         self.memory_table = RegionTable(
             max_slots=max_mem_slots,
-            allow_unsealed=self.unsealed_memory is UnsealedMemory.ALLOW,
+            allow_unsealed=self.unsealed_memory is actions.UnsealedMemory.ALLOW,
             name=name,
         )
         self.memory = self.memory_table.memory
@@ -241,7 +217,7 @@ class VhostUserSession:
         self.inflight: InflightArea | None = None
         #: Fds the next reply carries (GET_INFLIGHT_FD's memfd).
         self._reply_fds: tuple[int, ...] = ()
-        self._actions: list[Action] = []
+        self._actions: list[actions.Action] = []
         self._handlers = self._build_handlers()
 
     def __repr__(self) -> str:
@@ -253,35 +229,35 @@ class VhostUserSession:
         """Bytes to read next: at most the rest of the current header or payload."""
         return self.parser.wanted()
 
-    def receive_data(self, data: bytes, fds: list[int]) -> list[Action]:
+    def receive_data(self, data: bytes, fds: list[int]) -> list[actions.Action]:
         """Bytes (and the fds received with them) from the connection: the actions they need."""
         if self.closed:
-            return [CloseFds(tuple(fds))] if fds else []
+            return [actions.CloseFds(tuple(fds))] if fds else []
         try:
             messages = self.parser.feed(data, fds)
-        except ProtocolError as exc:
+        except protocol.ProtocolError as exc:
             malformed = self._disconnect(f"malformed message from front end: {exc}")
-            return [CloseFds(tuple(exc.fds)), malformed]
-        actions: list[Action] = []
+            return [actions.CloseFds(tuple(exc.fds)), malformed]
+        result: list[actions.Action] = []
         for message in messages:
-            actions += self.receive(message)
-        return actions
+            result += self.receive(message)
+        return result
 
-    def receive(self, message: Message) -> list[Action]:
+    def receive(self, message: protocol.Message) -> list[actions.Action]:
         """One decoded front-end message (it owns ``message.fds``): the actions it needs."""
-        actions: list[Action] = []
-        self._actions = actions
+        result: list[actions.Action] = []
+        self._actions = result
         if self.closed:
             if message.fds:
-                actions.append(CloseFds(tuple(message.fds)))
-            return actions
+                result.append(actions.CloseFds(tuple(message.fds)))
+            return result
         request = message.request
-        assert isinstance(request, FrontendRequest)
+        assert isinstance(request, protocol.FrontendRequest)
         if self._received is not None:
             self._received.append(request.name)
         log.debug("%s: <- %r", self, message)
         handler = self._handlers.get(request)
-        schema_reply = has_explicit_reply(request)
+        schema_reply = protocol.has_explicit_reply(request)
         try:
             if handler is None:
                 self._close(message.fds)
@@ -290,15 +266,15 @@ class VhostUserSession:
                 raise _Refused(f"unsupported request {request.name}")
             reply = handler(message)
         except _Fatal as exc:
-            actions.append(self._disconnect(f"{request.name} failed: {exc}"))
-            return actions
+            result.append(self._disconnect(f"{request.name} failed: {exc}"))
+            return result
         except _REFUSALS as exc:
             if isinstance(exc, RegionRefused):
                 self._close(exc.fds)
             self._refusals.warn("refused", request.name, "%s refused: %s", request.name, exc)
             if message.need_reply:
                 self._reply(request, _NACK)
-            return actions
+            return result
         except Exception:
             self._device_log.log(
                 logging.ERROR,
@@ -309,27 +285,28 @@ class VhostUserSession:
                 exc_info=True,
             )
             if schema_reply:
-                actions.append(self._disconnect(f"{request.name} failed"))
+                result.append(self._disconnect(f"{request.name} failed"))
             elif message.need_reply:
                 self._reply(request, _NACK)
-            return actions
+            return result
         if schema_reply:
             self._reply(request, reply)
         elif message.need_reply:
             self._reply(request, _ACK)
-        return actions
+        return result
 
-    def _reply(self, request: FrontendRequest, payload: Payload) -> None:
+    def _reply(self, request: protocol.FrontendRequest, payload: protocol.Payload) -> None:
         fds, self._reply_fds = self._reply_fds, ()
-        self._actions.append(Reply(encode(Message(request, payload, VERSION | FLAG_REPLY)), fds))
+        message = protocol.Message(request, payload, _REPLY_FLAGS)
+        self._actions.append(actions.Reply(protocol.encode(message), fds))
 
     def _close(self, fds: tuple[int, ...] | list[int]) -> None:
         if fds:
-            self._actions.append(CloseFds(tuple(fds)))
+            self._actions.append(actions.CloseFds(tuple(fds)))
 
-    def _disconnect(self, reason: str) -> Disconnect:
+    def _disconnect(self, reason: str) -> actions.Disconnect:
         self.closed = True
-        return Disconnect(reason)
+        return actions.Disconnect(reason)
 
     # -- the host's events --------------------------------------------------------------------
 
@@ -368,7 +345,7 @@ class VhostUserSession:
                 exc_info=True,
             )
 
-    def close(self) -> list[Action]:
+    def close(self) -> list[actions.Action]:
         """End the session: the device stopped and reset, the memory unmapped.
 
         Returns the fds still held for a message never completed.  Every fd
@@ -390,12 +367,12 @@ class VhostUserSession:
         self.memory_table.close()
         self.inflight = None  # unmapped once the last queue holding a view of it is gone
         fds = self.parser.take_fds()
-        return [CloseFds(tuple(fds))] if fds else []
+        return [actions.CloseFds(tuple(fds))] if fds else []
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _build_handlers(self) -> dict[FrontendRequest, Callable[[Message], Payload]]:
-        r = FrontendRequest
+    def _build_handlers(self) -> dict[protocol.FrontendRequest, _Handler]:
+        r = protocol.FrontendRequest
         return {
             r.GET_FEATURES: self._get_features,
             r.SET_FEATURES: self._set_features,
@@ -440,10 +417,10 @@ class VhostUserSession:
     def offered_features(self) -> int:
         return self.device.offered_features | F_PROTOCOL
 
-    def _get_features(self, message: Message) -> Payload:
+    def _get_features(self, message: protocol.Message) -> protocol.Payload:
         return self.offered_features()
 
-    def _set_features(self, message: Message) -> Payload:
+    def _set_features(self, message: protocol.Message) -> protocol.Payload:
         """SET_FEATURES: checked whole before anything changes.
 
         While the device runs, the features its rings were built with stay:
@@ -471,10 +448,10 @@ class VhostUserSession:
         self.device.ack_features(virtio)
         return None
 
-    def _get_protocol_features(self, message: Message) -> Payload:
+    def _get_protocol_features(self, message: protocol.Message) -> protocol.Payload:
         return self.protocol_features_offered
 
-    def _set_protocol_features(self, message: Message) -> Payload:
+    def _set_protocol_features(self, message: protocol.Message) -> protocol.Payload:
         value = message.payload_as(int)
         if value & ~self.protocol_features_offered:
             raise _Refused(
@@ -483,17 +460,17 @@ class VhostUserSession:
         self.protocol_features = value
         return None
 
-    def _set_owner(self, message: Message) -> Payload:
+    def _set_owner(self, message: protocol.Message) -> protocol.Payload:
         self.owner = True
         return None
 
-    def _reset_owner(self, message: Message) -> Payload:
+    def _reset_owner(self, message: protocol.Message) -> protocol.Payload:
         # Deprecated; vhost-user.rst recommends treating it as "disable all rings".
         self._stop_device("RESET_OWNER")
         self._reset_vrings()
         return None
 
-    def _reset_device(self, message: Message) -> Payload:
+    def _reset_device(self, message: protocol.Message) -> protocol.Payload:
         """RESET_DEVICE: rings disabled, device state (features included) back to initial."""
         self._stop_device("RESET_DEVICE")
         self.device.reset()
@@ -506,9 +483,9 @@ class VhostUserSession:
     def _reset_vrings(self) -> None:
         for vring in self.vrings:
             vring.reset()
-            self._actions.append(WatchKick(vring.index, None))
+            self._actions.append(actions.WatchKick(vring.index, None))
 
-    def _get_queue_num(self, message: Message) -> Payload:
+    def _get_queue_num(self, message: protocol.Message) -> protocol.Payload:
         return self.device.num_queues
 
     @property
@@ -516,30 +493,30 @@ class VhostUserSession:
         """The GET_MAX_MEM_SLOTS answer, enforced on ADD_MEM_REG."""
         return self.memory_table.max_slots
 
-    def _get_max_mem_slots(self, message: Message) -> Payload:
+    def _get_max_mem_slots(self, message: protocol.Message) -> protocol.Payload:
         return self.max_mem_slots
 
     # -- memory (what a table may hold is memory_table's) --------------------------------------
 
-    def _set_mem_table(self, message: Message) -> Payload:
+    def _set_mem_table(self, message: protocol.Message) -> protocol.Payload:
         """SET_MEM_TABLE: replace every region (mapping all new ones before dropping any)."""
-        staged = self.memory_table.stage(message.payload_as(MemoryTable), message.fds)
+        staged = self.memory_table.stage(message.payload_as(protocol.MemoryTable), message.fds)
         # The rings may move with the memory: stop, swap, and restart below.
         self._stop_device("SET_MEM_TABLE")
         self.memory_table.install(staged)
         self._try_activate()
         return None
 
-    def _add_mem_reg(self, message: Message) -> Payload:
+    def _add_mem_reg(self, message: protocol.Message) -> protocol.Payload:
         (fd,) = message.fds
-        self.memory_table.add(message.payload_as(SingleMemoryRegion).region, fd)
+        self.memory_table.add(message.payload_as(protocol.SingleMemoryRegion).region, fd)
         self._try_activate()
         return None
 
-    def _rem_mem_reg(self, message: Message) -> Payload:
+    def _rem_mem_reg(self, message: protocol.Message) -> protocol.Payload:
         """REM_MEM_REG: identified by guest address, user address and size; fd is closed."""
         self._close(message.fds)
-        region = self.memory_table.find(message.payload_as(SingleMemoryRegion).region)
+        region = self.memory_table.find(message.payload_as(protocol.SingleMemoryRegion).region)
         if any(vring.queue is not None and region.holds_ring(vring.addr) for vring in self.vrings):
             self._stop_device("REM_MEM_REG of a region holding a ring")
         self.memory_table.remove(region)
@@ -556,8 +533,8 @@ class VhostUserSession:
         if vring.queue is not None:
             self._stop_device(f"{what} on running ring {vring.index}")
 
-    def _set_vring_num(self, message: Message) -> Payload:
-        state = message.payload_as(VringState)
+    def _set_vring_num(self, message: protocol.Message) -> protocol.Payload:
+        state = message.payload_as(protocol.VringState)
         vring = self._vring(state.index)
         maximum = self.max_ring_size(state.index)
         if not 1 <= state.num <= maximum:
@@ -566,15 +543,15 @@ class VhostUserSession:
         vring.num = state.num
         return None
 
-    def _set_vring_addr(self, message: Message) -> Payload:
-        addr = message.payload_as(VringAddr)
+    def _set_vring_addr(self, message: protocol.Message) -> protocol.Payload:
+        addr = message.payload_as(protocol.VringAddr)
         vring = self._vring(addr.index)
         self._reconfigure(vring, "SET_VRING_ADDR")
         vring.addr = addr
         return None
 
-    def _set_vring_base(self, message: Message) -> Payload:
-        state = message.payload_as(VringState)
+    def _set_vring_base(self, message: protocol.Message) -> protocol.Payload:
+        state = message.payload_as(protocol.VringState)
         vring = self._vring(state.index)
         packed = bool(self.features & Feature.RING_PACKED.mask)
         check_base(state.index, state.num, vring.num, packed=packed)
@@ -582,9 +559,9 @@ class VhostUserSession:
         vring.base = state.num
         return None
 
-    def _get_vring_base(self, message: Message) -> Payload:
+    def _get_vring_base(self, message: protocol.Message) -> protocol.Payload:
         """GET_VRING_BASE: stop the ring and report where it is ("Ring states")."""
-        state = message.payload_as(VringState)
+        state = message.payload_as(protocol.VringState)
         index = state.index
         if not 0 <= index < len(self.vrings):
             raise _Fatal(f"ring {index} does not exist")
@@ -592,45 +569,45 @@ class VhostUserSession:
         if vring.queue is not None:
             self._stop_device(f"GET_VRING_BASE of ring {index}")
         vring.started = False
-        self._actions.append(WatchKick(index, None))
-        return VringState(index, vring.base)
+        self._actions.append(actions.WatchKick(index, None))
+        return protocol.VringState(index, vring.base)
 
-    def _vring_fd(self, message: Message) -> tuple[Vring, int | None]:
+    def _vring_fd(self, message: protocol.Message) -> tuple[Vring, int | None]:
         """The ring and fd of SET_VRING_KICK/CALL/ERR (the fd is closed if refused)."""
         value = message.payload_as(int)
-        fd = None if value & VRING_FD_NOFD else message.fds[0]
+        fd = None if value & protocol.VRING_FD_NOFD else message.fds[0]
         try:
-            vring = self._vring(value & VRING_FD_INDEX_MASK)
+            vring = self._vring(value & protocol.VRING_FD_INDEX_MASK)
         except _Refused:
             self._close(message.fds)
             raise
         return vring, fd
 
-    def _set_vring_kick(self, message: Message) -> Payload:
+    def _set_vring_kick(self, message: protocol.Message) -> protocol.Payload:
         vring, fd = self._vring_fd(message)
         if fd is None:
             log.warning(
                 "%s: ring %d has no kick fd; it runs only on in-band VRING_KICK", self, vring.index
             )
-        self._actions.append(WatchKick(vring.index, fd))
+        self._actions.append(actions.WatchKick(vring.index, fd))
         vring.started = True  # "start ring upon receiving a kick" fd
         if not self.features & F_PROTOCOL:
             vring.enabled = True  # without protocol features rings start enabled
         self._maybe_activate()
         return None
 
-    def _set_vring_call(self, message: Message) -> Payload:
+    def _set_vring_call(self, message: protocol.Message) -> protocol.Payload:
         vring, fd = self._vring_fd(message)
-        self._actions.append(SetNotifyFd(vring.index, NotifyKind.CALL, fd))
+        self._actions.append(actions.SetNotifyFd(vring.index, actions.NotifyKind.CALL, fd))
         return None
 
-    def _set_vring_err(self, message: Message) -> Payload:
+    def _set_vring_err(self, message: protocol.Message) -> protocol.Payload:
         vring, fd = self._vring_fd(message)
-        self._actions.append(SetNotifyFd(vring.index, NotifyKind.ERR, fd))
+        self._actions.append(actions.SetNotifyFd(vring.index, actions.NotifyKind.ERR, fd))
         return None
 
-    def _set_vring_enable(self, message: Message) -> Payload:
-        state = message.payload_as(VringState)
+    def _set_vring_enable(self, message: protocol.Message) -> protocol.Payload:
+        state = message.payload_as(protocol.VringState)
         vring = self._vring(state.index)
         if state.num not in (0, 1):
             raise _Refused(f"ring {state.index}: enable value {state.num} is not 0 or 1")
@@ -645,8 +622,8 @@ class VhostUserSession:
                 self.notify(vring.index)  # buffers that came while disabled
         return None
 
-    def _vring_kick(self, message: Message) -> Payload:
-        state = message.payload_as(VringState)
+    def _vring_kick(self, message: protocol.Message) -> protocol.Payload:
+        state = message.payload_as(protocol.VringState)
         self.kick(self._vring(state.index).index)
         return None
 
@@ -660,11 +637,11 @@ class VhostUserSession:
 
     # -- inflight I/O tracking (vhost-user.rst "Inflight I/O tracking") -------------------------
 
-    def _get_inflight_fd(self, message: Message) -> Payload:
+    def _get_inflight_fd(self, message: protocol.Message) -> protocol.Payload:
         """Allocate a zeroed region for ``num_queues`` rings of ``queue_size``; send its memfd."""
         desc = message.payload
-        assert isinstance(desc, InflightDesc)
-        if not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+        assert isinstance(desc, protocol.InflightDesc)
+        if not self.protocol_features & _INFLIGHT_SHMFD:
             raise _Fatal("GET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
         if desc.num_queues != len(self.vrings):
             raise _Fatal(
@@ -680,14 +657,14 @@ class VhostUserSession:
             raise _Fatal(f"cannot allocate the inflight region: {exc}") from exc
         self.inflight = area
         self._reply_fds = (fd,)
-        return InflightDesc(area.geometry.mmap_size, 0, desc.num_queues, desc.queue_size)
+        return protocol.InflightDesc(area.geometry.mmap_size, 0, desc.num_queues, desc.queue_size)
 
-    def _set_inflight_fd(self, message: Message) -> Payload:
+    def _set_inflight_fd(self, message: protocol.Message) -> protocol.Payload:
         """Map the region the front end hands back; it is validated before any use."""
         desc = message.payload
-        assert isinstance(desc, InflightDesc)
+        assert isinstance(desc, protocol.InflightDesc)
         try:
-            if not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+            if not self.protocol_features & _INFLIGHT_SHMFD:
                 raise _Refused("SET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
             if desc.num_queues != len(self.vrings):
                 raise _Refused(
@@ -701,7 +678,7 @@ class VhostUserSession:
                     desc.mmap_offset,
                     desc.num_queues,
                     desc.queue_size,
-                    allow_unsealed=self.unsealed_memory is UnsealedMemory.ALLOW,
+                    allow_unsealed=self.unsealed_memory is actions.UnsealedMemory.ALLOW,
                 )
             except InflightError as exc:
                 raise _Refused(f"inflight region: {exc}") from exc
@@ -726,7 +703,7 @@ class VhostUserSession:
         forever; a spare used buffer notification costs the driver a look.
         """
         area = self.inflight
-        if area is None or not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+        if area is None or not self.protocol_features & _INFLIGHT_SHMFD:
             return
         try:
             region = area.queue(index)
@@ -830,8 +807,8 @@ class VhostUserSession:
 
     # -- config, status, back-end channel ------------------------------------------------------
 
-    def _get_config(self, message: Message) -> Payload:
-        request = message.payload_as(ConfigSpace)
+    def _get_config(self, message: protocol.Message) -> protocol.Payload:
+        request = message.payload_as(protocol.ConfigSpace)
         try:
             end = len(self.device.config_bytes())
             if request.offset + request.size > end:
@@ -842,17 +819,17 @@ class VhostUserSession:
             data = self.device.read_config(request.offset, request.size)
         except Exception as exc:
             self._refusals.warn("get-config", None, "GET_CONFIG refused: %s", exc)
-            return ConfigSpace(request.offset, request.flags, b"")  # size 0: an error
-        return ConfigSpace(request.offset, request.flags, data[: request.size])
+            return protocol.ConfigSpace(request.offset, request.flags, b"")  # size 0: an error
+        return protocol.ConfigSpace(request.offset, request.flags, data[: request.size])
 
-    def _set_config(self, message: Message) -> Payload:
-        request = message.payload_as(ConfigSpace)
+    def _set_config(self, message: protocol.Message) -> protocol.Payload:
+        request = message.payload_as(protocol.ConfigSpace)
         if request.flags not in (0, 1):
             raise _Refused(f"SET_CONFIG flags {request.flags:#x}")
         self.device.write_config(request.offset, request.data)
         return None
 
-    def _set_status(self, message: Message) -> Payload:
+    def _set_status(self, message: protocol.Message) -> protocol.Payload:
         """SET_STATUS (STATUS): the driver's status byte as QEMU relays it."""
         value = message.payload_as(int) & 0xFF
         added = value & ~self.status
@@ -867,13 +844,13 @@ class VhostUserSession:
             self._maybe_activate(driver_ok=True)
         return None
 
-    def _get_status(self, message: Message) -> Payload:
+    def _get_status(self, message: protocol.Message) -> protocol.Payload:
         status = self.status
         if self.device.needs_reset:
             status |= DeviceStatus.DEVICE_NEEDS_RESET
         return status
 
-    def _set_backend_req_fd(self, message: Message) -> Payload:
+    def _set_backend_req_fd(self, message: protocol.Message) -> protocol.Payload:
         (fd,) = message.fds
-        self._actions.append(SetBackendChannel(fd))
+        self._actions.append(actions.SetBackendChannel(fd))
         return None
