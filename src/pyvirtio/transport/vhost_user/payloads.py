@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self, dataclass_transform
 
 __all__ = [
     "MAX_CONFIG_SIZE",
@@ -67,9 +67,11 @@ def _check_fields(name: str, values: Iterable[tuple[int, int]]) -> None:
             raise ValueError(f"{name}: {value!r} does not fit in {bits} bits")
 
 
+@dataclass_transform(frozen_default=True)
 class _Fixed:
     """A payload that is one fixed layout: its dataclass fields in order, ``LAYOUT``.
 
+    Every subclass is made a frozen dataclass of the fields it annotates.
     ``pack`` checks that each field fits its width in the layout (ValueError)
     and appends ``PADDING`` zero bytes; ``unpack`` takes any of ``SIZES``
     (struct.error otherwise).
@@ -90,6 +92,7 @@ class _Fixed:
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
+        dataclass(frozen=True)(cls)
         # The subclass's own annotations are its fields, in order (LAYOUT and
         # PADDING are assigned without one).
         cls._FIELDS = tuple(cls.__annotations__)
@@ -110,7 +113,6 @@ class _Fixed:
         return cls(*cls.LAYOUT.unpack_from(data))
 
 
-@dataclass(frozen=True)
 class VringState(_Fixed):
     """vhost-user.rst "A vring state description": ring index and a number (size, base...)."""
 
@@ -120,7 +122,6 @@ class VringState(_Fixed):
     num: int
 
 
-@dataclass(frozen=True)
 class VringAddr(_Fixed):
     """vhost-user.rst "A vring address description".
 
@@ -139,7 +140,6 @@ class VringAddr(_Fixed):
     log_guest_addr: int = 0
 
 
-@dataclass(frozen=True)
 class MemoryRegionDesc(_Fixed):
     """One region of "Memory regions description": guest and user base, size, fd offset."""
 
@@ -231,7 +231,6 @@ class ConfigSpace:
         return cls(offset, flags, bytes(data[_CONFIG_HEAD.size :]))
 
 
-@dataclass(frozen=True)
 class LogDesc(_Fixed):
     """vhost-user.rst "Log description": size and offset of the dirty log (LOG_SHMFD)."""
 
@@ -241,7 +240,6 @@ class LogDesc(_Fixed):
     mmap_offset: int
 
 
-@dataclass(frozen=True)
 class VringArea(_Fixed):
     """vhost-user.rst "Vring area description" (back-end VRING_HOST_NOTIFIER_MSG)."""
 
@@ -252,7 +250,6 @@ class VringArea(_Fixed):
     offset: int
 
 
-@dataclass(frozen=True)
 class InflightDesc(_Fixed):
     """vhost-user.rst "Inflight description" (GET/SET_INFLIGHT_FD).
 
