@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
+from pyvirtio.driver.memory import OwnedBuffers
 from pyvirtio.driver.mmio import MmioDriverError, MmioDriverTransport
 from pyvirtio.driver.transport import check_device_id, requested_features, wait_until
 
@@ -59,9 +60,9 @@ class EntropyDriver:
         transport.initialize(wanted)
         self.queue = transport.setup_queue(REQUESTQ, queue_size)
         self.buffer_size = buffer_size
-        self._buffer = transport.allocator.alloc(buffer_size, zero=False)
-        #: Buffers of requests that timed out, still owned by the device.
-        self._abandoned: set[int] = set()
+        #: The request buffer, and those of requests that timed out (the device still has them).
+        self._buffers = OwnedBuffers(transport.allocator, zero=False)
+        self._buffer = self._buffers.alloc(buffer_size)
         transport.driver_ok()
 
     @property
@@ -105,8 +106,7 @@ class EntropyDriver:
                     return True
                 # A request abandoned after a timeout: its buffer is free now.
                 assert isinstance(token, int)
-                self._abandoned.discard(token)
-                transport.allocator.free(token)
+                self._buffers.free(token)
             if transport.needs_reset:
                 raise EntropyDriverError("device needs reset")
             return False
@@ -114,13 +114,10 @@ class EntropyDriver:
         if wait_until(transport, completed, time.monotonic() + self.timeout):
             return got[0]
         # The buffer stays with the device: do not reuse it.
-        self._abandoned.add(buffer)
-        self._buffer = transport.allocator.alloc(self.buffer_size, zero=False)
+        self._buffer = self._buffers.alloc(self.buffer_size)
         raise EntropyDriverError(f"no completion within {self.timeout} s")
 
     def close(self) -> None:
-        """Reset the device (freeing the rings) and free the request buffer."""
+        """Reset the device (freeing the rings) and free the request buffers."""
         self.transport.reset()
-        for addr in (self._buffer, *self._abandoned):
-            self.transport.allocator.free(addr)
-        self._abandoned.clear()
+        self._buffers.free_all()
