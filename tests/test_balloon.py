@@ -593,6 +593,21 @@ def test_driver_waits_are_bounded() -> None:
     device.wake(resources)
 
 
+def test_driver_close_frees_a_buffer_the_device_never_used() -> None:
+    """A hint the device did not take in time stays allocated, until close gives it back."""
+    rig = MmioTestRig(full_balloon())
+    free_before = rig.allocator.free_bytes
+    driver = BalloonDriver(rig.driver, PagePool(2 * MIB, MIB), timeout=0.2)
+    device: Balloon = rig.device  # type: ignore[assignment]
+    device.start_hinting()
+    resources = device.sleep()
+    with pytest.raises(BalloonDriverError, match="not used within"):
+        driver.hint_free_pages()
+    device.wake(resources)
+    driver.close()
+    assert rig.allocator.free_bytes == free_before
+
+
 def test_driver_reports_a_device_that_needs_reset() -> None:
     rig = MmioTestRig(full_balloon())
     driver = BalloonDriver(rig.driver, PagePool(2 * MIB, MIB), timeout=1.0)

@@ -46,7 +46,7 @@ from pyvirtio.devices.balloon.wire import (
     encode_stats,
     queue_layout,
 )
-from pyvirtio.driver.memory import GuestAllocator
+from pyvirtio.driver.memory import GuestAllocator, OwnedBuffers
 from pyvirtio.driver.transport import (
     DriverTransport,
     check_device_id,
@@ -189,15 +189,17 @@ class BalloonDriver:
         }
         #: PFNs in the balloon, in the order they went in.
         self._balloon: list[int] = []
-        allocator = transport.allocator
+        #: Every buffer the driver allocated and has not freed (a buffer the
+        #: device did not use in time stays here until close).
+        self._buffers = OwnedBuffers(transport.allocator)
+        #: PFN-array buffers the device has used, ready for the next request.
         self._free_buffers: list[int] = []
-        self._buffers: list[int] = []
         self._hinted_cmd_id: int | None = None
         #: Statistics answered so far.
         self.stats_answered = 0
         self._stats_buffer: int | None = None
         if self.has(BalloonFeature.STATS_VQ):
-            self._stats_buffer = allocator.alloc(MAX_STATS * STAT_ENTRY.size)
+            self._stats_buffer = self._buffers.alloc(MAX_STATS * STAT_ENTRY.size)
             # Device Initialization: one buffer on the statsq before DRIVER_OK,
             # notified after it.
             self._post_stats()
@@ -320,9 +322,7 @@ class BalloonDriver:
         """A PFN-array buffer (recycled after the device used it)."""
         if self._free_buffers:
             return self._free_buffers.pop()
-        buffer = self.transport.allocator.alloc(PFNS_PER_REQUEST * 4)
-        self._buffers.append(buffer)
-        return buffer
+        return self._buffers.alloc(PFNS_PER_REQUEST * 4)
 
     # -- statistics ----------------------------------------------------------------
 
@@ -414,10 +414,9 @@ class BalloonDriver:
         """One buffer on ``role``'s queue (readable parts copied in), waited for."""
         transport = self.transport
         queue = self.queues[role]
-        allocator = transport.allocator
         copies = []
         for data in readable:
-            addr = allocator.alloc(len(data))
+            addr = self._buffers.alloc(len(data))
             transport.mem.write(addr, data)
             copies.append((addr, len(data)))
         token = object()
@@ -433,10 +432,10 @@ class BalloonDriver:
             return False
 
         if not wait_until(transport, used, time.monotonic() + self.timeout):
-            # The copies stay allocated: the device may still read them.
+            # The copies stay allocated until close: the device may still read them.
             raise BalloonDriverError(f"{role.value}: buffer not used within {self.timeout} s")
         for addr, _ in copies:
-            allocator.free(addr)
+            self._buffers.free(addr)
 
     def _range_batches(
         self, role: BalloonQueue, pfns: Sequence[int]
@@ -460,11 +459,6 @@ class BalloonDriver:
         self.transport.reset()
         self.pool.give(self._balloon)
         self._balloon.clear()
-        allocator = self.transport.allocator
-        for buffer in self._buffers:
-            allocator.free(buffer)
-        self._buffers.clear()
+        self._buffers.free_all()
         self._free_buffers.clear()
-        if self._stats_buffer is not None:
-            allocator.free(self._stats_buffer)
-            self._stats_buffer = None
+        self._stats_buffer = None
