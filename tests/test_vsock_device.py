@@ -33,6 +33,17 @@ def test_guest_cid_in_config(rig: VsockRig) -> None:
     assert rig.driver.guest_cid == GUEST_CID
 
 
+def test_driver_close_frees_its_buffers(rig: VsockRig) -> None:
+    """The reset gives every receive, event and transmit buffer back to the allocator."""
+    free_before = rig.rig.allocator.free_bytes
+    server = listen_unix(Path(f"{rig.uds}_1234"))
+    sock = rig.driver.connect(1234)
+    sock.send(b"hello")
+    rig.driver.close()
+    assert rig.rig.allocator.free_bytes == free_before
+    server.close()
+
+
 def test_guest_to_host_stream(rig: VsockRig) -> None:
     server = listen_unix(Path(f"{rig.uds}_1234"))
     data = os.urandom(1 << 20)

@@ -43,6 +43,7 @@ from pyvirtio.devices.vsock.wire import (
     VsockFeature,
     unpack_event,
 )
+from pyvirtio.driver.memory import OwnedBuffers
 from pyvirtio.driver.transport import (
     DriverTransport,
     check_device_id,
@@ -229,12 +230,13 @@ class VsockDriver:
         self._listening: dict[int, list[Connection]] = {}
         self._next_port = FIRST_LOCAL_PORT
         self.transport_resets = 0
-        alloc = transport.allocator
+        #: Every buffer the driver allocated and has not freed.
+        self._buffers = OwnedBuffers(transport.allocator)
         for _ in range(min(rx_buffers, self.rxq.size)):
-            addr = alloc.alloc(RX_BUFFER_SIZE)
+            addr = self._buffers.alloc(RX_BUFFER_SIZE)
             self.rxq.add([], [(addr, RX_BUFFER_SIZE)], token=addr)
         for _ in range(min(4, self.eventq.size)):
-            addr = alloc.alloc(EVENT_SIZE)
+            addr = self._buffers.alloc(EVENT_SIZE)
             self.eventq.add([], [(addr, EVENT_SIZE)], token=addr)
         transport.driver_ok()
         transport.notify(RXQ)
@@ -298,8 +300,7 @@ class VsockDriver:
     def _send_packet(
         self, header: Header, payload: memoryview | bytes = b"", deadline: float | None = None
     ) -> None:
-        alloc = self.transport.allocator
-        addr = alloc.alloc(HEADER_SIZE + len(payload))
+        addr = self._buffers.alloc(HEADER_SIZE + len(payload))
         mem = self.transport.mem
         mem.write(addr, header.pack())
         if payload:
@@ -311,7 +312,7 @@ class VsockDriver:
             except QueueFullError:
                 self._reap_tx()
                 if deadline is not None and time.monotonic() > deadline:
-                    alloc.free(addr)
+                    self._buffers.free(addr)
                     raise TimeoutError("TX queue full") from None
                 self.transport.wait_interrupt(0.01)
         if self.txq.kick_needed():
@@ -330,7 +331,7 @@ class VsockDriver:
     def _reap_tx(self) -> None:
         for token, _written in self.txq.used():
             assert isinstance(token, int)
-            self.transport.allocator.free(token)
+            self._buffers.free(token)
 
     def poll(self) -> None:
         """Take every completion from the device and answer what needs answering."""
@@ -386,7 +387,12 @@ class VsockDriver:
         del old
 
     def close(self) -> None:
-        """Reset the device (the connections end without notice)."""
+        """Reset the device (the connections end without notice) and free the driver's buffers.
+
+        Over a transport that cannot reset the device the buffers stay
+        allocated: the device may still write into them.
+        """
         reset = getattr(self.transport, "reset", None)
         if callable(reset):
             reset()
+            self._buffers.free_all()
