@@ -213,6 +213,30 @@ def test_direct_io(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert image.read_bytes()[2 * SECTOR : 4 * SECTOR] == pattern(2 * SECTOR, 3)
 
 
+@pytest.mark.parametrize("name", ["preadv", "pwritev"])
+def test_direct_io_refused_through_the_bounce_buffer_too(
+    image: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EINVAL on the aligned retry as well is the request's error: one retry, no loop."""
+    calls: list[int] = []
+
+    def refuse(fd: int, views: list[memoryview], offset: int) -> int:
+        calls.append(offset)
+        raise OSError(errno.EINVAL, "misaligned")
+
+    monkeypatch.setattr(os, name, refuse)
+    fd = os.open(image, os.O_RDWR)
+    backend = block_io.FileBackend(fd, direct=True)  # the caller's fd: bounce on EINVAL
+    transfer = backend.read_into if name == "preadv" else backend.write_from
+    try:
+        with pytest.raises(OSError) as raised:
+            transfer([memoryview(bytearray(SECTOR))], 2 * SECTOR, SECTOR)
+    finally:
+        os.close(fd)
+    assert raised.value.errno == errno.EINVAL
+    assert calls == [2 * SECTOR, 2 * SECTOR]
+
+
 @pytest.mark.parametrize("unmap", [False, True])
 def test_write_zeroes_falls_back_to_writing(
     image: Path, unmap: bool, monkeypatch: pytest.MonkeyPatch

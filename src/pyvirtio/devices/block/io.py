@@ -162,6 +162,18 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return rest
 
 
+def _copy_views(views: list[memoryview], buf: memoryview, *, gather: bool) -> None:
+    """Copy a scatter list into ``buf`` (``gather``) or ``buf`` back out to it."""
+    pos = 0
+    for view in views:
+        end = pos + len(view)
+        if gather:
+            buf[pos:end] = view
+        else:
+            view[:] = buf[pos:end]
+        pos = end
+
+
 @contextlib.contextmanager
 def _bounce_buffer(size: int) -> Iterator[memoryview]:
     """A page-aligned buffer for an O_DIRECT retry: the rare path, so one per call
@@ -273,18 +285,34 @@ class FileBackend:
 
     def read_into(self, views: list[memoryview], offset: int, length: int) -> None:
         """preadv until every view is filled; what lies past end of file reads as zeros."""
+        self._transfer(views, offset, length, reading=True)
+
+    def write_from(self, views: list[memoryview], offset: int, length: int) -> None:
+        """pwritev until every byte is written (short writes are continued)."""
+        self._transfer(views, offset, length, reading=False)
+
+    def _transfer(
+        self, views: list[memoryview], offset: int, length: int, reading: bool, bounce: bool = True
+    ) -> None:
+        """preadv (``reading``) or pwritev until ``length`` bytes have moved, at most
+        ``_IOV_MAX`` views a call.  Under O_DIRECT a buffer the kernel refuses
+        (EINVAL) is retried through an aligned one, unless this is that retry
+        (``bounce`` false): a refusal there is final."""
+        vectored = os.preadv if reading else os.pwritev
         fd = self._fd
         while views:
             try:
-                n = os.preadv(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
+                n = vectored(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
             except OSError as exc:
-                if self.direct and exc.errno == errno.EINVAL:
-                    self._read_bounced(views, offset, length)
+                if bounce and self.direct and exc.errno == errno.EINVAL:
+                    self._transfer_bounced(views, offset, length, reading=reading)
                     return
                 raise
             if n == length:
                 return
             if n == 0:
+                if not reading:
+                    raise OSError(errno.EIO, "pwritev wrote nothing")
                 # End of file: the file shrank underneath, or was never that long.
                 zero_views(views)
                 return
@@ -292,51 +320,16 @@ class FileBackend:
             length -= n
             offset += n
 
-    def write_from(self, views: list[memoryview], offset: int, length: int) -> None:
-        """pwritev until every byte is written (short writes are continued)."""
-        fd = self._fd
-        while views:
-            try:
-                n = os.pwritev(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
-            except OSError as exc:
-                if self.direct and exc.errno == errno.EINVAL:
-                    self._write_bounced(views, offset, length)
-                    return
-                raise
-            if n == length:
-                return
-            if n == 0:
-                raise OSError(errno.EIO, "pwritev wrote nothing")
-            views = _advance(views, n)
-            length -= n
-            offset += n
-
-    def _read_bounced(self, views: list[memoryview], offset: int, length: int) -> None:
+    def _transfer_bounced(
+        self, views: list[memoryview], offset: int, length: int, *, reading: bool
+    ) -> None:
+        """:meth:`_transfer` through a page-aligned copy of ``views`` (the rare path)."""
         with _bounce_buffer(length) as buf:
-            done = 0
-            while done < length:
-                n = os.preadv(self._fd, [buf[done:]], offset + done)
-                if n == 0:
-                    buf[done:] = bytes(length - done)
-                    break
-                done += n
-            pos = 0
-            for view in views:
-                view[:] = buf[pos : pos + len(view)]
-                pos += len(view)
-
-    def _write_bounced(self, views: list[memoryview], offset: int, length: int) -> None:
-        with _bounce_buffer(length) as buf:
-            pos = 0
-            for view in views:
-                buf[pos : pos + len(view)] = view
-                pos += len(view)
-            done = 0
-            while done < length:
-                n = os.pwritev(self._fd, [buf[done:]], offset + done)
-                if n == 0:
-                    raise OSError(errno.EIO, "pwritev wrote nothing")
-                done += n
+            if not reading:
+                _copy_views(views, buf, gather=True)
+            self._transfer([buf], offset, length, reading=reading, bounce=False)
+            if reading:
+                _copy_views(views, buf, gather=False)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
