@@ -122,15 +122,13 @@ class Connection:
         key: ConnKey,
         sock_type: SockType,
         state: ConnState,
-        buf_alloc: int,
     ) -> None:
         self.endpoint = endpoint
         self.key = key
         self.type = sock_type
         self.state = state
-        self.buf_alloc = buf_alloc
+        self.buf_alloc = endpoint.buf_alloc
         self.fwd_cnt = 0
-        self.rx_cnt = 0
         self.last_fwd_sent = 0
         self.peer_buf_alloc = 0
         self.peer_fwd_cnt = 0
@@ -148,7 +146,6 @@ class Connection:
         #: Why the connection was reset (None while alive or closed cleanly).
         self.reset_reason: str | None = None
         self._pending: set[Op] = set()
-        self._shutdown_flags = 0
         #: Free for the owner (the device keeps its host stream here).
         self.user: object = None
 
@@ -212,7 +209,7 @@ class Connection:
         for op in (Op.RESPONSE, Op.REQUEST, Op.CREDIT_REQUEST, Op.SHUTDOWN, Op.CREDIT_UPDATE):
             if op in pending:
                 pending.discard(op)
-                flags = self._shutdown_flags if op is Op.SHUTDOWN else 0
+                flags = self.local_shut if op is Op.SHUTDOWN else 0
                 return self._header(op, flags)
         return None
 
@@ -231,7 +228,6 @@ class Connection:
         if not new or self.state is not ConnState.ESTABLISHED:
             return
         self.local_shut |= new
-        self._shutdown_flags = self.local_shut
         self._queue(Op.SHUTDOWN)
         self._check_done()
 
@@ -243,7 +239,6 @@ class Connection:
             self.reset("closed")
             return
         self.local_shut = ShutdownFlag.BOTH
-        self._shutdown_flags = ShutdownFlag.BOTH
         self._queue(Op.SHUTDOWN)
         self.state = ConnState.CLOSING
         self.deadline = self.endpoint.clock() + self.endpoint.close_timeout
@@ -305,9 +300,10 @@ class Connection:
     def _delivered(self, n: int) -> None:
         self.rx_bytes -= n
         self.fwd_cnt += n
-        # The peer thinks it may send buf_alloc - (rx_cnt - last_fwd_sent) more;
-        # tell it about the space freed before it runs dry (it would stall).
-        seen_free = self.buf_alloc - (self.rx_cnt - self.last_fwd_sent)
+        # The peer thinks it may send buf_alloc - (received - last_fwd_sent) more,
+        # received being fwd_cnt + rx_bytes; tell it about the space freed
+        # before it runs dry (it would stall).
+        seen_free = self.buf_alloc - (self.fwd_cnt + self.rx_bytes - self.last_fwd_sent)
         if (
             seen_free < min(CREDIT_LOW_WATER, self.buf_alloc // 2)
             and self.fwd_cnt != self.last_fwd_sent
@@ -384,7 +380,6 @@ class Connection:
             self.endpoint._warn("credit", "%s: peer sent beyond its credit: reset", self)
             self.reset("credit exceeded")
             return
-        self.rx_cnt += len(payload)
         flags = header.flags if self.type is SockType.SEQPACKET else 0
         if payload or flags & SeqFlag.EOM:
             self.rx.append((payload, flags))
@@ -450,7 +445,7 @@ class Endpoint:
         if len(self.connections) >= self.max_connections:
             raise ValueError(f"at most {self.max_connections} connections")
         self._check_type(sock_type)
-        conn = Connection(self, key, sock_type, ConnState.LOCAL_INIT, self.buf_alloc)
+        conn = Connection(self, key, sock_type, ConnState.LOCAL_INIT)
         conn.deadline = self.clock() + self.connect_timeout
         self.connections[key] = conn
         conn._queue(Op.REQUEST)
@@ -562,7 +557,7 @@ class Endpoint:
             self._warn("limit", "more than %d connections: REQUEST reset", self.max_connections)
             self._reply_rst_to(header)
             return None
-        conn = Connection(self, key, SockType(header.type), ConnState.PEER_INIT, self.buf_alloc)
+        conn = Connection(self, key, SockType(header.type), ConnState.PEER_INIT)
         conn._note_credit(header)
         self.connections[key] = conn
         return conn
