@@ -60,7 +60,6 @@ from pyvirtio.devices.block.wire import (
     S_IOERR,
     S_OK,
     SECTOR_SIZE,
-    STATUS_SIZE,
     T_DISCARD,
     T_FLUSH,
     T_GET_ID,
@@ -524,18 +523,11 @@ class Block(VirtioDevice):
         queue.add_used_batch(completions)
 
     def _write_status(self, chain: DescriptorChain, status: int, data_written: bool) -> int:
-        """Write the status byte (the last device-writable byte); returns the used length."""
-        total = chain.writable_len
+        """Write a failed request's status; returns the used length."""
         try:
-            if status != S_OK and total > STATUS_SIZE:
-                if not data_written:
-                    self._parser.write_status(chain, status)
-                    return 0  # only the last byte written: nothing from the first counts
-                zero_views(chain.writable_views(0, total - STATUS_SIZE))
-            self._parser.write_status(chain, status)
+            return self._parser.write_failure(chain, status, data_written)
         except GuestMemoryError as exc:  # regions removed since the chain was parsed
             raise VirtqueueError(str(exc)) from exc
-        return total
 
     def _bad(self, chain: DescriptorChain, reason: str) -> None:
         """Log a driver error (first one loudly, the rest at debug level)."""

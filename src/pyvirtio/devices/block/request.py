@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+from pyvirtio.devices.block.io import zero_views
 from pyvirtio.devices.block.wire import (
     DISCARD_SEGMENT_SIZE,
     HEADER,
@@ -269,6 +270,22 @@ class RequestParser:
         if not (self._table is chain.mem.regions and self._base <= addr < self._end):
             self._use(chain.mem.window(addr, STATUS_SIZE))
         self._view[addr - self._base] = status
+
+    def write_failure(self, chain: DescriptorChain, status: int, data_written: bool) -> int:
+        """Write the error ``status`` of a request; returns the used length.
+
+        Data the failed request may have written in part (``data_written``)
+        is zeroed and counted, so the driver sees no stale bytes; otherwise only
+        the status byte is written, and nothing before it counts (used 0).
+        """
+        total = chain.writable_len
+        if total > STATUS_SIZE:
+            if not data_written:
+                self.write_status(chain, status)
+                return 0
+            zero_views(chain.writable_views(0, total - STATUS_SIZE))
+        self.write_status(chain, status)
+        return total
 
     # -- pieces -----------------------------------------------------------------------------
 
