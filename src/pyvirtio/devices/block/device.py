@@ -507,8 +507,10 @@ class Block(VirtioDevice):
         """
         completions: list[tuple[DescriptorChain, int]] = []
         write_status = self._parser.write_status
-        for chain, status, modified, data_written in served:
-            if status == S_OK and not (sync_failed and modified):
+        for done in served:
+            chain = done.chain
+            status = done.status
+            if status == S_OK and not (sync_failed and done.modified):
                 try:
                     write_status(chain, S_OK)
                 except GuestMemoryError as exc:  # regions removed since the chain was parsed
@@ -518,8 +520,8 @@ class Block(VirtioDevice):
                 completions.append((chain, 0))
             else:
                 self.io_errors += 1
-                final = S_IOERR if sync_failed and modified else status
-                completions.append((chain, self._write_status(chain, final, data_written)))
+                final = S_IOERR if sync_failed and done.modified else status
+                completions.append((chain, self._write_status(chain, final, done.data_written)))
         queue.add_used_batch(completions)
 
     def _write_status(self, chain: DescriptorChain, status: int, data_written: bool) -> int:

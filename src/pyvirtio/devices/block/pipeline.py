@@ -216,5 +216,5 @@ class Pipeline:
                     served = Served(chain, int(Status.IOERR), True, True)
             if served is not None:
                 if served.modified and device._sync([served]):
-                    served = served._replace(status=int(Status.IOERR))
+                    served = served.failed(int(Status.IOERR))
                 done.append(served)

@@ -75,19 +75,35 @@ class Segment(NamedTuple):
     unmap: bool
 
 
-class Request(NamedTuple):
-    """A validated request, ready to be carried out."""
+# Request and Served are built once per request, so they are plain classes:
+# compiled, their constructors are native calls, where a NamedTuple's
+# ``__new__`` and a dataclass's ``__init__`` stay Python functions (a frame
+# per request).  Their fields are read, never reassigned.
+class Request:
+    """A validated request, ready to be carried out.
 
-    #: ``virtio_blk_req.type`` (a :class:`~.wire.RequestType` value).
-    type: int
-    #: Byte offset on the disk (IN, OUT).
-    offset: int
-    #: Data bytes to move (IN, OUT) or the GET_ID buffer's length.
-    length: int
-    #: Guest memory the data moves to (IN, GET_ID) or from (OUT), ``length`` bytes.
-    views: list[memoryview]
-    #: The ranges of a DISCARD or WRITE_ZEROES (empty for other types).
-    segments: tuple[Segment, ...] = ()
+    ``type`` is ``virtio_blk_req.type`` (a :class:`~.wire.RequestType`
+    value); ``offset`` the byte offset on the disk (IN, OUT); ``length`` the
+    data bytes to move (IN, OUT) or the GET_ID buffer's length; ``views``
+    the guest memory the data moves to (IN, GET_ID) or from (OUT);
+    ``segments`` the ranges of a DISCARD or WRITE_ZEROES (empty otherwise).
+    """
+
+    __slots__ = ("length", "offset", "segments", "type", "views")
+
+    def __init__(
+        self,
+        type: int,
+        offset: int,
+        length: int,
+        views: list[memoryview],
+        segments: tuple[Segment, ...] = (),
+    ) -> None:
+        self.type = type
+        self.offset = offset
+        self.length = length
+        self.views = views
+        self.segments = segments
 
     @property
     def is_transfer(self) -> bool:
@@ -95,16 +111,28 @@ class Request(NamedTuple):
         return self.type in TRANSFERS
 
 
-class Served(NamedTuple):
-    """A request carried out or refused, ready to be published."""
+class Served:
+    """A request carried out or refused, ready to be published.
 
-    chain: DescriptorChain
-    #: The status to write; None: the chain has no byte to carry one.
-    status: int | None
-    #: Whether it modified the disk (writethrough mode syncs before completing it).
-    modified: bool
-    #: Whether the device wrote, or may have written, its data area.
-    data_written: bool
+    ``status`` is the status to write (None: the chain has no byte to carry
+    one); ``modified`` whether it modified the disk (writethrough mode syncs
+    before completing it); ``data_written`` whether the device wrote, or may
+    have written, the chain's data area.
+    """
+
+    __slots__ = ("chain", "data_written", "modified", "status")
+
+    def __init__(
+        self, chain: DescriptorChain, status: int | None, modified: bool, data_written: bool
+    ) -> None:
+        self.chain = chain
+        self.status = status
+        self.modified = modified
+        self.data_written = data_written
+
+    def failed(self, status: int) -> Served:
+        """The same request, answered with ``status`` instead."""
+        return Served(self.chain, status, self.modified, self.data_written)
 
 
 class BadRequest(Exception):
