@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import queue
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from pyvirtio.workers import IoWorkers, Outcome
+from helpers.vhost_user import wait_until
+from pyvirtio.workers import HOST_SIGNALS, IoWorkers, Outcome
 
 
 def test_calls_run_on_the_workers_and_report_to_their_queue() -> None:
@@ -57,3 +62,42 @@ def test_close_finishes_submitted_calls_and_stops_threads() -> None:
 def test_thread_count_validated() -> None:
     with pytest.raises(ValueError, match="threads"):
         IoWorkers(0)
+
+
+def test_workers_block_the_host_signals_and_leave_the_creator_s_mask_alone() -> None:
+    # Python runs handlers in the main thread only: a SIGTERM the kernel gave
+    # a worker would not wake a main thread asleep in epoll_wait.
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    masks: queue.SimpleQueue[Outcome[set[signal.Signals]]] = queue.SimpleQueue()
+    with IoWorkers(2, name="masked") as workers:
+        for i in range(2):
+            workers.submit(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, []), (), masks, i)
+        for _ in range(2):
+            outcome = masks.get(timeout=10)
+            assert outcome.value is not None and outcome.value >= HOST_SIGNALS
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert not before >= HOST_SIGNALS
+
+
+def test_sigterm_stops_serve_with_io_threads_at_once(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "blk.sock"
+    command = [sys.executable, "-m", "pyvirtio", "serve", "blk", "--socket", str(sock)]
+    command += ["--file", str(image), "--io-threads", "4"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    try:
+        wait_until(sock.exists, 20)
+        # Whichever thread the kernel would pick, only the main thread may take it.
+        for task in Path(f"/proc/{process.pid}/task").iterdir():
+            if int(task.name) != process.pid:
+                status = (task / "status").read_text()
+                blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+                assert blocked & (1 << (signal.SIGTERM - 1)), task.name
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        process.kill()
+        process.wait()
+        assert process.stderr is not None
+        process.stderr.close()

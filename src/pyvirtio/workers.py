@@ -12,16 +12,26 @@ ring under its lock.
 The hand-over is two :class:`queue.SimpleQueue` operations (C code, no
 Python-level locks or futures); :mod:`concurrent.futures` measured about
 twice the CPU time per call.
+
+Workers block the signals a host stops on (:data:`HOST_SIGNALS`): Python runs
+signal handlers in the main thread only, so a SIGTERM the kernel handed to a
+worker would leave a main thread asleep in ``epoll_wait`` unaware of it
+(``pyvirtio serve --io-threads N`` then ignored SIGTERM until its next
+event).  Blocked in the workers, the signal interrupts the main thread.
 """
 
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["IoWorkers", "Outcome"]
+__all__ = ["HOST_SIGNALS", "IoWorkers", "Outcome"]
+
+#: Signals worker threads block, so that the main thread receives them.
+HOST_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 
 T = TypeVar("T")
 
@@ -60,8 +70,13 @@ class IoWorkers:
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
             for i in range(threads)
         ]
-        for thread in self._threads:
-            thread.start()
+        # A thread starts with its creator's signal mask: block, start, restore.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, HOST_SIGNALS)
+        try:
+            for thread in self._threads:
+                thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 
     def __repr__(self) -> str:
         return f"IoWorkers(threads={self.threads}, submitted={self.submitted})"
