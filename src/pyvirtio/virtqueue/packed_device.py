@@ -5,7 +5,7 @@ from __future__ import annotations
 import array
 import struct
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.base import DeviceRing
@@ -64,7 +64,7 @@ class PackedInflightRecorder(Protocol):
         """The batch is published: ``ids`` are no longer in flight."""
 
 
-_unpack_desc = DESC.unpack_from
+_unpack_desc: Final = DESC.unpack_from
 
 #: Batches of at least this many used descriptors are stored with strided
 #: slice assignments; below it, their fixed cost outweighs a store per field.

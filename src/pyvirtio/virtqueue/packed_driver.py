@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Final
 
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.base import DriverRing
@@ -38,11 +39,11 @@ from pyvirtio.virtqueue.ring import (
 
 __all__ = ["PackedDriverQueue"]
 
-_pack_desc = DESC.pack_into
+_pack_desc: Final = DESC.pack_into
 #: A descriptor's ``addr``, ``len`` and ``id``: everything but the flags that publish it.
-_pack_desc_head = struct.Struct("<QIH").pack_into
+_pack_desc_head: Final = struct.Struct("<QIH").pack_into
 #: A used descriptor's ``len`` and ``id``, read after its flags.
-_unpack_used = struct.Struct("<IH").unpack_from
+_unpack_used: Final = struct.Struct("<IH").unpack_from
 
 
 class PackedDriverQueue(DriverRing):

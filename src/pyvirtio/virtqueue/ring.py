@@ -110,7 +110,7 @@ def read_span(slots: Words, start: int, stop: int) -> list[int]:
     return [slots[index] for index in range(start, stop)]
 
 
-_barrier_lock = threading.Lock()
+_barrier_lock: Final = threading.Lock()
 
 
 def full_barrier() -> None:

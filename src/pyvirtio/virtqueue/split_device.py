@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
 from pyvirtio.virtqueue.base import DeviceRing
@@ -54,7 +54,7 @@ class InflightRecorder(Protocol):
         """The used idx is now ``used_idx``: ``heads`` are no longer in flight."""
 
 
-_unpack_desc = DESC.unpack_from
+_unpack_desc: Final = DESC.unpack_from
 
 
 def _ring_index(index: object, what: str) -> int:

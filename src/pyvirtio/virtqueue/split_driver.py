@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Final
 
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.base import DriverRing
@@ -37,7 +38,7 @@ from pyvirtio.virtqueue.split_layout import (
 
 __all__ = ["SplitDriverQueue"]
 
-_pack_desc = DESC.pack_into
+_pack_desc: Final = DESC.pack_into
 
 
 class SplitDriverQueue(DriverRing):

@@ -64,7 +64,7 @@ TRANSFERS: Final = frozenset({T_IN, T_OUT})
 _WRITES: Final = frozenset({T_OUT, T_DISCARD, T_WRITE_ZEROES})
 #: Descriptors a request has besides its data: the header and the status byte.
 _FRAMING_DESCRIPTORS: Final = 2
-_unpack_header = HEADER.unpack_from
+_unpack_header: Final = HEADER.unpack_from
 
 
 class Segment(NamedTuple):
