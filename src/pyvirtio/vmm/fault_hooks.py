@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtio.devices.block import Block
-from pyvirtio.devices.block.request import TRANSFERS, Request
+from pyvirtio.devices.block.request import TRANSFERS, Request, Served
 from pyvirtio.devices.block.wire import HEADER, HEADER_SIZE, RequestType
 
 __all__ = ["DELAY_TRANSFERS_ENV", "HOLD_WRITE_ENV", "delay_transfers", "hold_write"]
@@ -50,7 +50,7 @@ def hold_write(device: Block, spec: str) -> None:
     publish: Callable[..., None] = device._publish
     held = False
 
-    def holding_publish(queue: Any, served: list[Any], sync_failed: bool) -> None:
+    def holding_publish(queue: Any, served: list[Served], sync_failed: bool) -> None:
         nonlocal held
         if not held:
             kept = []
@@ -58,7 +58,7 @@ def hold_write(device: Block, spec: str) -> None:
                 if not held:
                     try:
                         req_type, _reserved, req_sector = HEADER.unpack(
-                            item[0].read(0, HEADER_SIZE)
+                            item.chain.read(0, HEADER_SIZE)
                         )
                     except Exception:  # a malformed request: not the one held
                         req_type, req_sector = -1, -1
