@@ -16,8 +16,23 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
-__all__ = ["HOT_MODULES", "compiled_modules", "is_compiled", "summary"]
+__all__ = ["HOT_MODULES", "compiled_modules", "is_compiled", "mypyc_attr", "summary"]
+
+_T = TypeVar("_T")
+
+if TYPE_CHECKING:
+    # What mypyc reads (it knows the decorator by this name).
+    from mypy_extensions import mypyc_attr
+else:
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
+        """mypyc's options for a class, which it reads while compiling: at run
+        time nothing, so pyvirtio needs no mypy_extensions installed."""
+        return lambda cls: cls
+
 
 #: The modules a compiled build compiles: what every request crosses (guest
 #: memory, both sides of both ring formats, the block model, its
@@ -40,8 +55,13 @@ HOT_MODULES = (
     "pyvirtio.devices.block.request",
     "pyvirtio.devices.block.pipeline",
     "pyvirtio.devices.block.device",
+    "pyvirtio.devices.net.frames",
+    "pyvirtio.devices.net.receive",
+    "pyvirtio.devices.net.steering",
+    "pyvirtio.devices.net.device",
     "pyvirtio.transport.vhost_user.backend",
     "pyvirtio.driver.vhost_user",
+    "pyvirtio.driver.net",
 )
 
 
