@@ -55,6 +55,7 @@ HOT_MODULES = (
     "pyvirtio.devices.block.request",
     "pyvirtio.devices.block.pipeline",
     "pyvirtio.devices.block.device",
+    "pyvirtio.devices.net.wire",
     "pyvirtio.devices.net.frames",
     "pyvirtio.devices.net.receive",
     "pyvirtio.devices.net.steering",
