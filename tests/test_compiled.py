@@ -89,3 +89,13 @@ def test_compiled_build_is_of_the_sources_under_test() -> None:
 def test_pure_environment_runs_no_module_compiled() -> None:
     assert compiled.compiled_modules() == []
     assert compiled.summary() == "pure Python"
+
+
+def test_modules_with_mypyc_options_import_without_mypy_extensions() -> None:
+    # mypyc_attr is read by mypyc; an install without mypy still imports them.
+    code = (
+        "import sys; sys.modules['mypy_extensions'] = None; "
+        "import pyvirtio.devices.net.device as d; print(d.Net.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "Net\n"

@@ -16,13 +16,29 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
-__all__ = ["HOT_MODULES", "compiled_modules", "is_compiled", "summary"]
+__all__ = ["HOT_MODULES", "compiled_modules", "is_compiled", "mypyc_attr", "summary"]
 
-#: The modules a compiled build compiles: what every request crosses (guest
-#: memory, both sides of both ring formats, the block model, its
-#: request parsing and pipeline, the vhost-user back end's loop and front
-#: end), chosen by instruction counts.  ARCHITECTURE.md ("Compiled build")
+_T = TypeVar("_T")
+
+if TYPE_CHECKING:
+    # What mypyc reads (it knows the decorator by this name).
+    from mypy_extensions import mypyc_attr
+else:
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
+        """mypyc's options for a class, which it reads while compiling: at run
+        time nothing, so pyvirtio needs no mypy_extensions installed."""
+        return lambda cls: cls
+
+
+#: The modules a compiled build compiles: what every request or frame
+#: crosses (guest memory, both sides of both ring formats, the block model,
+#: its request parsing and pipeline, the vhost-user back end's loop and
+#: front end, the virtio-net model's frame path and the net driver), chosen
+#: by instruction counts.  ARCHITECTURE.md ("Compiled build")
 #: says what is left out and why.  setup.py parses this tuple, so it stays
 #: a literal of string literals.
 HOT_MODULES = (
@@ -40,8 +56,14 @@ HOT_MODULES = (
     "pyvirtio.devices.block.request",
     "pyvirtio.devices.block.pipeline",
     "pyvirtio.devices.block.device",
+    "pyvirtio.devices.net.wire",
+    "pyvirtio.devices.net.frames",
+    "pyvirtio.devices.net.receive",
+    "pyvirtio.devices.net.steering",
+    "pyvirtio.devices.net.device",
     "pyvirtio.transport.vhost_user.backend",
     "pyvirtio.driver.vhost_user",
+    "pyvirtio.driver.net",
 )
 
 

@@ -33,7 +33,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.devices.net.wire import (
@@ -85,12 +85,12 @@ CONFIG_FEATURES = F.MAC.mask | F.STATUS.mask | F.MTU.mask | F.MQ.mask
 #: Receive buffer size with MRG_RXBUF: Linux's GOOD_PACKET_LEN plus the header.
 MERGEABLE_BUFFER = HDR_SIZE + ETH_HLEN + VLAN_HLEN + 1500
 #: Transmit frames up to this size (header included) use preallocated slots.
-_TX_SLOT = 2048
-_ACK_UNSET = 0xFF
-_ZERO_HEADER = bytes(HDR_SIZE)
+_TX_SLOT: Final = 2048
+_ACK_UNSET: Final = 0xFF
+_ZERO_HEADER: Final = bytes(HDR_SIZE)
 
-_U16 = struct.Struct("<H")
-_U64 = struct.Struct("<Q")
+_U16: Final = struct.Struct("<H")
+_U64: Final = struct.Struct("<Q")
 
 
 class NetDriverError(MmioDriverError):

@@ -50,8 +50,9 @@ import logging
 import os
 import select
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
+from pyvirtio.compiled import mypyc_attr
 from pyvirtio.constants import DeviceId
 from pyvirtio.device import COMMON_FEATURES, DeviceState, QueueResources, VirtioDevice
 from pyvirtio.devices.net import control, persist
@@ -105,11 +106,13 @@ OFFERED_NET_FEATURES = IMPLEMENTED_NET_FEATURES
 DEFAULT_QUEUE_SIZE = 256
 #: Frames moved from the back end per call, so one busy back end cannot
 #: monopolise the host loop (the fd stays readable; the host calls again).
-RX_BATCH = 256
+RX_BATCH: Final = 256
 #: Seconds between two log lines about the same kind of problem.
 LOG_INTERVAL = 10.0
 
 
+# Subclassed like any VirtioDevice (a test double overrides _process_queue).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Net(VirtioDevice):
     """A virtio network device whose wire is ``backend``.
 

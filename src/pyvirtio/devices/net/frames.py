@@ -22,7 +22,7 @@ log line, and the model counts and logs it.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pyvirtio.devices.net.wire import (
     ETH_HLEN,
@@ -51,9 +51,9 @@ __all__ = [
 ]
 
 F = NetFeature
-_HDR = NetHeader.STRUCT
-_CSUM_FIELDS = struct.Struct("<HH")
-_CSUM = struct.Struct(">H")
+_HDR: Final = NetHeader.STRUCT
+_CSUM_FIELDS: Final = struct.Struct("<HH")
+_CSUM: Final = struct.Struct(">H")
 
 #: gso_type (without ECN) -> the feature a driver needs to receive it / the
 #: device needs negotiated to accept it from the driver.
@@ -68,17 +68,17 @@ GSO_HOST: dict[int, int] = {
     Gso.UDP: F.HOST_UFO.mask,
 }
 # Plain ints on the per-frame paths: IntFlag arithmetic costs a call each.
-_NEEDS_CSUM = int(HdrFlag.NEEDS_CSUM)
-_RX_FLAGS = int(HdrFlag.NEEDS_CSUM | HdrFlag.DATA_VALID)
-_GSO_ECN = int(Gso.ECN)
-_GSO_NONE = int(Gso.NONE)
-_F_CSUM = F.CSUM.mask
-_F_GUEST_CSUM = F.GUEST_CSUM.mask
-_F_HOST_ECN = F.HOST_ECN.mask
-_F_GUEST_ECN = F.GUEST_ECN.mask
+_NEEDS_CSUM: Final = int(HdrFlag.NEEDS_CSUM)
+_RX_FLAGS: Final = int(HdrFlag.NEEDS_CSUM | HdrFlag.DATA_VALID)
+_GSO_ECN: Final = int(Gso.ECN)
+_GSO_NONE: Final = int(Gso.NONE)
+_F_CSUM: Final = F.CSUM.mask
+_F_GUEST_CSUM: Final = F.GUEST_CSUM.mask
+_F_HOST_ECN: Final = F.HOST_ECN.mask
+_F_GUEST_ECN: Final = F.GUEST_ECN.mask
 #: Offsets in struct virtio_net_hdr.
-_GSO_TYPE = 1
-_CSUM_START = 6
+_GSO_TYPE: Final = 1
+_CSUM_START: Final = 6
 
 
 class Dropped(Exception):
@@ -155,7 +155,10 @@ def gather_tx(
         raise Dropped("tx_dropped_oversize", "transmit frame of %d bytes", frame_len)
     readable = chain.readable
     # Header and frame in one buffer, as Linux sends them: one view.
-    whole = views.view(chain.mem, *readable[0]) if len(readable) == 1 else None
+    whole = None
+    if len(readable) == 1:
+        addr, length = readable[0]
+        whole = views.view(chain.mem, addr, length)
     if whole is not None:
         flags, gso, hdr_len, gso_size, csum_start, csum_offset, _ = _HDR.unpack_from(whole)
         frame: list[memoryview] = [whole[HDR_SIZE:]]

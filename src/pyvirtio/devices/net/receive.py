@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Final
 
 from pyvirtio.devices.net.frames import Dropped, GuestViews
 from pyvirtio.devices.net.wire import HDR_SIZE
@@ -25,9 +26,9 @@ __all__ = ["Completions", "RxBuffers"]
 #: Chains to return to one queue, with the bytes written to each.
 Completions = list[tuple[DescriptorChain, int]]
 
-_U16 = struct.Struct("<H")
+_U16: Final = struct.Struct("<H")
 #: ``num_buffers`` in struct virtio_net_hdr.
-_NUM_BUFFERS = 10
+_NUM_BUFFERS: Final = 10
 
 
 class RxBuffers:

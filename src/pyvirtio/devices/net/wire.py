@@ -14,7 +14,7 @@ import enum
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from pyvirtio.constants import FeatureBit
 
@@ -161,21 +161,26 @@ class Gso(enum.IntEnum):
 #: ``struct virtio_net_hdr`` as the device and driver use it without
 #: HASH_REPORT and tunnel features: flags, gso_type, hdr_len, gso_size,
 #: csum_start, csum_offset, num_buffers (device-types/net: Device Operation).
-_HDR = struct.Struct("<BBHHHHH")
-HDR_SIZE = _HDR.size
+_HDR: Final = struct.Struct("<BBHHHHH")
+HDR_SIZE: Final = _HDR.size
 assert HDR_SIZE == 12
 
 
+class _HeaderLayout:
+    """:class:`NetHeader`'s class attributes, kept out of the dataclass: mypyc
+    would make class variables of a dataclass fields."""
+
+    STRUCT: ClassVar[struct.Struct] = _HDR
+    SIZE: ClassVar[int] = HDR_SIZE
+
+
 @dataclass(slots=True, eq=False, repr=False)
-class NetHeader:
+class NetHeader(_HeaderLayout):
     """One ``struct virtio_net_hdr`` (12 bytes, VIRTIO 1.x: ``num_buffers`` always present).
 
     Fields in wire order, so ``NetHeader(*STRUCT.unpack(...))`` builds one.
     Equal headers pack to the same bytes.
     """
-
-    STRUCT: ClassVar[struct.Struct] = _HDR
-    SIZE: ClassVar[int] = HDR_SIZE
 
     flags: int = 0
     gso_type: int = Gso.NONE
@@ -216,15 +221,15 @@ class NetHeader:
 
 # -- Ethernet ----------------------------------------------------------------------------
 
-ETH_HLEN = 14
-VLAN_HLEN = 4
+ETH_HLEN: Final = 14
+VLAN_HLEN: Final = 4
 #: Largest frame (without the virtio header) either direction carries: a
 #: 64 KiB GSO super-frame with its Ethernet and VLAN headers, the bound
 #: Linux's tun and the rust-vmm devices use (65562 with the header).
-MAX_FRAME = 65550
+MAX_FRAME: Final = 65550
 #: Bounds of the ``mtu`` config field (device-types/net: Device configuration layout).
-MIN_MTU = 68
-MAX_MTU = 65535
+MIN_MTU: Final = 68
+MAX_MTU: Final = 65535
 BROADCAST = b"\xff" * 6
 
 
