@@ -39,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyvirtio.compiled import summary
 from pyvirtio.constants import DeviceId
 from pyvirtio.devices.net import Net, SocketPairBackend
 from pyvirtio.driver.net import NetDriver
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per DPDK case")
     args = parser.parse_args()
     rings = {"split": [False], "packed": [True], "both": [False, True]}[args.ring]
+    print(f"pyvirtio {summary()}")
     if args.dpdk:
         main_dpdk(args.seconds, rings, args.runs)
         return
