@@ -419,27 +419,7 @@ class SplitDeviceQueue(DeviceRing):
         (split-ring.tex, "The Virtqueue Used Ring": "The device MUST set len
         prior to updating the used idx").
         """
-        if self.inflight is not None:
-            # Recorded completions take the one path that records them.
-            self.add_used_batch(((chain, written),))
-            return
-        head = chain.head
-        if not 0 <= written <= chain.writable_len:
-            raise ValueError(
-                f"written {written} outside 0..{chain.writable_len} (the chain's writable bytes)"
-            )
-        if not 0 <= head < self.size:
-            raise ValueError(f"chain head {head} is not a descriptor of this queue")
-        used_idx = self._next_used
-        pos = (used_idx & self._mask) * 2
-        ring = self._used_ring
-        ring[pos] = head
-        ring[pos + 1] = written
-        used_idx += 1
-        if used_idx == 0x10000:
-            used_idx = 0
-        self._next_used = used_idx
-        self._used[1] = used_idx
+        self.add_used_batch(((chain, written),))
 
     def add_used_batch(self, completions: Sequence[tuple[DescriptorChain, int]]) -> None:
         """Return several chains, publishing them with one used idx store.
