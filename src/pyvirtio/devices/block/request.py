@@ -199,6 +199,10 @@ class RequestParser:
         self._end = window.end
         self._view = window.view
 
+    def _covers(self, mem: GuestMemory, addr: int, length: int) -> bool:
+        """Whether the window holds ``[addr, addr + length)`` (RegionWindow.covers, on slots)."""
+        return self._table is mem.regions and self._base <= addr and addr + length <= self._end
+
     def parse(self, chain: DescriptorChain) -> Request:
         """Validate ``chain`` as a request; raises :class:`BadRequest` if the device refuses it."""
         readable = chain.readable
@@ -224,14 +228,8 @@ class RequestParser:
         # The header, through the region window when it is there (the usual case).
         mem = chain.mem
         addr, n = readable[0]
-        base = self._base
-        if (
-            n >= HEADER_SIZE
-            and self._table is mem.regions
-            and base <= addr
-            and addr + HEADER_SIZE <= self._end
-        ):
-            req_type, _reserved, sector = _unpack_header(self._view, addr - base)
+        if n >= HEADER_SIZE and self._covers(mem, addr, HEADER_SIZE):
+            req_type, _reserved, sector = _unpack_header(self._view, addr - self._base)
         else:
             req_type, _reserved, sector = self._header(chain)
         if limits.read_only and req_type in _WRITES:
@@ -294,8 +292,7 @@ class RequestParser:
             else:
                 return
         addr += length - STATUS_SIZE
-        # RegionWindow.covers, inline: one status byte per request.
-        if not (self._table is chain.mem.regions and self._base <= addr < self._end):
+        if not self._covers(chain.mem, addr, STATUS_SIZE):
             self._use(chain.mem.window(addr, STATUS_SIZE))
         self._view[addr - self._base] = status
 
@@ -325,7 +322,7 @@ class RequestParser:
 
     def _locate(self, mem: GuestMemory, addr: int, length: int) -> tuple[memoryview, int]:
         """(region view, offset) of a range inside one region, through the window."""
-        if not (self._table is mem.regions and self._base <= addr and addr + length <= self._end):
+        if not self._covers(mem, addr, length):
             self._use(mem.window(addr, length))
         return self._view, addr - self._base
 
@@ -359,20 +356,17 @@ class RequestParser:
         self, mem: GuestMemory, ranges: list[tuple[int, int]], start: int, stop: int
     ) -> list[memoryview]:
         """Views of ``ranges[start:stop]`` (each range checked when the chain was parsed)."""
-        table = mem.regions
         views = []
         try:
             for i in range(start, stop):
                 addr, n = ranges[i]
-                base = self._base
-                if not (self._table is table and base <= addr and addr + n <= self._end):
+                if not self._covers(mem, addr, n):
                     try:
                         self._use(mem.window(addr, n))
                     except GuestMemoryError:
                         views.extend(mem.views([(addr, n)]))  # a range across regions
                         continue
-                    base = self._base
-                offset = addr - base
+                offset = addr - self._base
                 views.append(self._view[offset : offset + n])
         except GuestMemoryError as exc:  # regions removed since the chain was parsed
             raise VirtqueueError(str(exc)) from exc
