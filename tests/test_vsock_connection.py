@@ -81,7 +81,7 @@ def test_sending_beyond_credit_gets_rst() -> None:
     h, g = established(host, guest)
     g.peer_buf_alloc = 10_000  # a lying sender
     send(g, host, b"y" * 1500)
-    assert h.state is ConnState.KILLED and host.stats.credit_exceeded == 1
+    assert h.state is ConnState.KILLED and host.stats["credit_exceeded"] == 1
     assert [hd.op for hd, _ in deliver(host, guest)] == [Op.RST]
     assert g.state is ConnState.KILLED
     assert len(host) == len(guest) == 0
@@ -111,7 +111,7 @@ def test_close_waits_for_rst_and_times_out() -> None:
     # The peer never answers: after the close timeout the closer resets.
     clock.now += guest.close_timeout + 0.1
     guest.expire()
-    assert g.state is ConnState.KILLED and guest.stats.timeouts == 1
+    assert g.state is ConnState.KILLED and guest.stats["timeouts"] == 1
     assert guest.next_control() is not None  # the RST
     assert guest.reap() == [g]
 
@@ -144,10 +144,10 @@ def test_limit_and_stray_replies_are_bounded() -> None:
     host = Endpoint(HOST_CID, GUEST, max_connections=4)
     for port in range(10):
         host.receive(Header(GUEST, HOST_CID, port, 80, 0, 1, Op.REQUEST, 0, 0, 0), b"")
-    assert len(host) == 4 and host.stats.over_limit == 6
+    assert len(host) == 4 and host.stats["over_limit"] == 6
     for port in range(MAX_STRAY_REPLIES + 50):
         host.receive(Header(GUEST, HOST_CID, 9000 + port, 1, 0, 1, Op.RW, 0, 0, 0), b"")
-    assert host.stats.stray_dropped == 6 + 50
+    assert host.stats["stray_dropped"] == 6 + 50
     replies = 0
     while host.next_control() is not None:
         replies += 1

@@ -178,6 +178,19 @@ def test_malformed_packets_are_counted_and_never_crash(
     assert Op.RST in [h.op for h in guest.received()]
 
 
+def test_counters_go_on_across_reset_and_reactivation(rig: VsockRig) -> None:
+    """The counters are the device's: a driver's reset does not wipe its record of errors."""
+    bad_op = Header(GUEST_CID, HOST_CID, 1, 2, 0, 1, 42, 0, 0, 0).pack()
+    RawGuest(rig).send_raw(bad_op)
+    RawGuest(rig).send_raw(b"\x01" * 20)  # start() resets the device first
+    assert rig.device.stats["bad_op"] == 1
+    assert rig.device.stats["short_header"] == 1
+    rig.rig.driver.reset()
+    guest = RawGuest(rig)
+    guest.send_raw(bad_op)
+    assert rig.device.stats["bad_op"] == 2
+
+
 def test_garbage_flood_keeps_memory_flat(rig: VsockRig) -> None:
     guest = RawGuest(rig)
     rng = __import__("random").Random(5)

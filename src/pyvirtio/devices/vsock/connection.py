@@ -34,11 +34,10 @@ connect and close timeouts, and a bounded queue of replies to stray packets
 from __future__ import annotations
 
 import collections
-import dataclasses
 import enum
 import time
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from pyvirtio.devices.vsock.wire import (
     MAX_PKT_PAYLOAD,
@@ -54,11 +53,11 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "DEFAULT_BUF_ALLOC",
     "MAX_CONNECTIONS",
+    "PROTOCOL_STATS",
     "ConnKey",
     "ConnState",
     "Connection",
     "Endpoint",
-    "ProtocolStats",
 ]
 
 #: Receive buffer advertised per connection (Linux's and Firecracker's default).
@@ -90,21 +89,18 @@ class ConnKey(NamedTuple):
     peer_port: int
 
 
-@dataclasses.dataclass
-class ProtocolStats:
-    """Counters of what an endpoint refused or dropped (guest errors, limits)."""
-
-    bad_address: int = 0
-    bad_op: int = 0
-    bad_type: int = 0
-    credit_exceeded: int = 0
-    no_connection: int = 0
-    over_limit: int = 0
-    stray_dropped: int = 0
-    timeouts: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+#: Counters of what an endpoint refused or dropped (guest errors, limits),
+#: the keys of :attr:`Endpoint.stats`.
+PROTOCOL_STATS: Final = (
+    "bad_address",
+    "bad_op",
+    "bad_type",
+    "credit_exceeded",
+    "no_connection",
+    "over_limit",
+    "stray_dropped",
+    "timeouts",
+)
 
 
 class Connection:
@@ -376,7 +372,7 @@ class Connection:
             self.reset("data after shutdown")
             return
         if len(payload) > self.rx_space():
-            self.endpoint.stats.credit_exceeded += 1
+            self.endpoint.stats["credit_exceeded"] += 1
             self.endpoint._warn("credit", "%s: peer sent beyond its credit: reset", self)
             self.reset("credit exceeded")
             return
@@ -394,6 +390,7 @@ class Endpoint:
     ``local_cid``/``peer_cid``: the addresses every packet must carry.
     ``types``: socket types this endpoint speaks (SEQPACKET only if negotiated).
     ``warn``: a rate-limited logger (key, message, args) for peer errors.
+    ``stats``: the table to count refusals and drops in (a new one if None).
     """
 
     def __init__(
@@ -408,6 +405,7 @@ class Endpoint:
         seqpacket: bool = False,
         warn: Callable[..., None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stats: dict[str, int] | None = None,
     ) -> None:
         if not 0 < buf_alloc <= 0xFFFF_FFFF:
             raise ValueError(f"buf_alloc must be in (0, 2**32), not {buf_alloc}")
@@ -421,7 +419,11 @@ class Endpoint:
         self.close_timeout = close_timeout
         self.seqpacket = seqpacket
         self.clock = clock
-        self.stats = ProtocolStats()
+        #: Counters by name (:data:`PROTOCOL_STATS`); an owner that outlives
+        #: its endpoints passes its own table, so its counts go on.
+        self.stats = stats if stats is not None else {}
+        for name in PROTOCOL_STATS:
+            self.stats.setdefault(name, 0)
         self.connections: dict[ConnKey, Connection] = {}
         self._warn_fn = warn
         self._control: collections.deque[Connection] = collections.deque()
@@ -477,7 +479,7 @@ class Endpoint:
         now = self.clock() if now is None else now
         for conn in list(self.connections.values()):
             if conn.deadline is not None and conn.deadline <= now:
-                self.stats.timeouts += 1
+                self.stats["timeouts"] += 1
                 conn.reset(
                     "connect timed out" if conn.state is ConnState.LOCAL_INIT else "close timed out"
                 )
@@ -511,7 +513,7 @@ class Endpoint:
         :meth:`Connection.accept` or :meth:`refuse`.
         """
         if header.src_cid != self.peer_cid or header.dst_cid != self.local_cid:
-            self.stats.bad_address += 1
+            self.stats["bad_address"] += 1
             self._warn(
                 "address", "packet from CID %d to CID %d dropped", header.src_cid, header.dst_cid
             )
@@ -519,12 +521,12 @@ class Endpoint:
         if header.type not in (SockType.STREAM, SockType.SEQPACKET) or (
             header.type == SockType.SEQPACKET and not self.seqpacket
         ):
-            self.stats.bad_type += 1
+            self.stats["bad_type"] += 1
             self._warn("type", "packet of socket type %d: reset", header.type)
             self._reply_rst_to(header)
             return None
         if not Op.REQUEST <= header.op <= Op.CREDIT_REQUEST:
-            self.stats.bad_op += 1
+            self.stats["bad_op"] += 1
             self._warn("op", "packet with unknown op %d: reset", header.op)
             self._reply_rst_to(header)
             return None
@@ -534,11 +536,11 @@ class Endpoint:
             if header.op == Op.REQUEST:
                 return self._new_peer_connection(key, header)
             if header.op != Op.RST:
-                self.stats.no_connection += 1
+                self.stats["no_connection"] += 1
                 self._reply_rst_to(header)
             return None
         if header.type != conn.type:
-            self.stats.bad_type += 1
+            self.stats["bad_type"] += 1
             conn.reset("socket type changed")
             return conn
         if header.op == Op.REQUEST:
@@ -553,7 +555,7 @@ class Endpoint:
 
     def _new_peer_connection(self, key: ConnKey, header: Header) -> Connection | None:
         if len(self.connections) >= self.max_connections:
-            self.stats.over_limit += 1
+            self.stats["over_limit"] += 1
             self._warn("limit", "more than %d connections: REQUEST reset", self.max_connections)
             self._reply_rst_to(header)
             return None
@@ -582,7 +584,7 @@ class Endpoint:
 
     def _reply_rst(self, header: Header) -> None:
         if len(self._stray) >= MAX_STRAY_REPLIES:
-            self.stats.stray_dropped += 1
+            self.stats["stray_dropped"] += 1
             return
         self._stray.append(header)
 

@@ -58,6 +58,7 @@ from pyvirtio.device import (
 from pyvirtio.devices.vsock.connection import (
     DEFAULT_BUF_ALLOC,
     MAX_CONNECTIONS,
+    PROTOCOL_STATS,
     Connection,
     ConnKey,
     ConnState,
@@ -97,7 +98,7 @@ FIRST_HOST_PORT = 1 << 30
 #: Largest SEQPACKET message taken from a host socket at once.
 MAX_HOST_MESSAGE = 256 * 1024
 
-#: Counters in :attr:`Vsock.stats` besides the endpoint's.
+#: Counters in :attr:`Vsock.stats` besides the endpoint's (:data:`PROTOCOL_STATS`).
 _DEVICE_STATS = ("short_header", "bad_length", "host_refused", "host_errors")
 
 
@@ -149,8 +150,10 @@ class Vsock(VirtioDevice):
         self.max_connections = max_connections
         self.buf_alloc = buf_alloc
         self._limiter = RateLimitedLog(log, self.name, interval=LOG_INTERVAL)
+        #: Drop and error counters (guest errors, limits, host failures): the
+        #: device's own and its endpoints', kept across resets and activations.
+        self.stats: dict[str, int] = dict.fromkeys(_DEVICE_STATS + PROTOCOL_STATS, 0)
         self.endpoint = self._new_endpoint(seqpacket=False)
-        self._stats = dict.fromkeys(_DEVICE_STATS, 0)
         self._rx_spare: DescriptorChain | None = None
         #: Host socket fd -> its connection.
         self._by_fd: dict[int, Connection] = {}
@@ -165,16 +168,12 @@ class Vsock(VirtioDevice):
             max_connections=self.max_connections,
             seqpacket=seqpacket,
             warn=self._warn,
+            stats=self.stats,
         )
 
     def _warn(self, kind: str, message: str, *args: object) -> None:
         """A guest error: logged once per kind every LOG_INTERVAL seconds."""
         self._limiter.warn(kind, None, message, *args)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Drop and error counters (guest errors, limits, host failures)."""
-        return {**self._stats, **self.endpoint.stats.as_dict()}
 
     def config_bytes(self) -> bytes:
         return pack_config(self.guest_cid)
@@ -264,12 +263,12 @@ class Vsock(VirtioDevice):
 
     def _tx_packet(self, chain: DescriptorChain) -> None:
         if chain.readable_len < HEADER_SIZE:
-            self._stats["short_header"] += 1
+            self.stats["short_header"] += 1
             self._warn("short", "TX packet of %d bytes dropped", chain.readable_len)
             return
         header = Header.unpack(chain.read(0, HEADER_SIZE))
         if header.len > MAX_PKT_PAYLOAD or header.len > chain.readable_len - HEADER_SIZE:
-            self._stats["bad_length"] += 1
+            self.stats["bad_length"] += 1
             self._warn(
                 "length",
                 "TX packet with len %d in a %d-byte buffer",
@@ -300,7 +299,7 @@ class Vsock(VirtioDevice):
     def _guest_connect(self, conn: Connection) -> None:
         sock = self.host.connect(conn.key.local_port, conn.type)
         if sock is None:
-            self._stats["host_refused"] += 1
+            self.stats["host_refused"] += 1
             self.endpoint.refuse(conn, "nobody listens on the host")
             return
         self._attach(conn, _Link(sock))
@@ -340,7 +339,7 @@ class Vsock(VirtioDevice):
 
     def _host_failed(self, conn: Connection, exc: OSError) -> None:
         if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
-            self._stats["host_errors"] += 1
+            self.stats["host_errors"] += 1
             log.info("%s: host socket of %s failed: %s", self.name, conn, exc)
         conn.reset("host socket closed")
 
@@ -367,7 +366,7 @@ class Vsock(VirtioDevice):
                     if chain is None:
                         break
                 if chain.writable_len < HEADER_SIZE:
-                    self._stats["short_header"] += 1
+                    self.stats["short_header"] += 1
                     self._warn("rxshort", "RX buffer of %d bytes", chain.writable_len)
                     completions.append((chain, 0))
                     continue
@@ -430,7 +429,7 @@ class Vsock(VirtioDevice):
             link.readable = False
             link.host_eof = True
             if exc.errno not in (0, errno.ECONNRESET):
-                self._stats["host_errors"] += 1
+                self.stats["host_errors"] += 1
             conn.shutdown(ShutdownFlag.SEND)
             return 0
         chain.write(conn.data_header(n, flags).pack())
