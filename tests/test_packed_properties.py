@@ -17,19 +17,17 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.packed import DATA, MEM_SIZE, pair
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import packed_layout
 from pyvirtio.virtqueue.common import DescriptorChain, QueueFullError
 from pyvirtio.virtqueue.packed import PackedDeviceQueue, PackedDriverQueue
 
-MEM_SIZE = 1 << 20
-DESC = 0x1000
-DRV = 0x2000
-DEV = 0x2004
-INDIRECT = 0x4000
-DATA = 0x10000
 ELEM = 64  # bytes reserved per element
 AREA = 8 * ELEM  # bytes reserved per token
+#: Token data areas are reused round robin; all of them lie in the guest memory.
+AREAS = 1500
+assert DATA + AREAS * AREA <= MEM_SIZE
 MAX_INDIRECT = 3
 
 OPS = ("add", "add", "add", "pop", "complete", "batch", "drain", "cycle", "sleep", "snapshot")
@@ -71,7 +69,7 @@ class World:
 
     def add(self, n_read: int, n_write: int, lengths: list[int]) -> None:
         token = self.next_token
-        base = DATA + (token % 1500) * AREA
+        base = DATA + (token % AREAS) * AREA
         ranges = [(base + j * ELEM, lengths[j]) for j in range(n_read + n_write)]
         readable, writable = ranges[:n_read], ranges[n_read:]
         n = n_read + n_write
@@ -257,18 +255,9 @@ FRACTIONS = (0.0, 0.5, 1.0)
 )
 def test_random_programs(size: int, event_idx: bool, indirect: bool, program: bytes) -> None:
     with GuestMemory.anonymous(MEM_SIZE) as mem:
-        drv = PackedDriverQueue(
-            mem,
-            size,
-            DESC,
-            DRV,
-            DEV,
-            event_idx=event_idx,
-            indirect=indirect,
-            indirect_addr=INDIRECT if indirect else None,
-            max_indirect=MAX_INDIRECT if indirect else 0,
+        drv, dev = pair(
+            mem, size, event_idx=event_idx, indirect=indirect, max_indirect=MAX_INDIRECT
         )
-        dev = PackedDeviceQueue(mem, size, DESC, DRV, DEV, event_idx=event_idx, indirect=indirect)
         world = World(mem, drv, dev, size, indirect, free_slots=size)
         prog = Program(program)
         while prog:
