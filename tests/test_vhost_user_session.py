@@ -16,7 +16,7 @@ import pytest
 
 from helpers.queues import RecordingInterrupt
 from helpers.vhost_user import StopFailsOnce
-from helpers.vhost_user_session import BUFFER, MEM_SIZE, USER_BASE, FrontEnd, R
+from helpers.vhost_user_session import BUFFER, MEM_SIZE, USER_BASE, FrontEnd, R, close_session
 from pyvirtio.device import DeviceState
 from pyvirtio.devices.entropy import Entropy
 from pyvirtio.transport.vhost_user.actions import (
@@ -52,10 +52,7 @@ F_PROTOCOL = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 def session(device: Entropy, interrupt: RecordingInterrupt) -> Iterator[VhostUserSession]:
     session = VhostUserSession(device, interrupt, name="test")
     yield session
-    for action in session.close():
-        assert isinstance(action, CloseFds)
-        for fd in action.fds:
-            os.close(fd)
+    close_session(session)
 
 
 @pytest.fixture

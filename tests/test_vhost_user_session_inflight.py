@@ -18,7 +18,15 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from helpers.queues import RecordingInterrupt
-from helpers.vhost_user_session import BUFFER, MEM_SIZE, QUEUE_SIZE, USED, FrontEnd, R
+from helpers.vhost_user_session import (
+    BUFFER,
+    MEM_SIZE,
+    QUEUE_SIZE,
+    USED,
+    FrontEnd,
+    R,
+    close_session,
+)
 from pyvirtio.devices.entropy import Entropy
 from pyvirtio.memory import GuestMemory
 from pyvirtio.transport.vhost_user.actions import CloseFds, Disconnect, Reply
@@ -42,10 +50,7 @@ def session(device: Entropy, interrupt: RecordingInterrupt) -> Iterator[VhostUse
         protocol_features=DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD.mask,
     )
     yield session
-    for action in session.close():
-        assert isinstance(action, CloseFds)
-        for fd in action.fds:
-            os.close(fd)
+    close_session(session)
 
 
 @pytest.fixture

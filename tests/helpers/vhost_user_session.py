@@ -12,7 +12,7 @@ import os
 
 from pyvirtio.constants import Feature
 from pyvirtio.memory import GuestMemory
-from pyvirtio.transport.vhost_user.actions import Action, Reply
+from pyvirtio.transport.vhost_user.actions import Action, CloseFds, Reply
 from pyvirtio.transport.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     VERSION,
@@ -38,6 +38,14 @@ QUEUE_SIZE = 16
 DESC, AVAIL, USED, BUFFER = 0x1000, 0x2000, 0x3000, 0x10000
 #: SET_VRING_BASE of a packed ring at its start: avail and used halves at 0, wrap counters 1.
 PACKED_START = 0x8000_8000
+
+
+def close_session(session: VhostUserSession) -> None:
+    """Close ``session`` and, as its host would, the fds it hands back to close."""
+    for action in session.close():
+        assert isinstance(action, CloseFds)
+        for fd in action.fds:
+            os.close(fd)
 
 
 class FrontEnd:
