@@ -317,6 +317,18 @@ def test_device_needing_reset_signals_the_error_eventfd(sock_path: Path) -> None
 
 # -- QEMU's message order, scripted --------------------------------------------------------
 
+#: What QEMU 7.2 sends when it creates a vhost-user device, before any driver starts it.
+QEMU_DEVICE_CREATION = [
+    "GET_FEATURES",
+    "GET_PROTOCOL_FEATURES",
+    "SET_PROTOCOL_FEATURES",
+    "GET_QUEUE_NUM",
+    "GET_MAX_MEM_SLOTS",
+    "SET_BACKEND_REQ_FD",
+    "SET_OWNER",
+    "GET_FEATURES",
+]
+
 
 def test_qemu_72_message_order_start_stop_restart(sock_path: Path) -> None:
     """The sequence QEMU 7.2 sends (platform facts), a request, a stop and a restart."""
@@ -424,14 +436,7 @@ def test_qemu_72_message_order_start_stop_restart(sock_path: Path) -> None:
         assert request(0, gpa + 0xA000) == b"\xa0" * 32
 
         assert list(backend.received)[:11] == [
-            "GET_FEATURES",
-            "GET_PROTOCOL_FEATURES",
-            "SET_PROTOCOL_FEATURES",
-            "GET_QUEUE_NUM",
-            "GET_MAX_MEM_SLOTS",
-            "SET_BACKEND_REQ_FD",
-            "SET_OWNER",
-            "GET_FEATURES",
+            *QEMU_DEVICE_CREATION,
             "SET_VRING_CALL",
             "SET_VRING_ERR",
             "SET_VRING_CALL",
@@ -733,16 +738,7 @@ def test_qemu_vhost_user_rng_drives_the_backend(sock_path: Path) -> None:
                 b for b in MMIO_SLOTS if qtest.readl(b) == 0x74726976 and qtest.readl(b + 8) == 4
             )
             # Device creation: QEMU's handshake is over once the device is visible.
-            assert list(backend.received)[:8] == [
-                "GET_FEATURES",
-                "GET_PROTOCOL_FEATURES",
-                "SET_PROTOCOL_FEATURES",
-                "GET_QUEUE_NUM",
-                "GET_MAX_MEM_SLOTS",
-                "SET_BACKEND_REQ_FD",
-                "SET_OWNER",
-                "GET_FEATURES",
-            ]
+            assert list(backend.received)[:8] == QEMU_DEVICE_CREATION
             seen = len(backend.received)
             # content.tex "Device Initialization" through the virtio-mmio registers.
             status = base + 0x70
