@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from helpers.net import PEER_MAC, frame_of
+from helpers.net import PEER_MAC, frame_of, serve_net_command, stop, wire_listener
 from pyvirtio.constants import DeviceId
 from pyvirtio.devices.net.wire import HDR_SIZE, NetFeature
 from pyvirtio.driver.net import NetDriver
@@ -29,30 +28,20 @@ TIMEOUT = 10.0
 @contextmanager
 def serving(args: list[str], pass_fds: tuple[int, ...] = ()) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyvirtio", "serve", "net", *args],
-        stderr=subprocess.PIPE,
-        text=True,
-        pass_fds=pass_fds,
+        serve_net_command(*args), stderr=subprocess.PIPE, text=True, pass_fds=pass_fds
     )
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            _, err = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        err, stopped = stop(proc, TIMEOUT)
+        if not stopped:
             pytest.fail("serve net did not stop on SIGTERM")
         assert proc.returncode == 0, err
         assert "stopped" in err
 
 
 def test_serve_net_on_a_connected_socket_with_two_queue_pairs(tmp_path: Path) -> None:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(tmp_path / "wire"))
-    listener.listen(1)
-    listener.settimeout(TIMEOUT)
+    listener = wire_listener(tmp_path / "wire", TIMEOUT)
     sock = tmp_path / "vhost.sock"
     args = ["--socket", str(sock), "--frames-connect", str(tmp_path / "wire"), "--queues", "2"]
     with serving(args):
@@ -97,17 +86,7 @@ def test_serve_net_refuses_a_frames_fd_that_is_not_a_unix_packet_socket(tmp_path
     read_end, write_end = os.pipe()
     try:
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pyvirtio",
-                "serve",
-                "net",
-                "--socket",
-                str(tmp_path / "s"),
-                "--frames-fd",
-                str(read_end),
-            ],
+            serve_net_command("--socket", str(tmp_path / "s"), "--frames-fd", str(read_end)),
             capture_output=True,
             text=True,
             timeout=TIMEOUT,

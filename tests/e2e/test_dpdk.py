@@ -24,7 +24,6 @@ import select
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.net import serve_net_command, stop, wire_listener
 from pyvirtio.constants import DeviceId
 from pyvirtio.devices.net.wire import HDR_SIZE, NetFeature
 from pyvirtio.driver.net import NetDriver, NetDriverError
@@ -244,18 +244,10 @@ class Wire:
 @contextmanager
 def served_net(tmp: Path, queues: int = 1) -> Iterator[tuple[Path, Wire]]:
     """``pyvirtio serve net`` on a socket wire; yields its vhost-user socket and the wire."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(tmp / "wire"))
-    listener.listen(1)
-    listener.settimeout(STEP)
+    listener = wire_listener(tmp / "wire", STEP)
     vhost = tmp / "vhost.sock"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pyvirtio",
-            "serve",
-            "net",
+        serve_net_command(
             "--socket",
             str(vhost),
             "--frames-connect",
@@ -266,7 +258,7 @@ def served_net(tmp: Path, queues: int = 1) -> Iterator[tuple[Path, Wire]]:
             # hugepages are hugetlbfs files, unsealable too): trust testpmd.
             "--unsealed-memory",
             "allow",
-        ],
+        ),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -276,12 +268,7 @@ def served_net(tmp: Path, queues: int = 1) -> Iterator[tuple[Path, Wire]]:
         wire = Wire(peer)
         yield vhost, wire
     finally:
-        proc.terminate()
-        try:
-            _, err = proc.communicate(timeout=STEP)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        err, _ = stop(proc, STEP)
         if wire is not None:
             wire.close()
         listener.close()

@@ -1,4 +1,5 @@
-"""Helpers for the virtio-net tests: frame builders and a device bench where the test is the driver.
+"""Helpers for the virtio-net tests: frame builders, a device bench where the test is the
+driver, and ``pyvirtio serve net`` run as a subprocess.
 
 :class:`NetBench` activates a :class:`~pyvirtio.devices.net.Net` directly on
 ring pairs (:class:`helpers.queues.DirectRig`) with a socket-pair back end
@@ -12,7 +13,10 @@ import itertools
 import select
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from helpers.queues import DirectRig
 from pyvirtio.constants import Feature
@@ -93,6 +97,36 @@ def icmp_echo(
     icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload
     icmp = icmp[:2] + struct.pack("!H", internet_checksum(icmp)) + icmp[4:]
     return eth(dst_mac, src_mac, 0x0800, ipv4(src_ip, dst_ip, 1, icmp))
+
+
+# -- ``pyvirtio serve net`` as a subprocess ------------------------------------------------
+
+
+def serve_net_command(*args: str) -> list[str]:
+    """The command line of ``pyvirtio serve net args...``, run by this Python."""
+    return [sys.executable, "-m", "pyvirtio", "serve", "net", *args]
+
+
+def wire_listener(path: Path, timeout: float) -> socket.socket:
+    """The test's SOCK_SEQPACKET listener that ``serve net --frames-connect path`` connects to."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(timeout)
+    return listener
+
+
+def stop(proc: subprocess.Popen[str], timeout: float) -> tuple[str, bool]:
+    """SIGTERM ``proc`` and collect its stderr, killing it if it has not stopped
+    within ``timeout``; returns its stderr and whether SIGTERM stopped it."""
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        return err, False
+    return err, True
 
 
 # -- the bench -----------------------------------------------------------------------------
