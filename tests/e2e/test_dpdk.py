@@ -201,6 +201,18 @@ class Wire:
                 return  # serve net closed its end
             self.frames.append(data)
 
+    def send(self, data: bytes) -> None:
+        """Send the frame ``data`` to ``serve net`` (with a zero virtio-net header)."""
+        self.sock.sendall(bytes(HDR_SIZE) + data)
+
+    def echo_paced(self, frames: list[bytes], pmd: Testpmd) -> None:
+        """Send ``frames`` a burst at a time, each once the bursts before came back:
+        testpmd drops what its TX ring cannot take."""
+        for start in range(0, len(frames), BURST):
+            for data in frames[start : start + BURST]:
+                self.send(data)
+            self.wait_echoes(frames[: start + BURST], pmd)
+
     def wait_count(self, count: int) -> None:
         """Wait until ``count`` frames arrived; fail saying how many did."""
         deadline = time.monotonic() + STEP
@@ -281,6 +293,26 @@ def virtio_user(path: Path, packed: bool, mrg: bool, queues: int = 1) -> str:
     )
 
 
+@contextmanager
+def virtio_user_on_serve_net(
+    tmp: Path,
+    mode: str,
+    packed: bool,
+    mrg: bool,
+    *,
+    queues: int = 1,
+    extra: tuple[str, ...] = (),
+) -> Iterator[tuple[Wire, Testpmd]]:
+    """testpmd's virtio-user port, forwarding in ``mode`` with the ``extra`` options, on
+    ``serve net``'s vhost-user socket; yields the wire and testpmd once forwarding started."""
+    with (
+        served_net(tmp, queues) as (vhost, wire),
+        run_testpmd(virtio_user(vhost, packed, mrg, queues), mode, tmp, *extra) as pmd,
+    ):
+        pmd.start()
+        yield wire, pmd
+
+
 RINGS = [pytest.param(False, id="split"), pytest.param(True, id="packed")]
 MRG = [pytest.param(True, id="mrg"), pytest.param(False, id="nomrg")]
 
@@ -312,14 +344,12 @@ def test_testpmd_txonly_every_frame_reaches_the_wire(
     if segments > 1 and packed:
         pytest.skip(PACKED_INDIRECT_WRITE)
     extra = ("--txpkts=40,24",) if segments > 1 else ()
-    with served_net(tmp_path) as (vhost, wire):
-        with run_testpmd(virtio_user(vhost, packed, mrg), "txonly", tmp_path, *extra) as pmd:
-            pmd.start()
-            wire.wait_count(2000)
-            stats = pmd.stop()
-            wire.wait_count(stats["TX-packets"])
-            pmd.close()  # port close: SET_VRING_ENABLE 0, GET_VRING_BASE
-            wire.settle()
+    with virtio_user_on_serve_net(tmp_path, "txonly", packed, mrg, extra=extra) as (wire, pmd):
+        wire.wait_count(2000)
+        stats = pmd.stop()
+        wire.wait_count(stats["TX-packets"])
+        pmd.close()  # port close: SET_VRING_ENABLE 0, GET_VRING_BASE
+        wire.settle()
         assert stats["TX-packets"] >= 2000
         assert len(wire.frames) == stats["TX-packets"]
         assert {len(f) for f in wire.frames} == {HDR_SIZE + 64}
@@ -332,13 +362,9 @@ def test_testpmd_rxonly_counts_every_frame_of_the_wire(
     tmp_path: Path, packed: bool, mrg: bool
 ) -> None:
     frames = [frame(60 + (i * 37) % 1455, i) for i in range(1000)]
-    with (
-        served_net(tmp_path) as (vhost, wire),
-        run_testpmd(virtio_user(vhost, packed, mrg), "rxonly", tmp_path) as pmd,
-    ):
-        pmd.start()
+    with virtio_user_on_serve_net(tmp_path, "rxonly", packed, mrg) as (wire, pmd):
         for data in frames:
-            wire.sock.sendall(bytes(HDR_SIZE) + data)
+            wire.send(data)
         deadline = time.monotonic() + STEP
         while pmd.port_stats()["RX-packets"] < len(frames) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -354,16 +380,8 @@ def test_testpmd_io_echoes_every_frame_byte_identical(
     tmp_path: Path, packed: bool, mrg: bool
 ) -> None:
     frames = [frame(60 + (i * 53) % 1455, i) for i in range(1024)]
-    with (
-        served_net(tmp_path) as (vhost, wire),
-        run_testpmd(virtio_user(vhost, packed, mrg), "io", tmp_path) as pmd,
-    ):
-        pmd.start()
-        for start in range(0, len(frames), BURST):
-            for data in frames[start : start + BURST]:
-                wire.sock.sendall(bytes(HDR_SIZE) + data)
-            # Paced: testpmd drops what its TX ring cannot take.
-            wire.wait_echoes(frames[: start + BURST], pmd)
+    with virtio_user_on_serve_net(tmp_path, "io", packed, mrg) as (wire, pmd):
+        wire.echo_paced(frames, pmd)
         stats = pmd.stop()
     assert [f[HDR_SIZE:] for f in wire.frames] == frames
     assert stats["RX-packets"] == stats["TX-packets"] == len(frames)
@@ -385,17 +403,11 @@ def test_testpmd_io_over_two_queue_pairs(tmp_path: Path, packed: bool) -> None:
         + frame(60 + i % 200, i)[38:]
         for i in range(512)
     ]
-    with (
-        served_net(tmp_path, queues=2) as (vhost, wire),
-        run_testpmd(
-            virtio_user(vhost, packed, True, queues=2), "io", tmp_path, "--rxq=2", "--txq=2"
-        ) as pmd,
-    ):
-        pmd.start()
-        for start in range(0, len(frames), BURST):
-            for data in frames[start : start + BURST]:
-                wire.sock.sendall(bytes(HDR_SIZE) + data)
-            wire.wait_echoes(frames[: start + BURST], pmd)
+    two_pairs = virtio_user_on_serve_net(
+        tmp_path, "io", packed, mrg=True, queues=2, extra=("--rxq=2", "--txq=2")
+    )
+    with two_pairs as (wire, pmd):
+        wire.echo_paced(frames, pmd)
         stats = pmd.stop()
     # Two queues need not keep the order between flows.
     assert sorted(f[HDR_SIZE:] for f in wire.frames) == sorted(frames)
