@@ -33,6 +33,7 @@ from helpers.packed import (
     set_event,
     used_bits,
 )
+from helpers.queues import assert_chain
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import packed, packed_layout, ring
 from pyvirtio.virtqueue.common import (
@@ -54,9 +55,6 @@ from pyvirtio.virtqueue.packed import (
     PackedDeviceQueue,
     PackedDriverQueue,
 )
-
-#: Every field of a DescriptorChain.
-CHAIN_FIELDS = ("mem", "head", "readable", "writable", "readable_len", "writable_len", "ring_slots")
 
 
 @pytest.fixture
@@ -698,9 +696,7 @@ def test_popped_chains_hold_every_field(mem: GuestMemory) -> None:
         DescriptorChain(mem, 2, [(DATA, 4)], [(DATA + 16, 4)], 4, 4, 2),
     ]
     for chain, want in zip(chains, expected, strict=True):
-        assert type(chain) is DescriptorChain
-        for slot in CHAIN_FIELDS:
-            assert getattr(chain, slot) == getattr(want, slot), slot
+        assert_chain(chain, want)
     dev.add_used_batch([(c, c.writable_len) for c in chains])
     assert list(drv.used()) == [("r", 0), ("w", 4), ("rw", 4)]
 

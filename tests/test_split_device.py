@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
+from helpers.queues import assert_chain
 from helpers.split import (
     _DESC_FMT,
     AVAIL,
@@ -45,9 +46,6 @@ from pyvirtio.virtqueue.split import (
     SplitDeviceQueue,
     area_sizes,
 )
-
-#: Every field of a DescriptorChain.
-CHAIN_FIELDS = ("mem", "head", "readable", "writable", "readable_len", "writable_len", "ring_slots")
 
 
 @pytest.fixture
@@ -138,15 +136,12 @@ def test_popped_chains_hold_every_field(mem: GuestMemory) -> None:
     write_desc(mem, 4, DATA + 64, 2, DESC_F_WRITE)
     make_available(mem, 8, [1, 2, 3])
     queue = device(mem)
-    for head, expected in (
-        (1, DescriptorChain(mem, 1, [(DATA, 7)], [], 7, 0)),
-        (2, DescriptorChain(mem, 2, [], [(DATA + 64, 9)], 0, 9)),
-        (3, DescriptorChain(mem, 3, [(DATA, 1)], [(DATA + 64, 2)], 1, 2)),
+    for expected in (
+        DescriptorChain(mem, 1, [(DATA, 7)], [], 7, 0),
+        DescriptorChain(mem, 2, [], [(DATA + 64, 9)], 0, 9),
+        DescriptorChain(mem, 3, [(DATA, 1)], [(DATA + 64, 2)], 1, 2),
     ):
-        chain = queue.pop()
-        assert type(chain) is DescriptorChain
-        for slot in CHAIN_FIELDS:
-            assert getattr(chain, slot) == getattr(expected, slot), (head, slot)
+        assert_chain(queue.pop(), expected)
 
 
 def test_chain_of_readable_then_writable(mem: GuestMemory) -> None:

@@ -3,6 +3,8 @@
 For unit tests of device models: each queue's driver side and device side
 share rings placed at fixed addresses, the device is activated with the
 device sides and a recording interrupt, and the test plays the driver.
+
+Also :func:`assert_chain`, the check of a popped DescriptorChain both ring layouts' tests use.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pyvirtio.device import VirtioDevice
 from pyvirtio.driver.memory import GuestAllocator
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import packed, split
-from pyvirtio.virtqueue.common import DeviceQueue, DriverQueue
+from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, DriverQueue
 
 #: Rings of queue i live at RING_BASE + i * RING_STRIDE.
 RING_BASE = 0x1_0000
@@ -22,6 +24,16 @@ RING_STRIDE = 0x1_0000
 DATA_BASE = 0x40_0000
 MEMORY_SIZE = 16 << 20
 MAX_INDIRECT = 8
+
+#: Every field of a DescriptorChain.
+CHAIN_FIELDS = ("mem", "head", "readable", "writable", "readable_len", "writable_len", "ring_slots")
+
+
+def assert_chain(chain: object, expected: DescriptorChain) -> None:
+    """``chain`` is a plain DescriptorChain equal to ``expected`` in every field."""
+    assert type(chain) is DescriptorChain
+    for field in CHAIN_FIELDS:
+        assert getattr(chain, field) == getattr(expected, field), (expected.head, field)
 
 
 class RecordingInterrupt:
