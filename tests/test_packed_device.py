@@ -19,13 +19,13 @@ from helpers.packed import (
     MEM_SIZE,
     avail,
     device,
-    expect_broken,
     get_desc,
     pair,
     put_desc,
     round_trip,
     used_bits,
 )
+from helpers.queues import pop_error
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import (
     DESC_F_INDIRECT,
@@ -50,7 +50,7 @@ def test_chain_longer_than_queue(mem: GuestMemory) -> None:
     dev = device(mem, size=4)
     for i in range(4):
         put_desc(mem, i, DATA, 4, 0, avail(1) | DESC_F_NEXT)
-    expect_broken(dev, "longer than the queue size")
+    pop_error(dev, "longer than the queue size")
 
 
 def test_chain_of_exactly_queue_size_is_fine(mem: GuestMemory) -> None:
@@ -65,27 +65,27 @@ def test_chain_of_exactly_queue_size_is_fine(mem: GuestMemory) -> None:
 def test_buffer_outside_memory(mem: GuestMemory) -> None:
     dev = device(mem)
     put_desc(mem, 0, MEM_SIZE - 4, 8, 0, avail(1))
-    expect_broken(dev, "outside guest memory")
+    pop_error(dev, "outside guest memory")
 
 
 def test_buffer_outside_memory_in_chain(mem: GuestMemory) -> None:
     dev = device(mem)
     put_desc(mem, 1, 0xFFFF_0000_0000, 8, 0, avail(1))
     put_desc(mem, 0, DATA, 8, 0, avail(1) | DESC_F_NEXT)
-    expect_broken(dev, "outside guest memory")
+    pop_error(dev, "outside guest memory")
 
 
 def test_buffer_end_overflows_address_space(mem: GuestMemory) -> None:
     dev = device(mem)
     put_desc(mem, 0, (1 << 64) - 16, 32, 0, avail(1))
-    expect_broken(dev, "overflows")
+    pop_error(dev, "overflows")
 
 
 def test_indirect_not_negotiated(mem: GuestMemory) -> None:
     dev = device(mem)
     put_desc(mem, 0, INDIRECT, 16, 0, avail(1) | DESC_F_INDIRECT)
     put_desc(mem, 0, DATA, 4, 0, 0, base=INDIRECT)
-    expect_broken(dev, "not negotiated")
+    pop_error(dev, "not negotiated")
 
 
 def test_nested_indirect(mem: GuestMemory) -> None:
@@ -93,7 +93,7 @@ def test_nested_indirect(mem: GuestMemory) -> None:
     put_desc(mem, 0, DATA, 4, 0, 0, base=INDIRECT)
     put_desc(mem, 1, INDIRECT, 16, 0, DESC_F_INDIRECT, base=INDIRECT)
     put_desc(mem, 0, INDIRECT, 32, 0, avail(1) | DESC_F_INDIRECT)
-    expect_broken(dev, "itself INDIRECT")
+    pop_error(dev, "itself INDIRECT")
 
 
 def test_indirect_with_next(mem: GuestMemory) -> None:
@@ -101,7 +101,7 @@ def test_indirect_with_next(mem: GuestMemory) -> None:
     put_desc(mem, 0, DATA, 4, 0, 0, base=INDIRECT)
     put_desc(mem, 0, INDIRECT, 16, 0, avail(1) | DESC_F_INDIRECT | DESC_F_NEXT)
     put_desc(mem, 1, DATA, 4, 0, avail(1))
-    expect_broken(dev, "NEXT-linked chain")
+    pop_error(dev, "NEXT-linked chain")
 
 
 def test_indirect_inside_a_chain(mem: GuestMemory) -> None:
@@ -109,7 +109,7 @@ def test_indirect_inside_a_chain(mem: GuestMemory) -> None:
     put_desc(mem, 0, DATA, 4, 0, 0, base=INDIRECT)
     put_desc(mem, 1, INDIRECT, 16, 0, avail(1) | DESC_F_INDIRECT)
     put_desc(mem, 0, DATA, 4, 0, avail(1) | DESC_F_NEXT)
-    expect_broken(dev, "NEXT-linked chain")
+    pop_error(dev, "NEXT-linked chain")
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_indirect_inside_a_chain(mem: GuestMemory) -> None:
 def test_bad_indirect_table(mem: GuestMemory, addr: int, length: int, match: str) -> None:
     dev = device(mem, indirect=True)
     put_desc(mem, 0, addr, length, 0, avail(1) | DESC_F_INDIRECT)
-    expect_broken(dev, match)
+    pop_error(dev, match)
 
 
 def test_indirect_table_of_max_entries_is_fine() -> None:
@@ -144,14 +144,14 @@ def test_indirect_buffer_outside_memory(mem: GuestMemory) -> None:
     put_desc(mem, 0, DATA, 4, 0, 0, base=INDIRECT)
     put_desc(mem, 1, MEM_SIZE, 4, 0, DESC_F_WRITE, base=INDIRECT)
     put_desc(mem, 0, INDIRECT, 32, 0, avail(1) | DESC_F_INDIRECT)
-    expect_broken(dev, "outside guest memory")
+    pop_error(dev, "outside guest memory")
 
 
 def test_readable_after_writable(mem: GuestMemory) -> None:
     dev = device(mem)
     put_desc(mem, 1, DATA + 16, 4, 0, avail(1))
     put_desc(mem, 0, DATA, 4, 0, avail(1) | DESC_F_WRITE | DESC_F_NEXT)
-    expect_broken(dev, "readable descriptor 1 after a writable one")
+    pop_error(dev, "readable descriptor 1 after a writable one")
 
 
 def test_readable_after_writable_in_indirect_table(mem: GuestMemory) -> None:
@@ -159,13 +159,13 @@ def test_readable_after_writable_in_indirect_table(mem: GuestMemory) -> None:
     put_desc(mem, 0, DATA, 4, 0, DESC_F_WRITE, base=INDIRECT)
     put_desc(mem, 1, DATA + 16, 4, 0, 0, base=INDIRECT)
     put_desc(mem, 0, INDIRECT, 32, 0, avail(1) | DESC_F_INDIRECT)
-    expect_broken(dev, "readable after a writable")
+    pop_error(dev, "readable after a writable")
 
 
 def test_chain_continuation_not_available(mem: GuestMemory) -> None:
     dev = device(mem)
     put_desc(mem, 0, DATA, 4, 0, avail(1) | DESC_F_NEXT)  # descriptor 1 still zero
-    expect_broken(dev, "descriptor 1 continues the chain but is not available")
+    pop_error(dev, "descriptor 1 continues the chain but is not available")
 
 
 def test_used_or_stale_descriptor_is_not_available(mem: GuestMemory) -> None:
@@ -354,7 +354,7 @@ def test_inflight_recorder_refusing_a_chain_breaks_the_queue(mem: GuestMemory) -
     dev.inflight = log
     drv.add([], [(DATA, 8)], "seven")
     put_desc(mem, 0, DATA, 8, 7, avail() | DESC_F_WRITE)  # the driver's ID, rewritten
-    expect_broken(dev, "buffer ID 7 is already in flight")
+    pop_error(dev, "buffer ID 7 is already in flight")
 
 
 def test_resubmitted_chains_go_first_through_the_one_walker(mem: GuestMemory) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers.queues import pop_error
 from helpers.split import (
     _DESC_FMT,
     AVAIL,
@@ -22,7 +23,6 @@ from helpers.split import (
     USED,
     device,
     driver,
-    pop_error,
 )
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import ring, split

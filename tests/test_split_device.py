@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from helpers.queues import assert_chain
+from helpers.queues import assert_chain, pop_error
 from helpers.split import (
     _DESC_FMT,
     AVAIL,
@@ -24,7 +24,6 @@ from helpers.split import (
     USED,
     device,
     make_available,
-    pop_error,
     popped,
     spec_need_event,
     used_elem,

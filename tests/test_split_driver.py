@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers.queues import driver_error
 from helpers.split import (
     _DESC_FMT,
     AVAIL,
@@ -20,7 +21,6 @@ from helpers.split import (
     MEM_SIZE,
     USED,
     driver,
-    driver_error,
     spec_need_event,
     used_write,
 )

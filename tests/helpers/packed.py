@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import struct
 
-import pytest
-
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import ring
-from pyvirtio.virtqueue.common import (
-    VirtqueueError,
-)
 from pyvirtio.virtqueue.packed import (
     DESC_F_AVAIL,
     DESC_F_USED,
@@ -128,15 +123,6 @@ class Recorder:
     def __setitem__(self, index: int, value: int) -> None:
         self.log.append((self.tag, index, value))
         self.inner[index] = value
-
-
-def expect_broken(dev: PackedDeviceQueue, match: str) -> None:
-    with pytest.raises(VirtqueueError, match=match):
-        dev.pop()
-    assert dev.broken
-    assert dev.has_available()
-    with pytest.raises(VirtqueueError, match="broken"):
-        dev.pop()
 
 
 def brute_force_need_event(

@@ -4,19 +4,24 @@ For unit tests of device models: each queue's driver side and device side
 share rings placed at fixed addresses, the device is activated with the
 device sides and a recording interrupt, and the test plays the driver.
 
-Also :func:`assert_chain`, the check of a popped DescriptorChain both ring layouts' tests use.
+Also the checks both ring layouts' tests use: :func:`assert_chain` (a popped
+DescriptorChain), :func:`pop_error` and :func:`driver_error` (a queue that breaks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import pytest
+
 from pyvirtio.constants import Feature
 from pyvirtio.device import VirtioDevice
 from pyvirtio.driver.memory import GuestAllocator
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import packed, split
-from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, DriverQueue
+from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, DriverQueue, VirtqueueError
+from pyvirtio.virtqueue.packed import PackedDeviceQueue, PackedDriverQueue
+from pyvirtio.virtqueue.split import SplitDeviceQueue, SplitDriverQueue
 
 #: Rings of queue i live at RING_BASE + i * RING_STRIDE.
 RING_BASE = 0x1_0000
@@ -34,6 +39,25 @@ def assert_chain(chain: object, expected: DescriptorChain) -> None:
     assert type(chain) is DescriptorChain
     for field in CHAIN_FIELDS:
         assert getattr(chain, field) == getattr(expected, field), (expected.head, field)
+
+
+def pop_error(queue: SplitDeviceQueue | PackedDeviceQueue, match: str) -> None:
+    """pop raises VirtqueueError matching ``match``, then the queue stays broken."""
+    with pytest.raises(VirtqueueError, match=match):
+        queue.pop()
+    assert queue.broken
+    assert queue.has_available()
+    with pytest.raises(VirtqueueError, match="broken"):
+        queue.pop()
+
+
+def driver_error(queue: SplitDriverQueue | PackedDriverQueue, match: str) -> None:
+    """used raises VirtqueueError matching ``match``, then the queue stays broken."""
+    with pytest.raises(VirtqueueError, match=match):
+        list(queue.used())
+    assert queue.broken
+    with pytest.raises(VirtqueueError, match="broken"):
+        list(queue.used())
 
 
 class RecordingInterrupt:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import struct
 
-import pytest
-
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue.common import (
     DESC_F_WRITE,
     DescriptorChain,
-    VirtqueueError,
 )
 from pyvirtio.virtqueue.split import (
     SplitDeviceQueue,
@@ -78,16 +75,6 @@ def used_elem(mem: GuestMemory, size: int, idx: int) -> tuple[int, int]:
     return mem.read_u32(base), mem.read_u32(base + 4)
 
 
-def pop_error(queue: SplitDeviceQueue, match: str) -> None:
-    """pop raises VirtqueueError matching ``match``, then the queue stays broken."""
-    with pytest.raises(VirtqueueError, match=match):
-        queue.pop()
-    assert queue.broken
-    assert queue.has_available()
-    with pytest.raises(VirtqueueError, match="broken"):
-        queue.pop()
-
-
 def popped(
     mem: GuestMemory, queue: SplitDeviceQueue, heads: list[int], start: int = 0
 ) -> list[DescriptorChain]:
@@ -104,11 +91,3 @@ def used_write(mem: GuestMemory, size: int, idx: int, head: int, length: int) ->
     base = USED + 4 + 8 * (idx % size)
     mem.write_u32(base, head)
     mem.write_u32(base + 4, length)
-
-
-def driver_error(drv: SplitDriverQueue, match: str) -> None:
-    with pytest.raises(VirtqueueError, match=match):
-        list(drv.used())
-    assert drv.broken
-    with pytest.raises(VirtqueueError, match="broken"):
-        list(drv.used())
