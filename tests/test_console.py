@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from helpers.queues import DirectRig
+from helpers.queues import RING_MODES, DirectRig
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.device import DeviceState
 from pyvirtio.devices.console import (
@@ -31,13 +31,6 @@ from pyvirtio.testing import MMIO_BASE, MmioTestRig, device_conformance
 from pyvirtio.transport.mmio import CONFIG_OFFSET, Reg
 
 RX0, TX0 = receiveq_index(0), transmitq_index(0)
-
-RING_MODES = [
-    pytest.param({}, id="split"),
-    pytest.param({"packed_ring": True}, id="packed"),
-    pytest.param({"event_idx": True, "indirect": True}, id="split-event-idx-indirect"),
-    pytest.param({"packed_ring": True, "event_idx": True, "indirect": True}, id="packed-all"),
-]
 
 
 def pattern(n: int, seed: int = 1) -> bytes:

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from helpers.queues import DirectRig
+from helpers.queues import RING_MODES, DirectRig
 from pyvirtio.constants import DeviceId, DeviceStatus, Feature
 from pyvirtio.device import DeviceState
 from pyvirtio.devices.entropy import DEFAULT_MAX_REQUEST, REQUESTQ, Entropy
@@ -30,14 +30,6 @@ class CountingSource:
 
 def expected_stream(total: int) -> bytes:
     return bytes(i & 0xFF for i in range(total))
-
-
-RING_MODES = [
-    pytest.param({}, id="split"),
-    pytest.param({"packed_ring": True}, id="packed"),
-    pytest.param({"event_idx": True, "indirect": True}, id="split-event-idx-indirect"),
-    pytest.param({"packed_ring": True, "event_idx": True, "indirect": True}, id="packed-all"),
-]
 
 
 def test_identity() -> None:

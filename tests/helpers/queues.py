@@ -112,6 +112,15 @@ def make_pair(
     return drv, dev
 
 
+#: DirectRig options for a test run once per ring layout and feature mix (``mode``).
+RING_MODES = [
+    pytest.param({}, id="split"),
+    pytest.param({"packed_ring": True}, id="packed"),
+    pytest.param({"event_idx": True, "indirect": True}, id="split-event-idx-indirect"),
+    pytest.param({"packed_ring": True, "event_idx": True, "indirect": True}, id="packed-all"),
+]
+
+
 class DirectRig:
     """``device`` negotiated and activated on ring pairs; the test is the driver.
 
