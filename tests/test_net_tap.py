@@ -11,15 +11,13 @@ deleted afterwards.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from helpers.net import arp_request, icmp_echo
+from helpers.net import arp_request, icmp_echo, network_namespace, run
 from pyvirtio.devices.net import Net, TapBackend, poll_devices
 from pyvirtio.devices.net.backends import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, BackendGone
 from pyvirtio.devices.net.wire import HDR_SIZE, internet_checksum
@@ -32,38 +30,24 @@ DEV_IP = bytes([10, 213, 78, 2])
 DEV_MAC = bytes.fromhex("02000000d00d")
 
 
-def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-
-
 @pytest.fixture
 def tap_in_netns() -> Iterator[tuple[TapBackend, str]]:
-    if not os.path.exists("/dev/net/tun"):
-        pytest.skip("/dev/net/tun is not available")
-    if shutil.which("ip") is None:
-        pytest.skip("ip (iproute2) is not installed")
-    ns = f"pyvtap{os.getpid()}"
-    made = _run("ip", "netns", "add", ns)
-    if made.returncode != 0:
-        pytest.skip(f"ip netns is not available: {made.stderr.strip()}")
-    tap: TapBackend | None = None
-    try:
+    with network_namespace(f"pyvtap{os.getpid()}") as ns:
         try:
             tap = TapBackend(f"pyvtap{os.getpid() % 100000}")
         except PermissionError as exc:
             pytest.skip(f"cannot create a TAP device: {exc}")
-        for cmd in (
-            ("ip", "link", "set", tap.name, "netns", ns),
-            ("ip", "-n", ns, "addr", "add", "10.213.78.1/24", "dev", tap.name),
-            ("ip", "-n", ns, "link", "set", tap.name, "up"),
-        ):
-            done = _run(*cmd)
-            assert done.returncode == 0, f"{' '.join(cmd)}: {done.stderr}"
-        yield tap, ns
-    finally:
-        if tap is not None:
+        try:
+            for cmd in (
+                ("ip", "link", "set", tap.name, "netns", ns),
+                ("ip", "-n", ns, "addr", "add", "10.213.78.1/24", "dev", tap.name),
+                ("ip", "-n", ns, "link", "set", tap.name, "up"),
+            ):
+                done = run(*cmd)
+                assert done.returncode == 0, f"{' '.join(cmd)}: {done.stderr}"
+            yield tap, ns
+        finally:
             tap.close()
-        _run("ip", "netns", "del", ns)
 
 
 def _wait_for(
@@ -114,7 +98,7 @@ def test_arp_and_ping_through_a_tap(tap_in_netns: tuple[TapBackend, str]) -> Non
     # empty multicast table): only frames to our address or broadcast arrived.
     assert all(f[:6] in (DEV_MAC, b"\xff" * 6) for f in seen)
     # And the namespace's kernel learned our address from the ARP request.
-    neighbours = _run("ip", "-n", ns, "neigh", "show", "10.213.78.2").stdout
+    neighbours = run("ip", "-n", ns, "neigh", "show", "10.213.78.2").stdout
     assert "02:00:00:00:d0:0d" in neighbours, neighbours
     driver.close()
     assert tap.offload_flags == 0  # reset: no offloads toward a driver that is gone

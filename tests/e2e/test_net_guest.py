@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.net import network_namespace, run
 from pyvirtio.vmm.backends import ServedDevice
 from pyvirtio.vmm.guest import GuestArtifacts, initramfs_with_script
 from pyvirtio.vmm.qemu import MicrovmConfig, boot
@@ -55,10 +55,6 @@ echo "guest-in-echos $(in_echos)"
 """
 
 
-def _run(*cmd: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
 def _lines(output: str, key: str) -> list[str]:
     return [line.split(" ", 1)[1] for line in output.splitlines() if line.startswith(key + " ")]
 
@@ -66,25 +62,15 @@ def _lines(output: str, key: str) -> list[str]:
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh network namespace, deleted (with whatever was moved into it) afterwards."""
-    if not os.path.exists("/dev/net/tun"):
-        pytest.skip("/dev/net/tun is not available")
-    if shutil.which("ip") is None:
-        pytest.skip("ip (iproute2) is not installed")
     if os.geteuid() != 0:
         pytest.skip("creating TAP devices and network namespaces needs root")
-    name = f"pyvnet{os.getpid()}"
-    made = _run("ip", "netns", "add", name)
-    if made.returncode != 0:
-        pytest.skip(f"ip netns add failed: {made.stderr.strip()}")
-    try:
+    with network_namespace(f"pyvnet{os.getpid()}") as name:
         yield name
-    finally:
-        _run("ip", "netns", "del", name)
 
 
 def _wait_for_link(name: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while _run("ip", "link", "show", "dev", name).returncode != 0:
+    while run("ip", "link", "show", "dev", name).returncode != 0:
         if time.monotonic() > deadline:
             raise AssertionError(f"TAP {name} did not appear within {timeout} s")
         time.sleep(0.05)
@@ -103,10 +89,10 @@ class HostPinger(threading.Thread):
     def run(self) -> None:
         busybox = shutil.which("busybox") or "busybox"
         while not self.stop.is_set() and time.monotonic() < self.deadline:
-            probe = _run("ip", "netns", "exec", self.ns, busybox, "ping", "-c", "1", "-W", "1",
+            probe = run("ip", "netns", "exec", self.ns, busybox, "ping", "-c", "1", "-W", "1",
                          GUEST_IP, timeout=5)  # fmt: skip
             if probe.returncode == 0:
-                result = _run("ip", "netns", "exec", self.ns, busybox, "ping", "-c", "3",
+                result = run("ip", "netns", "exec", self.ns, busybox, "ping", "-c", "3",
                               "-W", "2", GUEST_IP, timeout=15)  # fmt: skip
                 self.output = result.stdout + result.stderr
                 return
@@ -128,7 +114,7 @@ def test_linux_guest_pings_through_pyvirtio_net(
             ("ip", "-n", netns, "addr", "add", f"{HOST_IP}/24", "dev", tap),
             ("ip", "-n", netns, "link", "set", tap, "up"),
         ):
-            done = _run(*cmd)
+            done = run(*cmd)
             assert done.returncode == 0, f"{' '.join(cmd)}: {done.stderr}"
         pinger = HostPinger(netns, time.monotonic() + 100)
         pinger.start()

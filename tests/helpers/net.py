@@ -1,5 +1,5 @@
 """Helpers for the virtio-net tests: frame builders, a device bench where the test is the
-driver, and ``pyvirtio serve net`` run as a subprocess.
+driver, ``pyvirtio serve net`` run as a subprocess, and a network namespace of the test's own.
 
 :class:`NetBench` activates a :class:`~pyvirtio.devices.net.Net` directly on
 ring pairs (:class:`helpers.queues.DirectRig`) with a socket-pair back end
@@ -10,13 +10,18 @@ on the rings and the network on the socket.
 from __future__ import annotations
 
 import itertools
+import os
 import select
+import shutil
 import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from helpers.queues import DirectRig
 from pyvirtio.constants import Feature
@@ -127,6 +132,31 @@ def stop(proc: subprocess.Popen[str], timeout: float) -> tuple[str, bool]:
         _, err = proc.communicate()
         return err, False
     return err, True
+
+
+# -- a network namespace -------------------------------------------------------------------
+
+
+def run(*cmd: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` (``ip``, mostly), its output captured; the caller checks the status."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@contextmanager
+def network_namespace(name: str) -> Iterator[str]:
+    """A fresh network namespace ``name``, deleted (with whatever was moved into it)
+    afterwards; the test is skipped where TAP devices or namespaces cannot be made."""
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("/dev/net/tun is not available")
+    if shutil.which("ip") is None:
+        pytest.skip("ip (iproute2) is not installed")
+    made = run("ip", "netns", "add", name)
+    if made.returncode != 0:
+        pytest.skip(f"ip netns add failed: {made.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        run("ip", "netns", "del", name)
 
 
 # -- the bench -----------------------------------------------------------------------------
