@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from helpers.net import PEER_MAC, frame_of, udp_checksum_ok, udp_frame
+from helpers.vhost_user import served
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.devices.net import Net, NetHeader, SocketPairBackend, poll_devices
 from pyvirtio.devices.net.wire import GUEST_OFFLOADS, HDR_SIZE, Gso, HdrFlag, NetFeature
@@ -27,7 +27,6 @@ from pyvirtio.driver.net import CONFIG_FEATURES, MERGEABLE_BUFFER, NetDriver, Ne
 from pyvirtio.driver.vhost_user import DEFAULT_FRONTEND_PROTOCOL_FEATURES, VhostUserFrontend
 from pyvirtio.memory import GuestMemory
 from pyvirtio.testing import MmioTestRig
-from pyvirtio.transport.vhost_user import VhostUserBackend
 from pyvirtio.transport.vhost_user.protocol import FrontendRequest, ProtocolFeature, VringState
 
 F = NetFeature
@@ -246,16 +245,10 @@ def _served(
     net = make(backend)
     with tempfile.TemporaryDirectory(prefix="vun") as tmp:
         path = Path(tmp) / "s"
-        server = VhostUserBackend(net, path)
-        thread = threading.Thread(target=server.serve_forever, name="vhost-user-net")
-        thread.start()
         try:
-            yield net, peer, path
+            with served(net, path):
+                yield net, peer, path
         finally:
-            server.stop()
-            thread.join(5.0)
-            assert not thread.is_alive()
-            server.close()
             peer.close()
             backend.close()
 

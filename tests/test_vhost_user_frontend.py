@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers.vhost_user import served
 from pyvirtio.constants import DeviceId, Feature
 from pyvirtio.devices.block import Block, RequestType, Status
 from pyvirtio.devices.entropy import Entropy
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.mmio import FeatureNegotiationError, QueueSetupError
 from pyvirtio.driver.vhost_user import VhostUserError, VhostUserFrontend
-from pyvirtio.transport.vhost_user import VhostUserBackend
 from pyvirtio.transport.vhost_user.protocol import (
     FLAG_REPLY,
     VERSION,
@@ -271,23 +271,16 @@ def test_blk_driver_polling_against_pyvirtio_back_end(sock_path: Path, tmp_path:
     runs only when the driver sleeps, since spinning holds the GIL)."""
     image = tmp_path / "disk.raw"
     image.write_bytes(os.urandom(256 * 1024))
-    with Block(image) as device:
-        backend = VhostUserBackend(device, sock_path)
-        thread = threading.Thread(target=backend.serve_forever)
-        thread.start()
-        try:
-            with VhostUserFrontend(
-                sock_path, device_id=DeviceId.BLOCK, timeout=TIMEOUT
-            ) as frontend:
-                blk = BlkDriver(frontend, timeout=TIMEOUT, poll_us=20)
-                sleeps = _count_sleeps(frontend)
-                expected = _random_io(blk, 400, 8, seed=7)
-                blk.flush()
-                assert sleeps["timed out"] == 0, sleeps
-        finally:
-            backend.stop()
-            thread.join(TIMEOUT)
-            backend.close()
+    with (
+        Block(image) as device,
+        served(device, sock_path),
+        VhostUserFrontend(sock_path, device_id=DeviceId.BLOCK, timeout=TIMEOUT) as frontend,
+    ):
+        blk = BlkDriver(frontend, timeout=TIMEOUT, poll_us=20)
+        sleeps = _count_sleeps(frontend)
+        expected = _random_io(blk, 400, 8, seed=7)
+        blk.flush()
+        assert sleeps["timed out"] == 0, sleeps
     assert image.read_bytes() == expected
 
 
@@ -406,24 +399,19 @@ def test_no_back_end_listening(sock_path: Path) -> None:
 
 
 def test_refused_features_and_bounded_interrupt_wait(sock_path: Path) -> None:
-    backend = VhostUserBackend(Entropy(), sock_path)
-    thread = threading.Thread(target=backend.serve_forever)
-    thread.start()
-    try:
-        with VhostUserFrontend(sock_path, device_id=DeviceId.ENTROPY, timeout=0.5) as frontend:
-            with pytest.raises(FeatureNegotiationError):
-                frontend.initialize(0)  # no VERSION_1: the device refuses
-            frontend.initialize(Feature.VERSION_1.mask)
-            frontend.setup_queue(0, 8)
-            frontend.driver_ok()
-            assert frontend.wait_interrupt(0.05) == 0  # nothing to say: 0 on timeout
-            start = time.monotonic()
-            with pytest.raises(VhostUserError, match="no interrupt"):
-                frontend.wait_interrupt(None)  # bounded by the front end's timeout
-            with pytest.raises(VhostUserError, match="nothing used"):
-                frontend.wait_used(0, 0.05)
-            assert time.monotonic() - start < 2
-    finally:
-        backend.stop()
-        thread.join(TIMEOUT)
-        backend.close()
+    with (
+        served(Entropy(), sock_path),
+        VhostUserFrontend(sock_path, device_id=DeviceId.ENTROPY, timeout=0.5) as frontend,
+    ):
+        with pytest.raises(FeatureNegotiationError):
+            frontend.initialize(0)  # no VERSION_1: the device refuses
+        frontend.initialize(Feature.VERSION_1.mask)
+        frontend.setup_queue(0, 8)
+        frontend.driver_ok()
+        assert frontend.wait_interrupt(0.05) == 0  # nothing to say: 0 on timeout
+        start = time.monotonic()
+        with pytest.raises(VhostUserError, match="no interrupt"):
+            frontend.wait_interrupt(None)  # bounded by the front end's timeout
+        with pytest.raises(VhostUserError, match="nothing used"):
+            frontend.wait_used(0, 0.05)
+        assert time.monotonic() - start < 2
