@@ -204,10 +204,10 @@ class Backend:
                 raise SystemExit(f"{kind} did not create {self.sock} in {self.timeout} s")
             time.sleep(0.01)
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the whole process (all its threads) so far."""
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User and system CPU time of the whole process (all its threads) so far."""
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
     def stop(self) -> None:
         """SIGTERM (pyvirtio serve then writes its profile), SIGKILL if it lingers."""
@@ -341,22 +341,29 @@ class Result(NamedTuple):
     rate: float  # requests/s
     driver_us: float  # CPU microseconds per request, driver process
     backend_us: float  # CPU microseconds per request, back-end process
+    backend_sys_us: float  # the part of backend_us spent in the kernel
 
 
 def measure_once(
     drv: BlkDriver, backend: Backend, case: str, seconds: float, kick_every: int
 ) -> Result:
     size, depth = CASES[case]
-    cpu0, back0 = time.process_time(), backend.cpu_seconds()
+    cpu0, (user0, kernel0) = time.process_time(), backend.cpu_seconds()
     wall0 = time.perf_counter()
     rate = run_case(drv, size, depth, seconds, size == BIG, kick_every)
     requests = rate * (time.perf_counter() - wall0)
-    cpu, back = time.process_time() - cpu0, backend.cpu_seconds() - back0
-    return Result(rate, cpu / requests * 1e6, back / requests * 1e6)
+    cpu, (user, kernel) = time.process_time() - cpu0, backend.cpu_seconds()
+    per_request = 1e6 / requests
+    return Result(
+        rate,
+        cpu * per_request,
+        (user - user0 + kernel - kernel0) * per_request,
+        (kernel - kernel0) * per_request,
+    )
 
 
 def median(results: list[Result]) -> Result:
-    return Result(*(statistics.median(r[i] for r in results) for i in range(3)))
+    return Result(*(statistics.median(column) for column in zip(*results, strict=True)))
 
 
 def fmt(name: str, rate: float) -> str:
@@ -488,13 +495,13 @@ def main() -> None:
                 if "pyvirtio" in runs:
                     py_rates = [r.rate for r in runs["pyvirtio"]]
                     if "qsd-file" in runs:
-                        peer = [r.rate for r in runs["qsd-file"]]
-                        paired["default"][case] = spread(py_rates, peer)
+                        default_rates = [r.rate for r in runs["qsd-file"]]
+                        paired["default"][case] = spread(py_rates, default_rates)
                     tuned = [k for k in TUNED_QSD if k in runs]
                     if tuned:
                         best = [max(rs) for rs in zip(*(runs[k] for k in tuned), strict=True)]
-                        peer = [r.rate for r in best]
-                        paired["tuned"][case] = spread(py_rates, peer)
+                        tuned_rates = [r.rate for r in best]
+                        paired["tuned"][case] = spread(py_rates, tuned_rates)
                 if "pyvirtio" in runs and "pyvirtio-inflight" in runs:
                     tracked[case] = spread(
                         [r.rate for r in runs["pyvirtio-inflight"]],
@@ -523,6 +530,11 @@ def main() -> None:
             )
             print(f"{kind:10s}{cells}")
         print("(CPU microseconds per request: driver / back end)")
+        cells = "".join(
+            f"{kind}: " + ", ".join(f"{table[kind][c].backend_sys_us:.1f}" for c in cases) + "; "
+            for kind in kinds
+        )
+        print(f"(of the back end's, in the kernel, by case: {cells[:-2]})")
         if "pyvirtio" in table and "qsd-file" in table:
             ratios = "".join(
                 f"{table['pyvirtio'][c].rate / table['qsd-file'][c].rate:34.2f}" for c in cases
