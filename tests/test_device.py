@@ -282,6 +282,27 @@ def test_queue_notify_serves_only_an_active_device(caplog: pytest.LogCaptureFixt
     assert "nonexistent queue 7" in caplog.text
 
 
+def test_repeated_driver_mistakes_log_one_line_per_kind(caplog: pytest.LogCaptureFixture) -> None:
+    """A driver can repeat a mistake at will; the log gets one line per kind per interval."""
+    toy = Toy()
+    with caplog.at_level(logging.INFO, logger="pyvirtio.device"):
+        for _ in range(1000):
+            toy.queue_notify(0)  # not active yet
+            toy.write_config(0, b"\xff")
+            toy.ack_features(Feature.VERSION_1.mask | 1 << 50)
+        rig = DirectRig(toy)
+        rig.activate()
+        for index in range(1000):
+            toy.queue_notify(2 + index)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 4, messages
+    assert [m.split(":", 1)[0] for m in messages] == [toy.name] * 4
+    assert "while new" in messages[0]
+    assert "ignored write" in messages[1]
+    assert "never offered" in messages[2]
+    assert "nonexistent queue 2" in messages[3]
+
+
 def test_a_broken_queue_needs_reset_and_tells_the_transport() -> None:
     toy, _ = active_toy()
     reasons: list[str] = []

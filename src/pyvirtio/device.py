@@ -56,10 +56,12 @@ from typing import Any, Final
 from pyvirtio.constants import COMMON_FEATURES, DeviceId, Feature
 from pyvirtio.irq import DeviceInterrupt
 from pyvirtio.memory import GuestMemory
+from pyvirtio.ratelimit import RateLimitedLog
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceQueue, VirtqueueError
 
 __all__ = [
     "COMMON_FEATURES",
+    "DRIVER_ERROR_LOG_INTERVAL",
     "ActivationError",
     "DeviceState",
     "LifecycleError",
@@ -72,6 +74,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two log lines of one kind of driver mistake seen here
+#: (a driver can repeat one at will: :mod:`pyvirtio.ratelimit`).
+DRIVER_ERROR_LOG_INTERVAL: Final = 10.0
 
 
 class DeviceState(enum.Enum):
@@ -118,6 +124,10 @@ class VirtioDevice:
         self.num_queues: Final = len(self.queue_max_sizes)
         #: The device's name in log lines ("virtio-net", "virtio-boot-timer").
         self.name: Final = f"virtio-{self.device_id.name.lower().replace('_', '-')}"
+        #: Log lines of the driver mistakes the base class sees, rate-limited.
+        self._driver_errors: Final = RateLimitedLog(
+            log, self.name, interval=DRIVER_ERROR_LOG_INTERVAL
+        )
         self._acked = 0
         self._state = DeviceState.NEW
         self._asleep_from: DeviceState | None = None
@@ -153,7 +163,9 @@ class VirtioDevice:
         self._check_awake("ack_features")
         unknown = features & ~self.offered_features
         if unknown:
-            log.warning("%s: driver acked features never offered: %#x", self.name, unknown)
+            self._driver_errors.warn(
+                "unoffered features", None, "driver acked features never offered: %#x", unknown
+            )
         self._acked = features & self.offered_features
 
     def features_acceptable(self, features: int) -> bool:
@@ -178,7 +190,14 @@ class VirtioDevice:
 
     def write_config(self, offset: int, data: bytes) -> None:
         """Driver write to config space; read-only by default (logged and ignored)."""
-        log.info("%s: ignored write of %d bytes to config offset %#x", self.name, len(data), offset)
+        self._driver_errors.log(
+            logging.INFO,
+            "config write",
+            None,
+            "ignored write of %d bytes to config offset %#x",
+            len(data),
+            offset,
+        )
 
     @property
     def config_generation(self) -> int:
@@ -337,12 +356,19 @@ class VirtioDevice:
     def queue_notify(self, index: int) -> None:
         """The driver notified queue ``index``: process it.  Never raises for guest errors."""
         if self._state is not DeviceState.ACTIVE or self._resources is None:
-            log.info(
-                "%s: notify of queue %d while %s, ignored", self.name, index, self._state.value
+            self._driver_errors.log(
+                logging.INFO,
+                "notify while inactive",
+                None,
+                "notify of queue %d while %s, ignored",
+                index,
+                self._state.value,
             )
             return
         if not 0 <= index < self.num_queues:
-            log.warning("%s: notify of nonexistent queue %d", self.name, index)
+            self._driver_errors.warn(
+                "nonexistent queue", None, "notify of nonexistent queue %d", index
+            )
             return
         if self.needs_reset:
             return
