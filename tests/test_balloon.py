@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import time
 import tracemalloc
@@ -152,6 +153,20 @@ def test_driver_writes_actual_but_not_num_pages() -> None:
     # A reset driver starts over with an empty balloon; the target stays.
     rig.driver.reset()
     assert device.actual_pages == 0 and device.target_pages == 50
+
+
+def test_ignored_config_writes_are_logged_at_a_limited_rate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device = full_balloon()
+    with caplog.at_level(logging.INFO, logger="pyvirtio.devices.balloon.device"):
+        for _ in range(50):
+            device.write_config(ConfigField.NUM_PAGES, b"\x01\x00\x00\x00")
+            device.write_config(ConfigField.FREE_PAGE_HINT_CMD_ID, b"\x05\x00\x00\x00")
+            device.write_config(14, b"\x01\x02\x03\x04")
+    assert device.target_pages == 0 and device.free_page_hint_cmd_id == CMD_ID_DONE
+    # One line for each kind of write (num_pages, cmd_id, outside), not one per write.
+    assert len(caplog.records) == 3, [r.getMessage() for r in caplog.records]
 
 
 # -- a rig with raw queues -----------------------------------------------------------------

@@ -330,8 +330,12 @@ class Balloon(VirtioDevice):
 
     def write_config(self, offset: int, data: bytes) -> None:
         """The driver writes ``actual`` and ``poison_val``; other fields are read-only."""
+        # A driver may write as often as it likes: each kind of ignored write
+        # is logged at a limited rate.
         if offset < 0 or offset + len(data) > CONFIG_SIZE:
-            log.info("%s: config write outside the config space ignored", self.name)
+            self._log.log(
+                logging.INFO, "config_write", None, "config write outside the config space ignored"
+            )
             return
         config = bytearray(self.config_bytes())
         config[offset : offset + len(data)] = data
@@ -339,7 +343,13 @@ class Balloon(VirtioDevice):
         writable = (ConfigField.ACTUAL, ConfigField.POISON_VAL)
         for field in ConfigField:
             if field not in writable and offset < field + 4 and field < offset + len(data):
-                log.info("%s: driver write to read-only %s ignored", self.name, field.name)
+                self._log.log(
+                    logging.INFO,
+                    "config_write",
+                    field,
+                    "driver write to read-only %s ignored",
+                    field.name,
+                )
         self._actual = new.actual
         self._poison_val = new.poison_val
 
