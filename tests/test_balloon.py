@@ -298,6 +298,21 @@ def test_second_stats_buffer_is_returned() -> None:
     assert not device.request_stats(), "returned a buffer the device no longer holds"
 
 
+def test_stats_request_while_asleep_keeps_the_held_buffer() -> None:
+    raw = RawBalloon(full_balloon(stats_interval=1.0))
+    device = raw.device
+    assert raw.send(BalloonQueue.STATS, [encode_stats([(StatTag.SWAP_IN, 1)])]) == []
+    assert device.poll_stats(0.0) == 1.0
+    # The host's timer fires while the device is asleep (for a snapshot).
+    raw.rig.transport.sleep()
+    assert device.poll_stats(5.0) == 6.0
+    assert not device.request_stats()
+    raw.rig.transport.wake()
+    # The buffer was held all along: the driver gets it back now.
+    assert device.request_stats()
+    assert list(raw.queue(BalloonQueue.STATS).used()) == [(1, 0)]
+
+
 def test_free_page_report_releases_valid_ranges_only() -> None:
     raw = RawBalloon()
     base = FIRST_PFN * BALLOON_PAGE_SIZE

@@ -43,6 +43,7 @@ from pyvirtio.constants import DeviceId
 from pyvirtio.device import (
     COMMON_FEATURES,
     ActivationError,
+    DeviceState,
     QueueResources,
     VirtioDevice,
     expect_object,
@@ -239,10 +240,17 @@ class Balloon(VirtioDevice):
         """Return the held stats buffer, asking the driver for new figures.
 
         False when there is none to return (stats not negotiated, or the
-        driver has not answered the previous request yet).
+        driver has not answered the previous request yet), or when the
+        device is not active: asleep, its rings are not its to write, and
+        the buffer stays held (a host timer may fire during a snapshot).
         """
         chain = self._stats_chain
-        if chain is None or BalloonQueue.STATS not in self._layout or self.needs_reset:
+        if (
+            chain is None
+            or BalloonQueue.STATS not in self._layout
+            or self.needs_reset
+            or self.state is not DeviceState.ACTIVE
+        ):
             return False
         index = self._layout[BalloonQueue.STATS]
         self._stats_chain = None
