@@ -522,9 +522,7 @@ class Guest:
             return src.pick(
                 (self.mem_end_pfn, self.mem_end_pfn - 1, 0xFFFF_FFFF, 0x10_0000, 0x180, 0x1C0)
             )
-        value = src.take(4)
-        # Off the ring and request-buffer pages (see the module docstring).
-        return value + DATA_PFN if value < DATA_PFN else value
+        return _off_rings(src.take(4))
 
     def pfn_array(self) -> bytes:
         src = self.src
@@ -539,7 +537,7 @@ class Guest:
                 + src.take(1) % 3
             )
             first = self.pfn(0)
-            pfns = [(first + i) & 0xFFFF_FFFF for i in range(min(count, 2048))]
+            pfns = [_off_rings((first + i) & 0xFFFF_FFFF) for i in range(min(count, 2048))]
         else:
             pfns = []
             prev = DATA_PFN
@@ -616,6 +614,8 @@ class Guest:
 
     def report_chain(self, role: Any) -> None:
         src = self.src
+        if role not in self.layout:
+            return
         writable = self.page_ranges()
         readable: list[bytes] = []
         kind = src.take(1) % 8
@@ -627,6 +627,15 @@ class Guest:
             readable = list(odd)
             if kind != 3:
                 writable = []
+        elif role is BalloonQueue.FREE_PAGE and kind == 6:
+            # A whole round: the host asks, the driver answers with the ID, then pages.
+            if self.device.free_page_hint_cmd_id <= 1:
+                self.model.cmd_id = self.device.start_hinting()
+                self.model.hinted.clear()
+            cmd = struct.pack("<I", self.device.free_page_hint_cmd_id)
+            index = self.post(role, [cmd], [])
+            if index is not None:
+                self.notify(index)
         elif kind == 7:
             readable = [src.raw(1 + src.take(1) % 8)]
         index = self.post(role, readable, writable)
@@ -702,8 +711,10 @@ class Guest:
         old = self.device
         resources = old.sleep()
         snap = old.snapshot()
-        # A kick while asleep changes nothing.
+        # A kick, or the host's stats timer, while asleep changes nothing.
         old.queue_notify(self.src.take(1) % 4)
+        assert not old.request_stats(), "an asleep device returned its stats buffer"
+        old.poll_stats(1e9)
         assert old.snapshot() == snap, "a notify while asleep changed the snapshot"
         fresh = Balloon(memory_size=self.mem.size, **self.kwargs)
         fresh.sleep()
@@ -713,15 +724,16 @@ class Guest:
         assert doc["model"]["inflated"] == [list(r) for r in _runs(sorted(old._inflated))], (
             "snapshot lost inflated pages"
         )
-        fresh.wake(resources)
-        self.devices += 1
-        self.device = fresh
         for name in ("target_pages", "actual_pages", "inflated_pages", "free_page_hint_cmd_id"):
             assert getattr(fresh, name) == getattr(old, name), name
         assert fresh.counters == old.counters
         assert fresh.stats() == old.stats()
         assert fresh.hinted_runs() == old.hinted_runs()
         assert fresh.config_bytes() == old.config_bytes()
+        # Waking serves what was posted meanwhile, as activation does.
+        fresh.wake(resources)
+        self.devices += 1
+        self.device = fresh
         self.serve_all()
 
     def reset(self) -> None:
@@ -819,6 +831,11 @@ class Guest:
                 return
             self.notify(index)
             assert (pfn in self.device._inflated) == (role is BalloonQueue.INFLATE)
+
+
+def _off_rings(pfn: int) -> int:
+    """``pfn`` moved off the ring and request-buffer pages (see the module docstring)."""
+    return pfn + DATA_PFN if pfn < DATA_PFN else pfn
 
 
 def _runs(pfns: list[int]) -> list[tuple[int, int]]:
