@@ -175,9 +175,14 @@ def test_ignored_config_writes_are_logged_at_a_limited_rate(
 class RawBalloon:
     """Our device behind MMIO, with the driver's queues used by hand."""
 
-    def __init__(self, device: Balloon | None = None, features: int | None = None) -> None:
+    def __init__(
+        self,
+        device: Balloon | None = None,
+        features: int | None = None,
+        mem: GuestMemory | None = None,
+    ) -> None:
         self.device = device if device is not None else full_balloon()
-        self.rig = MmioTestRig(self.device)
+        self.rig = MmioTestRig(self.device, mem)
         self.queues = self.rig.start(features)
         self.layout = queue_layout(self.rig.device.acked_features)
         self.mem = self.rig.mem
@@ -524,6 +529,38 @@ def test_hints_under_a_stale_or_malformed_id_are_ignored() -> None:
     raw.send(BalloonQueue.FREE_PAGE, [CMD_ID_STOP.to_bytes(4, "little")])
     raw.send(BalloonQueue.FREE_PAGE, writable=[(base + 8 * BALLOON_PAGE_SIZE, BALLOON_PAGE_SIZE)])
     assert device.hinted_runs() == [(FIRST_PFN, 4)]
+
+
+def test_a_hint_buffer_names_a_bounded_number_of_pages() -> None:
+    raw = RawBalloon(full_balloon(limits=BalloonLimits(pages_per_hint=6)))
+    device = raw.device
+    base = FIRST_PFN * BALLOON_PAGE_SIZE
+    cmd_id = device.start_hinting()
+    raw.send(BalloonQueue.FREE_PAGE, [cmd_id.to_bytes(4, "little")])
+    # The same range named again and again: only as many pages as the bound.
+    four = (base, 4 * BALLOON_PAGE_SIZE)
+    two = (base + 8 * BALLOON_PAGE_SIZE, 2 * BALLOON_PAGE_SIZE)
+    used = raw.send(BalloonQueue.FREE_PAGE, writable=[four, four, two, four])
+    assert [n for _, n in used] == [0]
+    assert device.hinted_runs() == [(FIRST_PFN, 4), (FIRST_PFN + 8, 2)]
+    assert device.counters["hinted_pages"] == 6
+    assert device.counters["hints_ignored"] == 2
+    assert not device.needs_reset
+
+
+def test_hint_buffers_naming_all_of_ram_again_and_again_are_bounded() -> None:
+    # 1 GiB of guest RAM (mapped, never touched): a buffer of ranges each
+    # covering half of it made the device record hundreds of millions of pages.
+    raw = RawBalloon(mem=GuestMemory.anonymous(1 << 30))
+    device = raw.device
+    cmd_id = device.start_hinting()
+    raw.send(BalloonQueue.FREE_PAGE, [cmd_id.to_bytes(4, "little")])
+    bound = 1 << 17  # pages: 512 MiB, the largest block a Linux driver hints
+    raw.send(BalloonQueue.FREE_PAGE, writable=[(0, bound * BALLOON_PAGE_SIZE)] * 16)
+    assert device.counters["hints_ignored"] == 15
+    assert device.counters["hinted_pages"] == bound
+    assert device.hinted_runs() == [(0, bound)]
+    assert device.limits.pages_per_hint == bound
 
 
 def test_hinting_needs_the_feature() -> None:

@@ -18,7 +18,9 @@ ignores out-of-range ones):
 * free page reports and free page hints: at most
   :attr:`BalloonLimits.ranges_per_report` ranges per buffer, each page
   aligned and wholly inside guest memory; the others are dropped and
-  counted.  A hint's command ID buffer must be exactly 4 bytes.
+  counted.  A hint's command ID buffer must be exactly 4 bytes, and a hint
+  buffer names at most :attr:`BalloonLimits.pages_per_hint` pages (the device
+  records each one, so the same huge range named over and over is bounded).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class BalloonLimits:
     unknown_stat_tags: int = 32
     #: Ranges in one free page report (Linux reports 32 at a time).
     ranges_per_report: int = 256
+    #: Pages in one free page hint buffer, over all its ranges (Linux hints
+    #: one block per buffer: 4 MiB, or 512 MiB with 64 KiB guest pages).
+    pages_per_hint: int = 1 << 17
 
 
 class PageRequest(NamedTuple):
@@ -147,7 +152,8 @@ class HintRequest(NamedTuple):
     cmd_id: int | None
     #: Page-aligned ranges of a device-writable buffer.
     ranges: list[tuple[int, int]]
-    #: Ranges dropped (as in :func:`parse_report`), or a malformed ID buffer.
+    #: Ranges dropped (as in :func:`parse_report`, or past ``pages_per_hint``),
+    #: or a malformed ID buffer.
     rejected: int
 
 
@@ -159,7 +165,16 @@ def parse_hint(chain: DescriptorChain, mem: GuestMemory, limits: BalloonLimits) 
             return HintRequest(None, [], 1)
         return HintRequest(int.from_bytes(chain.read(0, 4), "little"), [], 0)
     ranges, rejected = _page_ranges(chain, mem, limits)
-    return HintRequest(None, ranges, rejected)
+    budget = limits.pages_per_hint
+    taken = []
+    for addr, length in ranges:
+        pages = length // BALLOON_PAGE_SIZE
+        if pages > budget:
+            rejected += 1
+            continue
+        budget -= pages
+        taken.append((addr, length))
+    return HintRequest(None, taken, rejected)
 
 
 def parse_report(chain: DescriptorChain, mem: GuestMemory, limits: BalloonLimits) -> ReportRequest:
