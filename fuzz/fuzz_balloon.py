@@ -246,6 +246,14 @@ class Model:
             self.hinting_for = cmd if cmd == current else None
             return
         good, rejected = self._ranges(writable)
+        budget, taken = self.limits.pages_per_hint, []
+        for addr, length in good:
+            if length // PAGE > budget:
+                rejected += 1
+            else:
+                budget -= length // PAGE
+                taken.append((addr, length))
+        good = taken
         c["hints_ignored"] += rejected
         if self.hinting_for is None or self.hinting_for != self.cmd_id:
             c["hints_ignored"] += len(good)
@@ -312,6 +320,7 @@ class Guest:
                 stats_per_buffer=src.take(1) % 6,
                 unknown_stat_tags=src.take(1) % 4,
                 ranges_per_report=1 + src.take(1) % 4,
+                pages_per_hint=src.take(1) % 8,
             )
         self.packed = bool(opts & 64)
         self.event_idx = bool(opts & 128)
