@@ -390,32 +390,14 @@ class Guest:
             desc_len, driver_len, _ = module.area_sizes(self.size)
             driver = (base + desc_len + 63) & ~63
             dev = (driver + driver_len + 63) & ~63
+            ring = (self.mem, self.size, base, driver, dev)
+            flags = {"event_idx": self.event_idx, "indirect": self.indirect}
+            indirect_addr = INDIRECT_BASE + index * INDIRECT_STRIDE if self.indirect else None
+            max_indirect = MAX_INDIRECT if self.indirect else 0
             self.driver_queues.append(
-                drv_cls(
-                    self.mem,
-                    self.size,
-                    base,
-                    driver,
-                    dev,
-                    event_idx=self.event_idx,
-                    indirect=self.indirect,
-                    indirect_addr=INDIRECT_BASE + index * INDIRECT_STRIDE
-                    if self.indirect
-                    else None,
-                    max_indirect=MAX_INDIRECT if self.indirect else 0,
-                )
+                drv_cls(*ring, **flags, indirect_addr=indirect_addr, max_indirect=max_indirect)
             )
-            device_queues.append(
-                dev_cls(
-                    self.mem,
-                    self.size,
-                    base,
-                    driver,
-                    dev,
-                    event_idx=self.event_idx,
-                    indirect=self.indirect,
-                )
-            )
+            device_queues.append(dev_cls(*ring, **flags))
         #: Per queue index: chains posted, by token, in order.
         self.outstanding: list[dict[int, Posted]] = [{} for _ in range(device.num_queues)]
         #: Per queue index: chains posted but not yet notified (the model's backlog).
