@@ -787,8 +787,8 @@ class Guest:
         if not self.exact:
             return
         assert device.needs_reset == model.broken, (device.needs_reset, model.broken)
-        assert inflated == model.inflated, "inflated pages differ from the model"
-        assert device._hinted == model.hinted, "hinted pages differ from the model"
+        assert set(inflated) == model.inflated, "inflated pages differ from the model"
+        assert set(device._hinted) == model.hinted, "hinted pages differ from the model"
         assert device._hinting_for == model.hinting_for
         assert device._latest_stats == model.stats, "statistics differ from the model"
         assert device.config_bytes() == self._config(), "config space differs from the model"

@@ -49,6 +49,7 @@ from pyvirtio.device import (
     expect_object,
     expect_uint,
 )
+from pyvirtio.devices.balloon.pages import PageSet
 from pyvirtio.devices.balloon.request import (
     BalloonLimits,
     PageRequest,
@@ -69,7 +70,6 @@ from pyvirtio.devices.balloon.wire import (
     BalloonFeature,
     BalloonQueue,
     ConfigField,
-    coalesce_pfns,
     queue_layout,
 )
 from pyvirtio.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
@@ -163,11 +163,11 @@ class Balloon(VirtioDevice):
         self._last_cmd_id = CMD_ID_DONE
         self._hinting_for: int | None = None
         #: PFNs hinted free under the current command ID.
-        self._hinted: set[int] = set()
+        self._hinted = PageSet()
         self._layout: dict[BalloonQueue, int] = {}
         self._roles: dict[int, BalloonQueue] = {}
         #: PFNs in the balloon (inflated and not deflated since).
-        self._inflated: set[int] = set()
+        self._inflated = PageSet()
         self._latest_stats: dict[int, int] = {}
         self._stats_chain: DescriptorChain | None = None
         #: A held stats buffer from a snapshot, rebuilt at wake.
@@ -324,7 +324,7 @@ class Balloon(VirtioDevice):
         (e.g. for a migration that skips hinted pages) can tell a page
         written since; that is the host's to combine.
         """
-        return coalesce_pfns(sorted(self._hinted))
+        return self._hinted.runs()
 
     def _set_cmd_id(self, cmd_id: int) -> None:
         if cmd_id != self._cmd_id:
@@ -441,18 +441,14 @@ class Balloon(VirtioDevice):
 
     def _inflate(self, request: PageRequest) -> None:
         inflated = self._inflated
-        before = len(inflated)
-        inflated.update(request.pfns)
-        self.counters["pages_inflated"] += len(inflated) - before
+        self.counters["pages_inflated"] += sum(inflated.add_run(*run) for run in request.runs)
         # The device may change a page's contents once it sees its PFN in an
         # inflate request (Device Operation, device requirements).
         self._release(self._active_mem(), request.runs)
 
     def _deflate(self, request: PageRequest) -> None:
         inflated = self._inflated
-        before = len(inflated)
-        inflated.difference_update(request.pfns)
-        removed = before - len(inflated)
+        removed = sum(inflated.discard_run(*run) for run in request.runs)
         self.counters["pages_deflated"] += removed
         unknown = len(request.pfns) - removed
         if unknown:
@@ -496,11 +492,9 @@ class Balloon(VirtioDevice):
                 self.counters["hints_ignored"] += len(request.ranges)
             return
         hinted = self._hinted
-        before = len(hinted)
         for addr, length in request.ranges:
-            first = addr >> PFN_SHIFT
-            hinted.update(range(first, first + (length >> PFN_SHIFT)))
-        self.counters["hinted_pages"] += len(hinted) - before
+            added = hinted.add_run(addr >> PFN_SHIFT, length >> PFN_SHIFT)
+            self.counters["hinted_pages"] += added
 
     def _process_stats(self, queue: DeviceQueue) -> None:
         returned = False
@@ -589,8 +583,8 @@ class Balloon(VirtioDevice):
             "cmd_id": self._cmd_id,
             "last_cmd_id": self._last_cmd_id,
             "hinting_for": self._hinting_for,
-            "hinted": [list(run) for run in coalesce_pfns(sorted(self._hinted))],
-            "inflated": [list(run) for run in coalesce_pfns(sorted(self._inflated))],
+            "hinted": [list(run) for run in self._hinted.runs()],
+            "inflated": [list(run) for run in self._inflated.runs()],
             "latest_stats": [[tag, value] for tag, value in sorted(self._latest_stats.items())],
             "stats_buffer": held,
             "counters": dict(self.counters),
@@ -611,8 +605,8 @@ class Balloon(VirtioDevice):
             expect_uint(hinting_for)
         if max(num_pages, actual, poison, cmd_id, last_cmd_id) > _U32_MAX:
             raise ValueError("config field above 32 bits")
-        inflated = _pfn_set(state["inflated"])
-        hinted = _pfn_set(state["hinted"])
+        inflated = _page_set(state["inflated"])
+        hinted = _page_set(state["hinted"])
         latest = {}
         for entry in state["latest_stats"]:
             tag, value = (expect_uint(v) for v in entry)
@@ -640,15 +634,15 @@ class Balloon(VirtioDevice):
         self.counters = {name: expect_uint(counters[name]) for name in COUNTER_NAMES}
 
 
-def _pfn_set(runs: Any) -> set[int]:
-    """PFNs from snapshot ``[first, count]`` runs, checked."""
-    pfns: set[int] = set()
+def _page_set(runs: Any) -> PageSet:
+    """The pages of snapshot ``[first, count]`` runs, checked."""
+    pages = PageSet()
     for run in runs:
         first, count = (expect_uint(v) for v in run)
         if (first + count) << PFN_SHIFT > 1 << 64:
             raise ValueError(f"PFN run {first}+{count} outside the address space")
-        pfns.update(range(first, first + count))
-    return pfns
+        pages.add_run(first, count)
+    return pages
 
 
 def _chain_state(chain: DescriptorChain) -> dict[str, Any]:
