@@ -15,15 +15,17 @@ import pytest
 
 from helpers.vsock import GUEST_CID, VsockRig, in_thread, listen_unix
 from pyvirtio.devices.vsock.connection import DEFAULT_BUF_ALLOC, ConnState
-from pyvirtio.devices.vsock.device import RXQ, TXQ
+from pyvirtio.devices.vsock.device import EVENTQ, RXQ, TXQ
 from pyvirtio.devices.vsock.unix import connect_to_guest
 from pyvirtio.devices.vsock.wire import (
     HEADER_SIZE,
     HOST_CID,
     MAX_PKT_PAYLOAD,
+    EventId,
     Header,
     Op,
     SockType,
+    unpack_event,
 )
 from pyvirtio.virtqueue.common import DriverQueue
 from pyvirtio.vmm.host_loop import poll_devices
@@ -290,3 +292,24 @@ def test_host_handshake_garbage_is_dropped(rig: VsockRig) -> None:
         assert answer == b""  # closed without an answer
         c.close()
     assert len(rig.device.endpoint) == 0
+
+
+def test_event_buffer_too_short_for_an_event_keeps_it_for_the_next(rig: VsockRig) -> None:
+    guest = RawGuest(rig)
+    device = rig.device
+    resources = device.sleep()
+    device.restore(device.snapshot())
+    device.wake(resources)
+    events = guest.queues[EVENTQ]
+    short = guest.alloc.alloc(4)
+    guest.mem.write(short, b"\xee" * 4)
+    events.add([], [(short, 1)], token="short")
+    rig.rig.driver.notify(EVENTQ)
+    assert list(events.used()) == [("short", 0)]  # a cut event would be no event
+    assert guest.mem.read(short, 4) == b"\xee" * 4
+    assert device.stats["short_header"] == 1
+    whole = guest.alloc.alloc(4)
+    events.add([], [(whole, 4)], token="whole")
+    rig.rig.driver.notify(EVENTQ)
+    assert list(events.used()) == [("whole", 4)]
+    assert unpack_event(guest.mem.read(whole, 4)) == EventId.TRANSPORT_RESET

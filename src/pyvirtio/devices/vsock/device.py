@@ -66,6 +66,7 @@ from pyvirtio.devices.vsock.connection import (
 )
 from pyvirtio.devices.vsock.unix import HostRequest, UnixVsockHost
 from pyvirtio.devices.vsock.wire import (
+    EVENT_SIZE,
     HEADER_SIZE,
     HOST_CID,
     MAX_PKT_PAYLOAD,
@@ -242,15 +243,22 @@ class Vsock(VirtioDevice):
             self._release(conn)
 
     def _send_events(self, queue: DeviceQueue) -> None:
-        if not self._transport_reset_pending:
-            return
-        chain = queue.pop()
-        if chain is None:
-            return
-        written = chain.write(pack_event(EventId.TRANSPORT_RESET))
-        queue.add_used(chain, written)
-        self._transport_reset_pending = False
-        self.signal_used(EVENTQ)
+        while self._transport_reset_pending:
+            chain = queue.pop()
+            if chain is None:
+                return
+            if chain.writable_len < EVENT_SIZE:
+                # A cut event is no event (the guest drops it): it waits for a
+                # whole buffer (device-types/vsock: Device Events).
+                self.stats["short_header"] += 1
+                self._warn("eventshort", "event buffer of %d bytes", chain.writable_len)
+                queue.add_used(chain, 0)
+                self.signal_used(EVENTQ)
+                continue
+            written = chain.write(pack_event(EventId.TRANSPORT_RESET))
+            queue.add_used(chain, written)
+            self._transport_reset_pending = False
+            self.signal_used(EVENTQ)
 
     def _process_tx(self, queue: DeviceQueue) -> None:
         completions: list[tuple[DescriptorChain, int]] = []
