@@ -313,3 +313,22 @@ def test_event_buffer_too_short_for_an_event_keeps_it_for_the_next(rig: VsockRig
     rig.rig.driver.notify(EVENTQ)
     assert list(events.used()) == [("whole", 4)]
     assert unpack_event(guest.mem.read(whole, 4)) == EventId.TRANSPORT_RESET
+
+
+def test_reset_closes_the_host_sockets_of_dropped_connections(rig: VsockRig) -> None:
+    """A guest that resets the device and leaves it so holds no host sockets open."""
+    server = listen_unix(Path(f"{rig.uds}_83"))
+    guest = RawGuest(rig)
+    gc.collect()  # other tests' garbage must not close fds during the count
+    baseline = open_fds()
+    guest.send(Op.REQUEST, 2000, 83)
+    peer, _ = server.accept()
+    assert len(rig.device.endpoint) == 1
+    rig.rig.driver.reset()
+    poll_devices([rig.device], 0)
+    poll_devices([rig.device], 0)  # the loop has seen a list without the socket
+    assert open_fds() == baseline + 1  # only our end, peer
+    peer.settimeout(5)
+    assert peer.recv(10) == b""
+    peer.close()
+    server.close()

@@ -455,6 +455,7 @@ class Vsock(VirtioDevice):
     def host_fds(self) -> list[tuple[int, int]]:
         if self.state is not DeviceState.ACTIVE or self.needs_reset:
             self.host.set_alarm(None)
+            self.host.idle()  # the sockets of connections a reset dropped get closed
             return []
         accepting = len(self.endpoint) < self.max_connections
         fds = []

@@ -222,15 +222,20 @@ class UnixVsockHost:
 
     def fds(self, accepting: bool) -> list[tuple[int, int]]:
         """Listener (while ``accepting``), handshaking sockets and the timer."""
-        for sock in self._retired:
-            sock.close()
-        self._retired, self._retiring = self._retiring, []
+        self.idle()
         fds = [(fd, select.POLLIN) for fd in self._handshakes]
         if accepting:
             fds += [(fd, select.POLLIN) for fd in self._listeners]
         if self._timer.armed is not None:
             fds.append((self._timer.fd, select.POLLIN))
         return fds
+
+    def idle(self) -> None:
+        """A listing without any of our fds (the device is not active): it still
+        moves retired sockets on, so they are closed even if no :meth:`fds` follows."""
+        for sock in self._retired:
+            sock.close()
+        self._retired, self._retiring = self._retiring, []
 
     def owns(self, fd: int) -> bool:
         return fd in self._listeners or fd == self._timer.fd or fd in self._handshakes
