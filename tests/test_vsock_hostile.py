@@ -5,6 +5,7 @@ gives back every fd it opened."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
 import time
@@ -332,3 +333,17 @@ def test_reset_closes_the_host_sockets_of_dropped_connections(rig: VsockRig) -> 
     assert peer.recv(10) == b""
     peer.close()
     server.close()
+
+
+def test_request_flood_to_a_closed_port_logs_a_bounded_number_of_lines(
+    rig: VsockRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    guest = RawGuest(rig)
+    with caplog.at_level(logging.DEBUG, logger="pyvirtio"):
+        for port in range(3000, 3200):
+            guest.send(Op.REQUEST, port, 4242)
+            guest.received()
+    assert rig.device.stats["host_refused"] == 200
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
+    assert "4242" in lines[0].getMessage()

@@ -305,9 +305,19 @@ class Vsock(VirtioDevice):
         self._flush_to_host(conn)
 
     def _guest_connect(self, conn: Connection) -> None:
-        sock = self.host.connect(conn.key.local_port, conn.type)
-        if sock is None:
+        port = conn.key.local_port
+        try:
+            sock = self.host.connect(port, conn.type)
+        except OSError as exc:
             self.stats["host_refused"] += 1
+            self._limiter.log(
+                logging.INFO,
+                "refused",
+                None,
+                "guest connection to port %d refused: %s",
+                port,
+                exc.strerror,
+            )
             self.endpoint.refuse(conn, "nobody listens on the host")
             return
         self._attach(conn, _Link(sock))

@@ -262,17 +262,20 @@ class UnixVsockHost:
 
     # -- guest -> host ---------------------------------------------------------------
 
-    def connect(self, port: int, sock_type: SockType) -> socket.socket | None:
-        """A connected non-blocking socket to ``<uds_path>_<port>``, or None if refused."""
+    def connect(self, port: int, sock_type: SockType) -> socket.socket:
+        """A connected non-blocking socket to ``<uds_path>_<port>``.
+
+        OSError if refused (nobody listens there, a full backlog, ...): the
+        guest can ask at will, so logging it is the caller's, rate-limited.
+        """
         kind = socket.SOCK_SEQPACKET if sock_type is SockType.SEQPACKET else socket.SOCK_STREAM
         sock = socket.socket(socket.AF_UNIX, kind)
         sock.setblocking(False)
         try:
             sock.connect(f"{self.uds_path}_{port}")
-        except OSError as exc:
+        except BaseException:
             sock.close()
-            log.info("%s: guest connection to port %d refused: %s", self, port, exc.strerror)
-            return None
+            raise
         return sock
 
     # -- host -> guest ---------------------------------------------------------------
