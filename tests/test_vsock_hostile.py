@@ -39,7 +39,7 @@ def open_fds() -> int:
 class RawGuest:
     """A guest that writes packets onto the TX ring itself (no VsockDriver)."""
 
-    def __init__(self, rig: VsockRig) -> None:
+    def __init__(self, rig: VsockRig, rx_buffers: int = 32) -> None:
         self.rig = rig
         self.queues = rig.rig.start()
         self.rx: DriverQueue = self.queues[RXQ]
@@ -47,7 +47,7 @@ class RawGuest:
         self.alloc = rig.rig.allocator
         self.mem = rig.rig.mem
         self.rx_buffers = []
-        for _ in range(32):
+        for _ in range(rx_buffers):
             addr = self.alloc.alloc(HEADER_SIZE + 4096)
             self.rx.add([], [(addr, HEADER_SIZE + 4096)], token=addr)
             self.rx_buffers.append(addr)
@@ -347,3 +347,30 @@ def test_request_flood_to_a_closed_port_logs_a_bounded_number_of_lines(
     lines = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
     assert "4242" in lines[0].getMessage()
+
+
+@pytest.mark.timeout(20)
+def test_rx_buffer_with_room_for_a_header_only_does_not_stall_host_data(rig: VsockRig) -> None:
+    """A 44-byte RX buffer fits no data: the device neither spins on it nor waits behind it."""
+    server = listen_unix(Path(f"{rig.uds}_84"))
+    guest = RawGuest(rig, rx_buffers=1)
+    guest.send(Op.REQUEST, 2000, 84)
+    peer, _ = server.accept()
+    [(big, written)] = guest.rx.used()
+    assert isinstance(big, int)
+    assert Header.unpack(guest.mem.read(big, HEADER_SIZE)).op == Op.RESPONSE
+    tiny = guest.alloc.alloc(HEADER_SIZE)
+    guest.rx.add([], [(tiny, HEADER_SIZE)], token=tiny)  # first in the ring
+    guest.rx.add([], [(big, HEADER_SIZE + 4096)], token=big)
+    rig.rig.driver.notify(RXQ)
+    peer.sendall(b"hello")
+    data = b""
+    for _ in range(10):
+        poll_devices([rig.device], 0)
+        for token, written in guest.rx.used():
+            assert isinstance(token, int)
+            if written > HEADER_SIZE:
+                data += guest.mem.read(token + HEADER_SIZE, written - HEADER_SIZE)
+    assert data == b"hello"
+    peer.close()
+    server.close()

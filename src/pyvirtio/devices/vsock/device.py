@@ -383,22 +383,26 @@ class Vsock(VirtioDevice):
                     chain = queue.pop()
                     if chain is None:
                         break
-                if chain.writable_len < HEADER_SIZE:
+                room = chain.writable_len - HEADER_SIZE
+                if room >= 0 and (header := endpoint.next_control()) is not None:
+                    chain.write(header.pack())
+                    completions.append((chain, HEADER_SIZE))
+                    continue
+                if room < 0 or (room == 0 and ready):
+                    # Too short for a header, or room for a header only while
+                    # data waits: no byte fits, and kept for the next control
+                    # packet it would hold the data back.  Given back empty.
                     self.stats["short_header"] += 1
                     self._warn("rxshort", "RX buffer of %d bytes", chain.writable_len)
                     completions.append((chain, 0))
-                    continue
-                header = endpoint.next_control()
-                if header is not None:
-                    chain.write(header.pack())
-                    completions.append((chain, HEADER_SIZE))
                     continue
                 written = 0
                 while ready and not written:
                     # Round robin: one buffer per connection in turn.
                     conn = ready.popleft()
                     written = self._rx_data(conn, chain)
-                    if self._has_host_data(conn):
+                    # One that gave nothing is not retried on this buffer (it would spin).
+                    if written and self._has_host_data(conn):
                         ready.append(conn)
                 if written:
                     completions.append((chain, written))
