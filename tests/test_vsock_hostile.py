@@ -374,3 +374,26 @@ def test_rx_buffer_with_room_for_a_header_only_does_not_stall_host_data(rig: Vso
     assert data == b"hello"
     peer.close()
     server.close()
+
+
+def test_seqpacket_messages_too_big_for_the_host_log_a_bounded_number_of_lines(
+    rig: VsockRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message the host socket cannot take whole resets its connection; the guest
+    may do it again and again, the log says it once."""
+    server = listen_unix(Path(f"{rig.uds}_85"), socket.SOCK_SEQPACKET)
+    guest = RawGuest(rig)
+    chunk = bytes(MAX_PKT_PAYLOAD)
+    with caplog.at_level(logging.DEBUG, logger="pyvirtio"):
+        for port in range(2000, 2004):
+            guest.send(Op.REQUEST, port, 85, type=SockType.SEQPACKET)
+            peer, _ = server.accept()
+            assert [h.op for h in guest.received()] == [Op.RESPONSE]
+            for last in (False, False, False, True):  # 256 KiB: over the socket's limit
+                guest.send(Op.RW, port, 85, chunk, type=SockType.SEQPACKET, flags=3 * last)
+            assert Op.RST in [h.op for h in guest.received()]
+            peer.close()
+    assert rig.device.stats["host_errors"] == 4
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
+    server.close()

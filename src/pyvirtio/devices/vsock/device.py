@@ -357,8 +357,10 @@ class Vsock(VirtioDevice):
 
     def _host_failed(self, conn: Connection, exc: OSError) -> None:
         if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+            # The guest can cause these (a SEQPACKET message too big for the
+            # host socket, say) as often as it likes: rate-limited.
             self.stats["host_errors"] += 1
-            log.info("%s: host socket of %s failed: %s", self.name, conn, exc)
+            self._limiter.log(logging.INFO, "host", None, "host socket of %s failed: %s", conn, exc)
         conn.reset("host socket closed")
 
     # -- host -> guest ----------------------------------------------------------------
