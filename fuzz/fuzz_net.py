@@ -250,11 +250,14 @@ class Guest:
         self.tx_used = 0
         self.tx_expected: dict[bytes, int] = {}
         self.tx_seen = 0
-        self.rx_injected: dict[int, int] = {}
+        #: Messages the peer sent, by length.
+        self.rx_injected: dict[int, list[bytes]] = {}
         self.rx_injected_count = 0
         self.rx_delivered = 0
         #: Per receiveq: (continuation buffers still expected, frame length so far).
-        self.rx_partial: dict[int, list[int]] = {}
+        self.rx_partial: dict[int, tuple[list[int], bytearray]] = {}
+        #: Receive offloads in force at some point of the current step.
+        self.offloads = 0
         self.stats_before = dict(self.device.stats)
         self.device.ack_features(self.features)
         self.device.activate(MEM, _Interrupt(), device_queues)
@@ -508,7 +511,7 @@ class Guest:
             except (BlockingIOError, OSError):
                 continue
             n = len(message)
-            self.rx_injected[n] = self.rx_injected.get(n, 0) + 1
+            self.rx_injected.setdefault(n, []).append(message)
             self.rx_injected_count += 1
         self.device.backend_readable()
 
@@ -596,6 +599,7 @@ class Guest:
 
     def harvest(self) -> None:
         """Take every used entry, checking it against what was posted."""
+        last_ctrl = None
         for index, queue in enumerate(self.driver_queues):
             try:
                 used = list(queue.used())
@@ -612,28 +616,59 @@ class Guest:
                 elif kind == "rx":
                     self.rx_entry(index, wr, written, got)
                 elif kind == "ctrl":
-                    self.ctrl_entry(data, wr, written, got)
+                    last_ctrl = data if self.ctrl_entry(data, wr, written, got) else None
                 else:
                     assert written == 0, f"queue {index} with no role wrote {written} bytes"
+        if last_ctrl is not None:
+            self.check_ctrl_effect(last_ctrl)
+
+    def check_ctrl_effect(self, command: bytes) -> None:
+        """The last command acknowledged OK is in force."""
+        device = self.device
+        cls, cmd, data = command[0], command[1], command[2:]
+        if cls == 0:
+            name = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")[cmd]
+            assert getattr(device.rx_filter, name) == bool(data[0]), name
+        elif cls == 1 and cmd == 0:
+            n_uni = int.from_bytes(data[:4], "little")
+            uni = [data[4 + 6 * i : 10 + 6 * i] for i in range(n_uni)]
+            rest = data[4 + 6 * n_uni :]
+            multi = [
+                rest[4 + 6 * i : 10 + 6 * i] for i in range(int.from_bytes(rest[:4], "little"))
+            ]
+            flt = device.rx_filter
+            assert flt.unicast_overflow == (len(uni) > 64)
+            assert flt.multicast_overflow == (len(multi) > 64)
+            assert flt.unicast == ([] if len(uni) > 64 else uni)
+            assert flt.multicast == ([] if len(multi) > 64 else multi)
+        elif cls == 1:
+            assert device.mac == data and device.config_bytes()[:6] == data
+        elif cls == 4:
+            assert device.queue_pairs == int.from_bytes(data, "little")
+        else:
+            offloads = int.from_bytes(data, "little")
+            assert device.guest_offloads == offloads
+            assert self.backend.guest_features == offloads
 
     def rx_entry(self, index: int, wr: list[tuple[int, int]], written: int, got: bytes) -> None:
         capacity = sum(n for _, n in wr)
         partial = self.rx_partial.get(index)
         if partial is not None:  # a continuation buffer of a merged frame
             assert written > 0, "empty buffer inside a merged frame"
-            partial[0] -= 1
-            partial[1] += written
-            if partial[0]:
+            left, data = partial
+            left[0] -= 1
+            data += got
+            if left[0]:
                 assert written == capacity, "a merged frame's buffer other than the last not full"
             else:
                 del self.rx_partial[index]
-                self.rx_frame_done(partial[1])
+                self.rx_frame_done(bytes(data))
             return
         if written == 0:
             return  # an unusable chain or one handed back on sleep
         assert written >= HDR_SIZE, f"receive of {written} bytes: no room for the header"
         flags, gso, _, _, _, _, num_buffers = HDR.unpack_from(got)
-        offloads = self.features & _GUEST_OFFLOADS
+        offloads = self.offloads
         assert not flags & ~3, f"receive flags {flags:#x}"
         if not offloads & NetFeature.GUEST_CSUM.mask:
             assert flags == 0, "flags without GUEST_CSUM"
@@ -646,31 +681,50 @@ class Guest:
             assert num_buffers == 1, num_buffers
         assert num_buffers >= 1, num_buffers
         if num_buffers == 1:
-            self.rx_frame_done(written)
+            self.rx_frame_done(got)
             return
         assert written == capacity, "a merged frame's first buffer not full"
-        self.rx_partial[index] = [num_buffers - 1, written]
+        self.rx_partial[index] = ([num_buffers - 1], bytearray(got))
 
-    def rx_frame_done(self, length: int) -> None:
-        count = self.rx_injected.get(length, 0)
-        assert count > 0, f"a {length}-byte frame the peer never sent was received"
-        self.rx_injected[length] = count - 1
+    def rx_frame_done(self, data: bytes) -> None:
+        """A whole frame reached the driver: it is one the peer sent, header fields kept,
+        the frame unchanged but for a checksum the device completed."""
+        sent = self.rx_injected.get(len(data), [])
+        for i in range(len(sent)):
+            message = sent[i]
+            if message[2:10] != data[2:10]:
+                continue
+            if message[HDR_SIZE:] == data[HDR_SIZE:]:
+                break
+            if message[0] & 1 and not self.offloads & NetFeature.GUEST_CSUM.mask:
+                at = HDR_SIZE + int.from_bytes(message[6:8], "little")
+                at += int.from_bytes(message[8:10], "little")
+                if (
+                    message[HDR_SIZE:at] == data[HDR_SIZE:at]
+                    and message[at + 2 :] == data[at + 2 :]
+                ):
+                    break
+        else:
+            raise AssertionError(f"a {len(data)}-byte frame the peer never sent was received")
+        del sent[i]
         self.rx_delivered += 1
 
     def ctrl_entry(
         self, command: bytes, wr: list[tuple[int, int]], written: int, got: bytes
-    ) -> None:
+    ) -> bool:
+        """Check one answered command; whether it was acknowledged OK."""
         if not sum(n for _, n in wr):
             assert written == 0, "ack written with no room"
-            return
+            return False
         assert written == 1, f"control command used with {written} bytes"
         ack = got[0]
         assert ack in (0, 1), f"ack {ack}"
         if len(command) > 1 << 16:
             assert ack == 1, "an oversized command acknowledged"
-            return
+            return False
         allowed = ctrl_allowed(command, self.features, self.pairs)
         assert (ack == 0) == allowed, f"ack {ack} for {command[:16].hex()}, allowed {allowed}"
+        return allowed
 
     def check_memory(self) -> None:
         """Guest memory holds what the guest wrote, except what the device reported writing.
@@ -689,6 +743,7 @@ class Guest:
                 raise AssertionError(f"guest memory written outside the buffers at {base + at:#x}")
 
     def check(self) -> None:
+        self.offloads |= self.device.guest_offloads
         self.harvest()
         device = self.device
         if not self.tainted:
@@ -765,6 +820,7 @@ def run_one(data: bytes) -> None:
         for _ in range(MAX_STEPS):
             if src.exhausted:
                 break
+            guest.offloads = guest.device.guest_offloads
             guest.step()
             guest.check()
         guest.finish()
