@@ -57,6 +57,7 @@ hypothesis otherwise (``fuzz/_common.py``)::
 from __future__ import annotations
 
 import select
+import socket
 import struct
 from typing import Any
 
@@ -213,6 +214,11 @@ class Guest:
         mtu = src.pick((1500, 68, 9000, 65535))
         self.backend, self.peer = SocketPairBackend.with_peer()
         self.peer.setblocking(False)
+        # The host may give the back end a small send buffer: frames then
+        # wait (POLLOUT) or, above it, are refused (EMSGSIZE).
+        sndbuf = (0, 0, 8192, 65536)[(opts >> 7) | (src.take(1) & 1) << 1]
+        if sndbuf:
+            self.backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.device = Net(
             self.backend,
             mac=DEVICE_MAC,
@@ -229,8 +235,7 @@ class Guest:
         self.ctrl_index = (
             wire.ctrl_queue_index(self.pairs, self.mq) if self.features & F.CTRL_VQ.mask else -1
         )
-        # Guest memory: rings zeroed, data area filled with the pattern.
-        MEM.fill(0, DATA_BASE, 0)
+        # Guest memory: the data area filled with the pattern (rings: start).
         MEM.fill(DATA_BASE, DATA_END - DATA_BASE, PATTERN)
         self.shadow = bytearray([PATTERN]) * (DATA_END - DATA_BASE)
         self.cursor = DATA_BASE
@@ -238,12 +243,6 @@ class Guest:
         self.high: dict[int, int] = {}
         self.straddled = False
         self.driver_queues: list[Any] = []
-        device_queues = []
-        module = packed if self.packed else split
-        for index in range(self.device.num_queues):
-            drv, dev = self._make_pair(module, index)
-            self.driver_queues.append(drv)
-            device_queues.append(dev)
         self.tainted = False
         # Accounting.
         self.tx_posted = 0
@@ -259,8 +258,27 @@ class Guest:
         #: Receive offloads in force at some point of the current step.
         self.offloads = 0
         self.stats_before = dict(self.device.stats)
+        self.start()
+
+    def start(self) -> None:
+        """Set the rings up (zeroed) and activate the device on them."""
+        MEM.fill(0, DATA_BASE, 0)
+        self.driver_queues = []
+        device_queues = []
+        module = packed if self.packed else split
+        for index in range(self.device.num_queues):
+            drv, dev = self._make_pair(module, index)
+            self.driver_queues.append(drv)
+            device_queues.append(dev)
         self.device.ack_features(self.features)
         self.device.activate(MEM, _Interrupt(), device_queues)
+
+    def reset(self) -> None:
+        """The driver resets the device and starts it again: chains in flight are abandoned."""
+        self.harvest()
+        self.device.reset()
+        self.rx_partial.clear()
+        self.start()
 
     def _make_pair(self, module: Any, index: int) -> tuple[Any, Any]:
         desc_len, driver_len, _ = module.area_sizes(self.size)
@@ -419,8 +437,8 @@ class Guest:
     def header(self) -> bytes:
         src = self.src
         sel = src.take(1)
-        flags = src.pick((0, 1, 2, 4, 7)) if sel & 1 else src.take(1)
-        gso = src.pick(GSO_TYPES) if sel & 2 else src.take(1)
+        flags = src.take(1) if sel & 1 else src.pick((1, 0, 2, 4, 7))
+        gso = src.take(1) if sel & 2 else src.pick(GSO_TYPES)
         gso_size = src.pick((0, 1448, 1, 0xFFFF)) if sel & 4 else src.take(2)
         csum_start, csum_offset = (34, 16) if sel & 8 else (src.take(2), src.take(2))
         return HDR.pack(flags, gso, src.take(2), gso_size, csum_start, csum_offset, src.take(2))
@@ -568,7 +586,7 @@ class Guest:
 
     def step(self) -> None:
         src = self.src
-        op = src.take(1) % 15
+        op = src.take(1) % 17
         if op in (0, 1, 2):
             self.tx()
         elif op in (3, 4):
@@ -592,6 +610,11 @@ class Guest:
                 self.sleep_wake()
             else:
                 self.host_loop()
+        elif op == 14:
+            # The front end (vhost-user SET_VRING_ENABLE) turns a ring off or on.
+            self.device.set_queue_enabled(src.take(1) % self.device.num_queues, src.flag())
+        elif op == 15:
+            self.reset()
         elif src.take(1) & 0x0F == 0x0F:
             self.garble()
 
@@ -787,7 +810,9 @@ class Guest:
             assert self.rx_injected_count == accounted, (self.rx_injected_count, accounted, stats)
         if device.needs_reset or self.tainted:
             return
-        # A well-formed frame still goes out.
+        # A well-formed frame still goes out (every ring enabled, the link up).
+        for index in range(device.num_queues):
+            device.set_queue_enabled(index, True)
         device.set_link(True)
         device.backend_writable()
         self.drain_peer()
