@@ -814,6 +814,7 @@ class Guest:
         for index in range(device.num_queues):
             device.set_queue_enabled(index, True)
         device.set_link(True)
+        self.check_rx_progress()
         device.backend_writable()
         self.drain_peer()
         device.backend_writable()
@@ -830,6 +831,32 @@ class Guest:
         self.drain_peer()
         self.check()
         assert stats["tx_frames"] == sent + 1, "a healthy device stopped sending"
+
+    def check_rx_progress(self) -> None:
+        """A frame waiting for receive buffers is placed or dropped once the driver has given
+        its queue every descriptor it has (as 4 KiB buffers): it never waits for good."""
+        device = self.device
+        if not device._rx_len or device.needs_reset:
+            return
+        stats = device.stats
+        index = 2 * device._rx_pair
+        before = stats["rx_frames"] + sum(stats[k] for k in STAT_DROPS_RX)
+        while True:
+            addr = self.alloc(4096)
+            if addr is None:
+                return  # guest memory used up: nothing to conclude
+            wr = [(addr, 4096)]
+            try:
+                self.driver_queues[index].add([], wr, (("rx", b""), wr))
+            except QueueFullError:
+                break
+        device.queue_notify(index)
+        self.harvest()
+        after = stats["rx_frames"] + sum(stats[k] for k in STAT_DROPS_RX)
+        assert after > before, (
+            f"receive stalled: a {device._rx_len}-byte frame waits on queue {index}, "
+            f"which has no descriptor left for the driver to give"
+        )
 
     def close(self) -> None:
         self.peer.close()
