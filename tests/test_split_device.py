@@ -138,7 +138,8 @@ def test_popped_chains_hold_every_field(mem: GuestMemory) -> None:
     for expected in (
         DescriptorChain(mem, 1, [(DATA, 7)], [], 7, 0),
         DescriptorChain(mem, 2, [], [(DATA + 64, 9)], 0, 9),
-        DescriptorChain(mem, 3, [(DATA, 1)], [(DATA + 64, 2)], 1, 2),
+        # ring_slots: the descriptors of the table the chain holds.
+        DescriptorChain(mem, 3, [(DATA, 1)], [(DATA + 64, 2)], 1, 2, 2),
     ):
         assert_chain(queue.pop(), expected)
 
@@ -156,7 +157,7 @@ def test_chain_of_readable_then_writable(mem: GuestMemory) -> None:
     assert chain.head == 5
     assert chain.readable == [(DATA, 3), (DATA + 0x100, 4)]
     assert chain.writable == [(DATA + 0x200, 10), (DATA + 0x300, 6)]
-    assert (chain.readable_len, chain.writable_len) == (7, 16)
+    assert (chain.readable_len, chain.writable_len, chain.ring_slots) == (7, 16, 4)
     assert chain.read_all() == b"abcdefg"
     assert chain.write(b"x" * 12) == 12
     assert mem.read(DATA + 0x200, 10) == b"x" * 10
@@ -253,6 +254,7 @@ def test_direct_descriptors_then_indirect_table(mem: GuestMemory) -> None:
     assert chain is not None
     assert chain.readable == [(DATA, 4), (DATA + 4, 4)]
     assert chain.writable == [(DATA + 8, 4)]
+    assert chain.ring_slots == 2  # the direct descriptor and the one naming the table
 
 
 def test_indirect_table_outside_the_cached_region() -> None:

@@ -25,7 +25,9 @@ class DescriptorChain:
     ``readable`` and ``writable`` are the driver-to-device and
     device-to-driver parts as ordered ``(guest address, length)`` lists, with
     indirect tables already flattened.  ``ring_slots`` is how many ring
-    descriptors the chain occupied (packed rings need it to skip them).
+    descriptors the chain occupied: packed rings need it to skip them, and a
+    device holding chains counts them to know when the driver has none left
+    (split rings: entries of the descriptor table; an indirect table takes one).
     Every range was checked against guest memory when the chain was parsed.
     """
 

@@ -275,6 +275,7 @@ class SplitDeviceQueue(DeviceRing):
             wlen = 0
             index = head
             count = 1
+            slots = 0  # descriptors of the ring's table, once an indirect one ends the chain
             # Declared ints: compiled, they compare and add as machine words.
             addr: int
             length: int
@@ -308,6 +309,7 @@ class SplitDeviceQueue(DeviceRing):
                     table = self._indirect_table(addr, length, flags, index, table)
                     entries = length // DESC_SIZE
                     index = 0
+                    slots = count
                     count = 1
                     addr, length, flags, nxt = _unpack_desc(table, 0)
                     continue
@@ -354,7 +356,7 @@ class SplitDeviceQueue(DeviceRing):
         except (GuestMemoryError, struct.error, IndexError, ValueError, OverflowError) as exc:
             self.broken = True
             raise VirtqueueError(f"malformed virtqueue: {exc}") from exc
-        return DescriptorChain(mem, head, readable, writable, rlen, wlen)
+        return DescriptorChain(mem, head, readable, writable, rlen, wlen, slots or count)
 
     def _read_ahead(self, next_avail: int, pending: int) -> int:
         """Read the ``pending`` ring entries from ``next_avail``; return the first.
