@@ -105,6 +105,19 @@ def test_a_frame_larger_than_the_whole_queue_is_dropped(q: Receiveq) -> None:
     assert len(q.rx.take_stash()) == SIZE and q.rx.stash == []
 
 
+def test_a_frame_larger_than_a_queue_of_multi_descriptor_chains_is_dropped(q: Receiveq) -> None:
+    # Chains of two descriptors fill the ring with SIZE // 2 chains: the driver
+    # can give no more, so the frame is dropped rather than waiting for good.
+    for n in range(SIZE // 2):
+        q.driver.add([], [(q.alloc.alloc(HDR_SIZE), HDR_SIZE) for _ in range(2)], n)
+    assert q.driver.num_free == 0
+    with pytest.raises(Dropped, match="does not fit the whole receive queue"):
+        q.place(packet(SIZE * 64), mergeable=True)
+    # The chains held serve the next frame that fits them.
+    assert q.place(packet(30), mergeable=True)
+    assert [(t, n) for t, n in q.driver.used()] == [(0, 24), (1, HDR_SIZE + 30 - 24)]
+
+
 def test_unusable_chains_go_back_empty_and_are_reported(q: Receiveq) -> None:
     q.post("readable", 2048, readable=True)
     q.post("tiny", HDR_SIZE - 1)

@@ -64,7 +64,8 @@ class RxBuffers:
         False when the chains ran out first (the frame waits; chains taken
         stay in the stash).  Raises :class:`Dropped` when the frame can never
         fit: one chain too small without MRG_RXBUF (kept for the next
-        frame), or more than the whole queue with it.
+        frame), or more than the whole queue with it (chains holding every
+        descriptor of the queue).
         """
         stash = self.stash
         n = len(frame)
@@ -92,8 +93,12 @@ class RxBuffers:
             stash.clear()
             return True
         capacity = sum(c.writable_len for c in stash)
+        # Descriptors held, not chains: with chains of several descriptors
+        # the driver runs out of descriptors before the stash has queue.size
+        # chains, and the frame would wait for good.
+        slots = sum(c.ring_slots for c in stash)
         while capacity < n:
-            if len(stash) >= queue.size:
+            if slots >= queue.size:
                 raise Dropped(
                     "rx_dropped_no_room", "%d-byte frame does not fit the whole receive queue", n
                 )
@@ -102,6 +107,7 @@ class RxBuffers:
                 return False
             stash.append(chain)
             capacity += chain.writable_len
+            slots += chain.ring_slots
         count = 0
         remaining = n
         while remaining > 0:
