@@ -68,7 +68,7 @@ echo "refused-rc $?"
 echo "refused-msg $(cat /tmp/refused.err)"
 # The host closes after 64 KiB: the writer must fail, not hang.
 dd if=/dev/zero bs=65536 count=256 2>/dev/null | \
-    timeout 30 socat -u - VSOCK-CONNECT:2:{CLOSE_PORT} 2>/tmp/close.err
+    timeout 60 socat -u - VSOCK-CONNECT:2:{CLOSE_PORT},{CONNECT_TIMEOUT} 2>/tmp/close.err
 echo "midclose-rc $?"
 echo "midclose-msg $(cat /tmp/close.err)"
 # SEQPACKET: socat reads the file in 1000-byte blocks, one message each.
@@ -260,7 +260,7 @@ def test_linux_guest_vsock_both_ways(
     assert "reset" in _lines(out, "refused-msg")[0].lower() or "refused" in out.lower()
     # Host closed mid-transfer: an error, not a hang (timeout(1) would give 124/143).
     assert _lines(out, "midclose-rc")[0] not in ("0", "124", "143"), out[-2000:]
-    assert host.midclose_read == 65536
+    assert host.midclose_read == 65536, _lines(out, "midclose-msg")
     # SEQPACKET boundaries: four messages, as written.
     assert _lines(out, "seq-rc") == ["0"], _lines(out, "seq-err")
     assert [len(m) for m in host.seq_messages] == [1000, 1000, 1000, 500]
